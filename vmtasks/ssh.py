@@ -1,0 +1,218 @@
+"""SSH: the run's ephemeral key, the one Fabric Connection factory, host-key pinning.
+
+Only the run's own key is ever offered: no agent, no ``~/.ssh`` keys, no ``~/.ssh/config``.
+An agent offering many keys (1Password, gpg-agent) would exhaust the guest's MaxAuthTries
+before the real key is tried. The guest's host key seen at first connect is pinned in a
+per-run known_hosts file, which rsync's ssh uses too; the user's known_hosts is never read
+or written.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+SSH_PORT = 22
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """A run's key material: private key (0600) in its own 0700 directory."""
+
+    dir: Path
+    private: Path
+    public_line: str
+    known_hosts: Path
+
+
+def generate_key(key_dir: Path, comment: str) -> RunKey:
+    """Generate an ED25519 key pair in-process (no ssh-keygen argv, no passphrase prompt)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(key_dir, 0o700)
+    key = Ed25519PrivateKey.generate()
+    private_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    private = key_dir / "id_ed25519"
+    # Create with 0600 from the start: the secret is never world-readable, even briefly.
+    fd = os.open(str(private), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_bytes)
+    public_line = public.decode() + " " + comment
+    (key_dir / "id_ed25519.pub").write_text(public_line + "\n")
+    known_hosts = key_dir / "known_hosts"
+    known_hosts.touch(mode=0o600)
+    return RunKey(key_dir, private, public_line, known_hosts)
+
+
+def key_is_private(key: RunKey) -> bool:
+    return (stat.S_IMODE(key.dir.stat().st_mode) == 0o700
+            and stat.S_IMODE(key.private.stat().st_mode) == 0o600)
+
+
+def sshd_banner(host: str, timeout: float = 2.0) -> bool:
+    """True when something answers on port 22 with an SSH banner (sshd is accepting)."""
+    try:
+        with socket.create_connection((host, SSH_PORT), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def _pinning_policy(known_hosts: Path):
+    import paramiko
+
+    class PinFirstSeen(paramiko.MissingHostKeyPolicy):
+        """Trust the key seen on first contact and pin it in the run's known_hosts file.
+        Later connects load that file and reject any other key."""
+
+        def missing_host_key(self, client, hostname, key):  # noqa: D401 - paramiko API
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            with open(known_hosts, "a") as fh:
+                fh.write("{} {} {}\n".format(hostname, key.get_name(), key.get_base64()))
+
+    return PinFirstSeen()
+
+
+def connect(host: str, user: str, key: RunKey, connect_timeout: float = 10):
+    """The one Fabric Connection factory (open it with ``with``)."""
+    import paramiko
+    from fabric import Config, Connection
+
+    conn = Connection(
+        host,
+        user=user,
+        port=SSH_PORT,
+        connect_timeout=max(1, int(connect_timeout)),
+        config=Config(overrides={"load_ssh_configs": False, "run": {"echo": False}}),
+        connect_kwargs={
+            "key_filename": [str(key.private)],
+            "allow_agent": False,
+            "look_for_keys": False,
+            "banner_timeout": connect_timeout,
+            "auth_timeout": connect_timeout,
+        },
+    )
+    if key.known_hosts.stat().st_size:
+        conn.client.get_host_keys().load(str(key.known_hosts))
+        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    else:
+        conn.client.set_missing_host_key_policy(_pinning_policy(key.known_hosts))
+    return conn
+
+
+def open_when_ready(host: str, user: str, key: RunKey, deadline: float, poll: float):
+    """Open a Connection, retrying until ``deadline`` (time.monotonic()) while sshd is not
+    accepting or the key is not authorized yet. Returns the open Connection."""
+    last_error: Optional[BaseException] = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("SSH login as {}@{} did not succeed: {}".format(user, host, last_error))
+        conn = connect(host, user, key, connect_timeout=min(10, max(1, remaining)))
+        try:
+            conn.open()
+            return conn
+        except Exception as exc:  # paramiko auth/socket errors: retry until the deadline
+            last_error = exc
+            conn.close()
+            if "Host key for server" in str(exc) or type(exc).__name__ == "BadHostKeyException":
+                raise
+        time.sleep(min(poll, max(0, deadline - time.monotonic())))
+
+
+def ssh_options(key: RunKey, connect_timeout: int = 10) -> List[str]:
+    """OpenSSH client options equivalent to the Connection factory (used by rsync)."""
+    return [
+        "-F", "/dev/null",  # never read ~/.ssh/config
+        "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none",
+        "-o", "IdentityFile=" + str(key.private),
+        "-o", "UserKnownHostsFile=" + str(key.known_hosts),
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "BatchMode=yes",
+        "-o", "PasswordAuthentication=no",
+        "-o", "ConnectTimeout={}".format(connect_timeout),
+        "-o", "LogLevel=ERROR",
+    ]
+
+
+def attach_command(host: str, user: str, key: RunKey) -> str:
+    """The exact command a person can paste to attach to a kept VM."""
+    import shlex
+
+    return "ssh " + " ".join(shlex.quote(a) for a in ssh_options(key)) + " " + shlex.quote(user + "@" + host)
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    command: str
+    exit_code: int
+    output: str
+
+
+class RemoteTimeout(Exception):
+    def __init__(self, command: str, timeout: float, output: str) -> None:
+        super().__init__("remote command did not finish within {:g}s".format(timeout))
+        self.command = command
+        self.output = output
+
+
+def remote_exec(conn, command: str, *, timeout: Optional[float] = None, on_output=None,
+                stdin: Optional[bytes] = None, keep_output: bool = True) -> RemoteResult:
+    """Run ``command`` (a shell command line) on the Connection's existing SSH transport.
+
+    We drive the channel ourselves rather than through ``conn.run``: Invoke swallows Ctrl-C
+    while a command runs (it forwards it and keeps waiting), and we need our own signal
+    handling and deadlines. stdout and stderr are merged, decoded, and handed to
+    ``on_output(text)`` as they arrive. No secret ever appears in ``command``.
+    """
+    import codecs
+
+    chan = conn.client.get_transport().open_session()
+    chan.set_combine_stderr(True)
+    chan.settimeout(0.2)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    chunks: List[str] = []
+    started = time.monotonic()
+    try:
+        chan.exec_command(command)
+        if stdin is not None:
+            chan.sendall(stdin)
+        chan.shutdown_write()
+        while True:
+            try:
+                data = chan.recv(65536)
+            except socket.timeout:
+                data = None
+            if data:
+                text = decoder.decode(data)
+                if keep_output:
+                    chunks.append(text)
+                if on_output is not None and text:
+                    on_output(text)
+            elif data == b"" and chan.exit_status_ready():
+                break
+            elif data == b"":
+                time.sleep(0.01)
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise RemoteTimeout(command, timeout, "".join(chunks))
+        rest = decoder.decode(b"", final=True)
+        if rest:
+            chunks.append(rest)
+            if on_output is not None:
+                on_output(rest)
+        return RemoteResult(command, chan.recv_exit_status(), "".join(chunks))
+    finally:
+        chan.close()
