@@ -106,7 +106,10 @@ class Config:
     source: str = "<built-in defaults>"
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All settings, loadable again as a config file (``source`` is where they came from)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -89,7 +89,8 @@ def inner_command(cfg: Config, test: Optional[str], json_output: bool) -> str:
     if test is None:
         words.append("test-vm-inner")
     else:
-        words += ["test-vm-inner-run", "--test", shlex.quote(test)]
+        # One word, `--test=...`, so a regex starting with "-" is not taken for a flag.
+        words += ["test-vm-inner-run", shlex.quote("--test=" + test)]
     if json_output:
         words.append("--json-output")
     return " ".join(words)
