@@ -1,0 +1,113 @@
+"""`invoke vm-doctor`: can this machine run test-vm? One line per check with a fix hint."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from . import host, sweep
+from .errors import VmtasksError
+from .proc import which
+from .tart import INSTALL_HINT, Tart
+from .ui import Ui
+
+MACOS_VM_LIMIT = 2
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # "ok", "warn" or "fail"
+    detail: str
+    hint: str = ""
+
+
+def _tart_home() -> Path:
+    return Path(os.environ.get("TART_HOME") or Path.home() / ".tart")
+
+
+def checks(config_path: Optional[str], tart: Optional[Tart] = None) -> List[Check]:
+    out: List[Check] = []
+    add = out.append
+    try:
+        cfg = host.load_config(config_path, {})
+        add(Check("config", "ok", cfg.source))
+    except VmtasksError as exc:
+        add(Check("config", "fail", exc.message, exc.hint))
+        return out
+    for tool in ("ssh", "rsync"):
+        path = which(tool)
+        add(Check(tool, "ok", path) if path else Check(tool, "fail", "not on PATH", "install " + tool))
+    tart = tart or Tart()
+    if which("tart") is None:
+        add(Check("tart", "fail", "not on PATH", INSTALL_HINT))
+        return out
+    version = tart.version()
+    standin = "stand-in" in version.lower() or "standin" in version.lower()
+    add(Check("tart", "ok", "{} ({})".format(which("tart"), version or "version unknown")))
+    mac = platform.system() == "Darwin" and platform.machine() == "arm64"
+    if mac:
+        add(Check("host", "ok", "Apple Silicon Mac"))
+    elif standin:
+        add(Check("host", "ok", "{} {}: the Linux stand-in `tart` is in use".format(platform.system(), platform.machine())))
+    else:
+        add(Check("host", "fail", "{} {} is not an Apple Silicon Mac".format(platform.system(), platform.machine()),
+                  "run on an Apple Silicon Mac, or put scripts/ first on PATH for the stand-in"))
+    try:
+        vms = tart.list()
+    except VmtasksError as exc:
+        add(Check("tart list", "fail", exc.message, exc.hint))
+        return out
+    base = next((vm for vm in vms if vm.name == cfg.vm.base), None)
+    if base is None:
+        add(Check("base image", "fail", "'{}' is not in `tart list`".format(cfg.vm.base),
+                  "tart pull ghcr.io/cirruslabs/tahoe-base:latest && tart clone "
+                  "ghcr.io/cirruslabs/tahoe-base:latest {}".format(cfg.vm.base)))
+    else:
+        add(Check("base image", "ok", cfg.vm.base))
+        info = tart.get(cfg.vm.base) or {}
+        try:
+            size_gb = float(info.get("Size", base.size_gb) or 0)
+        except (TypeError, ValueError):
+            size_gb = base.size_gb
+        home = _tart_home()
+        probe = home if home.exists() else Path.home()
+        free_gb = shutil.disk_usage(str(probe)).free / 1e9
+        status = "ok" if free_gb >= max(size_gb, 1) else "warn"
+        add(Check("disk", status, "{:.1f} GB free in {}; the base image uses {:.1f} GB".format(free_gb, probe, size_gb),
+                  "" if status == "ok" else "free space: clones grow as the suite writes (tart #989)"))
+    running = [vm.name for vm in vms if vm.running]
+    if len(running) >= MACOS_VM_LIMIT:
+        add(Check("VM slots", "warn", "{} VMs running ({}); macOS allows {}".format(
+            len(running), ", ".join(running), MACOS_VM_LIMIT), "test-vm will wait for a slot; stop one to go now"))
+    else:
+        add(Check("VM slots", "ok", "{} of {} running".format(len(running), MACOS_VM_LIMIT)))
+    ledger = host.ledger_for(cfg)
+    plan = sweep.plan(tart, ledger, cfg.vm.name_prefix)
+    if plan.actions:
+        add(Check("leftovers", "warn", ", ".join("{} {}".format(a.kind, a.name) for a in plan.actions),
+                  "invoke cleanup-orphans"))
+    else:
+        add(Check("leftovers", "ok", "none ({} live, {} kept)".format(len(plan.live), len(plan.kept))))
+    try:
+        ledger.ensure()
+        add(Check("state dir", "ok", str(ledger.state_dir)))
+    except VmtasksError as exc:
+        add(Check("state dir", "fail", exc.message, exc.hint))
+    return out
+
+
+def run(ui: Ui, config_path: Optional[str], tart: Optional[Tart] = None) -> int:
+    results = checks(config_path, tart)
+    for check in results:
+        style = {"ok": "green", "warn": "yellow", "fail": "bold red"}[check.status]
+        ui.print("{:<5} {:<11} {}".format(check.status, check.name, check.detail), style=style)
+        if check.hint and check.status != "ok":
+            ui.print("      fix: " + check.hint)
+    failed = [c for c in results if c.status == "fail"]
+    ui.print("{} checks, {} failed".format(len(results), len(failed)))
+    return 1 if failed else 0
