@@ -192,6 +192,10 @@ def test_subtests_nested_with_own_status():
     ]
     fail_event = [e for e in events if e.kind == "fail" and e.test == "TestBoot"][0]
     assert "disk missing" in fail_event.output
+    # terminal events carry a result snapshot; other kinds don't
+    assert fail_event.result == boot
+    assert all(e.result is None for e in events if e.kind in ("run", "package-fail"))
+    assert [e.result.name for e in events if e.kind == "pass"][:2] == ["TestNet", "TestBoot/disk/nvme"]
 
 
 def test_skip():
@@ -406,7 +410,8 @@ def test_callback_errors_do_not_lose_results():
         raise RuntimeError("ui bug")
 
     stream = SuiteStream(boom)
-    stream.feed(run_test(Clock(), A, "TestA", "pass", []) + ev(None, "pass", A, elapsed=1))
+    with pytest.warns(RuntimeWarning, match="ui bug"):
+        stream.feed(run_test(Clock(), A, "TestA", "pass", []) + ev(None, "pass", A, elapsed=1))
     stream.close()
     assert stream.summary().passed == 1
     assert len(stream.callback_errors) == 2 and isinstance(stream.callback_errors[0], RuntimeError)

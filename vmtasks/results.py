@@ -36,6 +36,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -241,7 +242,9 @@ class TestEvent:
     ``subtest`` tells whether it is a subtest (UIs that only show top-level
     tests filter on it).  ``output`` is the test's output so far (empty for
     ``"run"``); for ``"package-fail"`` it is the package's failure text (build
-    errors etc.) and ``test`` is ``""``.
+    errors etc.) and ``test`` is ``""``.  ``result`` is a snapshot
+    :class:`TestResult` (with its finished subtests) for ``"pass"``,
+    ``"fail"`` and ``"skip"``, None for the other kinds.
     """
 
     __test__ = False
@@ -253,6 +256,7 @@ class TestEvent:
     output: str = ""
     subtest: bool = False
     interrupted: bool = False
+    result: Optional[TestResult] = None
 
 
 @dataclass
@@ -417,8 +421,9 @@ class SuiteStream:
     ``on_event(event)`` is called after the state has been updated for: a test
     started (``"run"``), passed, failed, skipped, and a package failure not
     attributable to a test (``"package-fail"``).  An exception raised by the
-    callback is caught and appended to :attr:`callback_errors` so that a UI bug
-    cannot lose the run's results.
+    callback is caught and appended to :attr:`callback_errors` (the first one
+    also raises a ``RuntimeWarning``) so that a UI bug cannot lose the run's
+    results.
 
     Tests still running when their package reports its result (the go test
     ``-timeout`` panic ends a package without reporting the running tests) or
@@ -750,15 +755,19 @@ class SuiteStream:
                 self._failed += 1
                 self._failures.append(node)
                 self._packages[node.package].failed_tests += 1
+        if self._on_event is None:
+            return
+        result = self._result(node)
         self._emit(
             TestEvent(
                 node.status,
                 node.package,
                 node.name,
                 elapsed=node.elapsed,
-                output="".join(node.lines),
+                output=result.output,
                 subtest=node.parent is not None,
                 interrupted=node.interrupted,
+                result=result,
             )
         )
 
@@ -839,6 +848,13 @@ class SuiteStream:
             self._on_event(event)
         except Exception as exc:  # a UI bug must not lose the results
             self.callback_errors.append(exc)
+            if len(self.callback_errors) == 1:
+                warnings.warn(
+                    "SuiteStream on_event callback raised %r; further errors are only collected "
+                    "in SuiteStream.callback_errors" % (exc,),
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
 
 # --------------------------------------------------------------------------
