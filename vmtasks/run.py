@@ -376,7 +376,8 @@ class VmRun:
             raw.write(text)
             raw.flush()
             self.stream.feed(text)
-            self.ui.raw(text) if not self.request.json_output else None
+            if not self.request.json_output:
+                self.ui.raw(text)
             counts = self.stream.counts
             self.ui.suite_progress(counts.passed, counts.failed, counts.skipped, list(self.stream.running))
 
@@ -393,21 +394,18 @@ class VmRun:
                              "the guest may have crashed; see the run record", tail(result.output))
         return result.exit_code
 
-    def _on_test_event(self, event) -> None:
-        if event.kind in ("pass", "fail", "skip") and event.result is not None:
-            r = event.result
-            if "/" not in r.name:
-                self.ui.test_finished(r.name, r.status, r.elapsed, r.output)
+    def _on_test_event(self, event: "results.TestEvent") -> None:
+        """A test finished: show it now (a failing test's output at once, not at the end)."""
+        if event.kind in ("pass", "fail", "skip") and not event.subtest:
+            self.ui.test_finished(event.test, event.kind, event.elapsed, event.output)
         elif event.kind == "package-fail":
             self.ui.print("   FAIL package {}".format(event.package), style="red")
             self.ui.print(event.output.rstrip())
-        if self.request.json_output:
-            pass
 
     def _failed_tests(self) -> List[str]:
         if self.summary is None:
             return []
-        return [r.name for r in self.summary.failures if "/" not in r.name]
+        return results.failed_tests(self.summary)
 
     # -- teardown ----------------------------------------------------------
     def _teardown(self, failed: bool) -> None:
