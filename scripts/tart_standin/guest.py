@@ -1,0 +1,592 @@
+"""`tart run`: a guest is a mount+PID+UTS namespace with its own /Users/admin and sshd.
+
+Process tree while a VM runs:
+
+    R  tart run (holds the fcntl write lock on config.json, waits)
+    `- C  fork of R: setsid, unshare(NEWNS|NEWUTS|NEWPID), waits for G
+       `- G  fork of C: PID 1 of the guest; sets up mounts, starts sshd, reaps
+          `- /usr/sbin/sshd -D -e -f <vm>/standin/run/sshd_config (+ sessions)
+
+C and G die with their parent (PR_SET_PDEATHSIG=SIGKILL); when G (the PID
+namespace's init) dies, the kernel kills every process in the namespace. R stops
+the guest by SIGKILLing G and waiting for C, which returns only once the whole
+namespace is gone.
+"""
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from . import linux, storage
+from .errors import GenericError, TartError, UsageError, VMAlreadyRunning, VMDoesNotExist
+
+SSHD = "/usr/sbin/sshd"
+GUEST_PATH = "/bin:/usr/bin:/usr/sbin:/usr/local/bin:/opt/homebrew/bin"
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
+TMPFS_MOUNTS = (("/Users", "0755"), ("/tmp", "1777"), ("/var/tmp", "1777"),
+                ("/run", "0755"), ("/dev/shm", "1777"))
+ETC_FILES = ("passwd", "group", "shadow", "hosts")
+
+
+# --- knobs ---------------------------------------------------------------------------
+
+def knob_seconds(name, default=None):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+        if value < 0 or value != value:
+            raise ValueError
+    except ValueError:
+        raise TartError("invalid %s=%r: expected a number of seconds >= 0" % (name, raw))
+    return value
+
+
+def knob_int(name, default):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise TartError("invalid %s=%r: expected an integer >= 0" % (name, raw))
+    return int(raw)
+
+
+def registry_dir():
+    return os.environ.get("TART_STANDIN_RUN_DIR") or "/run/tart-standin"
+
+
+# --- host sshd detection and IP allocation --------------------------------------------
+
+def _socket_owner(inode):
+    target = "socket:[%s]" % inode
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = "/proc/%s/fd" % pid
+        try:
+            for fd in os.listdir(fd_dir):
+                try:
+                    if os.readlink(os.path.join(fd_dir, fd)) == target:
+                        with open("/proc/%s/comm" % pid) as fh:
+                            return "pid %s (%s)" % (pid, fh.read().strip())
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
+
+
+def wildcard_ssh_listener(families=("tcp", "tcp6")):
+    """Describe a host process listening on port 22 of every address, or None."""
+    for family in families:
+        try:
+            with open("/proc/net/" + family) as fh:
+                lines = fh.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # LISTEN
+                continue
+            addr, _, port = fields[1].partition(":")
+            if int(port, 16) == 22 and set(addr) == {"0"}:
+                where = "0.0.0.0:22" if family == "tcp" else "[::]:22"
+                owner = _socket_owner(fields[9])
+                return "%s listens on %s" % (owner or "a process", where)
+    return None
+
+
+def host_sshd_error(description):
+    return TartError(
+        "tart run (Linux stand-in): %s on this host, which takes port 22 on every "
+        "127.x.y.z address, so the guest's sshd cannot listen on its own address. "
+        "Stop the host's SSH server (systemctl disable --now ssh.service ssh.socket) or "
+        "make it listen on specific addresses only (e.g. \"ListenAddress 127.0.0.1\" in "
+        "/etc/ssh/sshd_config, then restart it), and retry." % description)
+
+
+def ip_candidates(name):
+    for attempt in range(4096):
+        digest = hashlib.sha256(("%s#%d" % (name, attempt)).encode()).digest()
+        yield "127.%d.%d.%d" % (64 + digest[0] % 128, digest[1], 2 + digest[2] % 252)
+
+
+def _bind_error(ip):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, 22))
+    except OSError as exc:
+        return exc.errno
+    finally:
+        sock.close()
+    return None
+
+
+def allocate_ip(name):
+    """Pick 127.x.y.z for the VM (stable per name) and reserve it host-wide.
+
+    The reservation is an flock on <registry>/ips/<ip>, held by the returned fd,
+    which the guest processes inherit: the address is free again once they are gone.
+    """
+    ips = os.path.join(registry_dir(), "ips")
+    os.makedirs(ips, 0o755, exist_ok=True)
+    for ip in ip_candidates(name):
+        fd = os.open(os.path.join(ips, ip), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        err = _bind_error(ip)
+        if err is None:
+            info = json.dumps({"name": name, "tart_home": storage.tart_home(), "pid": os.getpid()})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode() + b"\n", 0)
+            return ip, fd
+        os.close(fd)
+        if err == errno.EADDRINUSE:
+            listener = wildcard_ssh_listener()
+            if listener:
+                raise host_sshd_error(listener)
+            continue  # something else owns ip:22; try the next address
+        if err == errno.EADDRNOTAVAIL:
+            raise TartError("tart run (Linux stand-in): cannot bind %s:22: the loopback "
+                            "interface must carry 127.0.0.0/8 (it does by default)" % ip)
+        raise TartError("tart run (Linux stand-in): cannot bind %s:22: %s" % (ip, os.strerror(err)))
+    raise TartError("tart run (Linux stand-in): no free 127.x.y.z address for the guest")
+
+
+# --- per-VM files ---------------------------------------------------------------------
+
+def _filtered(path, keep):
+    try:
+        with open(path) as fh:
+            lines = [line.rstrip("\n") for line in fh if line.strip()]
+    except FileNotFoundError:
+        lines = []
+    return [line for line in lines if keep(line.split(":"))]
+
+
+def write_guest_files(vm, ip, name):
+    run = vm.run_path
+    uid, gid, user = storage.GUEST_UID, storage.GUEST_GID, storage.GUEST_USER
+
+    passwd = _filtered("/etc/passwd", lambda f: f[0] != user and (len(f) < 3 or f[2] != str(uid)))
+    passwd.append("%s:x:%d:%d:Administrator:%s:/bin/bash" % (user, uid, gid, storage.GUEST_HOME))
+    group = _filtered("/etc/group", lambda f: f[0] != user and (len(f) < 3 or f[2] != str(gid)))
+    group.append("%s:x:%d:" % (user, gid))
+    shadow = _filtered("/etc/shadow", lambda f: f[0] != user)
+    shadow.append("%s:*:%d:0:99999:7:::" % (user, int(time.time() // 86400)))
+    hosts = _filtered("/etc/hosts", lambda f: True)
+    hosts.append("%s\t%s" % (ip, name))
+
+    def put(fname, lines, mode, gid_=0):
+        path = os.path.join(run, fname)
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.chmod(path, mode)
+        os.chown(path, 0, gid_)
+
+    try:
+        import grp
+        shadow_gid = grp.getgrnam("shadow").gr_gid
+    except (KeyError, ImportError):
+        shadow_gid = 0
+    put("passwd", passwd, 0o644)
+    put("group", group, 0o644)
+    put("shadow", shadow, 0o640, shadow_gid)
+    put("hosts", hosts, 0o644)
+
+    key = os.path.join(run, storage.HOST_KEY)
+    if not os.path.exists(vm.host_key_path):
+        from .commands import make_host_key
+        make_host_key(vm.host_key_path, "root@" + name)
+    shutil.copyfile(vm.host_key_path, key)
+    os.chmod(key, 0o600)
+
+    level = os.environ.get("TART_STANDIN_SSHD_LOG_LEVEL", "").strip() or "INFO"
+    config = [
+        "# sshd of the Tart stand-in guest %s (generated by `tart run`)" % json.dumps(name),
+        "ListenAddress %s:22" % ip,
+        "HostKey %s" % key,
+        "PidFile none",
+        "LogLevel %s" % level,
+        "AuthorizedKeysFile .ssh/authorized_keys",
+        "StrictModes yes",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitEmptyPasswords no",
+        "HostbasedAuthentication no",
+        "UsePAM no",
+        "MaxAuthTries 3",
+        "PermitRootLogin no",
+        "AllowUsers %s" % user,
+        "UseDNS no",
+        "PrintMotd no",
+        "PrintLastLog no",
+        "X11Forwarding no",
+        "AcceptEnv LANG LC_*",
+        "MaxStartups 100:30:200",
+        "Subsystem sftp internal-sftp",
+    ]
+    with open(vm.sshd_config_path, "w") as fh:
+        fh.write("\n".join(config) + "\n")
+    os.chmod(vm.sshd_config_path, 0o644)
+
+
+# --- the guest's PID 1 ----------------------------------------------------------------
+
+def _bind_fd(fd, target):
+    linux.mount("/proc/self/fd/%d" % fd, target, None, linux.MS_BIND)
+
+
+def setup_guest_fs(home, run):
+    """Runs in G (new mount namespace, already private): build the guest's view."""
+    home_fd = os.open(home, os.O_PATH | os.O_DIRECTORY)
+    run_fd = os.open(run, os.O_PATH | os.O_DIRECTORY)
+    for fname in ETC_FILES:
+        linux.mount(os.path.join(run, fname), "/etc/" + fname, None, linux.MS_BIND)
+    for target, mode in TMPFS_MOUNTS:
+        if os.path.isdir(target):
+            linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=" + mode)
+    os.mkdir(storage.GUEST_HOME, 0o750)
+    _bind_fd(home_fd, storage.GUEST_HOME)
+    for path, mode in (("/run/sshd", 0o755), ("/run/lock", 0o1777)):
+        os.mkdir(path)
+        os.chmod(path, mode)
+    # The sshd config and host key must be reachable at the same path as on the host,
+    # even when TART_HOME lies under one of the directories we just covered (pytest's /tmp).
+    try:
+        st = os.stat(run)
+        visible = (st.st_dev, st.st_ino) == (os.fstat(run_fd).st_dev, os.fstat(run_fd).st_ino)
+    except FileNotFoundError:
+        visible = False
+    if not visible:
+        os.makedirs(run, 0o755, exist_ok=True)
+        _bind_fd(run_fd, run)
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    os.close(home_fd)
+    os.close(run_fd)
+
+
+def guest_init(ctx, ready_w, parent_alive_r):
+    """G: PID 1 of the guest. Never returns."""
+    linux.set_pdeathsig(signal.SIGKILL)
+    if select.select([parent_alive_r], [], [], 0)[0]:
+        os._exit(1)  # C died before we armed the parent-death signal
+    os.umask(0o022)
+    setup_guest_fs(ctx["home"], ctx["run"])
+    os.write(ready_w, b"ready\n")
+    os.close(ready_w)
+
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    argv = [SSHD, "-D", "-e", "-f", ctx["sshd_config"]]
+    sshd_at = ctx["sshd_at"]
+    sshd_pid = None
+    while True:
+        now = time.monotonic()
+        if sshd_pid is None and now >= sshd_at:
+            sshd_pid = os.posix_spawn(
+                SSHD, argv, env,
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)],
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
+                           signal.SIGHUP, signal.SIGCHLD),
+                setsigmask=())
+            continue
+        if sshd_pid is None:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid == 0:
+                time.sleep(max(0.0, min(0.05, sshd_at - now)))
+                continue
+        else:
+            pid, status = os.waitpid(-1, 0)
+        if pid == sshd_pid:
+            sys.stderr.write("tart run (Linux stand-in): the guest's sshd exited (%s)\n"
+                             % _describe_status(status))
+            sys.stderr.flush()
+            os._exit(3)
+
+
+def _describe_status(status):
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exit status %d" % os.WEXITSTATUS(status)
+
+
+def container_init(ctx, ready_w, run_pid):
+    """C: new namespaces, then fork G and wait for it. Never returns."""
+    linux.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != run_pid:
+        os._exit(1)
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWPID)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.sethostname(ctx["name"])
+    alive_r, alive_w = os.pipe()
+    gpid = os.fork()
+    if gpid == 0:
+        try:
+            os.close(alive_w)
+            guest_init(ctx, ready_w, alive_r)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    os.close(alive_r)
+    os.write(ready_w, b"pid %d\n" % gpid)
+    os.close(ready_w)
+    while True:
+        try:
+            _, status = os.waitpid(gpid, 0)
+            break
+        except ChildProcessError:
+            os._exit(1)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+# --- tart run -----------------------------------------------------------------------
+
+class _Signal(Exception):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signal(signum, _frame):
+    raise _Signal(signum)
+
+
+def _read_startup(fd, deadline):
+    """Collect C's "pid N" and G's "ready" messages (either order) until EOF or timeout."""
+    buf, seen = b"", {}
+    while "pid" not in seen or "ready" not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        for line in buf.decode(errors="replace").splitlines():
+            word, _, value = line.partition(" ")
+            seen[word] = value
+    return seen
+
+
+def check_prerequisites():
+    for binary in (SSHD,):
+        if not os.access(binary, os.X_OK):
+            raise TartError("tart run (Linux stand-in): %s is missing: apt-get install "
+                            "openssh-server openssh-client rsync util-linux" % binary)
+
+
+def cmd_run(args, log):
+    if args.graphics and args.no_graphics:
+        raise UsageError("--graphics and --no-graphics are mutually exclusive", "run")
+    name = args.name
+    vm = storage.VMDir(name)
+    try:
+        vm.validate()
+    except VMDoesNotExist as exc:
+        raise GenericError(exc.message)  # Tart reports this one through its validation path
+    boot_delay = knob_seconds("TART_STANDIN_BOOT_DELAY", 0.0)
+    sshd_delay = knob_seconds("TART_STANDIN_SSHD_DELAY", 0.0)
+    agent_delay = knob_seconds("TART_STANDIN_AGENT_DELAY", 0.0)
+    crash_after = knob_seconds("TART_STANDIN_CRASH_AFTER", None)
+    max_vms = knob_int("TART_STANDIN_MAX_VMS", 2)
+    check_prerequisites()
+    listener = wildcard_ssh_listener(("tcp",))
+    if listener:
+        raise host_sshd_error(listener)
+
+    # Read config.json before locking it: any close() of a descriptor of the locked
+    # file by this process would drop the fcntl lock (as Tart's comments explain).
+    config = vm.read_config()
+    lock_fd = storage.storage_lock()
+    try:
+        for other in storage.list_vms():
+            if other.name == name or not other.running_pid():
+                continue
+            try:
+                same_mac = other.read_config().get("macAddress") == config.get("macAddress")
+            except (OSError, ValueError):
+                same_mac = False
+            if same_mac:
+                print("There is already a running VM with the same MAC address!")
+                print("Resetting VM to assign a new MAC address...", flush=True)
+                config["macAddress"] = storage.random_mac()
+                vm.write_config(config)
+                break
+        cfg_fd = os.open(vm.config_path, os.O_RDWR | os.O_CLOEXEC)
+        if not linux.try_write_lock(cfg_fd):
+            raise VMAlreadyRunning(name)
+        # From here on "running"; never open+close our own config.json again.
+        if max_vms:
+            others = [o.name for o in storage.list_vms() if o.name != name and o.running_pid()]
+            if len(others) >= max_vms:
+                hint = " (other running VMs: %s)" % ", ".join(others) if others else ""
+                raise TartError("The number of VMs exceeds the system limit" + hint)
+    finally:
+        os.close(lock_fd)
+
+    for sig in SIGNALS:
+        signal.signal(sig, _raise_signal)
+    outcome, detail, cpid, gpid, ip_fd = "exited", None, None, None, None
+    try:
+        ip, ip_fd = allocate_ip(name)
+        storage.remove_tree(vm.run_path)
+        os.makedirs(vm.run_path, 0o755)
+        write_guest_files(vm, ip, name)
+        os.makedirs("/Users", 0o755, exist_ok=True)  # mount point for the guests' tmpfs
+
+        t0 = time.monotonic()
+        boot_at = t0 + boot_delay
+        ctx = {
+            "name": name,
+            "home": vm.home_path,
+            "run": vm.run_path,
+            "sshd_config": vm.sshd_config_path,
+            "sshd_at": boot_at + sshd_delay,
+        }
+        ready_r, ready_w = os.pipe()
+        run_pid = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        cpid = os.fork()
+        if cpid == 0:
+            try:
+                os.close(ready_r)
+                container_init(ctx, ready_w, run_pid)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(1)
+        os.close(ready_w)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        seen = _read_startup(ready_r, time.monotonic() + 30)
+        os.close(ready_r)
+        if seen.get("pid", "").isdigit():
+            gpid = int(seen["pid"])
+        if gpid is None or "ready" not in seen:
+            outcome, detail = "failed", "the guest failed to start (see the messages above)"
+        else:
+            state = {
+                "name": name,
+                "run_pid": run_pid,
+                "init_pid": gpid,
+                "init_starttime": linux.proc_starttime(gpid),
+                "ip": ip,
+                "uid": storage.GUEST_UID,
+                "gid": storage.GUEST_GID,
+                "user": storage.GUEST_USER,
+                "home": storage.GUEST_HOME,
+                "path": GUEST_PATH,
+                "started_at": time.time(),
+                "boot_at": boot_at,
+                "sshd_at": ctx["sshd_at"],
+                "agent_at": boot_at + agent_delay,
+                "crash_at": None if crash_after is None else boot_at + crash_after,
+                "sshd_config": vm.sshd_config_path,
+            }
+            storage.atomic_write(vm.state_path, json.dumps(state, indent=2) + "\n")
+            if crash_after is not None:
+                signal.setitimer(signal.ITIMER_REAL, max(0.001, state["crash_at"] - time.monotonic()))
+            _, status = os.waitpid(cpid, 0)
+            cpid = None
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                outcome, detail = "failed", "the guest's init exited with status %d" % code
+    except _Signal as sig:
+        if sig.signum == signal.SIGINT:
+            outcome = "stopped"
+            print("Stopping VM...", flush=True)
+        elif sig.signum == signal.SIGALRM:
+            outcome = "crashed"
+        else:
+            outcome, detail = "signal", sig.signum
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _teardown(cpid, gpid)
+        storage.remove_tree(vm.run_path)  # still under our lock: no new run can race us
+        if ip_fd is not None:
+            os.close(ip_fd)
+
+    if outcome == "stopped":
+        return 0
+    if outcome == "exited":
+        print("guest has stopped the virtual machine", flush=True)
+        return 0
+    if outcome == "crashed":
+        print("guest has stopped the virtual machine due to error: the virtual machine "
+              "stopped unexpectedly (simulated crash: TART_STANDIN_CRASH_AFTER=%s)"
+              % os.environ.get("TART_STANDIN_CRASH_AFTER"), flush=True)
+        return 1
+    if outcome == "signal":
+        # Tart does not handle SIGTERM/SIGHUP: die by the signal, after a clean teardown.
+        if log is not None:
+            log.finish(-detail)
+        sys.stdout.flush()
+        signal.signal(detail, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [detail])
+        os.kill(os.getpid(), detail)
+        time.sleep(1)
+        return 128 + detail
+    sys.stderr.write(detail + "\n")
+    return 1
+
+
+def _children(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _teardown(cpid, gpid):
+    """Kill the guest and wait until every process of its PID namespace is gone.
+
+    Killing G (the namespace's init) makes the kernel kill everything inside; C reaps
+    G only after that, so waiting for C means waiting for the whole guest.
+    """
+    targets = [gpid] if gpid else (_children(cpid) if cpid else [])
+    if not targets and cpid:
+        targets = [cpid]  # G does not exist yet: C takes it down with PDEATHSIG
+    for pid in targets:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if cpid:
+        while True:
+            try:
+                os.waitpid(cpid, 0)
+                break
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
