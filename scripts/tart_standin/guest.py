@@ -286,6 +286,7 @@ def guest_init(ctx, ready_w, parent_alive_r):
     linux.set_pdeathsig(signal.SIGKILL)
     if select.select([parent_alive_r], [], [], 0)[0]:
         os._exit(1)  # C died before we armed the parent-death signal
+    linux.set_comm("tart-vm-init")
     os.umask(0o022)
     setup_guest_fs(ctx["home"], ctx["run"])
     os.write(ready_w, b"ready\n")
@@ -333,6 +334,7 @@ def container_init(ctx, ready_w, run_pid):
     linux.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != run_pid:
         os._exit(1)
+    linux.set_comm("tart-vm-ns")
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -415,6 +417,7 @@ def cmd_run(args, log):
     sshd_delay = knob_seconds("TART_STANDIN_SSHD_DELAY", 0.0)
     agent_delay = knob_seconds("TART_STANDIN_AGENT_DELAY", 0.0)
     crash_after = knob_seconds("TART_STANDIN_CRASH_AFTER", None)
+    stop_delay = knob_seconds("TART_STANDIN_STOP_DELAY", 0.0)
     max_vms = knob_int("TART_STANDIN_MAX_VMS", 2)
     check_prerequisites()
     listener = wildcard_ssh_listener(("tcp",))
@@ -523,6 +526,13 @@ def cmd_run(args, log):
         if sig.signum == signal.SIGINT:
             outcome = "stopped"
             print("Stopping VM...", flush=True)
+            if stop_delay and gpid:
+                # a slow shutdown: the guest keeps running; more SIGINTs change nothing,
+                # `tart stop` SIGKILLs us after its timeout
+                signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGALRM))
+                for other in (signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(other, signal.SIG_DFL)  # dies at once, guest with it
+                time.sleep(stop_delay)
         elif sig.signum == signal.SIGALRM:
             outcome = "crashed"
         else:

@@ -21,6 +21,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 _libc = None
 
@@ -71,6 +72,12 @@ def sethostname(name):
 
 def set_pdeathsig(sig):
     _check(_lib().prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def set_comm(name):
+    """Set the process name shown by ps -o comm / top (15 bytes max); best effort."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _lib().prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value, 0, 0, 0)
 
 
 # struct flock on Linux (x86_64 and aarch64): short l_type, short l_whence,
