@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import config as config_mod
 from . import sweep
 from .config import Config
-from .errors import ConfigError, VmtasksError
+from .errors import ConfigError, StageError, VmtasksError
 from .ledger import Ledger, default_state_dir
 from .records import latest_run
 from .tart import Tart
@@ -62,13 +63,14 @@ def run_suite(ui: Ui, cfg: Config, test: Optional[str], dry_run: bool) -> int:
     if dry_run:
         show_plan(ui, vm_run)
         return 0
+    started = time.monotonic()
     ui.stage_started("preflight")
     try:
         preflight(cfg, tart, ledger)
-    except VmtasksError:
-        ui.stage_finished("preflight", 0, False)
-        raise
-    ui.stage_finished("preflight", 0, True)
+    except VmtasksError as exc:
+        ui.stage_finished("preflight", time.monotonic() - started, False)
+        raise StageError("preflight", "(none created)", exc.message, exc.hint) from None
+    ui.stage_finished("preflight", time.monotonic() - started, True)
     sweep_orphans(ui, cfg, tart, ledger, dry_run=False, include_kept=False, quiet=True)
     ui.info("run {}: VM {} from {}{}".format(vm_run.run_id, vm_run.vm, cfg.vm.base,
                                             ", test regex {!r}".format(test) if test else ""))

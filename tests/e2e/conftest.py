@@ -39,6 +39,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class Totals:
+    """What the fault matrix saw, printed at the end of the session."""
+
+    def __init__(self) -> None:
+        self.scenarios: List[str] = []
+        self.vms = self.keys = self.leases = 0
+
+    def record(self, scenario: str, vms: int, keys: int, leases: int) -> None:
+        self.scenarios.append(scenario)
+        self.vms += vms
+        self.keys += keys
+        self.leases += leases
+
+
+TOTALS = Totals()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TOTALS.scenarios:
+        terminalreporter.write_line(
+            "fault matrix: {} scenarios run, {} VMs leaked, {} keys leaked, {} leases leaked".format(
+                len(TOTALS.scenarios), TOTALS.vms, TOTALS.keys, TOTALS.leases))
+
+
 @pytest.fixture(scope="session")
 def tart_home(tmp_path_factory):
     """One TART_HOME for the session, with a base image whose guest already has Invoke

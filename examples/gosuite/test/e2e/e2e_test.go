@@ -7,8 +7,10 @@ package e2e
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"example.com/gosuite/internal/setup"
 )
@@ -97,5 +99,15 @@ func TestExampleFailure(t *testing.T) {
 	if os.Getenv("GOSUITE_FAIL") == "1" {
 		t.Log("failing on purpose: GOSUITE_FAIL=1")
 		t.Fatal("intentional failure")
+	}
+}
+
+// TestSlow sleeps GOSUITE_SLEEP seconds (default 0), so the host-side tests can signal or
+// crash a run while its suite is running.
+func TestSlow(t *testing.T) {
+	requireEphemeralHost(t)
+	if s, err := strconv.Atoi(os.Getenv("GOSUITE_SLEEP")); err == nil && s > 0 {
+		t.Logf("sleeping %ds", s)
+		time.Sleep(time.Duration(s) * time.Second)
 	}
 }

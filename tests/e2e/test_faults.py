@@ -1,0 +1,156 @@
+"""Fault matrix: a failure or a signal at each stage. For each: the exit code, the stage named
+in the message, and nothing left behind (no VM in `tart list`, no key dir, no lease)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+import pytest
+
+from .conftest import EXAMPLE, REPO, TOTALS
+
+pytestmark = pytest.mark.e2e
+
+
+def expect_clean(world, scenario: str) -> None:
+    vms, keys, leases = world.ephemeral_vms(), world.key_dirs(), world.leases()
+    TOTALS.record(scenario, len(vms), len(keys), len(leases))
+    assert (vms, keys, leases) == ([], [], []), "leaked after " + scenario
+
+
+FAILURES = [
+    # id, extra env, config sections, flags, exit code, text that must be in stderr
+    ("preflight-missing-base", {"OPENBOOT_VM_BASE": "no-such-base"}, {}, [], 1, "stage 'preflight' failed"),
+    ("preflight-missing-tart", {"PATH": "/usr/bin:/bin"}, {}, [], 1, "tart"),
+    ("clone-fails", {"TART_STANDIN_FAIL": "clone"}, {}, [], 1, "stage 'clone' failed"),
+    ("run-fails", {"TART_STANDIN_FAIL": "run"}, {}, [], 1, "stage 'boot' failed"),
+    ("ip-never", {"TART_STANDIN_BOOT_DELAY": "30"}, {}, ["--boot-timeout=2"], 1, "stage 'boot' failed"),
+    ("sshd-never", {"TART_STANDIN_SSHD_DELAY": "30"}, {}, ["--boot-timeout=3"], 1, "stage 'ip+ssh' failed"),
+    ("agent-never", {"TART_STANDIN_AGENT_DELAY": "30"}, {"timeouts": {"key": 2}}, [], 1, "stage 'key' failed"),
+    ("setup-fails", {}, {"setup": ["echo setting up; exit 3"]}, [], 1, "stage 'setup' failed"),
+    ("sync-fails", {}, {"guest": {"dir": "/proc/vmtasks-cannot-create"}}, [], 1, "stage 'sync' failed"),
+    ("suite-fails", {}, {"guest": {"env": {"GOSUITE_FAIL": "1"}}}, [], 1, "TestExampleFailure"),
+    ("guest-crash-mid-suite", {"TART_STANDIN_CRASH_AFTER": "6"}, {"guest": {"env": {"GOSUITE_SLEEP": "60"}}},
+     [], 1, "stage 'suite' failed"),
+]
+
+RECOVERIES = [
+    # slow but within deadlines: must pass
+    ("ip-before-sshd", {"TART_STANDIN_SSHD_DELAY": "2"}, {}),
+    ("agent-late", {"TART_STANDIN_AGENT_DELAY": "2"}, {}),
+    ("boot-slow", {"TART_STANDIN_BOOT_DELAY": "1"}, {}),
+]
+
+
+@pytest.mark.parametrize("scenario,env,sections,flags,code,needle", FAILURES, ids=[f[0] for f in FAILURES])
+def test_failure_at_each_stage(world, scenario, env, sections, flags, code, needle):
+    cfg = world.write_config(**sections) if sections else None
+    kwargs = {"config": cfg} if cfg else {}
+    done = world.invoke("test-vm", *flags, env=env, timeout=240, **kwargs)
+    assert done.code == code, done.text
+    assert needle in done.err, done.err
+    if "stage '" in needle and "preflight" not in needle:
+        assert "next:" in done.err  # every stage error says what to do
+    expect_clean(world, scenario)
+
+
+@pytest.mark.parametrize("scenario,env,sections", RECOVERIES, ids=[r[0] for r in RECOVERIES])
+def test_slow_stages_within_deadline_pass(world, scenario, env, sections):
+    done = world.invoke("test-vm-run", "--test=TestShellRC", env=env, timeout=240)
+    assert done.code == 0, done.text
+    expect_clean(world, scenario)
+
+
+def start_run(world, env: Dict[str, str], config=None, args=("test-vm",)) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args,
+            "--config", str(config or EXAMPLE / "vm.yaml")]
+    return subprocess.Popen(argv, cwd=str(world.cwd), env=dict(world.env, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> List[str]:
+    """Read stderr until a line contains ``needle``; keep draining in the background after."""
+    lines: List[str] = []
+    found = threading.Event()
+
+    def reader():
+        for line in proc.stderr:
+            lines.append(line)
+            if needle in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    assert found.wait(timeout), "never saw {!r}: {}".format(needle, "".join(lines))
+    assert any(needle in line for line in lines), "".join(lines)
+    return lines
+
+
+SIGNALS = [
+    ("SIGINT-boot", signal.SIGINT, "-> boot", {"TART_STANDIN_BOOT_DELAY": "30"}, {}, "boot"),
+    ("SIGTERM-boot", signal.SIGTERM, "-> boot", {"TART_STANDIN_BOOT_DELAY": "30"}, {}, "boot"),
+    ("SIGINT-setup", signal.SIGINT, "$ sleep 30", {}, {"setup": ["sleep 30"]}, "setup"),
+    ("SIGTERM-setup", signal.SIGTERM, "$ sleep 30", {}, {"setup": ["sleep 30"]}, "setup"),
+    ("SIGHUP-setup", signal.SIGHUP, "$ sleep 30", {}, {"setup": ["sleep 30"]}, "setup"),
+    ("SIGINT-suite", signal.SIGINT, "-> suite", {}, {"guest": {"env": {"GOSUITE_SLEEP": "60"}}}, "suite"),
+    ("SIGTERM-suite", signal.SIGTERM, "-> suite", {}, {"guest": {"env": {"GOSUITE_SLEEP": "60"}}}, "suite"),
+]
+
+
+@pytest.mark.parametrize("scenario,signum,marker,env,sections,stage", SIGNALS, ids=[s[0] for s in SIGNALS])
+def test_signal_during_long_stage(world, scenario, signum, marker, env, sections, stage):
+    cfg = world.write_config(**sections) if sections else None
+    proc = start_run(world, env, cfg)
+    lines = wait_for_line(proc, marker)
+    time.sleep(1.0)  # well inside the stage
+    proc.send_signal(signum)
+    code = proc.wait(timeout=120)
+    time.sleep(0.2)
+    text = "".join(lines)
+    assert code == 128 + signum, text
+    assert "interrupted by {}".format(signal.Signals(signum).name) in text
+    assert "stage '{}'".format(stage) in text, text
+    expect_clean(world, scenario)
+
+
+def test_kill_9_then_cleanup_orphans(world):
+    proc = start_run(world, {}, world.write_config(guest={"env": {"GOSUITE_SLEEP": "60"}}))
+    wait_for_line(proc, "-> suite")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    # The killed run could not clean up: its VM, key and lease are there...
+    assert len(world.ephemeral_vms()) == 1 and len(world.key_dirs()) == 1 and len(world.leases()) == 1
+    dry = world.invoke("cleanup-orphans", "--dry-run")
+    assert dry.code == 0 and "would remove vm" in dry.err, dry.text
+    assert len(world.ephemeral_vms()) == 1
+    # ...until the sweep, which sees the owner is dead.
+    done = world.invoke("cleanup-orphans")
+    assert done.code == 0, done.text
+    expect_clean(world, "kill-9-then-cleanup")
+
+
+def test_second_ctrl_c_during_teardown_says_what_is_left(world):
+    """Teardown is slowed by a slow `tart stop`; two more Ctrl-C abandon it, with a message
+    naming the VM and how to remove it; the sweep then removes it."""
+    proc = start_run(world, {"TART_STANDIN_STOP_DELAY": "5"},
+                     world.write_config(guest={"env": {"GOSUITE_SLEEP": "60"}}))
+    lines = wait_for_line(proc, "-> suite")
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    text = "".join(lines)
+    assert code == 130, text
+    if "left behind" in text:
+        assert "invoke cleanup-orphans" in text
+        world.invoke("cleanup-orphans")
+    expect_clean(world, "second-ctrl-c-in-teardown")
