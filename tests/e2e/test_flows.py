@@ -81,17 +81,20 @@ def test_old_test_knob_limits_test_vm(world):
     world.assert_nothing_left()
 
 
-def test_hostile_test_name_is_never_interpreted(world, tmp_path):
-    host_marker = tmp_path / "pwned-host"
-    name = "TestShellRC$(touch {0})|`touch {0}`|x'; touch {0}; touch /Users/admin/pwned; echo '".format(host_marker)
+def test_hostile_test_name_is_never_interpreted(world):
+    """Each alternative would create a file named pwned* if any shell layer interpreted it:
+    on the host (in the invoking directory) or in the guest (in the admin's home)."""
+    name = ("^TestShellRC$|$(touch pwned1)|`touch pwned2`|x'; touch pwned3; echo '"
+            '|"; touch pwned4; "|a\nb; touch pwned5|${IFS}touch${IFS}pwned6')
     done = world.invoke("test-vm-run", "--test=" + name, "--keep=always")
     vms = world.ephemeral_vms()
     try:
         assert done.code == 0, done.text
-        assert not host_marker.exists()
-        guest = world.tart("exec", vms[0], "sh", "-c", "ls -a /Users/admin")
+        assert not list(world.cwd.glob("pwned*")) and not list(world.home.glob("pwned*"))
+        guest = world.tart("exec", vms[0], "sh", "-c", "ls -a /Users/admin /Users/admin/gosuite")
         assert guest.returncode == 0 and "pwned" not in guest.stdout
-        assert "TestShellRC" in set(junit_cases(world.latest_record() / "junit.xml"))
+        # ...and the regex reached go test intact: exactly the one test it names ran.
+        assert set(junit_cases(world.latest_record() / "junit.xml")) == {"TestShellRC"}
     finally:
         world.invoke("cleanup-orphans", "--include-kept")
     world.assert_nothing_left()
