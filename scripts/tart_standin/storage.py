@@ -58,9 +58,12 @@ def gc_tmp():
         entries = os.listdir(path)
     except FileNotFoundError:
         return
+    now = time.time()
     for entry in entries:
         full = os.path.join(path, entry)
         try:
+            if now - os.lstat(full).st_mtime < 60:
+                continue  # possibly being set up right now (before its creator locks it)
             fd = os.open(full, os.O_RDONLY)
         except OSError:
             continue
