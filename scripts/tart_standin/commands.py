@@ -75,8 +75,12 @@ def make_host_key(path, comment):
             os.unlink(path + suffix)
         except FileNotFoundError:
             pass
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path],
-                   check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise TartError("cannot generate the guest's SSH host key with ssh-keygen (%s): "
+                        "apt-get install openssh-client" % exc)
 
 
 def cmd_create(args):
@@ -304,12 +308,16 @@ def cmd_delete(args):
             fd = os.open(vm.config_path, os.O_RDWR)
         except FileNotFoundError:
             raise VMDoesNotExist(name)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # see below
         try:
             if not linux.try_write_lock(fd):
                 raise VMIsRunning(name)
+            # While we hold the lock, `tart stop` would take us for the VM's `tart run`
+            # and send us SIGINT (Tart has the same race); finish the removal regardless.
             storage.remove_tree(vm.path)
         finally:
             os.close(fd)
+            signal.signal(signal.SIGINT, previous)
     return 0
 
 

@@ -324,6 +324,14 @@ def guest_init(ctx, ready_w, parent_alive_r):
             os._exit(3)
 
 
+def _say(text):
+    """print() to stdout that survives a closed stdout (the driver may have gone away)."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        pass
+
+
 def _describe_status(status):
     if os.WIFSIGNALED(status):
         return "killed by signal %d" % os.WTERMSIG(status)
@@ -438,8 +446,8 @@ def cmd_run(args, log):
             except (OSError, ValueError):
                 same_mac = False
             if same_mac:
-                print("There is already a running VM with the same MAC address!")
-                print("Resetting VM to assign a new MAC address...", flush=True)
+                _say("There is already a running VM with the same MAC address!")
+                _say("Resetting VM to assign a new MAC address...")
                 config["macAddress"] = storage.random_mac()
                 vm.write_config(config)
                 break
@@ -526,7 +534,7 @@ def cmd_run(args, log):
     except _Signal as sig:
         if sig.signum == signal.SIGINT:
             outcome = "stopped"
-            print("Stopping VM...", flush=True)
+            _say("Stopping VM...")
             if stop_delay and gpid:
                 # a slow shutdown: the guest keeps running; more SIGINTs change nothing,
                 # `tart stop` SIGKILLs us after its timeout
@@ -537,7 +545,7 @@ def cmd_run(args, log):
         elif sig.signum == signal.SIGALRM:
             outcome = "crashed"
         elif sig.signum == signal.SIGUSR2:  # Tart: ask the guest OS to shut down
-            print("Requesting guest OS to stop...", flush=True)
+            _say("Requesting guest OS to stop...")
         elif sig.signum == signal.SIGUSR1:  # Tart: suspend (snapshot) the VM
             outcome = "suspend-failed"
         else:
@@ -553,15 +561,15 @@ def cmd_run(args, log):
     if outcome == "stopped":
         return 0
     if outcome == "exited":
-        print("guest has stopped the virtual machine", flush=True)
+        _say("guest has stopped the virtual machine")
         return 0
     if outcome == "crashed":
-        print("guest has stopped the virtual machine due to error: the virtual machine "
-              "stopped unexpectedly (simulated crash: TART_STANDIN_CRASH_AFTER=%s)"
-              % os.environ.get("TART_STANDIN_CRASH_AFTER"), flush=True)
+        _say("guest has stopped the virtual machine due to error: the virtual machine "
+             "stopped unexpectedly (simulated crash: TART_STANDIN_CRASH_AFTER=%s)"
+             % os.environ.get("TART_STANDIN_CRASH_AFTER"))
         return 1
     if outcome == "suspend-failed":
-        print("Failed to suspend the VM: the Linux stand-in cannot suspend VMs", flush=True)
+        _say("Failed to suspend the VM: the Linux stand-in cannot suspend VMs")
         return 1
     if outcome == "signal":
         # Tart does not handle SIGTERM/SIGHUP: die by the signal, after a clean teardown.
@@ -573,7 +581,10 @@ def cmd_run(args, log):
         os.kill(os.getpid(), detail)
         time.sleep(1)
         return 128 + detail
-    sys.stderr.write(detail + "\n")
+    try:
+        sys.stderr.write(detail + "\n")
+    except OSError:
+        pass
     return 1
 
 
