@@ -109,6 +109,7 @@ def show_plan(ui: Ui, vm_run) -> None:
 
 
 def show_summary(ui: Ui, vm_run) -> None:
+    """The end of a run: summary table, failing tests with their output, JUnit, exit code."""
     from . import results
 
     summary = vm_run.summary
@@ -120,26 +121,54 @@ def show_summary(ui: Ui, vm_run) -> None:
     store = results.DurationStore.load(records_root(vm_run.cfg).parent / "durations.json")
     store.record(summary.results)
     store.save()
-    text = results.format_summary(summary) if hasattr(results, "format_summary") else _summary_text(summary)
+    suite_seconds = vm_run.record.seconds("suite")
+    text = summary_text(summary, vm_run.record.total_seconds(), suite_seconds)
     vm_run.record.path("summary.txt").write_text(text + "\n")
-    ui.print(text)
+    ui.print("")
+    ui.print(summary_table(summary, vm_run.record.total_seconds(), suite_seconds))
+    for r in summary.failures:
+        ui.print("--- FAIL: {} ({})".format(r.name, results.format_duration(r.elapsed)), style="bold red")
+        ui.print("\n".join("    " + line for line in r.output.rstrip().splitlines()))
+    for package, output in summary.package_failures.items():
+        ui.print("--- FAIL package {}".format(package), style="bold red")
+        ui.print("\n".join("    " + line for line in output.rstrip().splitlines()))
     ui.print("exit code {}  junit: {}  record: {}".format(vm_run.exit_code, junit, vm_run.record.dir))
 
 
-def _summary_text(summary) -> str:
+def _summary_rows(summary, total_seconds: float, suite_seconds: float):
     from .results import format_duration
 
-    lines = ["", "Summary: {} tests, {} passed, {} failed, {} skipped in {}".format(
-        summary.total, summary.passed, summary.failed, summary.skipped, format_duration(summary.elapsed))]
-    slow = summary.slowest(5)
+    rows = [("tests run", str(summary.total)), ("passed", str(summary.passed)),
+            ("failed", str(summary.failed)), ("skipped", str(summary.skipped)),
+            ("suite time", format_duration(suite_seconds)), ("total time", format_duration(total_seconds))]
+    slow = [(format_duration(r.elapsed), r.name) for r in summary.slowest(5)]
+    return rows, slow
+
+
+def summary_table(summary, total_seconds: float, suite_seconds: float):
+    from rich.table import Table
+
+    rows, slow = _summary_rows(summary, total_seconds, suite_seconds)
+    table = Table(title="e2e results", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, value in rows:
+        table.add_row(what, value, style="red" if what == "failed" and value != "0" else None)
     if slow:
-        lines.append("Slowest:")
-        lines += ["  {:>8}  {}".format(format_duration(r.elapsed), r.name) for r in slow]
-    if summary.failures:
-        lines.append("Failed tests:")
-        for r in summary.failures:
-            lines.append("--- FAIL: {} ({})".format(r.name, format_duration(r.elapsed)))
-            lines += ["    " + line for line in r.output.rstrip().splitlines()]
+        table.add_section()
+        for seconds, name in slow:
+            table.add_row("slow: " + name, seconds)
+    return table
+
+
+def summary_text(summary, total_seconds: float, suite_seconds: float) -> str:
+    """The same summary as plain text, for the run record."""
+    rows, slow = _summary_rows(summary, total_seconds, suite_seconds)
+    lines = ["{:<12} {}".format(what, value) for what, value in rows]
+    lines += ["slowest:"] + ["  {:>8}  {}".format(seconds, name) for seconds, name in slow]
+    for r in summary.failures:
+        lines.append("--- FAIL: {}".format(r.name))
+        lines += ["    " + line for line in r.output.rstrip().splitlines()]
     for package, output in summary.package_failures.items():
         lines.append("--- FAIL package {}".format(package))
         lines += ["    " + line for line in output.rstrip().splitlines()]

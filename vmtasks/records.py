@@ -34,6 +34,12 @@ class RunRecord:
         self.stages.append({"stage": name, "started": started, "seconds": round(elapsed, 4), "status": status})
         self._write_json("stages.json", self.stages)
 
+    def seconds(self, stage: str) -> float:
+        return sum(s["seconds"] for s in self.stages if s["stage"] == stage)
+
+    def total_seconds(self) -> float:
+        return time.time() - self.meta["started"]
+
     def finish(self, **fields: Any) -> None:
         self.meta.update(fields)
         self.meta["finished"] = time.time()

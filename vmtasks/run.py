@@ -376,8 +376,7 @@ class VmRun:
             raw.write(text)
             raw.flush()
             self.stream.feed(text)
-            if not self.request.json_output:
-                self.ui.raw(text)
+            self.ui.raw(text)
             counts = self.stream.counts
             self.ui.suite_progress(counts.passed, counts.failed, counts.skipped, list(self.stream.running))
 

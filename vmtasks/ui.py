@@ -6,6 +6,7 @@ is not a terminal or CI is set, so logs read well.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -45,6 +46,7 @@ class Ui:
         self._active: Optional[str] = None
         self._active_started = 0.0
         self._suite_line = ""
+        self._raw_buffer = ""
 
     # -- stages ------------------------------------------------------------
     def stage_started(self, name: str, detail: str = "") -> None:
@@ -93,9 +95,24 @@ class Ui:
             self.print(_indent(output.rstrip("\n")))
 
     def raw(self, text: str) -> None:
-        """Raw suite output (``--verbose``)."""
-        if self.verbose:
-            self.print(text.rstrip("\n"))
+        """Raw test output as it arrives (``--verbose``): go test's own text, taken out of
+        its JSON events when the suite runs with -json."""
+        if not self.verbose:
+            return
+        self._raw_buffer += text
+        *lines, self._raw_buffer = self._raw_buffer.split("\n")
+        for line in lines:
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if isinstance(event, dict):
+                    output = event.get("Output")
+                    if isinstance(output, str):
+                        self.print(output.rstrip("\n"))
+                    continue
+            self.print(line)
 
     def _render(self):
         rows = []
