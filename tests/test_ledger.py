@@ -107,3 +107,20 @@ def test_sweep_reports_tart_failure(ledger):
                          "delete": fail(1, 'VM "p-x" is running')})
     errors = sweep.apply(sweep.plan(Tart(runner), ledger, "p"), Tart(runner), ledger)
     assert errors and "p-x" in errors[0]
+
+
+def test_full_disk_while_writing_the_lease_is_a_clear_error(ledger, monkeypatch):
+    import errno
+
+    real_replace = os.replace
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    lease = ledger.new_lease("p-full", "full", keep=False, base="b")
+    with pytest.raises(PreflightError) as err:
+        ledger.write(lease)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert "No space left" in err.value.message and "free disk space" in err.value.hint
+    assert ledger.all() == {} and not list(ledger.leases_dir.iterdir())

@@ -28,6 +28,9 @@ FAILURES = [
     # id, extra env, config sections, flags, exit code, text that must be in stderr
     ("preflight-missing-base", {"OPENBOOT_VM_BASE": "no-such-base"}, {}, [], 1, "stage 'preflight' failed"),
     ("preflight-missing-tart", {"PATH": "/usr/bin:/bin"}, {}, [], 1, "tart"),
+    ("preflight-state-dir-unwritable", {"VMTASKS_STATE_DIR": "/proc/vmtasks-state"}, {}, [], 1,
+     "stage 'preflight' failed"),
+    ("preflight-bad-config", {}, {"timeouts": {"boot": "soon"}}, [], 1, "'timeouts.boot' must be a number"),
     ("clone-fails", {"TART_STANDIN_FAIL": "clone"}, {}, [], 1, "stage 'clone' failed"),
     ("run-fails", {"TART_STANDIN_FAIL": "run"}, {}, [], 1, "stage 'boot' failed"),
     ("ip-never", {"TART_STANDIN_BOOT_DELAY": "30"}, {}, ["--boot-timeout=2"], 1, "stage 'boot' failed"),

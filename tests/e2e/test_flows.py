@@ -28,6 +28,10 @@ def test_full_suite_runs_in_the_guest_and_leaves_nothing(world):
     assert stages == ["clone", "boot", "ip+ssh", "key", "setup", "sync", "suite", "teardown"]
     world.assert_nothing_left()
     assert world.vms() == [BASE]
+    # Secrets: the user's ~/.ssh is never written, the key never lands in the record.
+    assert not (world.home / ".ssh").exists()
+    for path in record.iterdir():
+        assert b"PRIVATE KEY" not in path.read_bytes(), path
 
 
 def test_tests_really_ran_inside_with_in_vm_set(world):
