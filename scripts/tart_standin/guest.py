@@ -134,6 +134,39 @@ def _bind_error(ip):
     return None
 
 
+def _lock_reservation(path):
+    """flock <path> without blocking; the fd, or None if another guest holds it.
+
+    A reservation file is unlinked by its owner when its guest is gone; after locking,
+    make sure the path still names the inode we locked, else start over.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def release_ip(ip, fd):
+    """Drop the reservation (call only once the guest's processes are gone)."""
+    path = os.path.join(registry_dir(), "ips", ip)
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def allocate_ip(name):
     """Pick 127.x.y.z for the VM (stable per name) and reserve it host-wide.
 
@@ -143,11 +176,8 @@ def allocate_ip(name):
     ips = os.path.join(registry_dir(), "ips")
     os.makedirs(ips, 0o755, exist_ok=True)
     for ip in ip_candidates(name):
-        fd = os.open(os.path.join(ips, ip), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = _lock_reservation(os.path.join(ips, ip))
+        if fd is None:
             continue
         err = _bind_error(ip)
         if err is None:
@@ -465,7 +495,7 @@ def cmd_run(args, log):
 
     for sig in SIGNALS:
         signal.signal(sig, _raise_signal)
-    outcome, detail, cpid, gpid, ip_fd = "exited", None, None, None, None
+    outcome, detail, cpid, gpid, ip, ip_fd = "exited", None, None, None, None, None
     try:
         ip, ip_fd = allocate_ip(name)
         storage.remove_tree(vm.run_path)
@@ -556,7 +586,7 @@ def cmd_run(args, log):
         _teardown(cpid, gpid)
         storage.remove_tree(vm.run_path)  # still under our lock: no new run can race us
         if ip_fd is not None:
-            os.close(ip_fd)
+            release_ip(ip, ip_fd)
 
     if outcome == "stopped":
         return 0
