@@ -466,6 +466,9 @@ def cmd_run(args, log):
     # Read config.json before locking it: any close() of a descriptor of the locked
     # file by this process would drop the fcntl lock (as Tart's comments explain).
     config = vm.read_config()
+    # Signals wait until the handlers below are in place (a `tart stop` may come as soon
+    # as the lock is taken); they are then delivered inside the main try block.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     lock_fd = storage.storage_lock()
     try:
         for other in storage.list_vms():
@@ -497,6 +500,7 @@ def cmd_run(args, log):
         signal.signal(sig, _raise_signal)
     outcome, detail, cpid, gpid, ip, ip_fd = "exited", None, None, None, None, None
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         ip, ip_fd = allocate_ip(name)
         storage.remove_tree(vm.run_path)
         os.makedirs(vm.run_path, 0o755)
