@@ -12,7 +12,8 @@ from invoke import Exit, task
 
 COMMON_HELP = {
     "config": "Config file (default: ./config/vm.yaml; env OPENBOOT_VM_CONFIG).",
-    "keep": "Keep the VM: never, on-failure or always (env OPENBOOT_VM_KEEP=1 means always).",
+    "keep": "Keep the VM: never, on-failure or always; a bare --keep means always "
+            "(env OPENBOOT_VM_KEEP=1 means always).",
     "base": "Base image to clone (env OPENBOOT_VM_BASE; default from config, tahoe-base).",
     "dry_run": "Print the plan (stages, commands, resolved config) and create nothing.",
     "quiet": "Only stage failures, failing tests and the summary.",
@@ -42,7 +43,8 @@ def _suite(test, keep, base, config, dry_run, quiet, verbose, boot_timeout, reru
     from vmtasks.config import keep_from_env
 
     def go(ui):
-        overrides = {"keep": keep_from_env(keep) if keep is not None else None, "vm.base": base,
+        chosen_keep = "always" if keep is True else (keep_from_env(keep) if keep is not None else None)
+        overrides = {"keep": chosen_keep, "vm.base": base,
                      "timeouts.boot": boot_timeout, "test": test}
         cfg = host.load_config(config, overrides)
         chosen = cfg.test
@@ -54,14 +56,16 @@ def _suite(test, keep, base, config, dry_run, quiet, verbose, boot_timeout, reru
     _host_call(go, quiet=quiet, verbose=verbose)
 
 
-@task(help=dict(COMMON_HELP, rerun_failed="Run only the tests that failed in the last recorded run."))
+@task(help=dict(COMMON_HELP, rerun_failed="Run only the tests that failed in the last recorded run."),
+      optional=["keep"])
 def test_vm(c, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
             boot_timeout=None, rerun_failed=False):
     """Run the whole e2e suite in a fresh throwaway VM (env OPENBOOT_VM_TEST limits it)."""
     _suite(None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed)
 
 
-@task(help=dict(COMMON_HELP, test="The go test -run regex, e.g. 'TestA|TestB' (required)."))
+@task(help=dict(COMMON_HELP, test="The go test -run regex, e.g. 'TestA|TestB' (required)."),
+      optional=["keep"])
 def test_vm_run(c, test, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
                 boot_timeout=None):
     """Run the tests matching --test (a go test -run regex) in a fresh throwaway VM."""
@@ -113,14 +117,18 @@ def test_vm_inner_run(c, test, json_output=False):
 def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, config=None):
     """Remove VMs, keys and leases whose owning run is gone (never a live run's)."""
     from vmtasks import host
-    from vmtasks.run import preflight  # noqa: F401  (import check of the host side)
+    from vmtasks.errors import ConfigError
     from vmtasks.tart import Tart
 
     def go(ui):
         cfg = host.load_config(config, {})
+        try:
+            age = float(max_age) * 3600 if max_age is not None else None
+        except ValueError:
+            raise ConfigError("--max-age must be a number of hours, got {!r}".format(max_age),
+                              "for example --max-age=24") from None
         ledger = host.ledger_for(cfg)
         ledger.ensure()
-        age = float(max_age) * 3600 if max_age is not None else None
         return host.sweep_orphans(ui, cfg, Tart(), ledger, dry_run, include_kept, age)
 
     _host_call(go)

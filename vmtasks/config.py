@@ -66,6 +66,7 @@ class SuiteSettings:
 class Timeouts:
     """Deadlines in seconds for each stage; ``poll`` is the polling interval."""
 
+    build: float = 1800
     clone: float = 300
     boot: float = 60
     key: float = 60

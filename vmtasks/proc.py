@@ -47,8 +47,7 @@ class Runner:
                 env=self.env, stdin=None if input is not None else subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired as exc:
-            out = (exc.stdout or b"") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            raise CommandTimeout(argv, timeout or 0, out if isinstance(out, str) else out.decode(errors="replace")) from None
+            raise CommandTimeout(argv, timeout or 0, output_text(exc.stdout) + output_text(exc.stderr)) from None
         return Result(list(argv), proc.returncode, proc.stdout, proc.stderr)
 
     def spawn(self, argv: Sequence[str], log: IO[bytes]) -> "subprocess.Popen[bytes]":
@@ -58,6 +57,13 @@ class Runner:
             list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, env=self.env,
         )
+
+
+def output_text(data) -> str:
+    """Output captured by a timed-out subprocess: bytes, str or None."""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", errors="replace")
+    return data or ""
 
 
 def which(name: str, path: Optional[str] = None) -> Optional[str]:

@@ -23,7 +23,7 @@ from . import results, ssh, sync
 from .config import Config
 from .errors import Interrupted, PreflightError, StageError, TartError, VmtasksError
 from .ledger import Ledger, Lease
-from .proc import CommandTimeout, Runner, tail, tail_file, which
+from .proc import CommandTimeout, Runner, output_text, tail, tail_file, which
 from .records import RunRecord
 from .signals import SignalGuard, TeardownAbandoned
 from .tart import INSTALL_HINT, Tart
@@ -187,10 +187,8 @@ class VmRun:
         status = "ok"
         try:
             yield
-        except Interrupted as exc:
-            status = "interrupted"
-            if not exc.message.endswith("'{}'".format(name)):
-                raise Interrupted(exc.signum, name) from None
+        except Interrupted:
+            status = "interrupted"  # raised by the SignalGuard, which knows the stage
             raise
         except StageError:
             status = "failed"
@@ -228,8 +226,11 @@ class VmRun:
     # -- stages ------------------------------------------------------------
     def _build(self) -> None:
         for command in self.cfg.build:
-            result = subprocess.run(command, shell=True, cwd=self.cfg.project_dir, capture_output=True,
-                                    text=True, stdin=subprocess.DEVNULL)
+            try:
+                result = subprocess.run(command, shell=True, cwd=self.cfg.project_dir, capture_output=True,
+                                        text=True, stdin=subprocess.DEVNULL, timeout=self.cfg.timeouts.build)
+            except subprocess.TimeoutExpired as exc:
+                raise CommandTimeout([command], self.cfg.timeouts.build, output_text(exc.stdout) + output_text(exc.stderr)) from None
             if result.returncode != 0:
                 raise StageError("build", self.vm, "`{}` exited {}".format(command, result.returncode),
                                  "fix the build on the host first (config: build)",
