@@ -10,14 +10,9 @@ import time
 
 import pytest
 
-from .conftest import (SSH_OPTS, inject_key, processes_of, ssh, ssh_banner, sshd_processes,
-                       wait_until)
+from .conftest import SSH_OPTS, inject_key, processes_of, ssh, sshd_processes, wait_until
 
 pytestmark = pytest.mark.standin
-
-AGENT_DOWN = ("Failed to connect to the VM using its control socket: ",
-              ", is the Tart Guest Agent running?\n")
-
 
 def gone(tart, name: str, timeout: float = 5) -> bool:
     config = tart.sshd_config(name)
