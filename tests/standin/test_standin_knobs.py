@@ -120,3 +120,15 @@ def test_log_knob_tracks_a_run_while_it_runs(tart, base, tmp_path):
 def test_invalid_knob_value_is_reported(tart, base):
     done = tart("run", "--no-graphics", base, env={"TART_STANDIN_BOOT_DELAY": "soon"})
     assert done.returncode == 1 and "TART_STANDIN_BOOT_DELAY" in done.stderr
+
+
+def test_run_dir_and_sshd_log_level_knobs(tart, base, tmp_path):
+    registry = tmp_path / "registry"
+    run = tart.start(base, env={"TART_STANDIN_RUN_DIR": str(registry),
+                                "TART_STANDIN_SSHD_LOG_LEVEL": "QUIET"})
+    reservation = registry / "ips" / run.ip
+    assert json.loads(reservation.read_text())["name"] == base
+    tart.ok("stop", base)
+    assert run.wait() == 0
+    assert not reservation.exists()  # released with the guest
+    assert "Server listening" not in run.stderr
