@@ -202,11 +202,7 @@ class VmRun:
             raise StageError(name, self.vm, "timed out: {}".format(exc),
                              "raise timeouts.{} in the config if the stage is just slow".format(name),
                              tail(out) if out else self._log_tail()) from None
-        except (OSError, EOFError) as exc:
-            status = "failed"
-            raise StageError(name, self.vm, "{}: {}".format(type(exc).__name__, exc),
-                             "see the run record for the VM console", self._log_tail()) from None
-        except Exception as exc:  # paramiko and other library errors
+        except Exception as exc:  # OSError, paramiko's errors and other library errors
             status = "failed"
             raise StageError(name, self.vm, "{}: {}".format(type(exc).__name__, exc),
                              "see the run record for the VM console", self._log_tail()) from None
