@@ -7,11 +7,12 @@ from vmtasks.errors import TartError
 from vmtasks.tart import Tart
 
 
-def test_list_parses_json_and_asks_for_local_json():
+def test_list_parses_json_and_keeps_local_vms():
     runner = FakeRunner({"list": ok(tart_list_json(
-        {"Name": "tahoe-base"}, {"Name": "openboot-ephemeral-1", "Running": True, "State": "running"}))})
+        {"Name": "tahoe-base"}, {"Name": "openboot-ephemeral-1", "Running": True, "State": "running"},
+        {"Name": "ghcr.io/cirruslabs/tahoe-base:latest", "Source": "OCI"}))})
     vms = Tart(runner).list()
-    assert runner.calls == [["tart", "list", "--source", "local", "--format", "json"]]
+    assert runner.calls == [["tart", "list", "--format", "json"]]
     assert [(v.name, v.running) for v in vms] == [("tahoe-base", False), ("openboot-ephemeral-1", True)]
 
 

@@ -52,8 +52,9 @@ def checks(config_path: Optional[str], tart: Optional[Tart] = None) -> List[Chec
     mac = platform.system() == "Darwin" and platform.machine() == "arm64"
     if mac:
         add(Check("host", "ok", "Apple Silicon Mac"))
-    elif standin:
-        add(Check("host", "ok", "{} {}: the Linux stand-in `tart` is in use".format(platform.system(), platform.machine())))
+    elif standin or platform.system() == "Linux":
+        # Tart itself only runs on macOS: a `tart` on Linux is a stand-in.
+        add(Check("host", "ok", "{} {}: a stand-in `tart` is in use".format(platform.system(), platform.machine())))
     else:
         add(Check("host", "fail", "{} {} is not an Apple Silicon Mac".format(platform.system(), platform.machine()),
                   "run on an Apple Silicon Mac, or put scripts/ first on PATH for the stand-in"))

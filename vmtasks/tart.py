@@ -57,8 +57,8 @@ class Tart:
         return result.stdout.strip() if result.ok else ""
 
     def list(self) -> List[VmInfo]:
-        """All local VMs (``tart list --source local --format json``)."""
-        result = self._check(self._run("list", "--source", "local", "--format", "json", timeout=60))
+        """All local VMs (``tart list --format json``, OCI cache entries left out)."""
+        result = self._check(self._run("list", "--format", "json", timeout=60))
         try:
             rows = json.loads(result.stdout or "[]")
         except ValueError:
@@ -66,6 +66,8 @@ class Tart:
                             "check that `tart` on PATH is Tart 2.x") from None
         vms = []
         for row in rows:
+            if str(row.get("Source", "local")).lower() != "local":
+                continue
             running = bool(row.get("Running", False)) or row.get("State") == "running"
             size = row.get("Size", 0)
             vms.append(VmInfo(
