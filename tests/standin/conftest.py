@@ -219,9 +219,12 @@ class Tart:
                     run.proc.kill()
                     run.proc.wait(timeout=10)
         if self.home.is_dir():
-            for name in self("list", "-q").stdout.split():
-                self("stop", "--timeout", "2", name)
-                self("delete", name)
+            rows = json.loads(self("list", "--format", "json").stdout or "[]")
+            for row in rows:
+                if row["Running"]:
+                    self("stop", "--timeout", "2", row["Name"])
+            if rows:
+                self("delete", *[row["Name"] for row in rows])
         wait_until(lambda: not processes_of(self.home), 5)
         leftovers = processes_of(self.home)
         for pid, _ in leftovers:
