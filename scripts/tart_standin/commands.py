@@ -152,8 +152,7 @@ def cmd_clone(args):
             raise TartError("failed to clone %s: %s" % (args.source, proc.stderr.strip()))
         # runtime files of a running source are not part of the clone
         storage.remove_tree(os.path.join(tmp, storage.STANDIN_DIR, storage.RUN_DIR))
-        clone = storage.VMDir.__new__(storage.VMDir)
-        clone.name, clone.path = args.new, tmp
+        clone = storage.VMDir(args.new, path=tmp)
         config = clone.read_config()
         # the source keeps its MAC address, so the clone gets a new one (as Tart does)
         config["macAddress"] = storage.random_mac()

@@ -121,9 +121,9 @@ def _tree_allocated(path):
 
 
 class VMDir:
-    def __init__(self, name):
+    def __init__(self, name, path=None):
         self.name = name
-        self.path = os.path.join(vms_dir(), name)
+        self.path = path or os.path.join(vms_dir(), name)
 
     # --- paths -----------------------------------------------------------
     @property
