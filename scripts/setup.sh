@@ -19,9 +19,18 @@ else
   /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    # We need the sshd binary for the stand-in's guests, not a host sshd: a host sshd on
+    # *:22 would take port 22 from every guest address. While we install, a policy-rc.d
+    # stops Debian from starting the services it installs (a pre-existing one is kept).
+    policy=/usr/sbin/policy-rc.d
+    added_policy=""
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod +x "$policy" && added_policy=1
+    fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
       $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+    [ -z "$added_policy" ] || $SUDO rm -f "$policy"
   fi
 fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements.txt
