@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+"""Benchmark `invoke test-vm` against the floor: the same work done by hand with no tool.
+
+usage: python3 scripts/bench.py [--runs N] [--trees 1k,10k,50k,10mb,200mb] [--out DIR]
+
+Runs against the Linux stand-in `tart` (scripts/tart, first on PATH) with no artificial
+delays (every TART_STANDIN_* knob is removed from the environment, and so is
+PYTHONDONTWRITEBYTECODE: Python runs with its byte-code cache, as installed). Needs root. Everything
+it creates (TART_HOME, VMs, trees, keys, run records) lives in one temporary directory
+that is removed at the end, on failure and on Ctrl-C/SIGTERM/SIGHUP too.
+
+Per tree, N pairs of runs (the order alternates within a pair):
+
+* vmtasks: `python3 -m invoke -r <repo> test-vm --config <generated config>`, timed from
+  spawn to exit; its stages come from the run record (stages.json); "start-up" is the time
+  from spawn to the first recorded stage, "exit" from the end of teardown to process exit.
+* floor: `tart clone`; `tart run` in the background, `tart ip` and the SSH banner polled
+  every 20 ms; one `tart exec` (the same key script vmtasks runs); one plain `rsync -a` of
+  the same tree with the same ssh options (StrictHostKeyChecking=accept-new instead of a
+  pinned key); one `ssh` running vmtasks' own in-VM command line (run.inner_command);
+  `tart stop`; `tart delete`.
+
+Both clone the same base image, prepared once and not timed: Invoke copied into the guest
+user's site-packages (so the example's setup step is a no-op), Go's build cache warmed
+with the example suite (less noise in the suite stage), and, for the floor only, the
+vmtasks tool bundle (run.tool_bundle, what the setup stage unpacks every run) unpacked at
+~/.vmtasks/tool. Results: .vmtasks/bench/<stamp>.{json,md} and latest.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+EXAMPLE = REPO / "examples" / "gosuite"
+BASE = "tahoe-base"
+FLOOR_POLL = 0.02
+
+sys.path.insert(0, str(REPO))
+
+# name -> (filler files, bytes per filler file)
+TREES = {
+    "1k": (1000, 1024),
+    "10k": (10000, 1024),
+    "50k": (50000, 1024),
+    "10mb": (100, 100 * 1024),
+    "200mb": (200, 1024 * 1024),
+}
+TREE_LABELS = {"1k": "1 000 files", "10k": "10 000 files", "50k": "50 000 files",
+               "10mb": "10 MB", "200mb": "200 MB"}
+
+
+class Abort(Exception):
+    pass
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def machine():
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(argv):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (done.stdout or done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "os": platform.platform(), "python": sys.version.split()[0],
+            "rsync": version(["rsync", "--version"]), "ssh": version(["ssh", "-V"])}
+
+
+class Bench:
+    def __init__(self, opts) -> None:
+        self.opts = opts
+        self.root = Path(tempfile.mkdtemp(prefix="vmtasks-bench-"))
+        self.cwd = self.root / "cwd"
+        self.cwd.mkdir()
+        (self.root / "home").mkdir()
+        self.env = {k: v for k, v in os.environ.items()
+                    if not (k.startswith("TART_STANDIN_") or k.startswith("OPENBOOT_") or k == "SSH_AUTH_SOCK"
+                            or k == "PYTHONDONTWRITEBYTECODE")}  # as installed: byte-code cached
+        self.env.update(TART_HOME=str(self.root / "tart"), HOME=str(self.root / "home"),
+                        VMTASKS_STATE_DIR=str(self.root / "state"), CI="true",
+                        PATH=str(SCRIPTS) + os.pathsep + os.environ.get("PATH", ""))
+        self.children = []  # Popen objects to stop on the way out
+        self.floor_key = None
+
+    # -- helpers ------------------------------------------------------------
+    def tart(self, *args, check=True, timeout=120, input=None):
+        done = subprocess.run(["tart", *args], env=self.env, capture_output=True, timeout=timeout,
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        if check and done.returncode != 0:
+            raise Abort("tart {} exited {}: {}".format(" ".join(args), done.returncode,
+                                                       done.stderr.decode(errors="replace").strip()[-500:]))
+        return done
+
+    def spawn(self, argv, **kwargs):
+        proc = subprocess.Popen(argv, env=self.env, **kwargs)
+        self.children.append(proc)
+        return proc
+
+    def reap(self, proc):
+        if proc in self.children:
+            self.children.remove(proc)
+
+    def log(self, text):
+        print(text, file=sys.stderr, flush=True)
+
+    # -- one-time preparation (not timed) -----------------------------------
+    def prepare_base(self, cfg) -> None:
+        from vmtasks.run import tool_bundle
+
+        self.tart("create", BASE, timeout=300)
+        run = self.spawn(["tart", "run", "--no-graphics", BASE], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while self.tart("exec", BASE, "true", check=False).returncode != 0:
+                if time.monotonic() > deadline or run.poll() is not None:
+                    raise Abort("the base image's guest did not come up")
+                time.sleep(FLOOR_POLL)
+            # Invoke, copied from this host (no network), byte-compiled as pip would.
+            import invoke
+
+            site = self.tart("exec", BASE, "python3", "-c", "import site; print(site.getusersitepackages())"
+                             ).stdout.decode().strip()
+            self.guest_untar(site, self.tar_of(Path(invoke.__file__).parent, "invoke"))
+            self.tart("exec", BASE, "python3", "-m", "compileall", "-q", site + "/invoke")
+            self.tart("exec", BASE, "python3", "-c", "import invoke")
+            # Go's build cache, warmed at the suite's own path, which is then removed.
+            guest_dir = cfg.guest.dir
+            self.guest_untar(guest_dir, self.tar_of(EXAMPLE, "."))
+            warm = "cd {0} && go test -count=1 -run '^$' -tags=e2e,vm ./test/e2e/... && cd / && rm -rf {0}".format(
+                shlex.quote(guest_dir))
+            self.tart("exec", BASE, "sh", "-c", warm, timeout=300)
+            # For the floor: the tool bundle the setup stage would unpack.
+            self.guest_untar("/Users/admin/" + cfg.guest.tool_dir, tool_bundle(cfg), gz=True)
+        finally:
+            self.tart("stop", BASE, check=False)
+            run.wait(timeout=60)
+            self.reap(run)
+
+    @staticmethod
+    def tar_of(path: Path, arcname: str) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(str(path), arcname=arcname,
+                    filter=lambda info: None if "__pycache__" in info.name else info)
+        return buf.getvalue()
+
+    def guest_untar(self, dest: str, data: bytes, gz: bool = False) -> None:
+        script = 'mkdir -p "$1" && tar -x{}f - -C "$1"'.format("z" if gz else "")
+        self.tart("exec", "-i", BASE, "sh", "-c", script, "untar", dest, input=data)
+
+    def make_tree(self, name: str) -> Path:
+        count, size = TREES[name]
+        tree = self.root / "trees" / name
+        shutil.copytree(str(EXAMPLE), str(tree))
+        rng = random.Random(name)
+        existing = sum(len(files) for _, _, files in os.walk(tree))
+        if size <= 4096:  # a file-count tree: N files in total, the example's included
+            count -= existing
+        filler = tree / "filler"
+        for i in range(count):
+            sub = filler / "d{:04d}".format(i // 100)
+            if i % 100 == 0:
+                sub.mkdir(parents=True)
+            (sub / "f{:05d}.dat".format(i)).write_bytes(rng.randbytes(size))
+        return tree
+
+    def write_config(self, name: str, tree: Path) -> Path:
+        import yaml
+
+        data = yaml.safe_load((EXAMPLE / "vm.yaml").read_text())
+        data["project_dir"] = str(tree)
+        path = self.root / "config-{}.yaml".format(name)
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    @staticmethod
+    def tree_stats(tree: Path):
+        files = size = 0
+        for top, _, names in os.walk(tree):
+            for n in names:
+                files += 1
+                size += os.lstat(os.path.join(top, n)).st_size
+        return files, size
+
+    # -- measurements -------------------------------------------------------
+    def run_vmtasks(self, cfg_path: Path):
+        argv = [sys.executable, "-m", "invoke", "-r", str(REPO), "test-vm", "--config", str(cfg_path)]
+        started_wall, started = time.time(), time.monotonic()
+        proc = self.spawn(argv, cwd=str(self.cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+        out, _ = proc.communicate(timeout=900)
+        total = time.monotonic() - started
+        ended_wall = time.time()
+        self.reap(proc)
+        if proc.returncode != 0:
+            raise Abort("invoke test-vm exited {}:\n{}".format(proc.returncode, out.decode(errors="replace")[-3000:]))
+        record = (self.cwd / ".vmtasks" / "runs" / "latest").resolve()
+        stages = json.loads((record / "stages.json").read_text())
+        first = min(s["started"] for s in stages)
+        last = max(s["started"] + s["seconds"] for s in stages)
+        row = {"total": total, "start-up": first - started_wall, "exit": ended_wall - last}
+        for s in stages:
+            row[s["stage"]] = row.get(s["stage"], 0.0) + s["seconds"]
+        row["between stages"] = total - row["start-up"] - row["exit"] - sum(s["seconds"] for s in stages)
+        return row
+
+    def run_floor(self, tree: Path, cfg, n: int):
+        from vmtasks.run import KEY_SCRIPT, inner_command
+        from vmtasks.ssh import sshd_banner, ssh_options
+
+        vm = "bench-floor-{}".format(n)
+        known_hosts = self.root / "floor-known_hosts"
+        known_hosts.write_text("")
+        key = dataclasses.replace(self.floor_key, known_hosts=known_hosts)
+        opts = ["StrictHostKeyChecking=accept-new" if o == "StrictHostKeyChecking=yes" else o for o in ssh_options(key)]
+        login = "{}@".format(cfg.vm.user)
+        row = {}
+        run = None
+        t = time.monotonic()
+
+        def lap(name):
+            nonlocal t
+            now = time.monotonic()
+            row[name] = now - t
+            t = now
+
+        started = t
+        try:
+            self.tart("clone", BASE, vm)
+            lap("clone")
+            run = self.spawn(["tart", "run", "--no-graphics", vm], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.monotonic() + 60
+            while True:
+                done = self.tart("ip", vm, check=False)
+                if done.returncode == 0 and done.stdout.strip():
+                    ip = done.stdout.decode().split()[0]
+                    break
+                if run.poll() is not None or time.monotonic() > deadline:
+                    raise Abort("floor: {} got no IP".format(vm))
+                time.sleep(FLOOR_POLL)
+            lap("boot")
+            while not sshd_banner(ip, timeout=0.5):
+                if time.monotonic() > deadline:
+                    raise Abort("floor: sshd of {} never answered".format(vm))
+                time.sleep(FLOOR_POLL)
+            lap("ip+ssh")
+            while self.tart("exec", vm, "sh", "-c", KEY_SCRIPT, "vmtasks-key", key.public_line,
+                            check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise Abort("floor: tart exec into {} never worked".format(vm))
+                time.sleep(FLOOR_POLL)
+            lap("key")
+            remote_shell = " ".join(shlex.quote(a) for a in ["ssh", *opts])
+            done = subprocess.run(["rsync", "-a", "-e", remote_shell, str(tree) + "/",
+                                   "{}{}:{}/".format(login, ip, cfg.guest.dir)],
+                                  capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
+            if done.returncode != 0:
+                raise Abort("floor: rsync exited {}: {}".format(done.returncode, done.stderr.decode()[-500:]))
+            lap("sync")
+            done = subprocess.run(["ssh", *opts, login + ip, inner_command(cfg, None, True)],
+                                  capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
+            if done.returncode != 0 or b'"Action":"pass"' not in done.stdout:
+                raise Abort("floor: the in-VM suite exited {}: {}".format(
+                    done.returncode, (done.stdout + done.stderr).decode(errors="replace")[-1500:]))
+            lap("suite")
+            self.tart("stop", vm)
+            run.wait(timeout=60)
+            self.tart("delete", vm)
+            lap("teardown")
+        finally:
+            if run is not None:
+                if run.poll() is None:
+                    self.tart("stop", vm, check=False)
+                    try:
+                        run.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        run.kill()
+                self.reap(run)
+            self.tart("delete", vm, check=False)
+        row["total"] = time.monotonic() - started
+        return row
+
+    def startup(self, cfg_path: Path, n: int):
+        cases = {
+            "python3 -c pass": [sys.executable, "-c", "pass"],
+            "invoke --list": [sys.executable, "-m", "invoke", "-r", str(REPO), "--list"],
+            "invoke test-vm --dry-run": [sys.executable, "-m", "invoke", "-r", str(REPO), "test-vm",
+                                         "--dry-run", "--config", str(cfg_path)],
+        }
+        rows = {}
+        for label, argv in cases.items():
+            times = []
+            for _ in range(n):
+                t = time.monotonic()
+                done = subprocess.run(argv, env=self.env, cwd=str(self.cwd), capture_output=True,
+                                      stdin=subprocess.DEVNULL, timeout=60)
+                times.append(time.monotonic() - t)
+                if done.returncode != 0:
+                    raise Abort("{} exited {}: {}".format(label, done.returncode, done.stderr.decode()[-500:]))
+            rows[label] = times
+        return rows
+
+    # -- the whole benchmark --------------------------------------------------
+    def main(self):
+        from vmtasks import config as config_mod
+        from vmtasks.ssh import generate_key
+
+        opts = self.opts
+        bench_started = time.monotonic()
+        result = {"machine": machine(), "runs": opts.runs, "trees": {}, "startup": {},
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        self.floor_key = generate_key(self.root / "floor-key", "bench-floor")
+        for n, name in enumerate(opts.trees):
+            t = time.monotonic()
+            tree = self.make_tree(name)
+            cfg_path = self.write_config(name, tree)
+            cfg = config_mod.load(cfg_path, {}, {}, self.cwd)
+            files, size = self.tree_stats(tree)
+            self.log("tree {}: {} files, {:.1f} MB ({:.1f}s to generate)".format(
+                name, files, size / 1e6, time.monotonic() - t))
+            if n == 0:
+                t = time.monotonic()
+                self.prepare_base(cfg)
+                self.log("base image prepared in {:.1f}s".format(time.monotonic() - t))
+                result["startup"] = self.startup(cfg_path, max(opts.runs, 10))
+            entry = {"label": TREE_LABELS[name], "files": files, "bytes": size, "vmtasks": [], "floor": []}
+            for i in range(opts.runs):
+                order = ("vmtasks", "floor") if i % 2 == 0 else ("floor", "vmtasks")
+                for kind in order:
+                    os.sync()  # the last run's (or the tree's) dirty pages are not written back inside this one
+                    row = self.run_vmtasks(cfg_path) if kind == "vmtasks" else self.run_floor(tree, cfg, i)
+                    entry[kind].append(row)
+                v, f = entry["vmtasks"][-1], entry["floor"][-1]
+                self.log("  {} run {}: vmtasks {:.2f}s (sync {:.2f}s)  floor {:.2f}s (rsync {:.2f}s)".format(
+                    name, i + 1, v["total"], v["sync"], f["total"], f["sync"]))
+            summarize(entry)
+            result["trees"][name] = entry
+            shutil.rmtree(str(tree))
+        result["seconds"] = time.monotonic() - bench_started
+        return result
+
+    def cleanup(self, signum=None):
+        """Stop what is still running, remove every VM in our TART_HOME, remove the temp dir.
+        ``signum``: the signal that interrupted us (a terminal's Ctrl-C reached our children
+        too; SIGTERM/SIGHUP sent to us alone are passed on)."""
+        for proc in list(self.children):
+            if proc.poll() is None:
+                try:
+                    if signum == signal.SIGINT:
+                        try:
+                            proc.wait(timeout=60)  # vmtasks is tearing its VM down
+                        except subprocess.TimeoutExpired:
+                            pass
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM if signum is None else signum)
+                        proc.wait(timeout=120)
+                except (subprocess.TimeoutExpired, OSError):
+                    proc.kill()
+                    proc.wait()
+        self.children.clear()
+        try:
+            names = self.tart("list", "-q", check=False, timeout=60).stdout.decode().split()
+        except (OSError, subprocess.SubprocessError):
+            names = []
+        for name in names:
+            self.tart("stop", name, check=False, timeout=90)
+            self.tart("delete", name, check=False, timeout=90)
+        left = self.tart("list", "-q", check=False, timeout=60).stdout.decode().split()
+        shutil.rmtree(str(self.root), ignore_errors=True)
+        if left:
+            self.log("bench: could not delete VMs: {} (TART_HOME was {})".format(", ".join(left), self.root / "tart"))
+
+
+def summarize(entry) -> None:
+    pairs = list(zip(entry["vmtasks"], entry["floor"]))
+    entry["median"] = {
+        "total": median(v["total"] for v, _ in pairs),
+        "floor": median(f["total"] for _, f in pairs),
+        "overhead": median(v["total"] - f["total"] for v, f in pairs),
+        "ratio": median(v["total"] / f["total"] for v, f in pairs),
+        "sync": median(v["sync"] for v, _ in pairs),
+        "rsync": median(f["sync"] for _, f in pairs),
+        "sync/rsync": median(v["sync"] / f["sync"] for v, f in pairs),
+        "stages": {k: median(v.get(k) for v, _ in pairs) for k in entry["vmtasks"][0]},
+        "floor_phases": {k: median(f.get(k) for _, f in pairs) for k in entry["floor"][0]},
+    }
+
+
+FLOOR_OF = {"clone": "clone", "boot": "boot", "ip+ssh": "ip+ssh", "key": "key", "sync": "sync",
+            "suite": "suite", "teardown": "teardown", "total": "total"}
+
+
+def markdown(result) -> str:
+    m = result["machine"]
+    lines = ["vmtasks benchmark, {}: {} ({} cores), Linux {}, Python {}, {}; stand-in tart, no delays; "
+             "median of {} runs.".format(result["date"], m["cpu"], m["cores"], m["kernel"], m["python"],
+                                         m["rsync"], result["runs"]), ""]
+    lines += ["| tree | files | MB | `invoke test-vm` | floor | overhead | ratio | sync stage | plain rsync | sync / rsync |",
+              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for entry in result["trees"].values():
+        md = entry["median"]
+        lines.append("| {} | {} | {:.1f} | {:.2f} s | {:.2f} s | {:.2f} s | {:.2f}x | {:.3f} s | {:.3f} s | {:.2f}x |".format(
+            entry["label"], entry["files"], entry["bytes"] / 1e6, md["total"], md["floor"], md["overhead"],
+            md["ratio"], md["sync"], md["rsync"], md["sync/rsync"]))
+    first = next(iter(result["trees"].values()))
+    lines += ["", "Per stage, {} tree (seconds, medians):".format(first["label"]), "",
+              "| stage | `invoke test-vm` | floor | difference |", "|---|--:|--:|--:|"]
+    stages, floor = first["median"]["stages"], first["median"]["floor_phases"]
+    order = ["start-up", "preflight", "sweep", "clone", "boot", "ip+ssh", "key", "setup", "sync", "suite",
+             "teardown", "between stages", "exit", "total"]
+    for name in order + [k for k in stages if k not in order]:
+        if name not in stages:
+            continue
+        f = floor.get(FLOOR_OF.get(name, ""), None)
+        v = stages[name]
+        lines.append("| {} | {:.3f} | {} | {:+.3f} |".format(
+            name, v, "{:.3f}".format(f) if f is not None else "-", v - (f or 0.0)))
+    lines += ["", "Python start-up (seconds, medians of {}):".format(len(next(iter(result["startup"].values())))), "",
+              "| command | seconds |", "|---|--:|"]
+    for label, times in result["startup"].items():
+        lines.append("| `{}` | {:.3f} |".format(label, median(times)))
+    lines += ["", "Whole benchmark: {:.0f} s.".format(result["seconds"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="pairs of runs per tree (default 5)")
+    parser.add_argument("--trees", default=",".join(TREES),
+                        help="comma list of {} (default: all)".format(", ".join(TREES)))
+    parser.add_argument("--out", default=str(REPO / ".vmtasks" / "bench"), help="where the results go")
+    opts = parser.parse_args(argv)
+    opts.trees = [t.strip() for t in opts.trees.split(",") if t.strip()]
+    unknown = [t for t in opts.trees if t not in TREES]
+    if unknown or not opts.trees or opts.runs < 1:
+        parser.error("unknown tree(s): {}".format(", ".join(unknown)) if unknown else "nothing to run")
+    if os.geteuid() != 0:
+        print("bench: run as root (the tart stand-in needs namespaces and port 22)", file=sys.stderr)
+        return 2
+    missing = [t for t in ("rsync", "ssh", "go", "unshare") if shutil.which(t) is None]
+    if missing or not os.path.exists("/usr/sbin/sshd"):
+        print("bench: missing {} (bash scripts/setup.sh)".format(", ".join(missing) or "sshd"), file=sys.stderr)
+        return 2
+
+    def interrupted(signum, _frame):
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+    bench = Bench(opts)
+    code, signum = 0, None
+    try:
+        result = bench.main()
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
+        print("bench: interrupted, cleaning up", file=sys.stderr)
+        code = 128 + signum
+    except Abort as exc:
+        print("bench: " + str(exc), file=sys.stderr)
+        code = 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # finish cleaning up
+        bench.cleanup(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+    if code:
+        return code
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    table = markdown(result)
+    for name in (stamp, "latest"):
+        (out / (name + ".json")).write_text(json.dumps(result, indent=2) + "\n")
+        (out / (name + ".md")).write_text(table)
+    print(table)
+    print("written: {}".format(out / (stamp + ".json")), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
