@@ -37,6 +37,15 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+def backoff(poll: float, first: float = 0.02) -> Iterator[float]:
+    """Polling intervals: 20 ms at first, doubling up to ``poll``. A guest that is up within
+    moments is noticed within moments; a slow boot still sees one poll per ``poll`` seconds."""
+    delay = min(first, poll)
+    while True:
+        yield delay
+        delay = min(delay * 2, poll)
+
+
 @dataclass(frozen=True)
 class RunRequest:
     """What the user asked for, on top of the config."""
@@ -253,6 +262,7 @@ class VmRun:
             with open(log_path, "ab") as log:
                 self.proc = self.tart.start(self.vm, log)
             deadline = self._deadline(self.cfg.timeouts.boot)
+            waits = backoff(poll)
             while True:
                 if self.proc.poll() is not None:
                     break
@@ -266,7 +276,7 @@ class VmRun:
                     raise StageError("boot", self.vm, "no IP address after {:g}s".format(self.cfg.timeouts.boot),
                                      "the VM console is in the run record; raise timeouts.boot if the guest is slow",
                                      self._log_tail())
-                time.sleep(poll)
+                time.sleep(next(waits))
             # `tart run` ended before the VM got an IP.
             console = "\n".join(tail_file(log_path, 5))
             if LIMIT_MESSAGE in console and time.monotonic() < slot_deadline:
@@ -299,6 +309,7 @@ class VmRun:
 
     def _wait_for_sshd(self, deadline: float) -> None:
         # An IP is not SSH ready: wait for sshd's banner on port 22.
+        waits = backoff(min(self.cfg.timeouts.poll, 0.2))
         while not ssh.sshd_banner(self.ip, timeout=min(2.0, max(0.2, deadline - time.monotonic()))):
             self._require_alive()
             if time.monotonic() > deadline:
@@ -306,13 +317,14 @@ class VmRun:
                     self.ip, self.cfg.timeouts.boot),
                     "check Remote Login in the base image; on macOS 15 allow Local Network access for your terminal",
                     self._log_tail())
-            time.sleep(min(self.cfg.timeouts.poll, 0.2))
+            time.sleep(next(waits))
 
     def _inject_key(self) -> None:
         # Keys go in through the guest agent, not SSH: the image has no authorized keys and a
         # local agent offering many keys would exhaust MaxAuthTries before any real one.
         deadline = self._deadline(self.cfg.timeouts.key)
         argv = ["sh", "-c", KEY_SCRIPT, "vmtasks-key", self.key.public_line]
+        waits = backoff(min(self.cfg.timeouts.poll, 0.5))
         while True:
             self._require_alive()
             result = self.tart.exec(self.vm, argv, timeout=max(5, self.cfg.timeouts.key))
@@ -324,7 +336,7 @@ class VmRun:
                     result.returncode, (result.stderr or result.stdout).strip()[-300:]),
                     "is the Tart Guest Agent in the base image? (it is in Cirrus Labs images)",
                     tail(result.stderr + result.stdout))
-            time.sleep(min(self.cfg.timeouts.poll, 0.5))
+            time.sleep(next(waits))
         self.conn = ssh.open_when_ready(self.ip, self.cfg.vm.user, self.key, deadline,
                                         min(self.cfg.timeouts.poll, 0.5))
         # Notice a dead guest within a minute even if no FIN/RST ever arrives.
