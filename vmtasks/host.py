@@ -66,12 +66,12 @@ def run_suite(ui: Ui, cfg: Config, test: Optional[str], dry_run: bool) -> int:
     started = time.monotonic()
     ui.stage_started("preflight")
     try:
-        preflight(cfg, tart, ledger)
+        listed = preflight(cfg, tart, ledger)
     except VmtasksError as exc:
         ui.stage_finished("preflight", time.monotonic() - started, False)
         raise StageError("preflight", "(none created)", exc.message, exc.hint) from None
     ui.stage_finished("preflight", time.monotonic() - started, True)
-    sweep_orphans(ui, cfg, tart, ledger, dry_run=False, include_kept=False, quiet=True)
+    sweep_orphans(ui, cfg, tart, ledger, dry_run=False, include_kept=False, quiet=True, listed=listed)
     ui.info("run {}: VM {} from {}{}".format(vm_run.run_id, vm_run.vm, cfg.vm.base,
                                             ", test regex {!r}".format(test) if test else ""))
     code = vm_run.execute()
@@ -176,8 +176,10 @@ def summary_text(summary, total_seconds: float, suite_seconds: float) -> str:
 
 
 def sweep_orphans(ui: Ui, cfg: Config, tart: Tart, ledger: Ledger, dry_run: bool,
-                  include_kept: bool, max_age: Optional[float] = None, quiet: bool = False) -> int:
-    plan = sweep.plan(tart, ledger, cfg.vm.name_prefix, include_kept=include_kept, kept_max_age=max_age)
+                  include_kept: bool, max_age: Optional[float] = None, quiet: bool = False,
+                  listed=None) -> int:
+    plan = sweep.plan(tart, ledger, cfg.vm.name_prefix, include_kept=include_kept, kept_max_age=max_age,
+                      listed=listed)
     if not quiet or plan.actions:
         for name in plan.live:
             ui.info("  live (not touched): {}".format(name))

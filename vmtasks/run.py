@@ -26,7 +26,7 @@ from .ledger import Ledger, Lease
 from .proc import CommandTimeout, Runner, output_text, tail, tail_file, which
 from .records import RunRecord
 from .signals import SignalGuard, TeardownAbandoned
-from .tart import INSTALL_HINT, Tart
+from .tart import INSTALL_HINT, Tart, VmInfo
 from .ui import Ui
 
 LIMIT_MESSAGE = "exceeds the system limit"
@@ -54,13 +54,15 @@ class RunRequest:
     json_output: bool = True
 
 
-def preflight(cfg: Config, tart: Tart, ledger: Ledger) -> None:
-    """Checks that create no state: tools on PATH, base image present, state dir writable."""
+def preflight(cfg: Config, tart: Tart, ledger: Ledger) -> List[VmInfo]:
+    """Checks that create no state: tools on PATH, base image present, state dir writable.
+    Returns the `tart list` it read (the orphan sweep reuses it: one `tart list` per run)."""
     missing = [tool for tool in ("tart", "rsync", "ssh") if which(tool) is None]
     if missing:
         hint = INSTALL_HINT if "tart" in missing else "install them (macOS: brew install rsync; Debian: apt-get install rsync openssh-client)"
         raise PreflightError("not found on PATH: " + ", ".join(missing), hint)
-    names = {vm.name for vm in tart.list()}
+    vms = tart.list()
+    names = {vm.name for vm in vms}
     if cfg.vm.base not in names:
         raise PreflightError(
             "base image '{}' is not in `tart list`".format(cfg.vm.base),
@@ -68,6 +70,7 @@ def preflight(cfg: Config, tart: Tart, ledger: Ledger) -> None:
             "tart clone ghcr.io/cirruslabs/tahoe-base:latest {} (or set OPENBOOT_VM_BASE)".format(cfg.vm.base),
         )
     ledger.ensure()
+    return vms
 
 
 def tool_bundle(cfg: Config) -> bytes:

@@ -11,11 +11,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from .errors import TartError
 from .ledger import Ledger
-from .tart import Tart
+from .tart import Tart, VmInfo
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,15 @@ class SweepPlan:
 
 
 def plan(tart: Tart, ledger: Ledger, prefix: str, include_kept: bool = False,
-         kept_max_age: Optional[float] = None, now: Optional[float] = None) -> SweepPlan:
+         kept_max_age: Optional[float] = None, now: Optional[float] = None,
+         listed: Optional[Sequence[VmInfo]] = None) -> SweepPlan:
     """Decide what to remove. Order matters for safety against a run starting right now: a
     run writes its lease before its key dir and its VM, so we list key dirs and VMs *before*
-    reading leases; whatever we saw then has its lease visible by the time we read them."""
+    reading leases; whatever we saw then has its lease visible by the time we read them.
+    ``listed``: a `tart list` already read (it is older than the leases we read, as required)."""
     now = time.time() if now is None else now
     key_dirs = ledger.key_dirs()
-    vms = [vm for vm in tart.list() if vm.name.startswith(prefix + "-")]
+    vms = [vm for vm in (tart.list() if listed is None else listed) if vm.name.startswith(prefix + "-")]
     leases = ledger.all()
     result = SweepPlan()
     owned_key_dirs = set()
