@@ -63,14 +63,16 @@ def run_suite(ui: Ui, cfg: Config, test: Optional[str], dry_run: bool) -> int:
     if dry_run:
         show_plan(ui, vm_run)
         return 0
-    started = time.monotonic()
+    started_wall, started = time.time(), time.monotonic()
     ui.stage_started("preflight")
     try:
         listed = preflight(cfg, tart, ledger)
     except VmtasksError as exc:
         ui.stage_finished("preflight", time.monotonic() - started, False)
         raise StageError("preflight", "(none created)", exc.message, exc.hint) from None
-    ui.stage_finished("preflight", time.monotonic() - started, True)
+    elapsed = time.monotonic() - started
+    ui.stage_finished("preflight", elapsed, True)
+    vm_run.record.stage_done("preflight", started_wall, elapsed, "ok")  # on disk once the record is created
     sweep_orphans(ui, cfg, tart, ledger, dry_run=False, include_kept=False, quiet=True, listed=listed)
     ui.info("run {}: VM {} from {}{}".format(vm_run.run_id, vm_run.vm, cfg.vm.base,
                                             ", test regex {!r}".format(test) if test else ""))
