@@ -117,6 +117,8 @@ class Bench:
                         VMTASKS_STATE_DIR=str(self.root / "state"), CI="true",
                         PATH=str(SCRIPTS) + os.pathsep + os.environ.get("PATH", ""))
         self.children = []  # Popen objects to stop on the way out
+        self.up = {}  # VM name -> its `tart run`, for VMs the floor brought up
+        self.invokes = []  # the `invoke test-vm` processes among the children
         self.floor_key = None
 
     # -- helpers ------------------------------------------------------------
@@ -136,6 +138,8 @@ class Bench:
     def reap(self, proc):
         if proc in self.children:
             self.children.remove(proc)
+        if proc in self.invokes:
+            self.invokes.remove(proc)
 
     def log(self, text):
         print(text, file=sys.stderr, flush=True)
@@ -212,6 +216,17 @@ class Bench:
         return path
 
     @staticmethod
+    def warm(tree: Path) -> None:
+        """Read the tree so it is in the page cache, as a tree one just edited is (this host
+        reclaims idle page cache within seconds: 50 000 cold small files read at ~3k/s)."""
+        for top, _, names in os.walk(tree):
+            for n in names:
+                with open(os.path.join(top, n), "rb") as fh:
+                    while fh.read(1 << 20):
+                        pass
+        os.sync()  # and no earlier run's dirty pages are written back inside this one
+
+    @staticmethod
     def tree_stats(tree: Path):
         files = size = 0
         for top, _, names in os.walk(tree):
@@ -226,6 +241,7 @@ class Bench:
         started_wall, started = time.time(), time.monotonic()
         proc = self.spawn(argv, cwd=str(self.cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
+        self.invokes.append(proc)
         out, _ = proc.communicate(timeout=900)
         total = time.monotonic() - started
         ended_wall = time.time()
@@ -242,9 +258,59 @@ class Bench:
         row["between stages"] = total - row["start-up"] - row["exit"] - sum(s["seconds"] for s in stages)
         return row
 
+    def bring_up(self, vm: str, key, lap):
+        """The floor's way up: clone, `tart run` in the background, `tart ip` and the SSH
+        banner polled every 20 ms, one `tart exec` with the key script. Returns (Popen, ip)."""
+        from vmtasks.run import KEY_SCRIPT
+        from vmtasks.ssh import sshd_banner
+
+        self.tart("clone", BASE, vm)
+        lap("clone")
+        run = self.spawn(["tart", "run", "--no-graphics", vm], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.up[vm] = run
+        deadline = time.monotonic() + 60
+        while True:
+            done = self.tart("ip", vm, check=False)
+            if done.returncode == 0 and done.stdout.strip():
+                ip = done.stdout.decode().split()[0]
+                break
+            if run.poll() is not None or time.monotonic() > deadline:
+                raise Abort("floor: {} got no IP".format(vm))
+            time.sleep(FLOOR_POLL)
+        lap("boot")
+        while not sshd_banner(ip, timeout=0.5):
+            if time.monotonic() > deadline:
+                raise Abort("floor: sshd of {} never answered".format(vm))
+            time.sleep(FLOOR_POLL)
+        lap("ip+ssh")
+        while self.tart("exec", vm, "sh", "-c", KEY_SCRIPT, "vmtasks-key", key.public_line,
+                        check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise Abort("floor: tart exec into {} never worked".format(vm))
+            time.sleep(FLOOR_POLL)
+        lap("key")
+        return run, ip
+
+    def take_down(self, vm: str, check: bool = True) -> None:
+        """`tart stop`, wait for `tart run` to end, `tart delete` (also on the way out)."""
+        run = self.up.pop(vm, None)
+        if run is None:
+            return
+        try:
+            self.tart("stop", vm, check=check)
+            try:
+                run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.wait()
+            self.tart("delete", vm, check=check)
+        finally:
+            self.reap(run)
+
     def run_floor(self, tree: Path, cfg, n: int):
-        from vmtasks.run import KEY_SCRIPT, inner_command
-        from vmtasks.ssh import sshd_banner, ssh_options
+        from vmtasks.run import inner_command
+        from vmtasks.ssh import ssh_options
 
         vm = "bench-floor-{}".format(n)
         known_hosts = self.root / "floor-known_hosts"
@@ -253,7 +319,6 @@ class Bench:
         opts = ["StrictHostKeyChecking=accept-new" if o == "StrictHostKeyChecking=yes" else o for o in ssh_options(key)]
         login = "{}@".format(cfg.vm.user)
         row = {}
-        run = None
         t = time.monotonic()
 
         def lap(name):
@@ -264,31 +329,7 @@ class Bench:
 
         started = t
         try:
-            self.tart("clone", BASE, vm)
-            lap("clone")
-            run = self.spawn(["tart", "run", "--no-graphics", vm], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            deadline = time.monotonic() + 60
-            while True:
-                done = self.tart("ip", vm, check=False)
-                if done.returncode == 0 and done.stdout.strip():
-                    ip = done.stdout.decode().split()[0]
-                    break
-                if run.poll() is not None or time.monotonic() > deadline:
-                    raise Abort("floor: {} got no IP".format(vm))
-                time.sleep(FLOOR_POLL)
-            lap("boot")
-            while not sshd_banner(ip, timeout=0.5):
-                if time.monotonic() > deadline:
-                    raise Abort("floor: sshd of {} never answered".format(vm))
-                time.sleep(FLOOR_POLL)
-            lap("ip+ssh")
-            while self.tart("exec", vm, "sh", "-c", KEY_SCRIPT, "vmtasks-key", key.public_line,
-                            check=False).returncode != 0:
-                if time.monotonic() > deadline:
-                    raise Abort("floor: tart exec into {} never worked".format(vm))
-                time.sleep(FLOOR_POLL)
-            lap("key")
+            _, ip = self.bring_up(vm, key, lap)
             remote_shell = " ".join(shlex.quote(a) for a in ["ssh", *opts])
             done = subprocess.run(["rsync", "-a", "-e", remote_shell, str(tree) + "/",
                                    "{}{}:{}/".format(login, ip, cfg.guest.dir)],
@@ -302,22 +343,57 @@ class Bench:
                 raise Abort("floor: the in-VM suite exited {}: {}".format(
                     done.returncode, (done.stdout + done.stderr).decode(errors="replace")[-1500:]))
             lap("suite")
-            self.tart("stop", vm)
-            run.wait(timeout=60)
-            self.tart("delete", vm)
+            self.take_down(vm)
             lap("teardown")
         finally:
-            if run is not None:
-                if run.poll() is None:
-                    self.tart("stop", vm, check=False)
-                    try:
-                        run.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        run.kill()
-                self.reap(run)
-            self.tart("delete", vm, check=False)
+            self.take_down(vm, check=False)
         row["total"] = time.monotonic() - started
         return row
+
+    def sync_alone(self, tree: Path, cfg, runs: int):
+        """The sync stage alone (VmRun._sync: its `mkdir -p` over the run's SSH connection,
+        then rsync) against one plain `rsync -a` with the same ssh options (the same pinned
+        known_hosts), alternating, into fresh directories of one VM."""
+        from vmtasks import ssh
+        from vmtasks.ledger import Ledger
+        from vmtasks.run import RunRequest, VmRun
+        from vmtasks.tart import Tart
+        from vmtasks.ui import Ui
+
+        vm = "bench-sync"
+        key = ssh.generate_key(self.root / "sync-key-{}".format(time.monotonic_ns()), "bench-sync")
+        rows = {"sync stage": [], "plain rsync": []}
+        conn = None
+        try:
+            _, ip = self.bring_up(vm, key, lambda name: None)
+            conn = ssh.open_when_ready(ip, cfg.vm.user, key, time.monotonic() + 30, 0.05)  # pins the host key
+            ssh.remote_exec(conn, "true", timeout=30)  # in a run, setup has used the connection already
+            stage = VmRun(cfg, RunRequest(), tart=Tart(), ledger=Ledger(self.root / "sync-state"),
+                          ui=Ui(quiet=True), records_root=self.root / "sync-records", run_id="bench-sync")
+            stage.conn, stage.ip, stage.key = conn, ip, key
+            remote_shell = " ".join(shlex.quote(a) for a in ["ssh", *ssh.ssh_options(key)])
+            for i in range(runs):
+                order = ("sync stage", "plain rsync") if i % 2 == 0 else ("plain rsync", "sync stage")
+                for kind in order:
+                    dest = "{}-{}-{}".format(cfg.guest.dir, "stage" if kind == "sync stage" else "plain", i)
+                    self.warm(tree)
+                    t = time.monotonic()
+                    if kind == "sync stage":
+                        stage.cfg = dataclasses.replace(cfg, guest=dataclasses.replace(cfg.guest, dir=dest))
+                        stage._sync()
+                    else:
+                        done = subprocess.run(["rsync", "-a", "-e", remote_shell, str(tree) + "/",
+                                               "{}@{}:{}/".format(cfg.vm.user, ip, dest)],
+                                              capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
+                        if done.returncode != 0:
+                            raise Abort("plain rsync exited {}: {}".format(done.returncode, done.stderr.decode()[-500:]))
+                    rows[kind].append(time.monotonic() - t)
+                    ssh.remote_exec(conn, "rm -rf " + shlex.quote(dest), timeout=600)  # keep the VM small
+        finally:
+            if conn is not None:
+                conn.close()
+            self.take_down(vm, check=False)
+        return rows
 
     def startup(self, cfg_path: Path, n: int):
         cases = {
@@ -366,12 +442,15 @@ class Bench:
             for i in range(opts.runs):
                 order = ("vmtasks", "floor") if i % 2 == 0 else ("floor", "vmtasks")
                 for kind in order:
-                    os.sync()  # the last run's (or the tree's) dirty pages are not written back inside this one
+                    self.warm(tree)
                     row = self.run_vmtasks(cfg_path) if kind == "vmtasks" else self.run_floor(tree, cfg, i)
                     entry[kind].append(row)
                 v, f = entry["vmtasks"][-1], entry["floor"][-1]
                 self.log("  {} run {}: vmtasks {:.2f}s (sync {:.2f}s)  floor {:.2f}s (rsync {:.2f}s)".format(
                     name, i + 1, v["total"], v["sync"], f["total"], f["sync"]))
+            entry["sync_alone"] = self.sync_alone(tree, cfg, opts.runs)
+            self.log("  {} sync alone: stage {}  plain rsync {}".format(name, *(
+                " ".join("{:.2f}".format(x) for x in entry["sync_alone"][k]) for k in ("sync stage", "plain rsync"))))
             summarize(entry)
             result["trees"][name] = entry
             shutil.rmtree(str(tree))
@@ -382,16 +461,18 @@ class Bench:
         """Stop what is still running, remove every VM in our TART_HOME, remove the temp dir.
         ``signum``: the signal that interrupted us (a terminal's Ctrl-C reached our children
         too; SIGTERM/SIGHUP sent to us alone are passed on)."""
+        for vm in list(self.up):
+            self.take_down(vm, check=False)
         for proc in list(self.children):
             if proc.poll() is None:
                 try:
-                    if signum == signal.SIGINT:
+                    if signum == signal.SIGINT and proc in self.invokes:
                         try:
                             proc.wait(timeout=60)  # vmtasks is tearing its VM down
                         except subprocess.TimeoutExpired:
                             pass
                     if proc.poll() is None:
-                        proc.send_signal(signal.SIGTERM if signum is None else signum)
+                        proc.send_signal(signal.SIGTERM if signum is None or proc not in self.invokes else signum)
                         proc.wait(timeout=120)
                 except (subprocess.TimeoutExpired, OSError):
                     proc.kill()
@@ -417,9 +498,12 @@ def summarize(entry) -> None:
         "floor": median(f["total"] for _, f in pairs),
         "overhead": median(v["total"] - f["total"] for v, f in pairs),
         "ratio": median(v["total"] / f["total"] for v, f in pairs),
-        "sync": median(v["sync"] for v, _ in pairs),
-        "rsync": median(f["sync"] for _, f in pairs),
-        "sync/rsync": median(v["sync"] / f["sync"] for v, f in pairs),
+        "sync in run": median(v["sync"] for v, _ in pairs),
+        "sync/rsync in runs": median(v["sync"] / f["sync"] for v, f in pairs),
+        "rsync in floor": median(f["sync"] for _, f in pairs),
+        "sync": median(entry["sync_alone"]["sync stage"]),
+        "rsync": median(entry["sync_alone"]["plain rsync"]),
+        "sync/rsync": median(a / b for a, b in zip(entry["sync_alone"]["sync stage"], entry["sync_alone"]["plain rsync"])),
         "stages": {k: median(v.get(k) for v, _ in pairs) for k in entry["vmtasks"][0]},
         "floor_phases": {k: median(f.get(k) for _, f in pairs) for k in entry["floor"][0]},
     }
@@ -434,13 +518,18 @@ def markdown(result) -> str:
     lines = ["vmtasks benchmark, {}: {} ({} cores), Linux {}, Python {}, {}; stand-in tart, no delays; "
              "median of {} runs.".format(result["date"], m["cpu"], m["cores"], m["kernel"], m["python"],
                                          m["rsync"], result["runs"]), ""]
-    lines += ["| tree | files | MB | `invoke test-vm` | floor | overhead | ratio | sync stage | plain rsync | sync / rsync |",
-              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    lines += ["| tree | files | MB | `invoke test-vm` | floor | overhead | ratio | sync stage | plain rsync | sync / rsync "
+              "| (in the runs) |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for entry in result["trees"].values():
         md = entry["median"]
-        lines.append("| {} | {} | {:.1f} | {:.2f} s | {:.2f} s | {:.2f} s | {:.2f}x | {:.3f} s | {:.3f} s | {:.2f}x |".format(
-            entry["label"], entry["files"], entry["bytes"] / 1e6, md["total"], md["floor"], md["overhead"],
-            md["ratio"], md["sync"], md["rsync"], md["sync/rsync"]))
+        lines.append("| {} | {} | {:.1f} | {:.2f} s | {:.2f} s | {:.2f} s | {:.2f}x | {:.3f} s | {:.3f} s | {:.2f}x "
+                     "| {:.2f}x |".format(
+                         entry["label"], entry["files"], entry["bytes"] / 1e6, md["total"], md["floor"], md["overhead"],
+                         md["ratio"], md["sync"], md["rsync"], md["sync/rsync"], md["sync/rsync in runs"]))
+    lines += ["", "Overhead and ratio: medians over the run pairs of `invoke test-vm` minus (and over) the floor. "
+              "Sync stage / plain rsync: the sync stage alone (`VmRun._sync`: `mkdir -p` over the run's SSH "
+              "connection, then `rsync -a --delete`) against `rsync -a` with the same ssh options, alternating "
+              "in one VM; (in the runs): the sync stage of the full runs over the floor's rsync."]
     first = next(iter(result["trees"].values()))
     lines += ["", "Per stage, {} tree (seconds, medians):".format(first["label"]), "",
               "| stage | `invoke test-vm` | floor | difference |", "|---|--:|--:|--:|"]
@@ -481,22 +570,27 @@ def main(argv=None) -> int:
         print("bench: missing {} (bash scripts/setup.sh)".format(", ".join(missing) or "sshd"), file=sys.stderr)
         return 2
 
+    signalled = []
+
     def interrupted(signum, _frame):
+        signalled.append(signum)
         raise Interrupted(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
     bench = Bench(opts)
     code, signum = 0, None
     try:
         result = bench.main()
-    except (KeyboardInterrupt, Interrupted) as exc:
-        signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
-        print("bench: interrupted, cleaning up", file=sys.stderr)
-        code = 128 + signum
-    except Abort as exc:
-        print("bench: " + str(exc), file=sys.stderr)
-        code = 1
+    except (KeyboardInterrupt, Interrupted, Abort) as exc:
+        # A terminal's Ctrl-C also reaches rsync, ssh and invoke: their failure can come first.
+        if isinstance(exc, Abort) and not signalled:
+            print("bench: " + str(exc), file=sys.stderr)
+            code = 1
+        else:
+            signum = signalled[0] if signalled else signal.SIGINT
+            print("bench: interrupted ({}), cleaning up".format(signal.Signals(signum).name), file=sys.stderr)
+            code = 128 + signum
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # finish cleaning up
