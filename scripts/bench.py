@@ -1,30 +1,35 @@
 #!/usr/bin/env python3
 """Benchmark `invoke test-vm` against the floor: the same work done by hand with no tool.
 
-usage: python3 scripts/bench.py [--runs N] [--trees 1k,10k,50k,10mb,200mb] [--out DIR]
+usage: python3 scripts/bench.py [--runs N] [--trees 1k,10k,50k,10mb,200mb] [--out DIR] [--tmp DIR]
 
 Runs against the Linux stand-in `tart` (scripts/tart, first on PATH) with no artificial
-delays (every TART_STANDIN_* knob is removed from the environment, and so is
-PYTHONDONTWRITEBYTECODE: Python runs with its byte-code cache, as installed). Needs root. Everything
-it creates (TART_HOME, VMs, trees, keys, run records) lives in one temporary directory
-that is removed at the end, on failure and on Ctrl-C/SIGTERM/SIGHUP too.
+delays: every TART_STANDIN_* knob is removed from the environment, and so is
+PYTHONDONTWRITEBYTECODE (Python runs with its byte-code cache, as installed). Needs root.
+Everything it creates (TART_HOME, VMs, trees, keys, run records) lives in one temporary
+directory, in memory (/dev/shm) when it can (see in_memory; --tmp to choose), removed at
+the end, on failure and on Ctrl-C/SIGTERM/SIGHUP too.
 
-Per tree, N pairs of runs (the order alternates within a pair):
+Per tree (a copy of examples/gosuite plus filler files), N pairs of runs, the order
+alternating, the tree read into the page cache before each:
 
 * vmtasks: `python3 -m invoke -r <repo> test-vm --config <generated config>`, timed from
-  spawn to exit; its stages come from the run record (stages.json); "start-up" is the time
-  from spawn to the first recorded stage, "exit" from the end of teardown to process exit.
+  spawn to exit; its stages come from the run record (stages.json); "start-up" is spawn to
+  the first recorded stage, "exit" the end of teardown to process exit.
 * floor: `tart clone`; `tart run` in the background, `tart ip` and the SSH banner polled
-  every 20 ms; one `tart exec` (the same key script vmtasks runs); one plain `rsync -a` of
-  the same tree with the same ssh options (StrictHostKeyChecking=accept-new instead of a
-  pinned key); one `ssh` running vmtasks' own in-VM command line (run.inner_command);
-  `tart stop`; `tart delete`.
+  every 20 ms; one `tart exec` (the key script vmtasks runs); one plain `rsync -a` of the
+  tree with the same ssh options (StrictHostKeyChecking=accept-new instead of a pinned
+  key); one `ssh` running vmtasks' own in-VM command line (run.inner_command); `tart stop`;
+  `tart delete`.
+* then, in one VM, N alternating pairs of the sync stage alone (VmRun._sync) and a plain
+  `rsync -a` with the same ssh options (the same pinned known_hosts), fresh directories.
 
-Both clone the same base image, prepared once and not timed: Invoke copied into the guest
+Both clone the same base image, prepared once, not timed: Invoke copied into the guest
 user's site-packages (so the example's setup step is a no-op), Go's build cache warmed
-with the example suite (less noise in the suite stage), and, for the floor only, the
-vmtasks tool bundle (run.tool_bundle, what the setup stage unpacks every run) unpacked at
-~/.vmtasks/tool. Results: .vmtasks/bench/<stamp>.{json,md} and latest.{json,md}.
+with the example suite, and, used by the floor only, the vmtasks tool bundle
+(run.tool_bundle, what the setup stage unpacks every run) unpacked at ~/.vmtasks/tool.
+Also timed: `python3 -c pass`, `invoke --list`, `invoke test-vm --dry-run`.
+Results: .vmtasks/bench/<stamp>.{json,md} and latest.{json,md}; the table is printed.
 """
 
 from __future__ import annotations
@@ -76,6 +81,21 @@ class Interrupted(BaseException):
     pass
 
 
+def in_memory(path: str, need: int) -> bool:
+    """True when ``path`` is a tmpfs with ``need`` bytes free. The benchmark measures the
+    tool, not the disk: on a small VM's disk (ext4, discard) writing 50 000 files into a
+    guest took 2 to 20 s from one run to the next, in memory 1.4 s every time."""
+    try:
+        with open("/proc/mounts") as fh:
+            mounts = [line.split() for line in fh]
+        fs = max((m for m in mounts if path == m[1] or path.startswith(m[1].rstrip("/") + "/")),
+                 key=lambda m: len(m[1]))
+        st = os.statvfs(path)
+        return fs[2] == "tmpfs" and st.f_bavail * st.f_frsize >= need
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -106,16 +126,22 @@ def machine():
 class Bench:
     def __init__(self, opts) -> None:
         self.opts = opts
-        self.root = Path(tempfile.mkdtemp(prefix="vmtasks-bench-"))
+        self.root = Path(tempfile.mkdtemp(prefix="vmtasks-bench-", dir=opts.tmp))
         self.cwd = self.root / "cwd"
         self.cwd.mkdir()
         (self.root / "home").mkdir()
         self.env = {k: v for k, v in os.environ.items()
                     if not (k.startswith("TART_STANDIN_") or k.startswith("OPENBOOT_") or k == "SSH_AUTH_SOCK"
                             or k == "PYTHONDONTWRITEBYTECODE")}  # as installed: byte-code cached
+        # `python3` for the stand-in (#!/usr/bin/env python3) is this interpreter itself, not a
+        # version manager's shim (pyenv's bash shim costs ~70 ms per `tart` call; real tart is
+        # a native binary): both sides call tart, vmtasks a few times more.
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "python3").symlink_to(sys.executable)
         self.env.update(TART_HOME=str(self.root / "tart"), HOME=str(self.root / "home"),
                         VMTASKS_STATE_DIR=str(self.root / "state"), CI="true",
-                        PATH=str(SCRIPTS) + os.pathsep + os.environ.get("PATH", ""))
+                        PATH=os.pathsep.join([str(SCRIPTS), str(bin_dir), os.environ.get("PATH", "")]))
         self.children = []  # Popen objects to stop on the way out
         self.up = {}  # VM name -> its `tart run`, for VMs the floor brought up
         self.invokes = []  # the `invoke test-vm` processes among the children
@@ -423,7 +449,8 @@ class Bench:
         opts = self.opts
         bench_started = time.monotonic()
         result = {"machine": machine(), "runs": opts.runs, "trees": {}, "startup": {},
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                  "tmp": "{} ({})".format(self.root.parent, "tmpfs" if in_memory(str(self.root.parent), 0) else "disk")}
         self.floor_key = generate_key(self.root / "floor-key", "bench-floor")
         for n, name in enumerate(opts.trees):
             t = time.monotonic()
@@ -516,8 +543,9 @@ FLOOR_OF = {"clone": "clone", "boot": "boot", "ip+ssh": "ip+ssh", "key": "key", 
 def markdown(result) -> str:
     m = result["machine"]
     lines = ["vmtasks benchmark, {}: {} ({} cores), Linux {}, Python {}, {}; stand-in tart, no delays; "
-             "median of {} runs.".format(result["date"], m["cpu"], m["cores"], m["kernel"], m["python"],
-                                         m["rsync"], result["runs"]), ""]
+             "trees and VMs in {}; median of {} runs.".format(
+                 result["date"], m["cpu"], m["cores"], m["kernel"], m["python"], " ".join(m["rsync"].split()),
+                 result["tmp"], result["runs"]), ""]
     lines += ["| tree | files | MB | `invoke test-vm` | floor | overhead | ratio | sync stage | plain rsync | sync / rsync "
               "| (in the runs) |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for entry in result["trees"].values():
@@ -557,8 +585,13 @@ def main(argv=None) -> int:
     parser.add_argument("--trees", default=",".join(TREES),
                         help="comma list of {} (default: all)".format(", ".join(TREES)))
     parser.add_argument("--out", default=str(REPO / ".vmtasks" / "bench"), help="where the results go")
+    parser.add_argument("--tmp", default=None,
+                        help="where trees, TART_HOME and VMs go (default: /dev/shm when it is a tmpfs with "
+                             "2 GB free, else the system temp dir)")
     opts = parser.parse_args(argv)
     opts.trees = [t.strip() for t in opts.trees.split(",") if t.strip()]
+    if opts.tmp is None and in_memory("/dev/shm", 2 << 30):
+        opts.tmp = "/dev/shm"
     unknown = [t for t in opts.trees if t not in TREES]
     if unknown or not opts.trees or opts.runs < 1:
         parser.error("unknown tree(s): {}".format(", ".join(unknown)) if unknown else "nothing to run")
