@@ -82,7 +82,7 @@ def run_suite(ui: Ui, cfg: Config, test: Optional[str], dry_run: bool) -> int:
 
 
 def show_plan(ui: Ui, vm_run) -> None:
-    from . import sync
+    from . import ssh, sync
     from .run import inner_command
 
     cfg = vm_run.cfg
@@ -99,9 +99,10 @@ def show_plan(ui: Ui, vm_run) -> None:
         ("key", "tart exec {} sh -c '<append run key to ~/.ssh/authorized_keys>'".format(q(vm_run.vm))),
     ]
     steps += [("setup", "$ " + s) for s in cfg.setup]
-    fake_key = type("K", (), {"private": Path("<key>"), "known_hosts": Path("<known_hosts>")})()
+    key_dir = Path("<run key dir>")
+    placeholder_key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
     steps.append(("sync", " ".join(q(a) for a in sync.rsync_argv(
-        Path(cfg.project_dir), cfg.vm.user, "<ip>", cfg.guest.dir, fake_key, cfg.sync.excludes, cfg.sync.compress))))
+        Path(cfg.project_dir), cfg.vm.user, "<ip>", cfg.guest.dir, placeholder_key, cfg.sync.excludes, cfg.sync.compress))))
     steps.append(("suite", "ssh: " + inner_command(cfg, vm_run.request.test, True)))
     steps.append(("teardown", "keep={}: tart stop / tart delete {}, remove key".format(cfg.keep, q(vm_run.vm))))
     for stage, text in steps:

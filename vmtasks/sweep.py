@@ -44,14 +44,12 @@ def plan(tart: Tart, ledger: Ledger, prefix: str, include_kept: bool = False,
     vms = [vm for vm in (tart.list() if listed is None else listed) if vm.name.startswith(prefix + "-")]
     leases = ledger.all()
     result = SweepPlan()
-    owned_key_dirs = set()
     vm_names = {vm.name for vm in vms}
     for vm in vms:
         lease = leases.get(vm.name)
         if lease is None:
             result.actions.append(Action("vm", vm.name, "no lease: its run is gone"))
             continue
-        owned_key_dirs.add(Path(lease.key_dir).name)
         if lease.owner_alive():
             result.live.append(vm.name)
         elif lease.keep:
@@ -65,12 +63,11 @@ def plan(tart: Tart, ledger: Ledger, prefix: str, include_kept: bool = False,
     for name, lease in leases.items():
         if name in vm_names or not name.startswith(prefix + "-"):
             continue
-        owned_key_dirs.add(Path(lease.key_dir).name)
         if not lease.owner_alive():
             result.actions.append(Action("lease", name, "VM gone and owner {} dead".format(lease.pid)))
-    live_leases = {Path(lease.key_dir).name for lease in leases.values()}
+    leased_key_dirs = {Path(lease.key_dir).name for lease in leases.values()}
     for key_dir in key_dirs:
-        if key_dir.name not in live_leases:
+        if key_dir.name not in leased_key_dirs:
             result.actions.append(Action("key", key_dir.name, "no lease refers to it"))
     return result
 
