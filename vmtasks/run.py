@@ -436,9 +436,9 @@ class VmRun:
             if self.lease is not None:
                 shutil.rmtree(self.lease.key_dir, ignore_errors=True)
                 self.ledger.remove(self.vm)
-        except TartError as exc:
+        except (TartError, CommandTimeout, OSError) as exc:
             ok = False
-            self.ui.error("teardown of {} failed: {}".format(self.vm, exc.message))
+            self.ui.error("teardown of {} failed: {}".format(self.vm, getattr(exc, "message", exc)))
             self._report_leftovers()
             if self.exit_code == 0:
                 self.exit_code = 1
