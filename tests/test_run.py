@@ -77,3 +77,19 @@ def test_guest_that_dies_during_boot_is_a_boot_failure(tmp_path, capsys):
     assert "stage 'boot' failed for VM openboot-ephemeral-r1" in err
     assert "kernel panic" in err and "run record:" in err
     assert runner.spawned == 1
+
+
+def test_hung_tart_stop_in_teardown_reports_what_is_left(tmp_path, capsys):
+    from vmtasks.proc import CommandTimeout
+
+    def hang(argv):
+        raise CommandTimeout(argv, 60)
+
+    runner = FakeRunner({"clone": fail(1, "boom"), "stop": hang})
+    run = make_run(tmp_path, runner)
+    run.ui = Ui()
+    assert run.execute() == 1
+    err = capsys.readouterr().err
+    assert "teardown of openboot-ephemeral-r1 failed" in err
+    assert "left behind: VM openboot-ephemeral-r1" in err and "invoke cleanup-orphans" in err
+    assert set(run.ledger.all()) == {"openboot-ephemeral-r1"}  # the sweep can still find it
