@@ -368,6 +368,21 @@ def _describe_status(status):
     return "exit status %d" % os.WEXITSTATUS(status)
 
 
+def fork_child(target, *args, close_in_child):
+    """Fork; the child closes the parent's end of its pipe and runs ``target(*args)``, which
+    must not return: whatever it raises is printed and the child exits 1. Returns the pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(close_in_child)
+            target(*args)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    return pid
+
+
 def container_init(ctx, ready_w, run_pid):
     """C: new namespaces, then fork G and wait for it. Never returns."""
     linux.set_pdeathsig(signal.SIGKILL)
@@ -385,15 +400,7 @@ def container_init(ctx, ready_w, run_pid):
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.sethostname(ctx["name"])
     alive_r, alive_w = os.pipe()
-    gpid = os.fork()
-    if gpid == 0:
-        try:
-            os.close(alive_w)
-            guest_init(ctx, ready_w, alive_r)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(1)
+    gpid = fork_child(guest_init, ctx, ready_w, alive_r, close_in_child=alive_w)
     os.close(alive_r)
     os.write(ready_w, b"pid %d\n" % gpid)
     os.close(ready_w)
@@ -521,15 +528,7 @@ def cmd_run(args, log):
         sys.stdout.flush()
         sys.stderr.flush()
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        cpid = os.fork()
-        if cpid == 0:
-            try:
-                os.close(ready_r)
-                container_init(ctx, ready_w, run_pid)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(1)
+        cpid = fork_child(container_init, ctx, ready_w, run_pid, close_in_child=ready_r)
         os.close(ready_w)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         seen = _read_startup(ready_r, time.monotonic() + 30)
