@@ -22,19 +22,18 @@ COMMON_HELP = {
 }
 
 
-def _host_call(func, *args, **kwargs):
-    """Run a host function; turn our domain errors into a message and an exit code."""
+def _host_call(func, quiet=False, verbose=False):
+    """Run ``func(ui)``; turn our domain errors into a message and an exit code."""
     from vmtasks.errors import VmtasksError
     from vmtasks.ui import Ui
 
-    ui = Ui(quiet=kwargs.pop("quiet", False), verbose=kwargs.pop("verbose", False))
+    ui = Ui(quiet=quiet, verbose=verbose)
     try:
-        code = func(ui, *args, **kwargs)
+        code = func(ui)
     except VmtasksError as exc:
         ui.close()
         ui.error(exc.render())
-        _before_exit()
-        raise Exit(code=exc.exit_code)
+        code = exc.exit_code
     _before_exit()
     if code:
         raise Exit(code=code)

@@ -142,7 +142,7 @@ def _did_you_mean(key: str, options: List[str]) -> str:
     return " (did you mean '{}'?)".format(close[0]) if close else ""
 
 
-def _coerce(path: str, value: Any, default: Any, annotation: str, where: str) -> Any:
+def _coerce(path: str, value: Any, annotation: str, where: str) -> Any:
     """Check ``value`` against the field's type; strings from the environment are parsed."""
     optional = annotation.startswith("Optional[")
     if value is None:
@@ -220,7 +220,7 @@ def _merge(target: Dict[str, Any], layer: Mapping[str, Any], where: str, prefix:
                                   "see config/vm.yaml for the layout")
             _merge(target.setdefault(key, {}), value, where, path + ".")
         else:
-            target[key] = _coerce(path, value, default, str(f.type), where)
+            target[key] = _coerce(path, value, str(f.type), where)
 
 
 def _class_for(prefix: str) -> type:
