@@ -1,4 +1,12 @@
-"""Domain errors. Only the task layer turns them into an exit code and a message."""
+"""The one error family. Every failure the tool expects is a ``VmtasksError``: a message
+that says what failed and a hint that says what to do next. Driver modules (``tart``,
+``ssh``, ``ledger``, ``records``, ``orchard``, ``config``) translate their library errors
+(OSError, subprocess timeouts, paramiko, YAML, HTTP) into this family at their own boundary;
+one renderer at the edge (the task layer) shows them. Anything else is a bug: it still tears
+down, and its traceback goes to the run record.
+
+Imported inside the guest (Python 3.9, standard library only).
+"""
 
 from __future__ import annotations
 
@@ -30,6 +38,21 @@ class PreflightError(VmtasksError):
     """A pre-flight check failed (raised before any VM exists)."""
 
 
+class CommandTimeout(VmtasksError):
+    """A host command (``tart``, ``rsync``, a build step) did not finish within its deadline."""
+
+    def __init__(self, argv: Sequence[str], timeout: float, output: str = "") -> None:
+        self.argv = list(argv)
+        self.timeout = timeout
+        self.output = output
+        super().__init__("`{}` did not finish within {:g}s".format(" ".join(self.argv), timeout),
+                         "raise the stage's timeout in the config if it is just slow")
+
+
+class CommandFailed(VmtasksError):
+    """A host command could not be started (not found, permission denied)."""
+
+
 class TartError(VmtasksError):
     """A ``tart`` command failed."""
 
@@ -39,8 +62,31 @@ class TartError(VmtasksError):
         self.stderr = stderr
         detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
         super().__init__(
-            "`{}` exited {}: {}".format(" ".join(self.argv), returncode, detail), hint
+            "`{}` exited {}: {}".format(" ".join(self.argv), returncode, detail[:500]), hint
         )
+
+
+class SshError(VmtasksError):
+    """The SSH connection to a guest could not be opened or was lost."""
+
+
+class RemoteTimeout(VmtasksError):
+    """A command in the guest did not finish within its deadline."""
+
+    def __init__(self, command: str, timeout: float, output: str = "") -> None:
+        self.command = command
+        self.timeout = timeout
+        self.output = output
+        super().__init__("remote command did not finish within {:g}s".format(timeout),
+                         "raise the stage's timeout in the config if it is just slow")
+
+
+class StateError(VmtasksError):
+    """The state directory (leases, keys) or the run records cannot be written or read."""
+
+
+class BackendError(VmtasksError):
+    """The VM backend (an Orchard controller) refused or failed a request."""
 
 
 class StageError(VmtasksError):
@@ -59,6 +105,7 @@ class StageError(VmtasksError):
         self.vm = vm
         self.tail = list(tail)
         self.record_path = ""
+        self.reason = message
         if exit_code is not None:
             self.exit_code = exit_code
         super().__init__("stage '{}' failed for VM {}: {}".format(stage, vm, message), hint)
@@ -87,7 +134,16 @@ class Interrupted(VmtasksError):
         super().__init__("interrupted by {}{}".format(name, where))
 
 
+class TeardownAbandoned(Interrupted):
+    """A second signal during teardown: stop cleaning up now, say what is left."""
+
+
 class NotInVm(VmtasksError):
     """An in-VM (destructive) task was started outside a throwaway VM."""
 
     exit_code = 2
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """One line for an exception that is not ours (a bug, or an untranslated library error)."""
+    return "{}: {}".format(type(exc).__name__, exc)

@@ -1,0 +1,154 @@
+"""Where VMs come from: the interface every backend implements.
+
+Two backends: ``tart`` (the local Tart CLI, ``vmtasks/tart.py`` + ``vmtasks/machine_tart.py``)
+and ``orchard`` (an Orchard controller's REST API, ``vmtasks/orchard.py``). The pipeline
+(``vmtasks/pipeline.py``) drives one ``Machine`` per VM through the same stages whatever the
+backend; only these methods differ.
+
+Rules every implementation keeps:
+- Every method that waits takes a ``deadline`` (``time.monotonic()`` value) and a ``cancel``
+  (``threading.Event``): it returns or raises ``Cancelled`` promptly when ``cancel`` is set.
+- Library errors (OSError, HTTP, WebSocket, subprocess timeouts) are translated into the
+  ``vmtasks.errors`` family at this boundary, with a hint naming the next step.
+- ``destroy`` is idempotent and safe to call after any partial ``create``.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from .errors import VmtasksError
+
+
+class Cancelled(VmtasksError):
+    """The run is stopping (a signal, or another part of the run failed): stop waiting."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who owns a VM: written into the lease (tart) or the VM's labels (orchard)."""
+
+    run_id: str
+    host: str
+    user: str
+    pid: int
+    pid_start: str
+
+
+@dataclass(frozen=True)
+class ListedVm:
+    """A VM the backend knows about, as the sweep and ``vm-list`` see it."""
+
+    name: str
+    running: bool
+    state: str  # running / stopped / suspended / pending / failed
+    labels: Dict[str, str] = field(default_factory=dict)  # orchard: the owner labels
+    created: Optional[float] = None  # epoch seconds, when known
+    size_gb: float = 0.0
+
+
+class Machine(abc.ABC):
+    """One VM of one run, from creation to deletion."""
+
+    name: str
+
+    @abc.abstractmethod
+    def create(self, image: str, deadline: float, cancel: threading.Event) -> None:
+        """Make the VM from ``image`` (tart: clone + set; orchard: POST /v1/vms)."""
+
+    @abc.abstractmethod
+    def start(self, console_log: Path, deadline: float, cancel: threading.Event,
+              on_wait: Callable[[str], None]) -> None:
+        """Boot it and return once it runs (tart: ``tart run`` in its own session, waiting
+        for a host VM slot up to the slot deadline; orchard: wait for ``status: running``,
+        reporting the ``pending`` queue through ``on_wait(text)``)."""
+
+    @abc.abstractmethod
+    def wait_ssh(self, deadline: float, cancel: threading.Event) -> None:
+        """Return once sshd answers (tart: ``tart ip`` then sshd's banner; orchard: the
+        port-forward tunnel carries an SSH banner)."""
+
+    @abc.abstractmethod
+    def install_key(self, public_line: str, deadline: float, cancel: threading.Event) -> None:
+        """Append ``public_line`` to the guest user's ``~/.ssh/authorized_keys``
+        (tart: ``tart exec``; orchard: the exec WebSocket or the startup script)."""
+
+    @abc.abstractmethod
+    def open_socket(self, timeout: float) -> socket.socket:
+        """A connected stream to the guest's port 22 for Paramiko (tart: TCP to the VM's IP;
+        orchard: one end of a socketpair pumped through the port-forward WebSocket)."""
+
+    @abc.abstractmethod
+    def ssh_target(self) -> "SshTarget":
+        """How OpenSSH (rsync, the printed attach command) reaches the guest."""
+
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """False once the VM is known to have stopped (crash, worker lost)."""
+
+    @abc.abstractmethod
+    def why_dead(self) -> str:
+        """A line for the user when ``alive()`` is False (exit code, status_message)."""
+
+    @abc.abstractmethod
+    def console_tail(self, lines: int = 15) -> List[str]:
+        """The last lines of the VM's console or events, for error messages."""
+
+    @abc.abstractmethod
+    def destroy(self, timeout: float) -> None:
+        """Stop and delete the VM; idempotent; a VM that never existed is not an error."""
+
+    @abc.abstractmethod
+    def remove_by_hand(self) -> str:
+        """The shell command a person pastes to remove this VM when teardown could not."""
+
+    def address(self) -> str:
+        """For messages and the lease: the VM's IP (tart) or its controller path (orchard)."""
+        return ""
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """What OpenSSH needs: ``host`` for ``user@host``, and an optional ProxyCommand
+    (orchard: ``python3 -m vmtasks.orchard_proxy ...``; credentials in the environment,
+    never in argv)."""
+
+    host: str
+    proxy_command: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """A source of VMs."""
+
+    name: str
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for plans and messages: ``tart 2.32.0 on this host`` / ``orchard at URL``."""
+
+    @abc.abstractmethod
+    def preflight(self, image: str) -> List[ListedVm]:
+        """Checks that create nothing (tool on PATH, controller reachable, credentials,
+        image present); returns the current VM listing for the sweep to reuse."""
+
+    @abc.abstractmethod
+    def list_vms(self) -> List[ListedVm]:
+        """Every VM this backend can see (the sweep filters by prefix and ownership)."""
+
+    @abc.abstractmethod
+    def machine(self, name: str, owner: Owner, cfg) -> Machine:
+        """A handle for a VM this run will create (nothing happens until ``create``)."""
+
+    @abc.abstractmethod
+    def remove(self, name: str, timeout: float) -> None:
+        """Stop and delete a VM by name (the sweep; ``cleanup-orphans``)."""
+
+    def slots(self) -> Optional[int]:
+        """How many VMs can run at once (None: unknown / unlimited)."""
+        return None
