@@ -152,3 +152,6 @@ class Backend(abc.ABC):
     def slots(self) -> Optional[int]:
         """How many VMs can run at once (None: unknown / unlimited)."""
         return None
+
+    def preflight_tool(self) -> None:
+        """The cheapest check that the backend can be reached at all (cleanup-orphans)."""

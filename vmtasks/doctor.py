@@ -9,13 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from . import host, sweep
+from . import sweep
 from .errors import VmtasksError
+from .machine_tart import MACOS_VM_LIMIT, TartBackend
 from .proc import which
 from .tart import INSTALL_HINT, Tart
-from .ui import Ui
-
-MACOS_VM_LIMIT = 2
 
 
 @dataclass(frozen=True)
@@ -30,19 +28,24 @@ def _tart_home() -> Path:
     return Path(os.environ.get("TART_HOME") or Path.home() / ".tart")
 
 
-def checks(config_path: Optional[str], tart: Optional[Tart] = None) -> List[Check]:
+def checks(load_config: Callable, tart: Optional[Tart] = None) -> List[Check]:
+    from .factory import Parts
+
     out: List[Check] = []
     add = out.append
     try:
-        cfg = host.load_config(config_path, {})
+        cfg = load_config()
         add(Check("config", "ok", cfg.source))
     except VmtasksError as exc:
         add(Check("config", "fail", exc.message, exc.hint))
         return out
+    parts = Parts(cfg, None, tart=tart)
+    if not isinstance(parts.backend, TartBackend):
+        return out + backend_checks(parts)
     for tool in ("ssh", "rsync"):
         path = which(tool)
         add(Check(tool, "ok", path) if path else Check(tool, "fail", "not on PATH", "install " + tool))
-    tart = tart or Tart()
+    tart = parts.tart
     if which("tart") is None:
         add(Check("tart", "fail", "not on PATH", INSTALL_HINT))
         return out
@@ -66,8 +69,7 @@ def checks(config_path: Optional[str], tart: Optional[Tart] = None) -> List[Chec
     base = next((vm for vm in vms if vm.name == cfg.vm.base), None)
     if base is None:
         add(Check("base image", "fail", "'{}' is not in `tart list`".format(cfg.vm.base),
-                  "tart pull ghcr.io/cirruslabs/tahoe-base:latest && tart clone "
-                  "ghcr.io/cirruslabs/tahoe-base:latest {}".format(cfg.vm.base)))
+                  parts.backend.base_image_hint(cfg.vm.base)))
     else:
         add(Check("base image", "ok", cfg.vm.base))
         info = tart.get(cfg.vm.base) or {}
@@ -87,11 +89,11 @@ def checks(config_path: Optional[str], tart: Optional[Tart] = None) -> List[Chec
             len(running), ", ".join(running), MACOS_VM_LIMIT), "test-vm will wait for a slot; stop one to go now"))
     else:
         add(Check("VM slots", "ok", "{} of {} running".format(len(running), MACOS_VM_LIMIT)))
-    ledger = host.ledger_for(cfg)
-    plan = sweep.plan(tart, ledger, cfg.vm.name_prefix)
+    ledger = parts.ledger
+    plan = sweep.plan(tart, ledger, cfg.vm.name_prefix, listed=vms)
     if plan.actions:
         add(Check("leftovers", "warn", ", ".join("{} {}".format(a.kind, a.name) for a in plan.actions),
-                  "invoke cleanup-orphans"))
+                  parts.cleanup_command))
     else:
         add(Check("leftovers", "ok", "none ({} live, {} kept)".format(len(plan.live), len(plan.kept))))
     try:
@@ -102,13 +104,21 @@ def checks(config_path: Optional[str], tart: Optional[Tart] = None) -> List[Chec
     return out
 
 
-def run(ui: Ui, config_path: Optional[str], tart: Optional[Tart] = None) -> int:
-    results = checks(config_path, tart)
+def backend_checks(parts) -> List[Check]:
+    """A fleet backend checks itself (reachable, credentials, workers, free slots)."""
+    try:
+        return [Check(name, status, detail, hint) for name, status, detail, hint in parts.backend.doctor()]
+    except VmtasksError as exc:
+        return [Check(parts.backend.name, "fail", exc.message, exc.hint)]
+
+
+def run(reporter, load_config: Callable, tart: Optional[Tart] = None) -> int:
+    results = checks(load_config, tart)
     for check in results:
         style = {"ok": "green", "warn": "yellow", "fail": "bold red"}[check.status]
-        ui.print("{:<5} {:<11} {}".format(check.status, check.name, check.detail), style=style)
+        reporter.print("{:<5} {:<11} {}".format(check.status, check.name, check.detail), style=style)
         if check.hint and check.status != "ok":
-            ui.print("      fix: " + check.hint)
+            reporter.print("      fix: " + check.hint)
     failed = [c for c in results if c.status == "fail"]
-    ui.print("{} checks, {} failed".format(len(results), len(failed)))
+    reporter.print("{} checks, {} failed".format(len(results), len(failed)))
     return 1 if failed else 0

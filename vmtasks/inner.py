@@ -7,6 +7,7 @@ standard library only.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from typing import List, Mapping, Optional
@@ -34,16 +35,17 @@ def suite_argv(cfg: Config, test: Optional[str] = None, json_output: bool = Fals
     ``json_output`` asks go test for its event stream (``-json`` implies ``-v``), which the
     host parses as it arrives.
     """
-    template = cfg.suite.one if test is not None else cfg.suite.all
-    argv = [test if word == "{test}" else word for word in shlex.split(template)]
-    if json_output and "-json" not in argv:
+    template = shlex.split(cfg.suite.one if test is not None else cfg.suite.all)
+    if json_output and "-json" not in template:
+        # Drop -v from the template's own words, before the regex goes in: a regex that
+        # is literally "-v" must stay.
+        template = [w for w in template if w not in ("-v", "-test.v")]
         try:
-            at = argv.index("test") + 1
+            at = template.index("test") + 1
         except ValueError:
-            at = len(argv)
-        argv = [w for w in argv if w not in ("-v", "-test.v")]
-        argv.insert(min(at, len(argv)), "-json")
-    return argv
+            at = len(template)
+        template.insert(min(at, len(template)), "-json")
+    return [test if word == "{test}" else word for word in template]
 
 
 def run_suite(cfg: Config, test: Optional[str], json_output: bool,
@@ -61,3 +63,70 @@ def run_suite(cfg: Config, test: Optional[str], json_output: bool,
     except FileNotFoundError:
         raise VmtasksError("{!r} is not installed in the VM".format(argv[0]),
                       "add a setup step that installs it (config: setup)") from None
+
+
+def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
+              durations: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    """Run the K-th of N static partitions of the suite's tests (CI matrix jobs).
+
+    Every job lists the tests the same way (``go test -list``), reads the same durations
+    file and partitions them with the same deterministic longest-processing-time rule, so
+    N jobs together run every selected test exactly once."""
+    import sys
+
+    from . import gotest, schedule
+    from .results import History
+
+    env = dict(os.environ if environ is None else environ)
+    require_vm(env)
+    k, n = schedule.parse_shard(shard)
+    suite = gotest.parse_suite(cfg.suite.all, test)
+    workdir = cfg.guest.dir
+    if not os.path.isdir(workdir):
+        raise VmtasksError("the project tree {} does not exist here".format(workdir),
+                           "check guest.dir in the config (the CI job's checkout)")
+    tests = list_shard_candidates(suite, workdir, env)
+    history = History.load(durations or cfg.suite.durations)
+    estimate = lambda t: history.estimate(t.package, t.name)  # noqa: E731
+    mine = schedule.shard(sorted(tests), k, n, estimate)
+    print("vmtasks: shard {}/{}: {} of {} tests (estimated {:.0f}s)".format(
+        k, n, len(mine), len(tests), sum(estimate(t) for t in mine)), file=sys.stderr)
+    code = 0
+    by_package = {}
+    for t in mine:
+        by_package.setdefault(t.package, []).append(t.name)
+    for package, names in sorted(by_package.items()):
+        regex = "^(" + "|".join(re.escape(name) for name in sorted(names)) + ")$"
+        _, sub = gotest.split_regex(suite.run_regex)
+        if sub:
+            regex += "/" + sub
+        argv = ["go", "test", "-json" if json_output else "-v"] + list(suite.build_flags) + \
+            list(suite.test_flags) + ["-run", regex, package]
+        code = max(code, subprocess.call(argv, cwd=workdir, env=env))
+    return code
+
+
+def list_shard_candidates(suite, workdir: str, env: Mapping[str, str]):
+    """Every selected top-level test as (package, name), listed by ``go test -list``."""
+    from . import gotest, schedule
+
+    top = gotest.top_level_pattern(suite.run_regex)
+    out = []
+    argv = ["go", "test", "-list", top] + list(suite.build_flags) + list(suite.packages)
+    done = subprocess.run(argv, cwd=workdir, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True)
+    if done.returncode != 0:
+        raise VmtasksError("`{}` exited {}: {}".format(" ".join(argv), done.returncode, done.stderr.strip()[-500:]),
+                           "fix the suite so that it builds")
+    package = ""
+    pending = []
+    for line in done.stdout.splitlines():
+        # go test -list prints a package's names, then "ok  <import path>  0.01s".
+        words = line.split()
+        if len(words) >= 2 and words[0] in ("ok", "?"):
+            package = words[1]
+            out += [schedule.TestId(package, name) for name in pending]
+            pending = []
+        elif gotest.RUNNABLE.match(line.strip()):
+            pending.append(line.strip())
+    return out

@@ -44,8 +44,10 @@ class Tart:
     def _argv(self, *args: str) -> List[str]:
         return [self.binary, *args]
 
-    def _run(self, *args: str, timeout: Optional[float] = 120, input: Optional[str] = None) -> Result:
-        return self.runner.run(self._argv(*args), timeout=timeout, input=input)
+    def _run(self, *args: str, timeout: Optional[float] = 120, input: Optional[str] = None,
+             cancel=None) -> Result:
+        kwargs = {"cancel": cancel} if cancel is not None else {}
+        return self.runner.run(self._argv(*args), timeout=timeout, input=input, **kwargs)
 
     def _check(self, result: Result, hint: str = "") -> Result:
         if not result.ok:
@@ -88,8 +90,8 @@ class Tart:
         except ValueError:
             return None
 
-    def clone(self, source: str, name: str, timeout: float) -> None:
-        self._check(self._run("clone", source, name, timeout=timeout),
+    def clone(self, source: str, name: str, timeout: float, cancel=None) -> None:
+        self._check(self._run("clone", source, name, timeout=timeout, cancel=cancel),
                     "check disk space (`df -h ~/.tart`) and that base image {} exists".format(source))
 
     def set(self, name: str, *, cpu: Optional[int] = None, memory: Optional[int] = None,
@@ -113,18 +115,18 @@ class Tart:
         session, its console captured to ``log``."""
         return self.runner.spawn(self.run_argv(name), log)
 
-    def ip(self, name: str, timeout: float = 30) -> Optional[str]:
+    def ip(self, name: str, timeout: float = 30, cancel=None) -> Optional[str]:
         """The VM's IPv4 address, or None while it has none yet (exit 1)."""
-        result = self._run("ip", name, timeout=timeout)
+        result = self._run("ip", name, timeout=timeout, cancel=cancel)
         if result.ok and result.stdout.strip():
             return result.stdout.strip().splitlines()[0].strip()
         return None
 
     def exec(self, name: str, argv: Sequence[str], *, stdin: Optional[str] = None,
-             timeout: Optional[float] = 120) -> Result:
+             timeout: Optional[float] = 120, cancel=None) -> Result:
         """Run ``argv`` in the guest through the guest agent (no shell); exit code passed through."""
         args = ["exec"] + (["-i"] if stdin is not None else []) + [name, *argv]
-        return self._run(*args, timeout=timeout, input=stdin)
+        return self._run(*args, timeout=timeout, input=stdin, cancel=cancel)
 
     @staticmethod
     def agent_not_ready(result: Result) -> bool:

@@ -1,0 +1,98 @@
+"""One place builds what every task needs from a loaded config: the backend, the ledger,
+run records, the process runner, the printed clean-up command. Tasks never construct these
+themselves, so test-vm, cleanup-orphans, vm-doctor and build agree on every path."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import socket
+from pathlib import Path
+from typing import List, Mapping, Optional
+
+from .backend import Owner
+from .ledger import Ledger, default_state_dir, process_start_time
+from .proc import Runner
+
+
+class Parts:
+    def __init__(self, cfg, reporter, environ: Optional[Mapping[str, str]] = None, tart=None) -> None:
+        self.cfg = cfg
+        self.reporter = reporter
+        self.environ = os.environ if environ is None else environ
+        self.ledger = Ledger(state_dir(cfg, self.environ))
+        self.records_root = Path(cfg.records.dir)
+        self.backend = make_backend(cfg, tart)
+        self.tart = getattr(self.backend, "tart", None)
+        self.cleanup_command = cleanup_command(cfg)
+
+    def new_record(self, run_id: str):
+        from .records import RunRecord
+
+        return RunRecord(self.records_root, run_id)
+
+    def runner_for(self, record) -> Runner:
+        """The runner a run's own commands go through: each is logged to the run record."""
+        return Runner(on_command=lambda argv, code, seconds: record.command_ran(
+            "(host)", " ".join(shlex.quote(a) for a in argv), code, seconds))
+
+    def check_host_paths(self) -> None:
+        from . import config
+
+        config.check_host_paths(self.cfg)
+
+    def owner(self, run_id: str) -> Owner:
+        pid = os.getpid()
+        return Owner(run_id=run_id, host=socket.gethostname(), user=_user(), pid=pid,
+                     pid_start=process_start_time(pid) or "")
+
+    @property
+    def sync_excludes(self) -> List[str]:
+        """The config's excludes, plus the run records when they live inside the project
+        (a run must not ship earlier runs' logs into the guest)."""
+        excludes = list(self.cfg.sync.excludes)
+        project = Path(self.cfg.project_dir)
+        for path in (self.records_root, Path(self.cfg.suite.durations).parent):
+            try:
+                rel = path.resolve().relative_to(project.resolve())
+            except ValueError:
+                continue
+            if str(rel) != ".":
+                pattern = "/" + rel.as_posix()
+                if pattern not in excludes:
+                    excludes.append(pattern)
+        return excludes
+
+
+def state_dir(cfg, environ: Mapping[str, str]) -> Path:
+    """The per-user state dir (leases, keys): config `state_dir` (env OPENBOOT_VM_STATE_DIR),
+    else VMTASKS_STATE_DIR, else $XDG_STATE_HOME/vmtasks, else ~/.local/state/vmtasks."""
+    if cfg.state_dir:
+        return Path(cfg.state_dir).expanduser()
+    return default_state_dir(environ)
+
+
+def make_backend(cfg, tart=None):
+    if getattr(cfg, "backend", "tart") == "orchard":
+        from . import orchard
+
+        return orchard.backend_from_config(cfg)
+    from .machine_tart import TartBackend
+
+    return TartBackend(tart, poll=cfg.timeouts.poll, slot_wait=cfg.timeouts.slot_wait)
+
+
+def cleanup_command(cfg) -> str:
+    """``invoke cleanup-orphans`` with the config that was used: works when pasted anywhere."""
+    command = "invoke cleanup-orphans"
+    if cfg.source and not cfg.source.startswith("<"):
+        command += " --config " + shlex.quote(str(Path(cfg.source).resolve()))
+    return command
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in a container
+        return str(os.getuid())

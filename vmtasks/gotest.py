@@ -1,0 +1,203 @@
+"""The Go suite, taken apart for the test queue: which packages, which tests, one compiled
+test binary per package, and the command that runs one test from it in a guest.
+
+The tests are listed by the suite itself (the compiled binary's ``-test.list``), never by a
+hand-written list, so a new test cannot be missed. Listing runs the binary on the host
+(host and guest share GOOS/GOARCH on an Apple Silicon Mac, and on Linux with the stand-in)
+with ``OPENBOOT_IN_VM`` removed from its environment: ``-test.list`` runs no test, and the
+destructive tests refuse without that variable anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import ConfigError, StageError
+
+# go test's own flags that take a value, and where each goes.
+BUILD_VALUE_FLAGS = {"tags", "ldflags", "gcflags", "asmflags", "mod", "modfile", "overlay", "pkgdir",
+                     "toolexec", "coverpkg", "covermode", "buildvcs", "pgo"}
+BUILD_BOOL_FLAGS = {"race", "msan", "asan", "trimpath", "cover", "a", "linkshared"}
+TEST_VALUE_FLAGS = {"timeout", "run", "skip", "count", "parallel", "cpu", "shuffle"}
+TEST_BOOL_FLAGS = {"v", "short", "failfast"}
+IGNORED_BOOL_FLAGS = {"json"}  # we ask for JSON ourselves
+RUNNABLE = re.compile(r"^(Test|Example|Fuzz)")
+
+
+@dataclass(frozen=True)
+class GoSuite:
+    """A `go test` command line, split into what the compiler and the test binary need."""
+
+    packages: Tuple[str, ...]
+    build_flags: Tuple[str, ...]  # for `go test -c`
+    test_flags: Tuple[str, ...]  # for the test binary, as -test.X (without -test.run)
+    run_regex: Optional[str]
+
+
+@dataclass(frozen=True)
+class Package:
+    import_path: str
+    rel_dir: str  # relative to the project dir ("." for the root)
+    binary: str  # file name of its compiled test binary
+
+
+@dataclass(frozen=True)
+class TestItem:
+    """One top-level test of one package: what the queue hands out."""
+
+    package: Package
+    name: str
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        return (self.package.import_path, self.name)
+
+
+def parse_suite(command: str, test: Optional[str]) -> GoSuite:
+    """Split ``suite.all`` (``go test [flags] [packages]``) for the queue; ``test`` is the
+    user's ``-run`` regex (it replaces any -run in the command)."""
+    where = "suite.all"
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError("{}: cannot parse {!r}: {}".format(where, command, exc), "fix the quoting") from None
+    if words[:2] != ["go", "test"]:
+        raise ConfigError("{} is not a `go test ...` command: {!r}; with vms > 1 the suite is split into "
+                          "single tests, which needs go test's own flags".format(where, command),
+                          "make suite.all a plain `go test` command, or run with --vms 1")
+    build: List[str] = []
+    tests: List[str] = []
+    packages: List[str] = []
+    run_regex = test
+    i = 2
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if not word.startswith("-") or word == "-":
+            packages.append(word)
+            continue
+        name, eq, value = word.lstrip("-").partition("=")
+        takes_value = name in BUILD_VALUE_FLAGS or name in TEST_VALUE_FLAGS
+        if takes_value and not eq:
+            if i >= len(words):
+                raise ConfigError("{}: flag -{} needs a value".format(where, name), "for example -{}=...".format(name))
+            value = words[i]
+            i += 1
+        if name in BUILD_VALUE_FLAGS:
+            build.append("-{}={}".format(name, value))
+        elif name in BUILD_BOOL_FLAGS:
+            build.append(word)
+        elif name == "run":
+            run_regex = test if test is not None else value
+        elif name in TEST_VALUE_FLAGS:
+            tests.append("-test.{}={}".format(name, value))
+        elif name in TEST_BOOL_FLAGS:
+            if name != "v":  # we ask for the verbose framing ourselves
+                tests.append("-test." + word.lstrip("-"))
+        elif name in IGNORED_BOOL_FLAGS:
+            continue
+        else:
+            raise ConfigError("{}: go test flag {} is not known to the test queue".format(where, word),
+                              "remove it, or run with --vms 1 (which runs the command as written)")
+    return GoSuite(tuple(packages or ["."]), tuple(build), tuple(tests), run_regex)
+
+
+def list_packages(runner, project_dir: str, suite: GoSuite, timeout: float, cancel=None) -> List[Package]:
+    """The suite's packages that have tests (``go list``), in the project tree."""
+    template = "{{.ImportPath}}\t{{.Dir}}\t{{len .TestGoFiles}}\t{{len .XTestGoFiles}}"
+    argv = ["go", "list", "-f", template] + [f for f in suite.build_flags if f.startswith("-tags=")] + \
+        list(suite.packages)
+    done = runner.run(argv, timeout=timeout, cwd=project_dir, cancel=cancel)
+    if not done.ok:
+        raise StageError("compile", "(host)", "`go list` exited {}".format(done.returncode),
+                         "fix the suite's packages (suite.all) or the Go module", done.stderr.splitlines()[-15:])
+    root = Path(project_dir).resolve()
+    out: List[Package] = []
+    for line in done.stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 4 or (parts[2] == "0" and parts[3] == "0"):
+            continue
+        rel = os.path.relpath(str(Path(parts[1]).resolve()), str(root))
+        if rel.startswith(".."):
+            raise StageError("compile", "(host)", "package {} is outside the project tree".format(parts[0]),
+                             "only packages under project_dir are synced into the guest")
+        out.append(Package(parts[0], rel, re.sub(r"[^A-Za-z0-9]+", "_", parts[0]).strip("_") + ".test"))
+    return out
+
+
+def compile_package(runner, project_dir: str, suite: GoSuite, package: Package, bin_dir: Path,
+                    timeout: float, cancel=None) -> None:
+    argv = ["go", "test", "-c", "-o", str(bin_dir / package.binary)] + list(suite.build_flags) + [package.import_path]
+    done = runner.run(argv, timeout=timeout, cwd=project_dir, cancel=cancel)
+    if not done.ok:
+        raise StageError("compile", "(host)", "`go test -c` for {} exited {}".format(package.import_path, done.returncode),
+                         "the suite does not build: fix it, then run again", (done.stderr + done.stdout).splitlines()[-15:])
+
+
+def host_env() -> Dict[str, str]:
+    """The environment for running a test binary on the host: never destructive."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBOOT_")}
+    return env
+
+
+def list_tests(runner, project_dir: str, suite: GoSuite, package: Package, bin_dir: Path,
+               timeout: float = 120, cancel=None) -> List[TestItem]:
+    """The package's top-level tests matching the regex, as its binary lists them."""
+    top = top_level_pattern(suite.run_regex)
+    argv = [str(bin_dir / package.binary), "-test.list", top]
+    done = runner.run(argv, timeout=timeout, cwd=str(Path(project_dir) / package.rel_dir), env=host_env(),
+                      cancel=cancel)
+    if not done.ok:
+        raise StageError("compile", "(host)", "listing the tests of {} exited {}".format(
+            package.import_path, done.returncode),
+            "a TestMain that fails without OPENBOOT_IN_VM=1 cannot be listed on the host; run with --vms 1",
+            (done.stderr + done.stdout).splitlines()[-15:])
+    return [TestItem(package, line.strip()) for line in done.stdout.splitlines() if RUNNABLE.match(line.strip())]
+
+
+def supports_test2json_framing(runner, binary: Path, cwd: str) -> bool:
+    """Go >= 1.20 test binaries accept ``-test.v=test2json`` (framing a test's output cannot
+    forge); older ones only ``-test.v``."""
+    done = runner.run([str(binary), "-test.v=test2json", "-test.run", "^$"], timeout=60, cwd=cwd, env=host_env())
+    return done.ok
+
+
+def split_regex(regex: Optional[str]) -> Tuple[str, str]:
+    """go test's -run: the part before the first unbracketed '/' matches top-level tests,
+    the rest their subtests."""
+    if not regex:
+        return "", ""
+    depth = 0
+    for i, ch in enumerate(regex):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth = max(0, depth - 1)
+        elif ch == "/" and depth == 0 and (i == 0 or regex[i - 1] != "\\"):
+            return regex[:i], regex[i + 1:]
+    return regex, ""
+
+
+def top_level_pattern(regex: Optional[str]) -> str:
+    top, _ = split_regex(regex)
+    return top or ".*"
+
+
+def test_command(cfg, item: TestItem, suite: GoSuite, guest_bin: str, framing: bool, env_words: Sequence[str]) -> str:
+    """The shell command that runs one test in the guest, speaking `go test -json`."""
+    _, sub = split_regex(suite.run_regex)
+    run = "^" + re.escape(item.name) + "$" + ("/" + sub if sub else "")
+    workdir = cfg.guest.dir.rstrip("/") + ("" if item.package.rel_dir == "." else "/" + item.package.rel_dir)
+    words = ["cd", shlex.quote(workdir), "&&", "exec", "env"] + list(env_words)
+    words += [shlex.quote(w) for w in shlex.split(cfg.guest.command_prefix)]
+    words += ["go", "tool", "test2json", "-t", "-p", shlex.quote(item.package.import_path),
+              guest_bin + "/" + shlex.quote(item.package.binary),
+              "-test.v=test2json" if framing else "-test.v", "-test.paniconexit0",
+              shlex.quote("-test.run=" + run)]
+    words += [shlex.quote(f) for f in suite.test_flags]
+    return " ".join(words)

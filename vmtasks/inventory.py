@@ -1,0 +1,76 @@
+"""``invoke vm-list`` and ``invoke vm-login``: the tool's VMs and a way into a kept one,
+the way Test Kitchen has ``list`` and ``login``."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import List
+
+from . import ssh
+from .errors import VmtasksError
+
+
+def rows(parts) -> List[List[str]]:
+    """One row per VM with our prefix: name, run, owner, state, age, address."""
+    prefix = parts.cfg.vm.name_prefix + "-"
+    leases = parts.ledger.all()
+    now = time.time()
+    out = []
+    for vm in parts.backend.list_vms():
+        if not vm.name.startswith(prefix):
+            continue
+        lease = leases.get(vm.name)
+        if lease is None:
+            out.append([vm.name, "-", "-", "no lease" + (", running" if vm.running else ""), "-", "-"])
+            continue
+        if lease.owner_alive():
+            state = "live"
+        elif lease.keep:
+            state = "kept"
+        else:
+            state = "orphan"
+        out.append([vm.name, lease.run_id, "{}@{} pid {}".format(getattr(lease, "user", "") or "?", lease.host,
+                                                                lease.pid),
+                    state + ("" if vm.running else " (stopped)"), _age(now - lease.created), lease.ip or "-"])
+    return out
+
+
+def _age(seconds: float) -> str:
+    if seconds < 3600:
+        return "{:.0f}m".format(seconds / 60)
+    if seconds < 48 * 3600:
+        return "{:.1f}h".format(seconds / 3600)
+    return "{:.1f}d".format(seconds / 86400)
+
+
+def show(reporter, parts) -> int:
+    table = rows(parts)
+    if not table:
+        reporter.print("no {}-* VMs".format(parts.cfg.vm.name_prefix))
+        return 0
+    header = ["VM", "RUN", "OWNER", "STATE", "AGE", "ADDRESS"]
+    widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
+    for row in [header] + table:
+        reporter.print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def login_argv(parts, target: str) -> List[str]:
+    """The ssh command line into a kept (or live) VM, by VM name or run id."""
+    leases = parts.ledger.all()
+    matches = [lease for name, lease in leases.items() if target in (name, lease.run_id)]
+    if not matches:
+        raise VmtasksError("no VM or run {!r} in the ledger {}".format(target, parts.ledger.leases_dir),
+                           "see `invoke vm-list` for the VMs you can log in to")
+    if len(matches) > 1:
+        raise VmtasksError("run {} has {} VMs: {}".format(target, len(matches), ", ".join(m.vm for m in matches)),
+                           "name one VM: invoke vm-login " + shlex.quote(matches[0].vm))
+    lease = matches[0]
+    key_dir = Path(lease.key_dir)
+    if not lease.ip or not (key_dir / "id_ed25519").is_file():
+        raise VmtasksError("VM {} has no address or key on record (its run may still be booting, or "
+                           "its key was removed)".format(lease.vm), "run with --keep=always to keep a VM to log in to")
+    key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
+    return ["ssh"] + ssh.ssh_options(key) + [parts.cfg.vm.user + "@" + lease.ip]

@@ -1,0 +1,273 @@
+"""vmtasks' Invoke collection: thin tasks over the plain-Python core.
+
+A repository adopts it with ``pip install vmtasks`` and a two-line ``tasks.py``::
+
+    from vmtasks.tasks import ns  # noqa: F401
+
+This module is also what runs inside the guest (``test-vm-inner*``), on its Python 3.9 with
+only Invoke installed: host modules (fabric, rich, yaml) are imported inside host tasks only.
+"""
+
+import os
+import sys
+
+from invoke import Collection, Exit, task
+
+COMMON_HELP = {
+    "config": "vmtasks config file (default: config/vm.yaml beside tasks.py; env OPENBOOT_VM_CONFIG; "
+              "or `vmtasks: {config: PATH}` in invoke.yaml).",
+    "keep": "Keep the VM: never, on-failure or always; a bare --keep means always "
+            "(env OPENBOOT_VM_KEEP=1 means always).",
+    "base": "Base image to clone (env OPENBOOT_VM_BASE; default from config, tahoe-base).",
+    "dry_run": "Print the plan (stages, commands, resolved config) and create nothing.",
+    "quiet": "Only stage failures, failing tests and the summary.",
+    "verbose": "Also stream the raw test output, and show tracebacks of unexpected errors.",
+    "boot_timeout": "Seconds to wait for the VM's IP and sshd (default from config, 60).",
+    "vms": "How many VMs run the suite at once (config `vms`, default 1); with more than one, "
+           "tests go out one at a time, longest first, to whichever VM is free.",
+    "junitfile": "Also write the JUnit XML report to this path (as gotestsum --junitfile).",
+    "jsonfile": "Also write the raw `go test -json` stream to this path (as gotestsum --jsonfile).",
+    "allow_no_tests": "Exit 0 when no test matched (default: exit 5 and say so).",
+    "rerun_failed": "Run only the tests that failed in the last recorded run of this config.",
+}
+
+FLAG_NAMES = {"keep": "--keep", "vm.base": "--base", "timeouts.boot": "--boot-timeout", "vms": "--vms"}
+
+
+def _host_call(c, func, quiet=False, verbose=False):
+    """Run ``func(reporter)``; show our domain errors with what to do; exit with the code."""
+    from vmtasks.errors import VmtasksError
+    from vmtasks.report import Reporter
+
+    reporter = Reporter(quiet=quiet, verbose=verbose)
+    try:
+        code = func(reporter)
+    except VmtasksError as exc:
+        reporter.close()
+        reporter.error(exc.render())
+        code = exc.exit_code
+    finally:
+        reporter.close()
+    _before_exit()
+    if code:
+        raise Exit(code=code)
+
+
+def _before_exit():
+    """The task's work is done, written and closed. At exit Python's collector would walk
+    every object fabric, paramiko, cryptography and rich made, several times (about 40 ms,
+    the longest part of our exit): collect today's garbage as usual (finalizers run), then
+    freeze the survivors out of its sight; the ending process frees them all at once."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def _load(c, config, overrides=None):
+    """The validated config, found the way Invoke users expect (see vmtasks.config.locate)."""
+    from pathlib import Path
+
+    from vmtasks import config as config_mod
+
+    project_root, runtime_path, section = config_mod.invoke_context_info(c)
+    path, invoke_layer = config_mod.locate(config, os.environ, Path.cwd(), project_root=project_root,
+                                           invoke_section=section, runtime_path=runtime_path)
+    return config_mod.load(path, os.environ, overrides or {}, Path.cwd(), flag_names=FLAG_NAMES,
+                           invoke_layer=invoke_layer)
+
+
+def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
+           junitfile, jsonfile, allow_no_tests):
+    from vmtasks import config as config_mod
+    from vmtasks import factory, rerun
+    from vmtasks.run import Run, RunRequest
+
+    def go(reporter):
+        chosen_keep = "always" if keep is True else (config_mod.keep_from_env(keep) if keep is not None else None)
+        cfg = _load(c, config, {"keep": chosen_keep, "vm.base": base, "timeouts.boot": boot_timeout,
+                                "vms": _int_flag("--vms", vms)})
+        parts = factory.Parts(cfg, reporter)
+        chosen = test if test is not None else config_mod.test_from_env(os.environ)
+        source = ""
+        if rerun_failed:
+            chosen, source = rerun.failed_regex(parts.records_root)
+            reporter.info("rerunning the tests that failed in {}: {}".format(source, chosen))
+        request = RunRequest(test=chosen, vms=cfg.vms, junitfile=junitfile, jsonfile=jsonfile,
+                             allow_no_tests=allow_no_tests, rerun_source=source)
+        run = Run(parts, request)
+        if dry_run:
+            for line in run.plan():
+                reporter.print(line)
+            reporter.print("resolved config:")
+            reporter.print(cfg.to_json())
+            return 0
+        return run.execute()
+
+    _host_call(c, go, quiet=quiet, verbose=verbose)
+
+
+def _int_flag(flag, value):
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        from vmtasks.errors import ConfigError
+
+        raise ConfigError("{} must be a whole number, got {!r}".format(flag, value), "for example {}=2".format(flag))
+
+
+SUITE_HELP = dict(COMMON_HELP)
+
+
+@task(help=SUITE_HELP, optional=["keep"])
+def test_vm(c, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
+            boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
+            allow_no_tests=False):
+    """Run the whole e2e suite in fresh throwaway VMs (env OPENBOOT_VM_TEST limits it)."""
+    _suite(c, None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
+           junitfile, jsonfile, allow_no_tests)
+
+
+@task(help=dict(SUITE_HELP, test="The go test -run regex, e.g. 'TestA|TestB' (required)."), optional=["keep"])
+def test_vm_run(c, test=None, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
+                boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
+                allow_no_tests=False):
+    """Run the tests matching --test (a go test -run regex) in fresh throwaway VMs."""
+    if not test and not rerun_failed:
+        raise Exit("test-vm-run: --test is empty; pass a go test -run regex, e.g. --test='TestA|TestB' "
+                   "(or --rerun-failed)", code=2)
+    _suite(c, test or None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
+           junitfile, jsonfile, allow_no_tests)
+
+
+INNER_HELP = {
+    "json_output": "Emit go test's JSON event stream (what the host parses).",
+    "shard": "Run only the K-th of N static partitions, e.g. 2/4 (CI matrix jobs: together they run "
+             "every test exactly once).",
+    "durations": "Durations file for --shard's balance (default: config suite.durations).",
+}
+
+
+def _inner(test, json_output, shard, durations):
+    from pathlib import Path
+
+    from vmtasks import config as config_mod
+    from vmtasks import inner
+    from vmtasks.errors import VmtasksError
+
+    try:
+        inner.require_vm(os.environ)
+        path, _ = config_mod.locate(None, os.environ, Path.cwd(), required=False)
+        cfg = config_mod.load(path, os.environ)
+        if shard:
+            code = inner.run_shard(cfg, test, json_output, shard, durations)
+        else:
+            code = inner.run_suite(cfg, test, json_output)
+    except VmtasksError as exc:
+        print("error: " + exc.render(), file=sys.stderr)
+        raise Exit(code=exc.exit_code)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help=INNER_HELP)
+def test_vm_inner(c, json_output=False, shard=None, durations=None):
+    """[inside the VM] Run the whole suite here; refuses unless OPENBOOT_IN_VM=1."""
+    _inner(None, json_output, shard, durations)
+
+
+@task(help=dict(INNER_HELP, test="The go test -run regex (required)."))
+def test_vm_inner_run(c, test=None, json_output=False, shard=None, durations=None):
+    """[inside the VM] Run the tests matching --test here; refuses unless OPENBOOT_IN_VM=1."""
+    if not test:
+        raise Exit("test-vm-inner-run: --test is empty; pass a go test -run regex", code=2)
+    _inner(test, json_output, shard, durations)
+
+
+@task(help={
+    "dry_run": "Show what would be removed, remove nothing.",
+    "include_kept": "Also remove VMs kept on purpose (--keep) whose run has ended.",
+    "max_age": "Also remove kept VMs older than this many hours.",
+    "include_unleased": "Also remove stopped VMs with our prefix and no lease at all, whatever their age.",
+    "config": COMMON_HELP["config"],
+})
+def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_unleased=False, config=None):
+    """Remove VMs, keys and leases whose owning run is gone (never a live run's)."""
+    from vmtasks import factory, orphans
+    from vmtasks.errors import ConfigError
+
+    def go(reporter):
+        cfg = _load(c, config)
+        try:
+            age = float(max_age) * 3600 if max_age is not None else None
+        except ValueError:
+            raise ConfigError("--max-age must be a number of hours, got {!r}".format(max_age),
+                              "for example --max-age=24") from None
+        parts = factory.Parts(cfg, reporter)
+        parts.ledger.ensure()
+        parts.backend.preflight_tool()
+        return orphans.sweep(reporter, parts, dry_run=dry_run, include_kept=include_kept, max_age=age,
+                             include_unleased=include_unleased)
+
+    _host_call(c, go)
+
+
+@task(help={"config": COMMON_HELP["config"]})
+def build(c, config=None):
+    """Run the host build commands from the config (test-vm runs them itself before cloning)."""
+    from vmtasks import factory
+
+    def go(reporter):
+        cfg = _load(c, config)
+        runner = factory.Parts(cfg, reporter).runner_for(None)
+        for command in cfg.build:
+            reporter.info("$ " + command)
+            done = runner.run(command, shell=True, cwd=cfg.project_dir, timeout=cfg.timeouts.build)
+            sys.stdout.write(done.stdout)
+            sys.stderr.write(done.stderr)
+            if not done.ok:
+                reporter.error("`{}` exited {}".format(command, done.returncode))
+                return done.returncode
+        return 0
+
+    _host_call(c, go)
+
+
+@task(help={"config": COMMON_HELP["config"]})
+def vm_doctor(c, config=None):
+    """Check this machine can run test-vm: tart, base image, disk, VM slots, leftovers."""
+    from vmtasks import doctor
+
+    _host_call(c, lambda reporter: doctor.run(reporter, lambda: _load(c, config)))
+
+
+@task(help={"config": COMMON_HELP["config"]})
+def vm_list(c, config=None):
+    """List this tool's VMs: run, owner, live or kept or orphaned, age, address."""
+    from vmtasks import factory, inventory
+
+    def go(reporter):
+        parts = factory.Parts(_load(c, config), reporter)
+        return inventory.show(reporter, parts)
+
+    _host_call(c, go)
+
+
+@task(help={"target": "A run id or VM name (see vm-list) of a kept VM.", "config": COMMON_HELP["config"]})
+def vm_login(c, target, config=None):
+    """Open an SSH session to a kept VM with its run's key."""
+    from vmtasks import factory, inventory
+
+    def go(reporter):
+        parts = factory.Parts(_load(c, config), reporter)
+        argv = inventory.login_argv(parts, target)
+        reporter.close()
+        os.execvp(argv[0], argv)
+
+    _host_call(c, go)
+
+
+ns = Collection(test_vm, test_vm_run, test_vm_inner, test_vm_inner_run, cleanup_orphans, build, vm_doctor,
+                vm_list, vm_login)

@@ -1,0 +1,388 @@
+"""One VM's pipeline: clone, boot, IP + SSH, key, setup, sync, suite (or its share of the
+test queue), and teardown on every exit path.
+
+``VmPipeline`` owns all of its VM's state (machine, key, Connection, lease, stream), so a
+run drives several at once, each in its own thread; the run's ``cancel`` event stops them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shlex
+import shutil
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+from . import results, ssh, sync
+from .backend import Cancelled, Machine
+from .errors import Interrupted, StageError, TeardownAbandoned, VmtasksError, describe_unexpected
+from .pipeline import Stage, StageRunner
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+GUEST_TASKS = '"""vmtasks in the guest: the collection, from the bundled package."""\nfrom vmtasks.tasks import ns  # noqa: F401\n'
+
+
+def tool_bundle(cfg) -> bytes:
+    """The vmtasks package (as installed), a two-line tasks.py and the resolved config, as a
+    tar.gz for the guest's ``guest.tool_dir``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(PACKAGE_DIR.rglob("*.py")):
+            tar.add(str(path), arcname="vmtasks/" + path.relative_to(PACKAGE_DIR).as_posix())
+        for name, text in (("tasks.py", GUEST_TASKS), ("config.json", cfg.to_json())):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def guest_env_words(cfg) -> List[str]:
+    """``env`` assignments for anything run in the guest: CI, OPENBOOT_IN_VM, guest.env."""
+    env = {"CI": "true", "OPENBOOT_IN_VM": "1"}
+    env.update(cfg.guest.env)
+    return [shlex.quote("{}={}".format(k, v)) for k, v in env.items()]
+
+
+def tool_path(cfg) -> str:
+    return '"$HOME"/' + shlex.quote(cfg.guest.tool_dir)
+
+
+def inner_command(cfg, test: Optional[str], json_output: bool = True) -> str:
+    """The shell command line run over SSH in the guest (every word quoted: a test regex
+    with quotes, ``$( )``, ``;`` or newlines arrives literally)."""
+    tool = tool_path(cfg)
+    words = ["exec", "env"] + guest_env_words(cfg)
+    words.append("OPENBOOT_VM_CONFIG=" + tool + "/config.json")
+    words += [shlex.quote(w) for w in shlex.split(cfg.guest.command_prefix)]
+    words += [shlex.quote(cfg.guest.python), "-m", "invoke", "--search-root", tool]
+    if test is None:
+        words.append("test-vm-inner")
+    else:
+        # One word, `--test=...`, so a regex starting with "-" is not taken for a flag.
+        words += ["test-vm-inner-run", shlex.quote("--test=" + test)]
+    if json_output:
+        words.append("--json-output")
+    return " ".join(words)
+
+
+@dataclasses.dataclass
+class VmContext:
+    """What one VM's stages share."""
+
+    name: str
+    machine: Machine
+    dir: Path  # this VM's folder in the run record
+    deadline: float = 0.0
+    lease: Any = None
+    key: Optional[ssh.RunKey] = None
+    conn: Any = None
+    summaries: List[Any] = dataclasses.field(default_factory=list)  # one per suite run / test
+    exit_code: int = 1
+    kept: bool = False
+    stage_status: Optional[str] = None
+    stage_note: str = ""
+    error: Optional[VmtasksError] = None
+    lost: bool = False
+    tests_run: int = 0
+    busy: float = 0.0
+
+
+class VmPipeline:
+    def __init__(self, run, name: str, machine: Machine) -> None:
+        self.run = run  # vmtasks.run.Run: cfg, request, ledger, reporter, record, cancel, queue
+        self.cfg = run.cfg
+        self.ctx = VmContext(name=name, machine=machine, dir=run.record.vm_dir(name))
+        self.runner = StageRunner(self.cfg, run.reporter, run.record, name, run.cancel,
+                                  console_tail=machine.console_tail)
+        self.teardown_done = threading.Event()
+        self.tearing_down = False
+
+    @property
+    def name(self) -> str:
+        return self.ctx.name
+
+    # -- the stage table -------------------------------------------------------
+    def stages(self) -> List[Stage]:
+        cfg, run = self.cfg, self.run
+        q = shlex.quote
+        return [
+            Stage("clone", "lease, run key, then clone {} to {}".format(run.image, self.name), self._clone,
+                  "clone", lambda ctx: ["tart clone {} {}".format(q(run.image), q(self.name))]),
+            Stage("boot", "start the VM headless (own session; console to the run record), wait for its IP",
+                  self._boot, "boot", lambda ctx: ["tart run --no-graphics {}  &".format(q(self.name)),
+                                                    "tart ip {}".format(q(self.name))]),
+            Stage("ip+ssh", "wait for sshd's banner on port 22 (same deadline as boot)", self._wait_ssh, "boot"),
+            Stage("key", "install the run's ED25519 key through the guest agent, log in over SSH",
+                  self._key, "key", lambda ctx: ["tart exec {} sh -c '<append run key to ~/.ssh/authorized_keys>'"
+                                                 .format(q(self.name))]),
+            Stage("setup", "unpack vmtasks into ~/{}, run the setup steps".format(cfg.guest.tool_dir),
+                  self._setup, "setup", lambda ctx: list(cfg.setup), enabled=lambda ctx: not run.skip_setup),
+            Stage("sync", "rsync the project tree{}".format(" and the test binaries" if run.queue else ""),
+                  self._sync, "sync", lambda ctx: [" ".join(q(a) for a in self._rsync_argv(placeholder=True))]),
+            Stage("suite", "run the suite in the guest over SSH, stream its events home", self._suite, "suite",
+                  lambda ctx: ["ssh: " + inner_command(cfg, run.request.test)], enabled=lambda ctx: not run.queue),
+            Stage("tests", "take tests from the shared queue, longest first, until it is empty", self._tests,
+                  None, lambda ctx: ["ssh: " + run.queue.command_for_display(cfg)] if run.queue else [],
+                  enabled=lambda ctx: bool(run.queue)),
+        ]
+
+    def teardown_stage(self) -> Stage:
+        return Stage("teardown", "keep={}: stop and delete the VM, remove its key and lease".format(self.cfg.keep),
+                     self._teardown, "teardown",
+                     lambda ctx: ["tart stop {0}; tart delete {0}".format(shlex.quote(self.name))])
+
+    # -- the whole pipeline ----------------------------------------------------
+    def execute(self) -> None:
+        """Run every stage in this thread; teardown always runs. Errors end up in ctx.error."""
+        ctx = self.ctx
+        try:
+            for stage in self.stages():
+                if stage.enabled(ctx):
+                    self.runner.run(stage, ctx)
+                    if self.run.queue is not None and self.run.queue.empty() and stage.name == "clone":
+                        pass
+        except (Interrupted, Cancelled) as exc:
+            ctx.error = exc if isinstance(exc, Interrupted) else None
+        except VmtasksError as exc:
+            ctx.error = exc
+        except BaseException as exc:  # noqa: BLE001 - a bug: still tear down, keep the traceback
+            import traceback
+
+            where = self.run.record.note_traceback(self.name, self.runner.current, traceback.format_exc())
+            ctx.error = StageError(self.runner.current or "?", self.name, "unexpected error: " +
+                                   describe_unexpected(exc), "this is a bug in vmtasks; the traceback is in " + where)
+        finally:
+            self.tearing_down = True
+            try:
+                self.runner.run(self.teardown_stage(), ctx)
+            except VmtasksError:
+                pass  # reported by _teardown itself
+            finally:
+                self.teardown_done.set()
+
+    # -- stages ------------------------------------------------------------
+    def _clone(self, ctx: VmContext) -> None:
+        run = self.run
+        # The lease comes first: from here on, whatever exists is ours and sweepable.
+        ctx.lease = run.ledger.new_lease(self.name, run.run_id, keep=False, base=run.image)
+        run.ledger.write(ctx.lease)
+        ctx.key = ssh.generate_key(Path(ctx.lease.key_dir), "vmtasks-" + run.run_id)
+        ctx.machine.create(run.image, ctx.deadline, run.cancel)
+
+    def _boot(self, ctx: VmContext) -> None:
+        def on_wait(text: str) -> None:
+            self.run.reporter.vm_waiting(self.name, text)
+
+        ctx.machine.start(ctx.dir / "console.log", ctx.deadline, self.run.cancel, on_wait)
+        address = ctx.machine.address()
+        if address:
+            ctx.lease = dataclasses.replace(ctx.lease, ip=address)
+            self.run.ledger.write(ctx.lease)
+
+    def _wait_ssh(self, ctx: VmContext) -> None:
+        ctx.machine.wait_ssh(ctx.deadline, self.run.cancel)
+
+    def _key(self, ctx: VmContext) -> None:
+        ctx.machine.install_key(ctx.key.public_line, ctx.deadline, self.run.cancel)
+        target = ctx.machine.ssh_target()
+        ctx.conn = ssh.open_when_ready(ctx.machine.open_socket, target.host, self.cfg.vm.user, ctx.key,
+                                       ctx.deadline, min(self.cfg.timeouts.poll, 0.5), self.run.cancel)
+
+    def remote(self, command: str, timeout: float, on_output=None, stdin: Optional[bytes] = None) -> ssh.RemoteResult:
+        started = time.monotonic()
+        try:
+            result = ssh.remote_exec(self.ctx.conn, command, timeout=timeout, on_output=on_output, stdin=stdin,
+                                     cancel=self.run.cancel)
+        except VmtasksError:
+            self.run.record.command_ran(self.name, "ssh: " + command, None, time.monotonic() - started)
+            raise
+        self.run.record.command_ran(self.name, "ssh: " + command, result.exit_code, time.monotonic() - started)
+        return result
+
+    def _setup(self, ctx: VmContext) -> None:
+        tool = tool_path(self.cfg)
+        unpack = "rm -rf {0} && mkdir -p {0} && tar -xzf - -C {0}".format(tool)
+        result = self.remote(unpack, self.cfg.timeouts.setup, stdin=tool_bundle(self.cfg))
+        if result.exit_code != 0:
+            raise StageError("setup", self.name, "copying vmtasks into the guest failed (exit {})".format(
+                result.exit_code), "check free space in the guest", result.output.splitlines()[-15:])
+        for step in self.cfg.setup:
+            remaining = ctx.deadline - time.monotonic()
+            if remaining <= 0:
+                from .errors import RemoteTimeout
+
+                raise RemoteTimeout(step, self.cfg.timeouts.setup, "")
+            self.run.reporter.info("   {}$ {}".format(self._who(), step))
+            result = self.remote(step, remaining, on_output=self._raw)
+            if result.exit_code != 0:
+                raise StageError("setup", self.name, "`{}` exited {}".format(step, result.exit_code),
+                                 "fix the step in config (setup) or the base image", result.output.splitlines()[-15:])
+
+    def _who(self) -> str:
+        return "[{}] ".format(self.name) if self.run.vm_count > 1 else ""
+
+    def _raw(self, text: str) -> None:
+        self.run.reporter.raw_output(self.name, text)
+
+    def _rsync_argv(self, placeholder: bool = False, source: Optional[Path] = None, dest: Optional[str] = None,
+                    excludes=None, delete: bool = True) -> List[str]:
+        ctx = self.ctx
+        if placeholder:
+            key_dir = Path("<run key dir>")
+            key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
+            host, proxy = "<vm address>", None
+        else:
+            key = ctx.key
+            target = ctx.machine.ssh_target()
+            host, proxy = target.host, target.proxy_command
+        return sync.rsync_argv(source or Path(self.cfg.project_dir), self.cfg.vm.user, host,
+                               dest or self.cfg.guest.dir, key,
+                               self.run.sync_excludes if excludes is None else excludes,
+                               compress=self.cfg.sync.compress, proxy_command=proxy, delete=delete)
+
+    def _sync(self, ctx: VmContext) -> None:
+        dirs = [self.cfg.guest.dir] + ([self.run.queue.guest_bin_dir(self.cfg)] if self.run.queue else [])
+        mkdir = "mkdir -p " + " ".join(shlex.quote(d) for d in dirs)
+        result = self.remote(mkdir, self.cfg.timeouts.sync)
+        if result.exit_code != 0:
+            raise StageError("sync", self.name, "cannot create {} in the guest".format(self.cfg.guest.dir),
+                             "check guest.dir in the config", result.output.splitlines()[-15:])
+        argvs = [self._rsync_argv()]
+        if self.run.queue:
+            argvs.append(self._rsync_argv(source=self.run.queue.bin_dir, dest=dirs[1], excludes=[]))
+        for argv in argvs:
+            left = max(1.0, ctx.deadline - time.monotonic())
+            done = self.run.runner.run(argv, timeout=left, cancel=self.run.cancel,
+                                       env=self._rsync_env())
+            if not done.ok:
+                raise StageError("sync", self.name, "rsync exited {}".format(done.returncode),
+                                 "check the project tree and free space in the guest",
+                                 (done.stderr + done.stdout).splitlines()[-15:])
+
+    def _rsync_env(self):
+        extra = self.ctx.machine.ssh_target().env
+        if not extra:
+            return None
+        import os
+
+        return dict(os.environ, **extra)
+
+    def _suite(self, ctx: VmContext) -> None:
+        """Single-VM mode: the whole suite (or the --test regex) as one `go test -json`."""
+        command = inner_command(self.cfg, self.run.request.test, True)
+        ctx.exit_code = self._stream_command(ctx, command, self.cfg.timeouts.suite)
+        if ctx.exit_code != 0:
+            ctx.stage_status = "failed"
+
+    def _stream_command(self, ctx: VmContext, command: str, timeout: float, label: str = "") -> int:
+        """Run a `go test -json`-speaking command, parse its events live, keep its summary."""
+        raw = self.run.record.open_stream(self.name, "suite-output.txt")
+        stream = results.SuiteStream(on_event=lambda event: self.run.on_test_event(self.name, event))
+        reason = None
+        try:
+            def on_output(text: str) -> None:
+                raw.write(text)
+                stream.feed(text)
+                self.run.on_progress(self.name, stream)
+
+            try:
+                result = self.remote(command, timeout, on_output=on_output)
+            except (Cancelled, Interrupted):
+                reason = "interrupted"
+                raise
+            except VmtasksError as exc:
+                reason = self._lost_reason(exc.message)
+                raise StageError(self.run.stage_name, self.name, reason, "see the VM console in the run record",
+                                 ctx.machine.console_tail()) from None
+            if result.exit_code < 0:
+                reason = self._lost_reason("the SSH session ended without an exit status")
+                raise StageError(self.run.stage_name, self.name, reason,
+                                 "see the VM console in the run record", ctx.machine.console_tail())
+            return result.exit_code
+        finally:
+            raw.close()
+            stream.close(reason)
+            ctx.summaries.append(stream.summary())
+
+    def _lost_reason(self, what: str) -> str:
+        self.ctx.lost = True
+        if not self.ctx.machine.alive():
+            return "VM lost: {} ({})".format(self.ctx.machine.why_dead(), what)
+        return "VM lost: {} (lost connection, or the guest crashed?)".format(what)
+
+    def _tests(self, ctx: VmContext) -> None:
+        """Queue mode: run one test at a time from the shared queue until it is empty."""
+        queue = self.run.queue
+        while not self.run.cancel.is_set():
+            item = queue.take(self.name)
+            if item is None:
+                break
+            started = time.monotonic()
+            try:
+                code = self._stream_command(ctx, queue.command_for(self.cfg, item), self.cfg.timeouts.test)
+            finally:
+                ctx.busy += time.monotonic() - started
+                ctx.tests_run += 1
+                queue.done(item)
+            if code != 0:
+                ctx.exit_code = code
+        if ctx.exit_code == 1 and ctx.tests_run and all(s.exit_ok for s in ctx.summaries):
+            ctx.exit_code = 0
+        if ctx.tests_run == 0:
+            ctx.exit_code = 0
+        ctx.stage_note = "{} tests".format(ctx.tests_run)
+
+    # -- teardown ----------------------------------------------------------
+    def keep_wanted(self) -> bool:
+        failed = self.ctx.error is not None or self.ctx.exit_code != 0
+        return self.cfg.keep == "always" or (self.cfg.keep == "on-failure" and failed)
+
+    def _teardown(self, ctx: VmContext) -> None:
+        if ctx.conn is not None:
+            try:
+                ctx.conn.close()
+            except Exception:  # noqa: BLE001 - a broken transport is already closed for us
+                pass
+        if self.keep_wanted() and ctx.machine.alive() and ctx.key is not None:
+            self._keep(ctx)
+            ctx.stage_status, ctx.stage_note = "ok", "kept"
+            return
+        try:
+            ctx.machine.destroy(self.cfg.timeouts.teardown)
+            if ctx.lease is not None:
+                shutil.rmtree(ctx.lease.key_dir, ignore_errors=True)
+                self.run.ledger.remove(self.name)
+        except TeardownAbandoned:
+            raise
+        except VmtasksError as exc:
+            self.run.reporter.error("teardown of {} failed: {}".format(self.name, exc.message))
+            self.run.reporter.error(self.leftovers())
+            ctx.teardown_failed = True
+            raise
+
+    def _keep(self, ctx: VmContext) -> None:
+        ctx.kept = True
+        ctx.lease = dataclasses.replace(ctx.lease, keep=True)
+        self.run.ledger.write(ctx.lease)
+        target = ctx.machine.ssh_target()
+        attach = ssh.attach_command(target.host, self.cfg.vm.user, ctx.key, target.proxy_command)
+        self.run.reporter.vm_kept(self.name, attach, self.remove_command())
+
+    def remove_command(self) -> str:
+        """Paste-able: removes the VM, its key dir and its lease."""
+        parts = [self.ctx.machine.remove_by_hand()]
+        if self.ctx.lease is not None:
+            parts.append("rm -rf {} {}".format(shlex.quote(self.ctx.lease.key_dir),
+                                               shlex.quote(str(self.run.ledger.lease_path(self.name)))))
+        return "; ".join(parts)
+
+    def leftovers(self) -> str:
+        return ("left behind: VM {vm} and its key (the lease stays so the sweep can find them)\n"
+                "  remove with: {sweep}\n  or by hand:  {hand}".format(
+                    vm=self.name, sweep=self.run.cleanup_command, hand=self.remove_command()))
