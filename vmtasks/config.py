@@ -60,6 +60,7 @@ class SyncSettings:
 class SuiteSettings:
     all: str = "go test -v -timeout 60m -tags=e2e,vm ./test/e2e/..."
     one: str = "go test -v -timeout 45m -tags=e2e,vm -run {test} ./test/e2e/..."
+    durations: str = ".vmtasks/durations.json"
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Timeouts:
     teardown: float = 120
     slot_wait: float = 1800
     poll: float = 1.0
+    test: float = 2700
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class Config:
     )
     keep: str = "never"
     test: Optional[str] = None
+    vms: int = 1
+    backend: str = "tart"
     state_dir: str = ""
     vm: VmSettings = field(default_factory=VmSettings)
     guest: GuestSettings = field(default_factory=GuestSettings)
@@ -346,6 +350,9 @@ def load(
     base_dir = path.parent if path is not None else cwd
     project = Path(values.get("project_dir", ".")).expanduser()
     values["project_dir"] = str((project if project.is_absolute() else base_dir / project).resolve())
+    for section, key, default in (("records", "dir", ".vmtasks/runs"), ("suite", "durations", ".vmtasks/durations.json")):
+        p = Path(values.get(section, {}).get(key, default)).expanduser()
+        values.setdefault(section, {})[key] = str(p if p.is_absolute() else base_dir / p)
     cfg = _build(Config, values)
     cfg = dataclasses.replace(cfg, source=str(path) if path else "<built-in defaults>")
     _check(cfg)
@@ -395,3 +402,28 @@ def _check(cfg: Config) -> None:
                               "one rsync pattern per entry")
     if cfg.test is not None and not cfg.test.strip():
         raise ConfigError("the test regex is empty", "pass --test with a go test -run regex")
+
+
+# TEMPORARY shims until the config work lands.
+def invoke_context_info(c):
+    return None, None, None
+
+
+def locate(explicit, environ, cwd, project_root=None, invoke_section=None, runtime_path=None, required=True):
+    return find_config_file(explicit, environ, cwd), None
+
+
+_load = load
+
+
+def load(path=None, environ=None, overrides=None, cwd=None, flag_names=None, invoke_layer=None):
+    return _load(path, environ, overrides, cwd)
+
+
+def test_from_env(environ):
+    return environ.get("OPENBOOT_VM_TEST") or None
+
+
+def check_host_paths(cfg):
+    if not Path(cfg.project_dir).is_dir():
+        raise ConfigError("project_dir {} does not exist".format(cfg.project_dir), "fix project_dir")

@@ -23,6 +23,12 @@ class Parts:
         self.environ = os.environ if environ is None else environ
         self.ledger = Ledger(state_dir(cfg, self.environ))
         self.records_root = Path(cfg.records.dir)
+        self.record = None  # the run record commands are logged to, once a run has one
+        self.runner = Runner(on_command=self._log_command)
+        if tart is None:
+            from .tart import Tart
+
+            tart = Tart(self.runner)
         self.backend = make_backend(cfg, tart)
         self.tart = getattr(self.backend, "tart", None)
         self.cleanup_command = cleanup_command(cfg)
@@ -33,9 +39,14 @@ class Parts:
         return RunRecord(self.records_root, run_id)
 
     def runner_for(self, record) -> Runner:
-        """The runner a run's own commands go through: each is logged to the run record."""
-        return Runner(on_command=lambda argv, code, seconds: record.command_ran(
-            "(host)", " ".join(shlex.quote(a) for a in argv), code, seconds))
+        """The runner every command goes through (tart, rsync, go, build steps): each one is
+        logged to ``record``'s commands.log."""
+        self.record = record
+        return self.runner
+
+    def _log_command(self, argv, code, seconds) -> None:
+        if self.record is not None:
+            self.record.command_ran("host", " ".join(shlex.quote(a) for a in argv), code, seconds)
 
     def check_host_paths(self) -> None:
         from . import config

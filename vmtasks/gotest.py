@@ -114,7 +114,7 @@ def list_packages(runner, project_dir: str, suite: GoSuite, timeout: float, canc
         list(suite.packages)
     done = runner.run(argv, timeout=timeout, cwd=project_dir, cancel=cancel)
     if not done.ok:
-        raise StageError("compile", "(host)", "`go list` exited {}".format(done.returncode),
+        raise StageError("compile", "host", "`go list` exited {}".format(done.returncode),
                          "fix the suite's packages (suite.all) or the Go module", done.stderr.splitlines()[-15:])
     root = Path(project_dir).resolve()
     out: List[Package] = []
@@ -124,7 +124,7 @@ def list_packages(runner, project_dir: str, suite: GoSuite, timeout: float, canc
             continue
         rel = os.path.relpath(str(Path(parts[1]).resolve()), str(root))
         if rel.startswith(".."):
-            raise StageError("compile", "(host)", "package {} is outside the project tree".format(parts[0]),
+            raise StageError("compile", "host", "package {} is outside the project tree".format(parts[0]),
                              "only packages under project_dir are synced into the guest")
         out.append(Package(parts[0], rel, re.sub(r"[^A-Za-z0-9]+", "_", parts[0]).strip("_") + ".test"))
     return out
@@ -135,7 +135,7 @@ def compile_package(runner, project_dir: str, suite: GoSuite, package: Package, 
     argv = ["go", "test", "-c", "-o", str(bin_dir / package.binary)] + list(suite.build_flags) + [package.import_path]
     done = runner.run(argv, timeout=timeout, cwd=project_dir, cancel=cancel)
     if not done.ok:
-        raise StageError("compile", "(host)", "`go test -c` for {} exited {}".format(package.import_path, done.returncode),
+        raise StageError("compile", "host", "`go test -c` for {} exited {}".format(package.import_path, done.returncode),
                          "the suite does not build: fix it, then run again", (done.stderr + done.stdout).splitlines()[-15:])
 
 
@@ -153,7 +153,7 @@ def list_tests(runner, project_dir: str, suite: GoSuite, package: Package, bin_d
     done = runner.run(argv, timeout=timeout, cwd=str(Path(project_dir) / package.rel_dir), env=host_env(),
                       cancel=cancel)
     if not done.ok:
-        raise StageError("compile", "(host)", "listing the tests of {} exited {}".format(
+        raise StageError("compile", "host", "listing the tests of {} exited {}".format(
             package.import_path, done.returncode),
             "a TestMain that fails without OPENBOOT_IN_VM=1 cannot be listed on the host; run with --vms 1",
             (done.stderr + done.stdout).splitlines()[-15:])

@@ -18,6 +18,8 @@ class RunRecord:
         self.dir = root / run_id
         self.stages: List[Dict[str, Any]] = []
         self.meta: Dict[str, Any] = {"run_id": run_id, "started": time.time()}
+        self.problems: List[str] = []
+        self.multi = False
 
     def create(self, config_json: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -30,8 +32,11 @@ class RunRecord:
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def stage_done(self, name: str, started: float, elapsed: float, status: str) -> None:
-        self.stages.append({"stage": name, "started": started, "seconds": round(elapsed, 4), "status": status})
+    def stage_done(self, vm: str, name: str, started: float, elapsed: float, status: str) -> None:
+        entry = {"stage": name, "started": started, "seconds": round(elapsed, 4), "status": status}
+        if vm and vm != "host":
+            entry["vm"] = vm
+        self.stages.append(entry)
         self._write_json("stages.json", self.stages)
 
     def seconds(self, stage: str) -> float:
@@ -39,6 +44,38 @@ class RunRecord:
 
     def total_seconds(self) -> float:
         return time.time() - self.meta["started"]
+
+    def vm_dir(self, vm: str) -> Path:
+        if not self.multi:
+            return self.dir
+        path = self.dir / "vms" / vm
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def note_traceback(self, vm: str, stage: str, text: str) -> str:
+        path = self.dir / "errors.log"
+        with open(path, "a") as fh:
+            fh.write("--- {} stage {}\n{}\n".format(vm, stage, text))
+        return str(path)
+
+    def command_ran(self, vm: str, text: str, code, seconds: float) -> None:
+        if not self.dir.is_dir():
+            return
+        with open(self.dir / "commands.log", "a") as fh:
+            fh.write("{} [{}] exit {} in {:.3f}s: {}\n".format(time.strftime("%H:%M:%S"), vm, code, seconds, text))
+
+    def open_stream(self, vm: str, name: str):
+        return open(self.vm_dir(vm) / name, "a", encoding="utf-8")
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.dir / name).write_text(text)
+
+    def copy_streams(self, target: Path, vms) -> None:
+        with open(target, "w") as out:
+            for vm in vms:
+                path = self.vm_dir(vm) / "suite-output.txt"
+                if path.is_file():
+                    out.write(path.read_text())
 
     def finish(self, **fields: Any) -> None:
         self.meta.update(fields)

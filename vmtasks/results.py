@@ -478,7 +478,7 @@ class SuiteStream:
         for line in lines:
             self._line(line)
 
-    def close(self) -> None:
+    def close(self, reason=None) -> None:
         """End of stream: parse a trailing partial line and fail whatever is unfinished.
 
         Running tests become interrupted failures; packages that never reported
@@ -1204,3 +1204,41 @@ def rerun_regex(names: Iterable[str]) -> str:
     if not unique:
         raise ValueError("rerun_regex: no test names given")
     return "^(" + "|".join(go_quote_meta(n) for n in unique) + ")$"
+
+
+# TEMPORARY shims until the results package lands.
+def merge(parts):
+    out = Summary()
+    for vm, summary in parts:
+        for r in summary.results:
+            r.vm = vm
+        out.results += summary.results
+        out.failures += summary.failures
+        out.package_failures.update(summary.package_failures)
+        out.elapsed += summary.elapsed
+    out.not_run = []
+    return out
+
+
+def mark_not_run(summary, expected):
+    seen = {(r.package, r.name) for r in summary.results}
+    summary.not_run = [e for e in expected if e not in seen]
+
+
+def verdict_line(summary, seconds):
+    return "DONE {} tests, {} skipped, {} failures in {:.1f}s".format(summary.total, summary.skipped, summary.failed, seconds)
+
+
+class History(DurationStore):
+    @classmethod
+    def load(cls, path, alpha=0.3):
+        try:
+            return super().load(path, alpha)
+        except Exception:
+            return cls(path)
+
+    def estimate(self, package, name):
+        return self.get(self.key(package, name), 1.0) or 1.0
+
+    def record(self, summary):
+        return super().record(summary.results)

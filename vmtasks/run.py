@@ -69,6 +69,7 @@ class Run:
         self.cleanup_command = parts.cleanup_command
         self.cancel = threading.Event()
         self.vm_count = max(1, request.vms)
+        self.record.multi = self.vm_count > 1
         self.queue: Optional[TestQueue] = None
         self.image = self.cfg.vm.base
         self.skip_setup = False
@@ -138,7 +139,7 @@ class Run:
         return self._finish()
 
     def _run_level(self) -> None:
-        runner = StageRunner(self.cfg, self.reporter, self.record, "(host)", self.cancel)
+        runner = StageRunner(self.cfg, self.reporter, self.record, "host", self.cancel)
         for stage in self.run_stages():
             if self.cancel.is_set():
                 raise Cancelled("the run is stopping")
@@ -161,7 +162,7 @@ class Run:
             left = max(1.0, ctx.deadline - time.monotonic())
             done = self.runner.run(command, shell=True, cwd=self.cfg.project_dir, timeout=left, cancel=self.cancel)
             if not done.ok:
-                raise StageError("build", "(host)", "`{}` exited {}".format(command, done.returncode),
+                raise StageError("build", "host", "`{}` exited {}".format(command, done.returncode),
                                  "fix the build on the host first (config: build)",
                                  (done.stdout + done.stderr).splitlines()[-15:])
 

@@ -89,6 +89,7 @@ class VmContext:
     stage_note: str = ""
     error: Optional[VmtasksError] = None
     lost: bool = False
+    teardown_failed: bool = False
     tests_run: int = 0
     busy: float = 0.0
 
@@ -143,10 +144,12 @@ class VmPipeline:
         ctx = self.ctx
         try:
             for stage in self.stages():
+                if self.run.queue is not None and self.run.queue.exhausted():
+                    # The other VMs took every test while this one was starting: stop here.
+                    ctx.stage_note = "no tests left for this VM"
+                    break
                 if stage.enabled(ctx):
                     self.runner.run(stage, ctx)
-                    if self.run.queue is not None and self.run.queue.empty() and stage.name == "clone":
-                        pass
         except (Interrupted, Cancelled) as exc:
             ctx.error = exc if isinstance(exc, Interrupted) else None
         except VmtasksError as exc:
@@ -170,7 +173,9 @@ class VmPipeline:
     def _clone(self, ctx: VmContext) -> None:
         run = self.run
         # The lease comes first: from here on, whatever exists is ours and sweepable.
-        ctx.lease = run.ledger.new_lease(self.name, run.run_id, keep=False, base=run.image)
+        lease = run.ledger.new_lease(self.name, run.run_id, keep=False, base=run.image)
+        # One key per VM: a kept VM's key must not go when its sibling's teardown runs.
+        ctx.lease = dataclasses.replace(lease, key_dir=str(run.ledger.keys_dir / self.name))
         run.ledger.write(ctx.lease)
         ctx.key = ssh.generate_key(Path(ctx.lease.key_dir), "vmtasks-" + run.run_id)
         ctx.machine.create(run.image, ctx.deadline, run.cancel)
@@ -298,11 +303,11 @@ class VmPipeline:
                 raise
             except VmtasksError as exc:
                 reason = self._lost_reason(exc.message)
-                raise StageError(self.run.stage_name, self.name, reason, "see the VM console in the run record",
+                raise StageError(self.runner.current, self.name, reason, "see the VM console in the run record",
                                  ctx.machine.console_tail()) from None
             if result.exit_code < 0:
                 reason = self._lost_reason("the SSH session ended without an exit status")
-                raise StageError(self.run.stage_name, self.name, reason,
+                raise StageError(self.runner.current, self.name, reason,
                                  "see the VM console in the run record", ctx.machine.console_tail())
             return result.exit_code
         finally:
