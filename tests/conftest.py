@@ -38,7 +38,7 @@ class FakeRunner:
         self.inputs: List[Optional[str]] = []
         self.responses = responses or {}
 
-    def run(self, argv, *, timeout=None, input=None) -> Result:
+    def run(self, argv, *, timeout=None, input=None, **kwargs) -> Result:
         argv = list(argv)
         self.calls.append(argv)
         self.inputs.append(input)

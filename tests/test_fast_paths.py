@@ -8,7 +8,7 @@ import socket
 
 from conftest import FakeRunner, ok, tart_list_json
 from vmtasks import config, ssh, sweep
-from vmtasks import run as run_mod
+from vmtasks import machine_tart as run_mod
 from vmtasks.ledger import Ledger
 from vmtasks.tart import Tart
 
@@ -25,9 +25,11 @@ def test_the_sweep_reuses_preflights_tart_list(tmp_path, monkeypatch):
     tart = Tart(runner)
     ledger = Ledger(tmp_path / "state")
     cfg = config.load(None, environ={}, cwd=tmp_path)
-    listed = run_mod.preflight(cfg, tart, ledger)
+    listed = run_mod.TartBackend(tart).preflight(cfg.vm.base)
     assert [vm.name for vm in listed] == ["tahoe-base", "p-orphan"]
-    plan = sweep.plan(tart, ledger, "p", listed=listed)
+    from vmtasks.orphans import _as_tart_rows
+
+    plan = sweep.plan(tart, ledger, "p", listed=_as_tart_rows(listed))
     assert [(a.kind, a.name) for a in plan.actions] == [("vm", "p-orphan")]
     assert [c[1] for c in runner.calls] == ["list"]
     sweep.plan(tart, ledger, "p")  # on its own (cleanup-orphans) it lists for itself

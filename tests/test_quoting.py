@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmtasks import config, inner
-from vmtasks.run import inner_command, tool_bundle
+from vmtasks.vm import inner_command, tool_bundle
 
 HOSTILE = [
     "TestA|TestB",

@@ -90,6 +90,9 @@ class Ledger:
     def _path(self, vm: str) -> Path:
         return self.leases_dir / (vm + ".json")
 
+    def lease_path(self, vm: str) -> Path:
+        return self._path(vm)
+
     def new_lease(self, vm: str, run_id: str, keep: bool, base: str) -> Lease:
         pid = os.getpid()
         return Lease(vm=vm, run_id=run_id, pid=pid, pid_start=process_start_time(pid) or "",

@@ -29,6 +29,7 @@ class Stage:
     commands: Callable[[Any], List[str]] = lambda ctx: []  # what --dry-run prints under it
     enabled: Callable[[Any], bool] = lambda ctx: True
     hint: str = ""  # what to do when it fails, if the error has no hint of its own
+    cancellable: bool = True  # teardown is not: it runs however the run is stopping
 
 
 class StageRunner:
@@ -44,6 +45,7 @@ class StageRunner:
         self.cancel = cancel
         self.console_tail = console_tail
         self.current = ""
+        self.interrupted_at = ""  # the stage a signal stopped
 
     def seconds_for(self, stage: Stage) -> Optional[float]:
         return getattr(self.cfg.timeouts, stage.deadline) if stage.deadline else None
@@ -56,11 +58,12 @@ class StageRunner:
         self.reporter.stage_started(self.vm, stage.name, seconds)
         status, note = "ok", ""
         try:
-            if self.cancel.is_set():
+            if stage.cancellable and self.cancel.is_set():
                 raise Cancelled("the run is stopping")
             return stage.run(ctx)
         except (Interrupted, Cancelled):
             status = "interrupted"
+            self.interrupted_at = stage.name
             raise
         except StageError as exc:
             status = "failed"
@@ -77,7 +80,10 @@ class StageRunner:
             raise self._stage_error(stage, exc.message, exc.hint or stage.hint) from None
         except Exception as exc:  # a bug or an untranslated library error: keep its traceback
             status = "failed"
-            where = self.record.note_traceback(self.vm, stage.name, traceback.format_exc())
+            text = traceback.format_exc()
+            where = self.record.note_traceback(self.vm, stage.name, text)
+            if getattr(self.reporter, "verbose", False):
+                self.reporter.error(text.rstrip())
             raise self._stage_error(stage, "unexpected error: " + describe_unexpected(exc),
                                     "this is a bug in vmtasks; the traceback is in " + where) from None
         finally:

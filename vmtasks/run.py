@@ -139,7 +139,7 @@ class Run:
         return self._finish()
 
     def _run_level(self) -> None:
-        runner = StageRunner(self.cfg, self.reporter, self.record, "host", self.cancel)
+        runner = self.host_runner = StageRunner(self.cfg, self.reporter, self.record, "host", self.cancel)
         for stage in self.run_stages():
             if self.cancel.is_set():
                 raise Cancelled("the run is stopping")
@@ -251,6 +251,10 @@ class Run:
 
     def _finish(self) -> int:
         interrupted = self.guard.received is not None
+        if interrupted:
+            where = [r.interrupted_at for r in [getattr(self, "host_runner", None)] + [p.runner for p in self.pipelines]
+                     if r is not None and r.interrupted_at]
+            self.reporter.error(Interrupted(self.guard.received, where[0] if where else "").render())
         parts = []
         for p in self.pipelines:
             error = p.ctx.error

@@ -136,7 +136,8 @@ class VmPipeline:
     def teardown_stage(self) -> Stage:
         return Stage("teardown", "keep={}: stop and delete the VM, remove its key and lease".format(self.cfg.keep),
                      self._teardown, "teardown",
-                     lambda ctx: ["tart stop {0}; tart delete {0}".format(shlex.quote(self.name))])
+                     lambda ctx: ["tart stop {0}; tart delete {0}".format(shlex.quote(self.name))],
+                     cancellable=False)
 
     # -- the whole pipeline ----------------------------------------------------
     def execute(self) -> None:

@@ -130,9 +130,10 @@ class Env:
                         PATH=str(SCRIPTS) + os.pathsep + os.environ["PATH"], CI="true")
 
     def invoke(self, *args: str, env: Optional[Dict[str, str]] = None, timeout: float = 300,
-               config: Optional[Path] = EXAMPLE / "vm.yaml") -> Done:
+               config: Optional[Path] = None) -> Done:
         argv = [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args]
-        if config is not None and args and args[0] not in ("test-vm-inner", "test-vm-inner-run"):
+        config = config or self.default_config()
+        if args and args[0] not in ("test-vm-inner", "test-vm-inner-run"):
             argv += ["--config", str(config)]
         proc = subprocess.run(argv, cwd=str(self.cwd), env=dict(self.env, **(env or {})),
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -161,7 +162,15 @@ class Env:
         assert self.leases() == [], "leases leaked"
 
     def latest_record(self) -> Path:
-        return (self.cwd / ".vmtasks" / "runs" / "latest").resolve()
+        return (self.root / ".vmtasks" / "runs" / "latest").resolve()
+
+    def default_config(self) -> Path:
+        """The example's config, copied beside this test's records (records belong to
+        their config file's directory)."""
+        path = self.root / "vm.yaml"
+        if not path.exists():
+            self.write_config()
+        return path
 
     def write_config(self, name: str = "vm.yaml", **sections) -> Path:
         """The example config with some sections replaced (project_dir stays the example)."""

@@ -33,7 +33,7 @@ def test_three_runs_and_a_sweep(world):
         assert run.returncode == 0, err
     waited = [err for _, err in outputs if "waiting for a slot" in err]
     assert waited, "no run had to wait although only 2 VMs may run at once"
-    records = [p for p in (world.cwd / ".vmtasks" / "runs").iterdir() if p.is_dir() and not p.is_symlink()]
+    records = [p for p in (world.root / ".vmtasks" / "runs").iterdir() if p.is_dir() and not p.is_symlink()]
     assert len(records) == 3
     for record in records:
         assert json.loads((record / "result.json").read_text())["exit_code"] == 0

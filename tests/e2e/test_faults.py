@@ -3,8 +3,10 @@ in the message, and nothing left behind (no VM in `tart list`, no key dir, no le
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +15,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from .conftest import EXAMPLE, REPO, TOTALS
+from .conftest import EXAMPLE, PREFIX, REPO, TOTALS
 
 pytestmark = pytest.mark.e2e
 
@@ -72,9 +74,10 @@ def test_slow_stages_within_deadline_pass(world, scenario, env, sections):
 
 def start_run(world, env: Dict[str, str], config=None, args=("test-vm",)) -> subprocess.Popen:
     argv = [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args,
-            "--config", str(config or EXAMPLE / "vm.yaml")]
+            "--config", str(config or world.default_config())]
+    # Its own process group, as a terminal's foreground job: signals go to the whole group.
     return subprocess.Popen(argv, cwd=str(world.cwd), env=dict(world.env, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> List[str]:
@@ -112,7 +115,7 @@ def test_signal_during_long_stage(world, scenario, signum, marker, env, sections
     proc = start_run(world, env, cfg)
     lines = wait_for_line(proc, marker)
     time.sleep(1.0)  # well inside the stage
-    proc.send_signal(signum)
+    os.killpg(proc.pid, signum)  # as a terminal does: the whole foreground process group
     code = proc.wait(timeout=120)
     time.sleep(0.2)
     text = "".join(lines)
@@ -145,11 +148,11 @@ def test_second_ctrl_c_during_teardown_says_what_is_left(world):
                      world.write_config(guest={"env": {"GOSUITE_SLEEP": "60"}}))
     lines = wait_for_line(proc, "-> suite")
     time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     code = proc.wait(timeout=60)
     text = "".join(lines)
     assert code == 130, text
@@ -159,3 +162,44 @@ def test_second_ctrl_c_during_teardown_says_what_is_left(world):
     done = world.invoke("cleanup-orphans")
     assert done.code == 0, done.text
     expect_clean(world, "second-ctrl-c-in-teardown")
+
+
+def test_one_ctrl_c_during_teardown_is_noted_and_teardown_finishes(world):
+    """The suite passed; a terminal's Ctrl-C (to the whole process group) lands while
+    `tart stop` runs. The `tart` child has its own session, so it is not killed; the signal
+    is noted, teardown finishes, and the exit code is the suite's."""
+    proc = start_run(world, {"TART_STANDIN_STOP_DELAY": "3"}, args=("test-vm-run", "--test=TestShellRC"))
+    lines = wait_for_line(proc, "-> teardown")
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout=60)
+    text = "".join(lines)
+    assert code == 0, text
+    assert "teardown in progress, noted" in text, text
+    expect_clean(world, "one-ctrl-c-in-teardown")
+
+
+def test_ctrl_c_during_the_start_up_sweep_exits_130(world):
+    """An orphan whose `tart stop` is slow keeps the start-up sweep busy; Ctrl-C there is an
+    interruption like any other (exit 130), and the orphan is still removed."""
+    orphan = PREFIX + "-orphan-1"
+    assert world.tart("clone", "tahoe-base", orphan).returncode == 0
+    runner = subprocess.Popen(["tart", "run", "--no-graphics", orphan], env=world.env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leases = world.state / "leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    (leases / (orphan + ".json")).write_text(json.dumps({
+        "vm": orphan, "run_id": "orphan", "pid": dead.pid, "pid_start": "linux:1", "host": socket.gethostname(),
+        "key_dir": str(world.state / "keys" / "orphan"), "keep": False, "created": time.time() - 60}))
+    try:
+        proc = start_run(world, {"TART_STANDIN_STOP_DELAY": "3"})
+        lines = wait_for_line(proc, "-> orphan sweep")
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+        assert code == 130, "".join(lines)
+        expect_clean(world, "ctrl-c-in-sweep")
+    finally:
+        runner.kill()

@@ -1,0 +1,3 @@
+module example.com/uneven
+
+go 1.19
