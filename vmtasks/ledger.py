@@ -283,6 +283,16 @@ class Ledger:
             return None, "names VM {!r}, not the one in its file name".format(lease.vm[:100])
         return lease, ""
 
+    def has_lease(self, vm: str) -> bool:
+        """True if a lease file for ``vm`` exists, readable or not (or we cannot tell)."""
+        try:
+            os.stat(str(self.lease_path(vm)))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+
     def scan(self) -> Scan:
         """Every lease file: readable leases by VM name, and the unreadable ones with why."""
         out = Scan({}, [])

@@ -242,11 +242,11 @@ class RunRecord:
             return
         try:
             entries = list(self.root.iterdir())
+            runs = sorted((p for p in entries if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
+                          key=lambda p: p.name)
+            stale_staging = [p for p in entries if p.name.startswith(".") and p.name.endswith(".new") and p.is_dir()]
         except OSError:
-            return
-        runs = sorted((p for p in entries if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
-                      key=lambda p: p.name)
-        stale_staging = [p for p in entries if p.name.startswith(".") and p.name.endswith(".new") and p.is_dir()]
+            return  # pruning is housekeeping: the next run tries again
         for old in runs[:-keep_last] + stale_staging:
             if old.name != self.run_id and not record_owner_alive(old, self.owner):
                 shutil.rmtree(str(old), ignore_errors=True)
@@ -272,5 +272,9 @@ def record_owner_alive(record_dir: Path, me: Optional[Dict[str, Any]] = None) ->
 
 
 def latest_run(root: Path) -> Optional[Path]:
+    """The run directory ``latest`` points at, or None (no run yet, or unreadable)."""
     latest = Path(root) / "latest"
-    return latest.resolve() if latest.exists() else None
+    try:
+        return latest.resolve() if latest.exists() else None
+    except (OSError, RuntimeError):
+        return None

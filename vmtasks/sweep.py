@@ -96,9 +96,9 @@ class SweepPlan:
         return lines
 
     def action_line(self, action: Action, dry_run: bool = False) -> str:
-        return "{} {} {}: {}".format("would remove" if dry_run else "removing",
-                                     "child of" if action.kind == "child" else action.kind,
-                                     action.name, action.reason)
+        if action.kind == "child":
+            return "{} the child of {}: {}".format("would stop" if dry_run else "stopping", action.name, action.reason)
+        return "{} {} {}: {}".format("would remove" if dry_run else "removing", action.kind, action.name, action.reason)
 
     def lines(self, dry_run: bool = False) -> List[str]:
         """Everything to show: the waits, the actions, then the notes."""
@@ -273,7 +273,7 @@ def apply(plan_: SweepPlan, tart, ledger: Ledger, stop_timeout: float = 30,
 def _remove_vm(action: Action, tart, ledger: Ledger, stop_timeout: float) -> None:
     if action.stop:
         tart.stop(action.name, timeout=stop_timeout)
-    elif ledger.lease_path(action.name).exists():
+    elif ledger.has_lease(action.name):
         return  # a lease appeared since the plan: not an orphan after all
     # Unleased VMs are never stopped: `tart delete` refuses a running VM, so one that a run
     # started since the plan fails here instead of being killed.
