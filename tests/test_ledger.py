@@ -116,7 +116,7 @@ def test_unreadable_leases_are_reported_with_why(ledger):
     why = {u.vm: u.reason for u in scan.unreadable}
     assert set(why) == {"p-junk", "p-short", "p-typed", "p-moved"}
     assert "not a valid lease" in why["p-junk"]
-    assert "missing field(s): run_id, pid_start, host, key_dir" in why["p-short"]
+    assert "missing field(s): run_id, pid_start, host, key_dir, keep, created" in why["p-short"]
     assert "pid is not an integer" in why["p-typed"]
     assert "names VM 'p-other'" in why["p-moved"]
     assert all(u.path == ledger.lease_path(u.vm) for u in scan.unreadable)
@@ -137,7 +137,7 @@ def test_full_disk_while_writing_the_lease_is_a_clear_error(tmp_path):
         fill_disk(disk)
         with pytest.raises(StateError) as err:
             ledger.write(ledger.new_lease("p-full", "full", keep=False, base="b"))
-        assert "No space left" in err.value.message and "free disk space" in err.value.hint
+        assert "No space left" in err.value.message and "disk is full" in err.value.hint
         assert ledger.all() == {} and not list(ledger.leases_dir.iterdir())
 
 

@@ -135,7 +135,8 @@ def owner_stamp(pid: Optional[int] = None) -> Dict[str, Any]:
 
 # -- leases ----------------------------------------------------------------------
 
-REQUIRED = ("vm", "run_id", "pid", "pid_start", "host", "key_dir")
+# Every version wrote these; a lease without one is not ours to judge (left alone, reported).
+REQUIRED = ("vm", "run_id", "pid", "pid_start", "host", "key_dir", "keep", "created")
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,7 @@ class Ledger:
             write_atomic(self.lease_path(lease.vm), json.dumps(asdict(lease)), mode=0o600, durable=True)
         except StateError as exc:
             raise StateError("cannot record the lease for {} in {}: {}".format(
-                lease.vm, self.leases_dir, exc.message.rsplit(": ", 1)[-1]),
-                "free disk space or fix permissions of the state directory, then retry") from None
+                lease.vm, self.leases_dir, exc.message.rsplit(": ", 1)[-1]), exc.hint) from None
 
     def read(self, vm: str) -> Optional[Lease]:
         """``vm``'s lease, or None when there is none or it cannot be read (see ``scan``)."""
