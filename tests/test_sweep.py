@@ -18,7 +18,7 @@ from test_ledger import dead_pid, lease_for
 from vmtasks import sweep
 from vmtasks.errors import CommandTimeout
 from vmtasks.ledger import Lease, Ledger, process_start_time
-from vmtasks.proc import Result
+from vmtasks.proc import Result, Runner
 from vmtasks.tart import Tart
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,6 +259,27 @@ def test_a_live_owners_child_is_not_waited_for(ledger, tmp_path):
 
 SCRIPTS = REPO / "scripts"
 
+
+@pytest.fixture
+def standin():
+    """``(env, Tart)`` for the stand-in with its own TART_HOME and a base VM ``sweep-base``;
+    every VM in it is stopped and deleted afterwards."""
+    if os.geteuid() != 0 or sys.platform != "linux":
+        pytest.skip("the Linux `tart` stand-in needs root")
+    home = Path("/tmp/ledger") / ("tart-home-" + uuid.uuid4().hex[:8])
+    home.mkdir(parents=True)
+    env = dict(os.environ, TART_HOME=str(home), PATH=str(SCRIPTS) + os.pathsep + os.environ["PATH"])
+    tart = Tart(Runner(env=env))
+    try:
+        subprocess.run(["tart", "create", "sweep-base"], env=env, check=True, timeout=60, capture_output=True)
+        yield env, tart
+    finally:
+        for vm in tart.list():
+            tart.stop(vm.name, timeout=10)
+            tart.delete(vm.name)
+        shutil.rmtree(str(home), ignore_errors=True)
+
+
 OWNER = """
 import os, subprocess, sys, time
 sys.path.insert(0, {repo!r})
@@ -275,36 +296,46 @@ time.sleep(60)
 """
 
 
-def test_kill_9_during_a_real_clone_leaves_nothing_after_the_sweep(tmp_path):
-    if os.geteuid() != 0 or sys.platform != "linux":
-        pytest.skip("the Linux `tart` stand-in needs root")
-    home = Path("/tmp/ledger") / ("tart-home-" + uuid.uuid4().hex[:8])
-    home.mkdir(parents=True)
-    env = dict(os.environ, TART_HOME=str(home), PATH=str(SCRIPTS) + os.pathsep + os.environ["PATH"])
+def test_kill_9_during_a_real_clone_leaves_nothing_after_the_sweep(standin, tmp_path):
+    env, tart = standin
     state = tmp_path / "state"
     vm = "p-" + uuid.uuid4().hex[:6]
+    owner = subprocess.Popen([sys.executable, "-c", OWNER.format(repo=str(REPO), state=str(state), vm=vm)],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "cloning"
+    owner.kill()  # kill -9: the clone child lives on
+    owner.wait()
+    ledger = Ledger(state)
+    plan = sweep.plan(tart, ledger, "p", child_wait=30)
+    assert kinds(plan) == [("vm", vm)], plan
+    assert sweep.apply(plan, tart, ledger) == []
+    time.sleep(2)  # had the clone been left running, its VM would appear now
+    assert [v.name for v in tart.list() if v.name.startswith("p-")] == []
+    assert ledger.all() == {} and ledger.key_dirs() == []
+
+
+def test_a_running_vm_leased_in_another_state_dir_survives_a_sweep(standin, tmp_path):
+    """Two checkouts on one TART_HOME, for real: checkout A's VM runs; B's sweep, even
+    with --include-unleased and two days later, leaves it running."""
+    env, tart = standin
+    vm = "p-" + uuid.uuid4().hex[:6]
+    theirs, mine = Ledger(tmp_path / "state-a"), Ledger(tmp_path / "state-b")
+    theirs.ensure()
+    mine.ensure()
+    theirs.write(theirs.new_lease(vm, "a1", keep=False, base="sweep-base"))
+    tart.clone("sweep-base", vm, timeout=120)
+    with open(tmp_path / "console.log", "ab") as log:
+        run = tart.start(vm, log)
     try:
-        subprocess.run(["tart", "create", "sweep-base"], env=env, check=True, timeout=60, capture_output=True)
-        owner = subprocess.Popen([sys.executable, "-c", OWNER.format(repo=str(REPO), state=str(state), vm=vm)],
-                                 env=env, stdout=subprocess.PIPE, text=True)
-        assert owner.stdout.readline().strip() == "cloning"
-        owner.kill()  # kill -9: the clone child lives on
-        owner.wait()
-        saved = dict(os.environ)
-        os.environ.update(env)
-        try:
-            ledger = Ledger(state)
-            tart = Tart()
-            plan = sweep.plan(tart, ledger, "p", child_wait=30)
-            assert kinds(plan) == [("vm", vm)], plan
-            assert sweep.apply(plan, tart, ledger) == []
-            time.sleep(2)  # had the clone been left running, its VM would appear now
-            assert [v.name for v in tart.list() if v.name.startswith("p-")] == []
-            assert ledger.all() == {} and ledger.key_dirs() == []
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        deadline = time.monotonic() + 60
+        while not any(v.name == vm and v.running for v in tart.list()):
+            assert time.monotonic() < deadline and run.poll() is None, (tmp_path / "console.log").read_text()
+            time.sleep(0.2)
+        plan = sweep.plan(tart, mine, "p", include_unleased=True, now=time.time() + 2 * 86400)
+        assert plan.actions == [] and [u.name for u in plan.unleased] == [vm]
+        assert sweep.apply(plan, tart, mine) == []
+        assert any(v.name == vm and v.running for v in tart.list())
+        assert sweep.plan(tart, theirs, "p").live == [vm]
     finally:
-        for name in ("sweep-base", vm):
-            subprocess.run(["tart", "delete", name], env=env, capture_output=True, timeout=60)
-        shutil.rmtree(str(home), ignore_errors=True)
+        tart.stop(vm, timeout=10)
+        run.wait(timeout=60)
