@@ -16,7 +16,11 @@ Never a live run's. The rules, in the order they are checked for each VM with ou
 
 ``plan`` decides and explains, ``apply`` acts; every line shown to the user that suggests a
 command uses the caller's ``cleanup_command`` (e.g. ``invoke cleanup-orphans --config
-/abs/vm.yaml``), so it works when pasted as is.
+/abs/vm.yaml``, already shell-quoted), so it works when pasted as is. Why wait for a dead
+run's child and then stop it: a ``tart clone`` builds the VM in a temporary directory and
+moves it into place at the end, so stopping it leaves no half VM; waiting first lets a clone
+that is nearly done finish, and the lease is kept until the child is over, so its VM always
+has a lease when it appears.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class SweepPlan:
         """What is left alone and why, each with a command that removes it when pasted."""
         cmd = self.cleanup_command
         lines = ["live (not touched): {}".format(name) for name in self.live]
-        lines += ["kept (not touched): {}; remove it with: {} --include-kept".format(name, cmd)
+        lines += ["kept (not touched): {}; remove kept VMs with: {} --include-kept".format(name, cmd)
                   for name in self.kept]
         for vm in self.unleased:
             if vm.running:
@@ -85,8 +89,8 @@ class SweepPlan:
                              "checkout's run (another state dir). If it is an orphan: tart stop {}; {} "
                              "--include-unleased".format(vm.name, _age(vm.age), shlex.quote(vm.name), cmd))
             else:
-                lines.append("no lease (not touched yet): {} is stopped, first seen {} ago; removed once {} "
-                             "old, or now with: {} --include-unleased".format(
+                lines.append("no lease (not touched yet): {} is stopped, first seen {} ago; a sweep removes it "
+                             "{} after that, or now: {} --include-unleased".format(
                                  vm.name, _age(vm.age), _age(self.unleased_after), cmd))
         for bad in self.unreadable:
             lines.append("unreadable lease (VM {} not touched): {}: {}; fix or delete that file, then: {}".format(
