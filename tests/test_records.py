@@ -158,3 +158,32 @@ def test_per_vm_folders_and_latest_points_at_the_run(tmp_path):
     assert [s.get("vm") for s in json.loads(record.path("stages.json").read_text())] == [None, "p-a", "p-b"]
     assert latest_run(root) == record.dir.resolve()
     assert record.problems == [] and record.incomplete() == ""
+
+
+LIMITED_RUN = """
+import json, resource, signal, sys
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from vmtasks.records import RunRecord
+record = RunRecord(Path({root!r}), "20260101-000000-abcd")
+record.create("{{}}")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.RLIM_INFINITY))
+with record.open_stream("suite-output.txt") as out:
+    for _ in range(50):
+        out.write("x" * 4096)
+record.write_text("summary.txt", "y" * 40000)
+record.finish(exit_code=0)
+print(json.dumps(record.problems))
+"""
+
+
+def test_a_file_size_limit_mid_run_is_noted_not_raised(tmp_path):
+    """The same promise without root: RLIMIT_FSIZE in a child process."""
+    done = subprocess.run([sys.executable, "-c", LIMITED_RUN.format(repo=str(REPO), root=str(tmp_path / "runs"))],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    problems = json.loads(done.stdout)
+    assert len(problems) == 2 and "suite-output.txt stopped after " in problems[0]
+    assert "File too large" in problems[0] and "summary.txt" in problems[1]
+    assert (tmp_path / "runs" / "20260101-000000-abcd" / "suite-output.txt").stat().st_size <= 32768
