@@ -43,8 +43,9 @@ class RecordStream:
     raises; on the first failure (disk full) it stops writing, notes the problem and counts
     what it dropped."""
 
-    def __init__(self, path: Path, on_problem, record_exists: bool = True) -> None:
+    def __init__(self, path: Path, on_problem, record_exists: bool = True, key: str = "") -> None:
         self.path = path
+        self.key = key or path.name  # what ``problems`` is deduplicated by
         self.written = 0
         self.dropped = 0
         self.failed = False
@@ -52,7 +53,7 @@ class RecordStream:
         self._fh = None
         if not record_exists:
             self.failed = True
-            on_problem(path.name, "{} not written: the run record was not created".format(path))
+            on_problem(self.key, "{} not written: the run record was not created".format(path))
             return
         try:
             self._fh = open(str(path), "ab")
@@ -67,7 +68,7 @@ class RecordStream:
                 fh.close()
             except OSError:
                 pass  # the buffered tail is lost; the problem is already noted below
-        self._on_problem(self.path.name, "{} stopped after {} bytes: {}".format(
+        self._on_problem(self.key, "{} stopped after {} bytes: {}".format(
             self.path, self.written, exc.strerror or exc))
 
     def write(self, text: str) -> None:
@@ -144,11 +145,11 @@ class RunRecord:
                              _create_hint(self.root, exc)) from None
         self.created = True
         gitignore = self.root.parent / ".gitignore"
-        if not gitignore.exists():
-            try:
+        try:
+            if not gitignore.exists():
                 write_atomic(gitignore, "# vmtasks run records and benchmarks\n*\n")
-            except StateError as exc:
-                self.note_problem(".gitignore", exc.message)
+        except (OSError, StateError) as exc:
+            self.note_problem(".gitignore", getattr(exc, "message", None) or str(exc))
         if self.stages:  # stages timed before the record existed (pre-flight)
             self._write_json("stages.json", self.stages)
         self._point_latest()
@@ -170,6 +171,10 @@ class RunRecord:
     def _file(self, name: str, vm: Optional[str]) -> Path:
         return (self.vm_dir(vm) if vm else self.dir) / name
 
+    @staticmethod
+    def _key(name: str, vm: Optional[str]) -> str:
+        return "{}/{}".format(vm, name) if vm else name
+
     def write_text(self, name: str, text: str, vm: Optional[str] = None) -> bool:
         """Write a whole file into the record, atomically; never raises. False (and a line
         in ``problems``) when it could not."""
@@ -179,12 +184,13 @@ class RunRecord:
             write_atomic(self._file(name, vm), text)
             return True
         except StateError as exc:
-            self.note_problem(name, exc.message)
+            self.note_problem(self._key(name, vm), exc.message)
             return False
 
     def open_stream(self, name: str, vm: Optional[str] = None) -> RecordStream:
         """A file in the record written piece by piece (big outputs); see ``RecordStream``."""
-        return RecordStream(self._file(name, vm), self.note_problem, record_exists=self.created)
+        return RecordStream(self._file(name, vm), self.note_problem, record_exists=self.created,
+                            key=self._key(name, vm))
 
     def note_problem(self, name: str, text: str) -> None:
         """Note that a record file could not be written (the first problem per file)."""
