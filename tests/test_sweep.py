@@ -184,6 +184,36 @@ def test_one_run_with_two_vms_is_removed_whole(ledger):
     assert ledger.all() == {} and ledger.key_dirs() == []
 
 
+class FakeBackend:
+    """A ``backend.Backend`` as the sweep uses it: ``list_vms`` and ``remove``."""
+
+    def __init__(self, vms):
+        self.vms = {vm.name: vm for vm in vms}
+        self.removed = []
+
+    def list_vms(self):
+        return list(self.vms.values())
+
+    def remove(self, name, timeout):
+        self.removed.append(name)
+        del self.vms[name]
+
+
+def test_a_backend_is_swept_through_list_vms_and_remove(ledger):
+    from vmtasks.backend import ListedVm
+
+    lease_for(ledger, "p-dead", pid=dead_pid())
+    backend = FakeBackend([ListedVm("p-dead", True, "running"), ListedVm("p-old", False, "stopped"),
+                           ListedVm("p-new", False, "stopped", created=time.time() - 3 * 86400)])
+    plan = sweep.plan(backend, ledger, "p", include_unleased=True)
+    assert kinds(plan) == [("vm", "p-dead"), ("vm", "p-new"), ("vm", "p-old")]
+    assert "created 72 h ago" in [a.reason for a in plan.actions if a.name == "p-new"][0]  # its known creation
+    backend.vms["p-old"] = ListedVm("p-old", True, "running")  # started since the plan
+    errors = sweep.apply(plan, backend, ledger)
+    assert backend.removed == ["p-dead", "p-new"] and len(errors) == 1 and "p-old is not stopped" in errors[0]
+    assert ledger.all() == {}
+
+
 CLONER = """
 import sys, time
 from pathlib import Path

@@ -62,6 +62,7 @@ class UnleasedVm:
     running: bool
     first_seen: float  # epoch seconds: when a sweep first saw it (or its creation, if known)
     age: float  # seconds since then
+    since: str = "first seen"  # or "created", when the backend knows
 
 
 @dataclass
@@ -85,13 +86,13 @@ class SweepPlan:
                   for name in self.kept]
         for vm in self.unleased:
             if vm.running:
-                lines.append("no lease (not touched): {} is running, first seen {} ago; it may be another "
+                lines.append("no lease (not touched): {} is running, {} {} ago; it may be another "
                              "checkout's run (another state dir). If it is an orphan: tart stop {}; {} "
-                             "--include-unleased".format(vm.name, _age(vm.age), shlex.quote(vm.name), cmd))
+                             "--include-unleased".format(vm.name, vm.since, _age(vm.age), shlex.quote(vm.name), cmd))
             else:
-                lines.append("no lease (not touched yet): {} is stopped, first seen {} ago; a sweep removes it "
+                lines.append("no lease (not touched yet): {} is stopped, {} {} ago; a sweep removes it "
                              "{} after that, or now: {} --include-unleased".format(
-                                 vm.name, _age(vm.age), _age(self.unleased_after), cmd))
+                                 vm.name, vm.since, _age(vm.age), _age(self.unleased_after), cmd))
         for bad in self.unreadable:
             lines.append("unreadable lease (VM {} not touched): {}: {}; fix or delete that file, then: {}".format(
                 bad.vm, bad.path, bad.reason, cmd))
@@ -136,8 +137,8 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
          on_wait: Callable[[str], None] = lambda text: None) -> SweepPlan:
     """Decide what to remove, with a reason for each, and what to leave and why.
 
-    ``tart``: anything with ``list()`` returning items with ``name``, ``running``, ``state``
-    (and optionally ``created``). ``listed``: a listing already read (pre-flight's); it must
+    ``tart``: the ``Tart`` driver or a ``backend.Backend``; its VMs have ``name``,
+    ``running``, ``state`` (and optionally ``created``). ``listed``: a listing already read (pre-flight's); it must
     be older than the leases we read, see below. ``now``: wall clock, for tests.
 
     Order matters for safety against a run starting right now: a run writes its lease before
@@ -150,7 +151,7 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
     announced: Dict[str, Child] = {}
     while True:
         key_dirs = ledger.key_dirs()
-        vms = [vm for vm in (tart.list() if listed is None else listed) if vm.name.startswith(prefix + "-")]
+        vms = [vm for vm in (_list(tart) if listed is None else listed) if vm.name.startswith(prefix + "-")]
         scan = ledger.scan()
         pending = _pending_children(ledger, scan, prefix)
         if not pending or time.monotonic() >= deadline:
@@ -239,21 +240,24 @@ def _decide_unleased(result: SweepPlan, ledger: Ledger, vms: Sequence, now: floa
                                "new".format(problem))
     for vm in vms:
         created = getattr(vm, "created", None)
-        since = created if isinstance(created, (int, float)) and created > 0 else first_seen[vm.name]
+        known = isinstance(created, (int, float)) and created > 0
+        since = created if known else first_seen[vm.name]
+        label = "created" if known else "first seen"
         age = now - since
         stopped = not vm.running and getattr(vm, "state", "stopped") == "stopped"
         if stopped and (include_unleased or age >= unleased_after):
             why = "asked to (--include-unleased)" if include_unleased and age < unleased_after else \
-                "first seen {} ago".format(_age(age))
+                "{} {} ago".format(label, _age(age))
             result.actions.append(Action("vm", vm.name, "stopped, no lease, {}".format(why), stop=False))
         else:
-            result.unleased.append(UnleasedVm(vm.name, bool(vm.running), since, age))
+            result.unleased.append(UnleasedVm(vm.name, bool(vm.running), since, age, label))
 
 
 def apply(plan_: SweepPlan, tart, ledger: Ledger, stop_timeout: float = 30,
           on_action: Callable[[Action], None] = lambda a: None) -> List[str]:
-    """Carry out a plan; one action failing (a hung or failing ``tart stop``) does not stop
-    the others. Returns one line per failure, each saying what to run next."""
+    """Carry out a plan with the same ``tart`` (driver or backend) it was made from; one
+    action failing (a hung or failing ``tart stop``) does not stop the others. Returns one
+    line per failure, each saying what to run next."""
     errors = []
     for action in plan_.actions:
         on_action(action)
@@ -274,14 +278,26 @@ def apply(plan_: SweepPlan, tart, ledger: Ledger, stop_timeout: float = 30,
     return errors
 
 
-def _remove_vm(action: Action, tart, ledger: Ledger, stop_timeout: float) -> None:
-    if action.stop:
-        tart.stop(action.name, timeout=stop_timeout)
-    elif ledger.has_lease(action.name):
+def _list(source) -> list:
+    """The VMs of a ``Tart`` driver (``list``) or a ``backend.Backend`` (``list_vms``)."""
+    return source.list_vms() if hasattr(source, "list_vms") else source.list()
+
+
+def _remove_vm(action: Action, source, ledger: Ledger, stop_timeout: float) -> None:
+    if not action.stop and ledger.has_lease(action.name):
         return  # a lease appeared since the plan: not an orphan after all
-    # Unleased VMs are never stopped: `tart delete` refuses a running VM, so one that a run
-    # started since the plan fails here instead of being killed.
-    tart.delete(action.name)
+    if not hasattr(source, "delete"):  # a backend.Backend: one call stops and deletes
+        if not action.stop and any(vm.name == action.name and (vm.running or vm.state != "stopped")
+                                   for vm in _list(source)):
+            raise StateError("{} is not stopped any more: left alone".format(action.name),
+                             "it may be another checkout's run; stop it first if it is an orphan")
+        source.remove(action.name, timeout=stop_timeout)
+    else:
+        if action.stop:
+            source.stop(action.name, timeout=stop_timeout)
+        # Unleased VMs are never stopped: `tart delete` refuses a running VM, so one that a
+        # run started since the plan fails here instead of being killed.
+        source.delete(action.name)
     if action.stop:
         ledger.release(action.name)
 
