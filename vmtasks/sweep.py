@@ -153,7 +153,10 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
         key_dirs = ledger.key_dirs()
         vms = [vm for vm in (_list(tart) if listed is None else listed) if vm.name.startswith(prefix + "-")]
         scan = ledger.scan()
-        pending = _pending_children(ledger, scan, prefix)
+        # Judged once per pass: an owner dying mid-plan must not look alive to one rule
+        # (its child not waited for) and dead to the next (its lease removed).
+        alive = {name: lease.owner_alive() for name, lease in scan.leases.items() if name.startswith(prefix + "-")}
+        pending = _pending_children(ledger, scan, alive)
         if not pending or time.monotonic() >= deadline:
             break
         for name, child in pending.items():
@@ -165,16 +168,16 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
                 on_wait(text)
         _wait_for_any(pending, deadline)
         listed = None
-    _decide(result, ledger, vms, scan, key_dirs, pending, prefix, now,
+    _decide(result, ledger, vms, scan, alive, key_dirs, pending, prefix, now,
             include_kept, kept_max_age, include_unleased, unleased_after, child_wait)
     return result
 
 
-def _pending_children(ledger: Ledger, scan: Scan, prefix: str) -> Dict[str, Child]:
+def _pending_children(ledger: Ledger, scan: Scan, alive: Dict[str, bool]) -> Dict[str, Child]:
     """Dead owners' VMs whose recorded child command still runs."""
     out: Dict[str, Child] = {}
-    for name, lease in scan.leases.items():
-        if name.startswith(prefix + "-") and not lease.owner_alive():
+    for name in scan.leases:
+        if name in alive and not alive[name]:
             child = ledger.child(name)
             if child is not None and child.alive():
                 out[name] = child
@@ -190,8 +193,8 @@ def _wait_for_any(pending: Dict[str, Child], deadline: float) -> None:
         delay = min(delay * 2, 0.5)
 
 
-def _decide(result: SweepPlan, ledger: Ledger, vms: Sequence, scan: Scan, key_dirs: List[Path],
-            pending: Dict[str, Child], prefix: str, now: float, include_kept: bool,
+def _decide(result: SweepPlan, ledger: Ledger, vms: Sequence, scan: Scan, alive: Dict[str, bool],
+            key_dirs: List[Path], pending: Dict[str, Child], prefix: str, now: float, include_kept: bool,
             kept_max_age: Optional[float], include_unleased: bool, unleased_after: float,
             child_wait: float) -> None:
     leases = scan.leases
@@ -211,7 +214,7 @@ def _decide(result: SweepPlan, ledger: Ledger, vms: Sequence, scan: Scan, key_di
             continue
         if vm.name in pending:
             continue
-        if lease.owner_alive():
+        if alive[vm.name]:
             result.live.append(vm.name)
         elif lease.keep:
             age = now - lease.created
@@ -222,9 +225,9 @@ def _decide(result: SweepPlan, ledger: Ledger, vms: Sequence, scan: Scan, key_di
         else:
             result.actions.append(Action("vm", vm.name, why_dead(lease)))
     for name, lease in sorted(leases.items()):
-        if name in vm_names or name in pending or not name.startswith(prefix + "-"):
+        if name in vm_names or name in pending or name not in alive:
             continue
-        if not lease.owner_alive():
+        if not alive[name]:
             result.actions.append(Action("lease", name, "VM gone and " + why_dead(lease)))
     _decide_unleased(result, ledger, no_lease, now, include_unleased, unleased_after)
     for key_dir in key_dirs:
