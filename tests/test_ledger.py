@@ -1,18 +1,18 @@
-"""Leases and the orphan sweep: never a live run's VM, always a dead run's."""
+"""Leases, liveness and in-flight children: a dead owner is proved dead, everything else is alive."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import FakeRunner, fail, ok, tart_list_json
-from vmtasks import sweep
-from vmtasks.errors import PreflightError
-from vmtasks.ledger import Lease, Ledger, process_start_time
-from vmtasks.tart import Tart
+from test_records import fill_disk, mounted_tmpfs
+from vmtasks.errors import StateError
+from vmtasks.ledger import (GONE, RUNNING, ZOMBIE, Lease, Ledger, _probe_proc, _probe_ps, probe_process,
+                            process_alive, process_start_time)
 
 
 @pytest.fixture
@@ -43,7 +43,8 @@ def test_lease_round_trip_and_atomic_file(ledger):
     lease = lease_for(ledger, "p-1")
     assert ledger.read("p-1") == lease
     assert lease.owner_alive()
-    assert not list(ledger.leases_dir.glob("*.tmp"))
+    assert not [p for p in ledger.leases_dir.iterdir() if p.name.endswith(".tmp")]
+    assert oct(ledger.lease_path("p-1").stat().st_mode & 0o777) == "0o600"
     ledger.remove("p-1")
     assert ledger.read("p-1") is None
 
@@ -57,70 +58,137 @@ def test_dead_pid_is_not_alive(ledger):
     assert not lease_for(ledger, "p-3", pid=dead_pid()).owner_alive()
 
 
-def test_unwritable_state_dir_is_a_preflight_error(tmp_path):
+def test_another_hosts_owner_and_an_unknown_start_time_count_as_alive():
+    assert process_alive(dead_pid(), "linux:1", host=socket.gethostname() + "-elsewhere")
+    assert process_alive(os.getpid(), "")  # the PID exists; without a start time we cannot prove reuse
+    assert not process_alive(dead_pid(), "")
+
+
+@pytest.fixture
+def zombie():
+    """A real zombie: a child that has exited and is not reaped (yet)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    start = process_start_time(child.pid)
+    assert start  # alive and probed while it runs
+    deadline = time.monotonic() + 10
+    while _probe_proc(child.pid)[0] != ZOMBIE:
+        assert time.monotonic() < deadline, "the child never became a zombie"
+        time.sleep(0.02)
+    yield child.pid, start
+    child.wait()
+
+
+def test_a_zombie_owner_is_dead(ledger, zombie):
+    pid, start = zombie
+    assert probe_process(pid) == (ZOMBIE, None)
+    assert process_start_time(pid) is None
+    assert not process_alive(pid, start)
+    assert not lease_for(ledger, "p-z", pid=pid, start=start).owner_alive()
+
+
+def test_a_zombie_is_dead_through_ps_too(zombie):
+    """The macOS path (`ps -o stat=,lstart=`), run with the real `ps` here."""
+    pid, _ = zombie
+    assert _probe_ps(pid) == (ZOMBIE, None)
+    state, token = _probe_ps(os.getpid())
+    assert state == RUNNING and token.startswith("ps:") and len(token) > 10
+    assert _probe_ps(dead_pid())[0] == GONE
+
+
+def test_a_lease_with_unknown_fields_is_read(ledger):
+    """Forward compatible: a newer version's extra field does not make a live VM look orphaned."""
+    lease = lease_for(ledger, "p-new")
+    data = json.loads(ledger.lease_path("p-new").read_text())
+    data.update(backend="tart", labels={"a": "b"})
+    ledger.lease_path("p-new").write_text(json.dumps(data))
+    assert ledger.read("p-new") == lease
+    assert ledger.scan().unreadable == []
+
+
+def test_unreadable_leases_are_reported_with_why(ledger):
+    ledger.lease_path("p-junk").write_text("{not json")
+    ledger.lease_path("p-short").write_text(json.dumps({"vm": "p-short", "pid": 1}))
+    ledger.lease_path("p-typed").write_text(json.dumps(dict(
+        ledger.new_lease("p-typed", "t", keep=False, base="b").__dict__, pid="12")))
+    ledger.lease_path("p-moved").write_text(json.dumps(ledger.new_lease("p-other", "o", keep=False, base="b").__dict__))
+    scan = ledger.scan()
+    assert scan.leases == {}
+    why = {u.vm: u.reason for u in scan.unreadable}
+    assert set(why) == {"p-junk", "p-short", "p-typed", "p-moved"}
+    assert "not a valid lease" in why["p-junk"]
+    assert "missing field(s): run_id, pid_start, host, key_dir, keep, created" in why["p-short"]
+    assert "pid is not an integer" in why["p-typed"]
+    assert "names VM 'p-other'" in why["p-moved"]
+    assert all(u.path == ledger.lease_path(u.vm) for u in scan.unreadable)
+
+
+def test_unwritable_state_dir_is_a_state_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(PreflightError, match="not writable"):
+    with pytest.raises(StateError, match="not writable") as err:
         Ledger(blocker / "state").ensure()
+    assert "VMTASKS_STATE_DIR" in err.value.hint
 
 
-def listing(*names_running):
-    return FakeRunner({"list": ok(tart_list_json(*[{"Name": n, "Running": r, "State": "running" if r else "stopped"}
-                                                   for n, r in names_running]))})
+def test_full_disk_while_writing_the_lease_is_a_clear_error(tmp_path):
+    with mounted_tmpfs(tmp_path / "disk", "64k") as disk:
+        ledger = Ledger(disk / "state")
+        ledger.ensure()
+        fill_disk(disk)
+        with pytest.raises(StateError) as err:
+            ledger.write(ledger.new_lease("p-full", "full", keep=False, base="b"))
+        assert "No space left" in err.value.message and "disk is full" in err.value.hint
+        assert ledger.all() == {} and not list(ledger.leases_dir.iterdir())
 
 
-def test_sweep_spares_live_and_kept_removes_dead_and_unleased(ledger):
-    lease_for(ledger, "p-live")
-    lease_for(ledger, "p-dead", pid=dead_pid())
-    lease_for(ledger, "p-kept", pid=dead_pid(), keep=True)
-    lease_for(ledger, "p-gone", pid=dead_pid())  # VM already deleted
-    (ledger.keys_dir / "stray").mkdir()
-    runner = listing(("tahoe-base", False), ("p-live", True), ("p-dead", True), ("p-kept", True),
-                     ("p-nolease", False), ("other-vm", True))
-    tart = Tart(runner)
-    plan = sweep.plan(tart, ledger, "p")
-    assert plan.live == ["p-live"]
-    assert plan.kept == ["p-kept"]
-    assert sorted((a.kind, a.name) for a in plan.actions) == [
-        ("key", "stray"), ("lease", "p-gone"), ("vm", "p-dead"), ("vm", "p-nolease")]
-    errors = sweep.apply(plan, tart, ledger)
-    assert errors == []
-    touched = [c[1:] for c in runner.calls if c[1] in ("stop", "delete")]
-    assert touched == [["stop", "--timeout", "30", "p-dead"], ["delete", "p-dead"],
-                       ["stop", "--timeout", "30", "p-nolease"], ["delete", "p-nolease"]]
-    assert set(ledger.all()) == {"p-live", "p-kept"}
-    assert sorted(p.name for p in ledger.key_dirs()) == sorted(
-        [os.path.basename(ledger.read("p-live").key_dir), os.path.basename(ledger.read("p-kept").key_dir)])
+def test_read_only_state_dir_is_a_state_error(tmp_path):
+    with mounted_tmpfs(tmp_path / "ro", "64k", read_only=True, prepare=lambda p: Ledger(p / "ok").ensure()) as disk:
+        with pytest.raises(StateError, match="Read-only file system"):
+            Ledger(disk / "state").ensure()
+        with pytest.raises(StateError, match="Read-only file system"):
+            Ledger(disk / "ok").ensure()
+        ledger = Ledger(disk / "ok")
+        with pytest.raises(StateError, match="Read-only file system"):
+            ledger.write(ledger.new_lease("p-ro", "ro", keep=False, base="b"))
 
 
-def test_kept_removed_when_asked_or_old(ledger):
-    lease_for(ledger, "p-kept", pid=dead_pid(), keep=True, created=time.time() - 7200)
-    tart = Tart(listing(("p-kept", True)))
-    assert sweep.plan(tart, ledger, "p").kept == ["p-kept"]
-    assert [a.name for a in sweep.plan(tart, ledger, "p", include_kept=True).actions] == ["p-kept"]
-    assert [a.name for a in sweep.plan(tart, ledger, "p", kept_max_age=3600).actions] == ["p-kept"]
-    assert sweep.plan(tart, ledger, "p", kept_max_age=3 * 3600).actions == []
+def test_note_child_records_pid_and_start_time(ledger):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        noted = ledger.note_child("p-c", child.pid, ["tart", "clone", "base", "p-c"])
+        assert noted.pid_start == process_start_time(child.pid)
+        read = ledger.child("p-c")
+        assert read == noted and read.alive() and read.command() == "tart clone base p-c"
+    finally:
+        child.kill()
+        child.wait()
+    assert not ledger.child("p-c").alive()  # a dead child's record is harmless
+    ledger.clear_child("p-c")
+    assert ledger.child("p-c") is None
+    ledger.clear_child("p-c")  # twice is fine
 
 
-def test_sweep_reports_tart_failure(ledger):
-    runner = FakeRunner({"list": ok(tart_list_json({"Name": "p-x", "Running": True})),
-                         "delete": fail(1, 'VM "p-x" is running')})
-    errors = sweep.apply(sweep.plan(Tart(runner), ledger, "p"), Tart(runner), ledger)
-    assert errors and "p-x" in errors[0]
+def test_one_run_many_vms_share_a_key_dir_until_the_last_release(ledger):
+    a = lease_for(ledger, "p-run1-a")
+    b = Lease(**dict(ledger.new_lease("p-run1-b", a.run_id, keep=False, base="b").__dict__))
+    ledger.write(b)
+    assert a.key_dir == b.key_dir and len(ledger.run_leases(a.run_id)) == 2
+    ledger.release("p-run1-a")
+    assert os.path.isdir(a.key_dir) and ledger.read("p-run1-a") is None
+    ledger.release("p-run1-b")
+    assert not os.path.exists(a.key_dir) and ledger.all() == {}
 
 
-def test_full_disk_while_writing_the_lease_is_a_clear_error(ledger, monkeypatch):
-    import errno
-
-    real_replace = os.replace
-
-    def no_space(src, dst):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", no_space)
-    lease = ledger.new_lease("p-full", "full", keep=False, base="b")
-    with pytest.raises(PreflightError) as err:
-        ledger.write(lease)
-    monkeypatch.setattr(os, "replace", real_replace)
-    assert "No space left" in err.value.message and "free disk space" in err.value.hint
-    assert ledger.all() == {} and not list(ledger.leases_dir.iterdir())
+def test_remove_by_hand_command_removes_vm_key_and_lease_when_pasted(ledger, tmp_path):
+    """The printed line, run by a shell as is (a fake `tart` records what it is asked)."""
+    lease = lease_for(ledger, "p-kept it", keep=True)
+    ledger.note_child("p-kept it", os.getpid(), ["x"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "tart.log"
+    (bin_dir / "tart").write_text("#!/bin/sh\necho \"$@\" >> {}\n".format(log))
+    (bin_dir / "tart").chmod(0o755)
+    line = ledger.remove_by_hand_command("p-kept it", lease.key_dir)
+    subprocess.run(["sh", "-c", line], check=True, env=dict(os.environ, PATH=str(bin_dir) + ":/usr/bin:/bin"))
+    assert log.read_text().splitlines() == ["stop p-kept it", "delete p-kept it"]
+    assert not os.path.exists(lease.key_dir) and ledger.all() == {} and ledger.child("p-kept it") is None

@@ -58,8 +58,11 @@ class Machine(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def create(self, image: str, deadline: float, cancel: threading.Event) -> None:
-        """Make the VM from ``image`` (tart: clone + set; orchard: POST /v1/vms)."""
+    def create(self, image: str, deadline: float, cancel: threading.Event,
+               on_start: Optional[Callable[[int], None]] = None) -> None:
+        """Make the VM from ``image`` (tart: clone + set; orchard: POST /v1/vms).
+        ``on_start(pid)``: told the PID of a local child doing the work (tart clone), so
+        the ledger can record it."""
 
     @abc.abstractmethod
     def start(self, console_log: Path, deadline: float, cancel: threading.Event,

@@ -81,6 +81,11 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class SweepSettings:
+    unleased_after: float = 24
+
+
+@dataclass(frozen=True)
 class RecordSettings:
     dir: str = ".vmtasks/runs"
     keep_last: int = 20
@@ -108,6 +113,7 @@ class Config:
     suite: SuiteSettings = field(default_factory=SuiteSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     records: RecordSettings = field(default_factory=RecordSettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
     source: str = "<built-in defaults>"
 
     def to_dict(self) -> Dict[str, Any]:

@@ -107,9 +107,10 @@ class TartMachine(Machine):
         self.exists = False  # a clone may have made it: teardown must try to delete
 
     # -- create and boot ---------------------------------------------------
-    def create(self, image: str, deadline: float, cancel: threading.Event) -> None:
+    def create(self, image: str, deadline: float, cancel: threading.Event, on_start=None) -> None:
         try:
-            self.tart.clone(image, self.name, timeout=max(1.0, deadline - time.monotonic()), cancel=cancel)
+            self.tart.clone(image, self.name, timeout=max(1.0, deadline - time.monotonic()), cancel=cancel,
+                            on_start=on_start)
         except TartError:
             raise  # tart clone builds in a temporary place: a failed clone made nothing
         except (CommandTimeout, Cancelled):
@@ -253,8 +254,7 @@ class TartMachine(Machine):
     def remove_by_hand(self) -> str:
         import shlex
 
-        vm = shlex.quote(self.name)
-        return "tart stop {0}; tart delete {0}".format(vm)
+        return "tart stop {0}; tart delete {0}".format(shlex.quote(self.name))
 
 
 class NoSlot(StageError):

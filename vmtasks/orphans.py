@@ -1,7 +1,8 @@
 """What dead runs left: the sweep at the start of every run and ``invoke cleanup-orphans``.
 
-The rules (who is an orphan) live in vmtasks/sweep.py; this module shows the plan, carries
-it out, and prints commands that work when pasted (they name the config in use).
+The rules (who is an orphan) live in vmtasks/sweep.py; this module feeds it the backend's
+listing (without prepared images, which are kept on purpose and have no lease), shows the
+plan, carries it out, and prints commands that work when pasted (they name the config).
 """
 
 from __future__ import annotations
@@ -10,40 +11,35 @@ import socket
 from typing import Optional
 
 
+def owned_listing(parts, listed=None):
+    """The backend's VMs, minus finished prepared images (vmtasks/images.py names)."""
+    from . import images
+
+    prefix = parts.cfg.vm.name_prefix
+    vms = parts.backend.list_vms() if listed is None else listed
+    return [vm for vm in vms if images.parse_prepared(prefix, vm.name) is None]
+
+
 def sweep(reporter, parts, dry_run: bool = False, include_kept: bool = False,
           max_age: Optional[float] = None, quiet: bool = False, listed=None,
-          include_unleased: bool = False) -> int:
+          include_unleased: bool = False, child_wait: Optional[float] = None) -> int:
     """Plan and (unless ``dry_run``) apply the sweep; 1 if something could not be removed."""
     from . import sweep as rules
 
-    plan = rules.plan(parts.tart, parts.ledger, parts.cfg.vm.name_prefix, include_kept=include_kept,
-                      kept_max_age=max_age, listed=_as_tart_rows(listed))
-    if not quiet or plan.actions:
-        for name in plan.live:
-            reporter.info("  live (not touched): {}".format(name))
-        for name in plan.kept:
-            reporter.info("  kept (not touched; `{} --include-kept` removes it): {}".format(
-                parts.cleanup_command, name))
-    for action in plan.actions:
-        reporter.info("  {} {} {}: {}".format("would remove" if dry_run else "removing", action.kind,
-                                              action.name, action.reason))
+    extra = {} if child_wait is None else {"child_wait": child_wait}
+    plan = rules.plan(parts.backend, parts.ledger, parts.cfg.vm.name_prefix, include_kept=include_kept,
+                      kept_max_age=max_age, listed=owned_listing(parts, listed), include_unleased=include_unleased,
+                      unleased_after=parts.cfg.sweep.unleased_after * 3600,
+                      cleanup_command=parts.cleanup_command, on_wait=reporter.info, **extra)
+    lines = plan.lines(dry_run)
+    if not quiet or plan.actions or plan.unreadable:
+        for line in lines:
+            reporter.info("  " + line)
     if dry_run:
         return 0
-    errors = rules.apply(plan, parts.tart, parts.ledger, stop_timeout=min(30, parts.cfg.timeouts.teardown))
+    errors = rules.apply(plan, parts.backend, parts.ledger, stop_timeout=min(30, parts.cfg.timeouts.teardown))
     for error in errors:
         reporter.error(error)
-    if errors:
-        reporter.error("{} of {} could not be removed: run `{}` again, or remove them by hand "
-                       "(`tart list`)".format(len(errors), len(plan.actions), parts.cleanup_command))
-    if not quiet and not plan.actions:
+    if not quiet and not plan.actions and not lines:
         reporter.info("no orphans on {}".format(socket.gethostname()))
     return 1 if errors else 0
-
-
-def _as_tart_rows(listed):
-    """The backend's listing in the shape the sweep reads (name, running, state)."""
-    if listed is None:
-        return None
-    from .tart import VmInfo
-
-    return [VmInfo(vm.name, vm.running, vm.state, "local", vm.size_gb) for vm in listed]

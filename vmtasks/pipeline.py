@@ -91,7 +91,8 @@ class StageRunner:
             if status == "ok" and getattr(ctx, "stage_status", None):
                 status, note = ctx.stage_status, getattr(ctx, "stage_note", "")
                 ctx.stage_status = None
-            self.record.stage_done(self.vm, stage.name, started_wall, elapsed, status)
+            self.record.stage_done(stage.name, started_wall, elapsed, status,
+                                   vm="" if self.vm == "host" else self.vm)
             self.reporter.stage_finished(self.vm, stage.name, elapsed, status, note)
 
     def _stage_error(self, stage: Stage, message: str, hint: str, tail: Optional[List[str]] = None) -> StageError:

@@ -69,7 +69,6 @@ class Run:
         self.cleanup_command = parts.cleanup_command
         self.cancel = threading.Event()
         self.vm_count = max(1, request.vms)
-        self.record.multi = self.vm_count > 1
         self.queue: Optional[TestQueue] = None
         self.image = self.cfg.vm.base
         self.skip_setup = False
@@ -325,12 +324,13 @@ class Run:
             try:
                 results.write_junit(summary, path)
             except VmtasksError as exc:
-                self.record.problems.append(exc.message)
+                self.record.note_problem(str(path), exc.message)
         if self.request.jsonfile:
-            self.record.copy_streams(Path(self.request.jsonfile), [p.name for p in self.pipelines])
+            self.record.copy_streams(Path(self.request.jsonfile), "suite-output.txt",
+                                     [p.record_key for p in self.pipelines])
         try:
             history = results.History.load(self.cfg.suite.durations)
             history.record(summary)
             history.save()
         except VmtasksError as exc:
-            self.record.problems.append(exc.message)
+            self.record.note_problem("durations", exc.message)

@@ -45,8 +45,10 @@ class Tart:
         return [self.binary, *args]
 
     def _run(self, *args: str, timeout: Optional[float] = 120, input: Optional[str] = None,
-             cancel=None) -> Result:
+             cancel=None, on_start=None) -> Result:
         kwargs = {"cancel": cancel} if cancel is not None else {}
+        if on_start is not None:
+            kwargs["on_start"] = on_start
         return self.runner.run(self._argv(*args), timeout=timeout, input=input, **kwargs)
 
     def _check(self, result: Result, hint: str = "") -> Result:
@@ -90,8 +92,8 @@ class Tart:
         except ValueError:
             return None
 
-    def clone(self, source: str, name: str, timeout: float, cancel=None) -> None:
-        self._check(self._run("clone", source, name, timeout=timeout, cancel=cancel),
+    def clone(self, source: str, name: str, timeout: float, cancel=None, on_start=None) -> None:
+        self._check(self._run("clone", source, name, timeout=timeout, cancel=cancel, on_start=on_start),
                     "check disk space (`df -h ~/.tart`) and that base image {} exists".format(source))
 
     def set(self, name: str, *, cpu: Optional[int] = None, memory: Optional[int] = None,

@@ -98,7 +98,9 @@ class VmPipeline:
     def __init__(self, run, name: str, machine: Machine) -> None:
         self.run = run  # vmtasks.run.Run: cfg, request, ledger, reporter, record, cancel, queue
         self.cfg = run.cfg
-        self.ctx = VmContext(name=name, machine=machine, dir=run.record.vm_dir(name))
+        self.record_key = name if run.vm_count > 1 else None  # one VM: its files at the record's top
+        self.ctx = VmContext(name=name, machine=machine,
+                             dir=run.record.vm_dir(name) if self.record_key else run.record.dir)
         self.runner = StageRunner(self.cfg, run.reporter, run.record, name, run.cancel,
                                   console_tail=machine.console_tail)
         self.teardown_done = threading.Event()
@@ -179,7 +181,13 @@ class VmPipeline:
         ctx.lease = dataclasses.replace(lease, key_dir=str(run.ledger.keys_dir / self.name))
         run.ledger.write(ctx.lease)
         ctx.key = ssh.generate_key(Path(ctx.lease.key_dir), "vmtasks-" + run.run_id)
-        ctx.machine.create(run.image, ctx.deadline, run.cancel)
+        # A `tart clone` that outlives a killed run would make an unleased VM after the
+        # sweep: the ledger notes the child, and a sweep waits for it (vmtasks/sweep.py).
+        try:
+            ctx.machine.create(run.image, ctx.deadline, run.cancel,
+                               on_start=lambda pid: run.ledger.note_child(self.name, pid, ["tart", "clone"]))
+        finally:
+            run.ledger.clear_child(self.name)
 
     def _boot(self, ctx: VmContext) -> None:
         def on_wait(text: str) -> None:
@@ -288,7 +296,7 @@ class VmPipeline:
 
     def _stream_command(self, ctx: VmContext, command: str, timeout: float, label: str = "") -> int:
         """Run a `go test -json`-speaking command, parse its events live, keep its summary."""
-        raw = self.run.record.open_stream(self.name, "suite-output.txt")
+        raw = self.run.record.open_stream("suite-output.txt", self.record_key)
         stream = results.SuiteStream(on_event=lambda event: self.run.on_test_event(self.name, event))
         reason = None
         try:
@@ -362,8 +370,8 @@ class VmPipeline:
         try:
             ctx.machine.destroy(self.cfg.timeouts.teardown)
             if ctx.lease is not None:
+                self.run.ledger.release(self.name)
                 shutil.rmtree(ctx.lease.key_dir, ignore_errors=True)
-                self.run.ledger.remove(self.name)
         except TeardownAbandoned:
             raise
         except VmtasksError as exc:
@@ -384,8 +392,7 @@ class VmPipeline:
         """Paste-able: removes the VM, its key dir and its lease."""
         parts = [self.ctx.machine.remove_by_hand()]
         if self.ctx.lease is not None:
-            parts.append("rm -rf {} {}".format(shlex.quote(self.ctx.lease.key_dir),
-                                               shlex.quote(str(self.run.ledger.lease_path(self.name)))))
+            parts.append(self.run.ledger.forget_command(self.name, self.ctx.lease.key_dir))
         return "; ".join(parts)
 
     def leftovers(self) -> str:
