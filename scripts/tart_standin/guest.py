@@ -652,16 +652,23 @@ RESTORE_REFUSED = ('Error Domain=VZErrorDomain Code=12 "The virtual machine fail
                    'virtual machine failed to restore with error \u201cinvalid argument\u201d.}')
 
 
+# The configuration a saved state must match to restore. Apple documents only "file contents
+# incompatible with the current configuration"; the MAC address is confirmed (tart #527), the
+# CPU count and memory size are the stand-in's assumption (the guest's memory image needs them).
+SAVED_CONFIG = ("macAddress", "cpuCount", "memorySize")
+
+
 def restore_saved_state(vm, config):
     """Tart's resume path, under the VM's lock: True when the saved state was restored (and
     consumed); False when there is none (cold boot). A saved state that does not match the
-    VM's MAC address is refused like Virtualization.framework does: exit 1, the state is
-    kept, and the VM stays suspended until `tart stop` drops it."""
+    VM's configuration (a new MAC address, CPU count or memory size) is refused as
+    Virtualization.framework does: exit 1, the state is kept, and the VM stays suspended
+    until `tart stop` drops it."""
     saved = vm.read_saved_state()
     if saved is None:
         return False
     _say("restoring VM state from a snapshot...")
-    if not saved or saved.get("macAddress") != config.get("macAddress"):
+    if not saved or any(saved.get(key) != config.get(key) for key in SAVED_CONFIG):
         raise TartError(RESTORE_REFUSED)
     vm.drop_saved_state()
     _say("resuming VM...")
@@ -681,9 +688,9 @@ def suspend(vm, config, suspendable, gpid):
     saved = {
         "standin": "saved state of a Linux stand-in VM (a real one holds the guest's memory)",
         "name": vm.name,
-        "macAddress": config.get("macAddress"),
         "savedAt": time.time(),
     }
+    saved.update((key, config.get(key)) for key in SAVED_CONFIG)
     try:
         storage.atomic_write(vm.saved_state_path, json.dumps(saved, indent=2) + "\n")
     except OSError as exc:

@@ -129,6 +129,17 @@ def test_new_mac_refuses_the_restore_until_stop_drops_the_state(tart, base):
     assert cold.wait() == 0
 
 
+@pytest.mark.parametrize("change", [["--cpu", "6"], ["--memory", "16384"]])
+def test_new_cpu_or_memory_refuses_the_restore(tart, base, change):
+    suspend(tart, base)
+    saved = json.loads(tart.saved_state(base).read_text())
+    assert (saved["cpuCount"], saved["memorySize"]) == (4, 8 * 1024 ** 3)
+    tart.ok("set", base, *change)
+    refused = tart("run", "--no-graphics", base, timeout=30)
+    assert refused.returncode == 1 and "failed to restore" in refused.stderr
+    assert tart.state(base) == "suspended"
+
+
 def test_clones_of_a_suspended_vm_keep_state_and_mac(tart, base):
     tart.ok("clone", base, "plain")
     assert tart.mac("plain") != tart.mac(base)  # a stopped source: new MAC
