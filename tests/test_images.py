@@ -313,6 +313,31 @@ def test_build_lock_of_a_killed_process_is_free(tmp_path):
         assert lock.waited < 1
 
 
+def test_abandoned_builds_are_those_without_a_live_builder(tmp_path):
+    vms = listing()  # builds of H1 (slot 2) and H3
+    with images.BuildLock(tmp_path, H1, run_id="live"):
+        assert [v.name for v in images.abandoned_builds(vms, PREFIX, tmp_path)] == [
+            images.building_name(PREFIX, H3)]
+    assert len(images.abandoned_builds(vms, PREFIX, tmp_path)) == 2
+
+
+def test_build_lock_file_removed_by_its_holder_is_not_split(tmp_path):
+    first = images.BuildLock(tmp_path, H1, run_id="A")
+    first.acquire()
+    waiter = images.BuildLock(tmp_path, H1, run_id="B", timeout=5)
+    thread = threading.Thread(target=waiter.acquire)
+    thread.start()
+    time.sleep(0.3)  # B now waits on the file A holds
+    first.path.unlink()  # e.g. a clean-up removing a stale hash's lock while holding it
+    first.release()
+    thread.join(5)
+    assert waiter.fd is not None
+    third = images.BuildLock(tmp_path, H1, timeout=0.3)
+    with pytest.raises(StateError):  # B holds the file now at the path, not an orphaned inode
+        third.acquire()
+    waiter.release()
+
+
 # --- disk use ---------------------------------------------------------------------------
 
 def test_disk_use(tmp_path):

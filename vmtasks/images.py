@@ -286,6 +286,18 @@ def leftover_builds(listing: Iterable[Entry], prefix: str) -> List[Entry]:
     return [entry for entry in listing if parse_building(prefix, _entry_name(entry)) is not None]
 
 
+def abandoned_builds(listing: Iterable[Entry], prefix: str,
+                     state_dir: Union[str, "os.PathLike[str]"]) -> List[Entry]:
+    """The leftover builds no live process is building (no holder of their hash's lock):
+    safe to stop and delete. A build killed with kill -9 leaves exactly these."""
+    abandoned = []
+    for entry in leftover_builds(listing, prefix):
+        parsed = parse_building(prefix, _entry_name(entry))
+        if parsed is not None and BuildLock.holder(state_dir, parsed.hash) is None:
+            abandoned.append(entry)
+    return abandoned
+
+
 # --- records of the inputs -----------------------------------------------------------------
 
 def images_dir(state_dir: Union[str, "os.PathLike[str]"]) -> Path:
@@ -355,7 +367,8 @@ def _ensure_dir(path: Path) -> None:
 
 class BuildLock:
     """One build per image hash at a time, across processes: ``flock`` on
-    ``<state dir>/images/<hash>.lock``.
+    ``<state dir>/images/<hash>.lock`` (left in place, a few bytes each; delete one only
+    while holding it).
 
     The holder writes who it is into the file; a waiter reads that and is told through
     ``on_wait("waiting for run X (pid N) to finish building image Y")``. The kernel frees the
@@ -390,28 +403,29 @@ class BuildLock:
     def acquire(self) -> None:
         """Take the lock, waiting (and saying so once) while another run holds it."""
         _ensure_dir(self.path.parent)
-        try:
-            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        except OSError as exc:
-            raise StateError("cannot open the build lock {}: {}".format(self.path, exc.strerror or exc),
-                             "fix the permissions of the state directory") from None
         started = time.monotonic()
         told = False
-        try:
-            while not _try_lock(fd):
-                if not told and self.on_wait is not None:
-                    self.on_wait(waiting_message(_read_holder(fd), self.image))
-                told = True
-                if self.timeout is not None and time.monotonic() - started >= self.timeout:
-                    holder = _read_holder(fd)
-                    raise StateError(
-                        "gave up after {:g}s {}".format(self.timeout, waiting_message(holder, self.image)),
-                        "if that run is stuck, stop it{}; a killed run frees the lock".format(
-                            " (kill {})".format(holder["pid"]) if holder.get("pid") else ""))
-                time.sleep(self.poll)
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = self._open()
+            try:
+                while not _try_lock(fd):
+                    if not told and self.on_wait is not None:
+                        time.sleep(min(self.poll, 0.05))  # let a fresh holder write who it is
+                        self.on_wait(waiting_message(_read_holder(fd), self.image))
+                    told = True
+                    if self.timeout is not None and time.monotonic() - started >= self.timeout:
+                        holder = _read_holder(fd)
+                        raise StateError(
+                            "gave up after {:g}s {}".format(self.timeout, waiting_message(holder, self.image)),
+                            "if that run is stuck, stop it{}; a killed run frees the lock".format(
+                                " (kill {})".format(holder["pid"]) if holder.get("pid") else ""))
+                    time.sleep(self.poll)
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed the file we waited on: lock the new one
         self.waited = time.monotonic() - started
         self.fd = fd
         info = {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(),
@@ -419,6 +433,13 @@ class BuildLock:
         data = json.dumps(info).encode("utf-8") + b"\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
+
+    def _open(self) -> int:
+        try:
+            return os.open(str(self.path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise StateError("cannot open the build lock {}: {}".format(self.path, exc.strerror or exc),
+                             "fix the permissions of the state directory") from None
 
     def release(self) -> None:
         if self.fd is None:
@@ -456,6 +477,13 @@ def _try_lock(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(str(path)).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _read_holder(fd: int) -> Dict[str, Any]:
