@@ -62,6 +62,15 @@ def knob_int(name, default):
     return int(raw)
 
 
+def knob_flag(name):
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise TartError("invalid %s=%r: expected 1 or 0" % (name, raw))
+
+
 def registry_dir():
     return os.environ.get("TART_STANDIN_RUN_DIR") or "/run/tart-standin"
 
@@ -471,6 +480,8 @@ def cmd_run(args, log):
     crash_after = knob_seconds("TART_STANDIN_CRASH_AFTER", None)
     stop_delay = knob_seconds("TART_STANDIN_STOP_DELAY", 0.0)
     max_vms = knob_int("TART_STANDIN_MAX_VMS", 2)
+    refuse_restore = knob_flag("TART_STANDIN_REFUSE_RESTORE")
+    refuse_suspend = knob_flag("TART_STANDIN_REFUSE_SUSPEND")
     check_prerequisites()
     listener = wildcard_ssh_listener(("tcp",))
     if listener:
@@ -510,7 +521,7 @@ def cmd_run(args, log):
     finally:
         os.close(lock_fd)
 
-    resumed = restore_saved_state(vm, config)
+    resumed = restore_saved_state(vm, config, refuse_restore)
 
     for sig in SIGNALS:
         signal.signal(sig, _raise_signal)
@@ -599,7 +610,7 @@ def cmd_run(args, log):
         elif sig.signum == signal.SIGUSR2:  # Tart: ask the guest OS to shut down
             _say("Requesting guest OS to stop...")
         elif sig.signum == signal.SIGUSR1:  # `tart suspend`: save the state, then stop
-            outcome, detail = suspend(vm, config, suspendable, gpid)
+            outcome, detail = suspend(vm, config, suspendable and not refuse_suspend, gpid)
         else:
             outcome, detail = "signal", sig.signum
     finally:
@@ -658,17 +669,17 @@ RESTORE_REFUSED = ('Error Domain=VZErrorDomain Code=12 "The virtual machine fail
 SAVED_CONFIG = ("macAddress", "cpuCount", "memorySize")
 
 
-def restore_saved_state(vm, config):
+def restore_saved_state(vm, config, refuse=False):
     """Tart's resume path, under the VM's lock: True when the saved state was restored (and
     consumed); False when there is none (cold boot). A saved state that does not match the
     VM's configuration (a new MAC address, CPU count or memory size) is refused as
     Virtualization.framework does: exit 1, the state is kept, and the VM stays suspended
-    until `tart stop` drops it."""
+    until `tart stop` drops it. ``refuse`` (TART_STANDIN_REFUSE_RESTORE) refuses any."""
     saved = vm.read_saved_state()
     if saved is None:
         return False
     _say("restoring VM state from a snapshot...")
-    if not saved or any(saved.get(key) != config.get(key) for key in SAVED_CONFIG):
+    if refuse or not saved or any(saved.get(key) != config.get(key) for key in SAVED_CONFIG):
         raise TartError(RESTORE_REFUSED)
     vm.drop_saved_state()
     _say("resuming VM...")

@@ -90,6 +90,23 @@ def test_suspend_without_suspendable_fails_the_run_like_tart(tart, base):
     assert tart.state(base) == "stopped" and not tart.saved_state(base).exists()
 
 
+def test_refuse_knobs(tart, base):
+    run = tart.start(base, ssh=False, flags=("--suspendable",), env={"TART_STANDIN_REFUSE_SUSPEND": "1"})
+    tart.ok("suspend", base)
+    assert run.wait() == 1 and run.stdout.startswith("Failed to suspend the VM: ")
+    assert tart.state(base) == "stopped"
+    suspend(tart, base)
+    refused = tart("run", "--no-graphics", base, env={"TART_STANDIN_REFUSE_RESTORE": "1"}, timeout=30)
+    assert refused.returncode == 1 and "failed to restore" in refused.stderr
+    assert tart.state(base) == "suspended"  # kept: without the knob it resumes
+    resumed = tart.start(base, ssh=False, env={"TART_STANDIN_REFUSE_RESTORE": "0"})
+    assert resumed.stdout == RESUME_LINES
+    tart.ok("stop", base)
+    assert resumed.wait() == 0
+    bad = tart("run", "--no-graphics", base, env={"TART_STANDIN_REFUSE_RESTORE": "maybe"})
+    assert bad.returncode == 1 and "TART_STANDIN_REFUSE_RESTORE" in bad.stderr
+
+
 def test_suspend_errors(tart, base):
     stopped = tart("suspend", base)
     assert (stopped.returncode, stopped.stderr) == (2, 'VM "base" is not running\n')
