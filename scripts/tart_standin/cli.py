@@ -55,11 +55,24 @@ COMMANDS = {
         flags={"--insecure": "insecure", "--deduplicate": "deduplicate"},
     ),
     "run": dict(
-        usage="tart run <name> [--no-graphics] [--graphics] [--no-audio] [--no-clipboard]",
+        usage="tart run <name> [--no-graphics] [--graphics] [--no-audio] [--no-clipboard] "
+              "[--suspendable]",
         positionals=[("name", "<name>")],
         options={},
         flags={"--no-graphics": "no_graphics", "--graphics": "graphics", "--no-audio": "no_audio",
-               "--no-clipboard": "no_clipboard"},
+               "--no-clipboard": "no_clipboard", "--suspendable": "suspendable"},
+    ),
+    "suspend": dict(
+        usage="tart suspend <name>",
+        positionals=[("name", "<name>")],
+        options={},
+        flags={},
+    ),
+    "rename": dict(
+        usage="tart rename <name> <new-name>",
+        positionals=[("name", "<name>"), ("new", "<new-name>")],
+        options={},
+        flags={},
     ),
     "ip": dict(
         usage="tart ip <name> [--wait <wait>] [--resolver <resolver>]",
@@ -111,8 +124,7 @@ COMMANDS = {
 }
 
 # Real Tart subcommands the stand-in does not provide.
-UNSUPPORTED = ("pull", "push", "login", "logout", "import", "export", "prune", "rename",
-               "suspend", "fqn")
+UNSUPPORTED = ("pull", "push", "login", "logout", "import", "export", "prune", "fqn")
 
 ROOT_USAGE = "tart <subcommand>"
 
@@ -128,8 +140,8 @@ def help_text(command=None):
         return "USAGE: %s\n\n(Linux stand-in for Tart; see scripts/README.md)\n" % usage_line(command)
     lines = ["OVERVIEW: Linux stand-in for Tart (see scripts/README.md)", "",
              "USAGE: tart <subcommand>", "", "SUBCOMMANDS:"]
-    lines += ["  " + name for name in ("create", "clone", "run", "set", "get", "list", "ip",
-                                        "exec", "stop", "delete")]
+    lines += ["  " + name for name in ("create", "clone", "run", "set", "get", "list", "rename",
+                                        "ip", "exec", "stop", "delete", "suspend")]
     return "\n".join(lines) + "\n"
 
 

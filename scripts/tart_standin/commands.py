@@ -1,4 +1,5 @@
-"""Subcommands that do not enter a guest: create, clone, list, get, set, delete, ip, stop."""
+"""Subcommands that do not enter a guest: create, clone, list, get, set, rename, delete, ip,
+stop, suspend."""
 
 import datetime
 import fcntl
@@ -152,11 +153,14 @@ def cmd_clone(args):
             raise TartError("failed to clone %s: %s" % (args.source, proc.stderr.strip()))
         # runtime files of a running source are not part of the clone
         storage.remove_tree(os.path.join(tmp, storage.STANDIN_DIR, storage.RUN_DIR))
-        clone = storage.VMDir(args.new, path=tmp)
-        config = clone.read_config()
-        # the source keeps its MAC address, so the clone gets a new one (as Tart does)
-        config["macAddress"] = storage.random_mac()
-        clone.write_config(config)
+        # The source keeps its MAC address, so the clone gets a new one, except from a
+        # suspended source: its saved state (copied along) only restores with that MAC.
+        # Tart's Clone does the same.
+        if source.state() != "suspended":
+            clone = storage.VMDir(args.new, path=tmp)
+            config = clone.read_config()
+            config["macAddress"] = storage.random_mac()
+            clone.write_config(config)
         move_into_place(tmp, args.new)
     finally:
         os.close(lock_fd)
@@ -295,6 +299,34 @@ def cmd_set(args):
     return 0
 
 
+# --- rename ------------------------------------------------------------------------
+
+
+def cmd_rename(args):
+    # Tart validates only the new name before running; the other checks are ValidationErrors
+    # thrown from run(), which swift-argument-parser prints with the root usage (exit 64).
+    check_local_name(args.new, "rename", "<new-name>")
+    source = storage.VMDir(args.name)
+    if "/" in args.name or not source.initialized():
+        raise UsageError("failed to rename a non-existent local VM: %s" % args.name)
+    lock_fd = storage.storage_lock()  # against a clone or create landing on the new name
+    try:
+        target = storage.VMDir(args.new)
+        if target.initialized():
+            raise UsageError("failed to rename VM %s, target VM %s already exists, delete it first!"
+                             % (args.name, args.new))
+        if source.running_pid():
+            # Tart renames a running VM's directory under it; the stand-in's guest keeps
+            # paths into it (sshd config, runtime state), so it refuses instead.
+            raise VMIsRunning(args.name)
+        if os.path.lexists(target.path):
+            storage.remove_tree(target.path)  # an incomplete directory, as Tart replaces it
+        os.rename(source.path, target.path)
+    finally:
+        os.close(lock_fd)
+    return 0
+
+
 # --- delete ------------------------------------------------------------------------
 
 
@@ -363,6 +395,9 @@ def _alive(pid, starttime):
 def cmd_stop(args):
     vm = storage.open_vm(args.name)
     pid = vm.running_pid()
+    if not pid and vm.state() == "suspended":
+        vm.drop_saved_state()  # Tart: stopping a suspended VM discards its saved state
+        return 0
     if not pid:
         raise VMNotRunning(args.name)
     state, _ = vm.read_runtime()
@@ -400,4 +435,24 @@ def cmd_stop(args):
         if not vm.running_pid() and not _alive(init_pid, init_start):
             break
         time.sleep(POLL)
+    return 0
+
+
+# --- suspend -----------------------------------------------------------------------
+
+
+def cmd_suspend(args):
+    """Like Tart: SIGUSR1 to the `tart run` process, which saves the state and exits.
+
+    Returns at once; whether the suspend worked shows in `tart run`'s output and exit code
+    and in the VM's State afterwards."""
+    vm = storage.open_vm(args.name)
+    pid = vm.running_pid()
+    if not pid:
+        raise VMNotRunning(args.name)
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        raise TartError('Failed to suspend the VM: failed to send SIGUSR1 signal to the "tart run" '
+                        'process running VM "%s"' % args.name)
     return 0

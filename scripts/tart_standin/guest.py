@@ -62,6 +62,15 @@ def knob_int(name, default):
     return int(raw)
 
 
+def knob_flag(name):
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise TartError("invalid %s=%r: expected 1 or 0" % (name, raw))
+
+
 def registry_dir():
     return os.environ.get("TART_STANDIN_RUN_DIR") or "/run/tart-standin"
 
@@ -459,20 +468,27 @@ def cmd_run(args, log):
         vm.validate()
     except VMDoesNotExist as exc:
         raise GenericError(exc.message)  # Tart reports this one through its validation path
+    config = vm.read_config()
+    # A suspended VM runs suspendable whatever the flags say (as in Tart's validate()).
+    suspendable = bool(args.suspendable) or vm.state() == "suspended"
+    if suspendable and config.get("os", "darwin") != "darwin":
+        raise UsageError("You can only suspend macOS VMs", "run")
     boot_delay = knob_seconds("TART_STANDIN_BOOT_DELAY", 0.0)
+    resume_delay = knob_seconds("TART_STANDIN_RESUME_DELAY", 0.0)
     sshd_delay = knob_seconds("TART_STANDIN_SSHD_DELAY", 0.0)
     agent_delay = knob_seconds("TART_STANDIN_AGENT_DELAY", 0.0)
     crash_after = knob_seconds("TART_STANDIN_CRASH_AFTER", None)
     stop_delay = knob_seconds("TART_STANDIN_STOP_DELAY", 0.0)
     max_vms = knob_int("TART_STANDIN_MAX_VMS", 2)
+    refuse_restore = knob_flag("TART_STANDIN_REFUSE_RESTORE")
+    refuse_suspend = knob_flag("TART_STANDIN_REFUSE_SUSPEND")
     check_prerequisites()
     listener = wildcard_ssh_listener(("tcp",))
     if listener:
         raise host_sshd_error(listener)
 
-    # Read config.json before locking it: any close() of a descriptor of the locked
-    # file by this process would drop the fcntl lock (as Tart's comments explain).
-    config = vm.read_config()
+    # config.json was read above, before locking it: any close() of a descriptor of the
+    # locked file by this process would drop the fcntl lock (as Tart's comments explain).
     # Signals wait until the handlers below are in place (a `tart stop` may come as soon
     # as the lock is taken); they are then delivered inside the main try block.
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -490,6 +506,8 @@ def cmd_run(args, log):
                 _say("Resetting VM to assign a new MAC address...")
                 config["macAddress"] = storage.random_mac()
                 vm.write_config(config)
+                # Tart's regenerateMACAddress(): a saved state only restores with the old MAC
+                vm.drop_saved_state()
                 break
         cfg_fd = os.open(vm.config_path, os.O_RDWR | os.O_CLOEXEC)
         if not linux.try_write_lock(cfg_fd):
@@ -503,6 +521,8 @@ def cmd_run(args, log):
     finally:
         os.close(lock_fd)
 
+    resumed = restore_saved_state(vm, config, refuse_restore)
+
     for sig in SIGNALS:
         signal.signal(sig, _raise_signal)
     outcome, detail, cpid, gpid, ip, ip_fd = "exited", None, None, None, None, None
@@ -515,13 +535,20 @@ def cmd_run(args, log):
         os.makedirs("/Users", 0o755, exist_ok=True)  # mount point for the guests' tmpfs
 
         t0 = time.monotonic()
-        boot_at = t0 + boot_delay
+        if resumed:
+            # A resumed guest skips the boot: its sshd and agent were already up when it was
+            # suspended, so only the restore itself (TART_STANDIN_RESUME_DELAY) takes time.
+            boot_at = t0 + resume_delay
+            sshd_at = agent_at = boot_at
+        else:
+            boot_at = t0 + boot_delay
+            sshd_at, agent_at = boot_at + sshd_delay, boot_at + agent_delay
         ctx = {
             "name": name,
             "home": vm.home_path,
             "run": vm.run_path,
             "sshd_config": vm.sshd_config_path,
-            "sshd_at": boot_at + sshd_delay,
+            "sshd_at": sshd_at,
         }
         ready_r, ready_w = os.pipe()
         run_pid = os.getpid()
@@ -551,8 +578,11 @@ def cmd_run(args, log):
                 "path": GUEST_PATH,
                 "started_at": time.time(),
                 "boot_at": boot_at,
-                "sshd_at": ctx["sshd_at"],
-                "agent_at": boot_at + agent_delay,
+                "sshd_at": sshd_at,
+                "agent_at": agent_at,
+                "resumed": resumed,
+                "suspendable": suspendable,
+                "mac_address": config.get("macAddress"),
                 "crash_at": None if crash_after is None else boot_at + crash_after,
                 "sshd_config": vm.sshd_config_path,
             }
@@ -579,8 +609,8 @@ def cmd_run(args, log):
             outcome = "crashed"
         elif sig.signum == signal.SIGUSR2:  # Tart: ask the guest OS to shut down
             _say("Requesting guest OS to stop...")
-        elif sig.signum == signal.SIGUSR1:  # Tart: suspend (snapshot) the VM
-            outcome = "suspend-failed"
+        elif sig.signum == signal.SIGUSR1:  # `tart suspend`: save the state, then stop
+            outcome, detail = suspend(vm, config, suspendable and not refuse_suspend, gpid)
         else:
             outcome, detail = "signal", sig.signum
     finally:
@@ -591,7 +621,7 @@ def cmd_run(args, log):
         if ip_fd is not None:
             release_ip(ip, ip_fd)
 
-    if outcome == "stopped":
+    if outcome in ("stopped", "suspended"):
         return 0
     if outcome == "exited":
         _say("guest has stopped the virtual machine")
@@ -602,7 +632,7 @@ def cmd_run(args, log):
              % os.environ.get("TART_STANDIN_CRASH_AFTER"))
         return 1
     if outcome == "suspend-failed":
-        _say("Failed to suspend the VM: the Linux stand-in cannot suspend VMs")
+        _say("Failed to suspend the VM: " + detail)  # Tart prints it on stdout
         return 1
     if outcome == "signal":
         # Tart does not handle SIGTERM/SIGHUP: die by the signal, after a clean teardown.
@@ -619,6 +649,65 @@ def cmd_run(args, log):
     except OSError:
         pass
     return 1
+
+
+# --- suspend / resume ------------------------------------------------------------------
+
+# What Virtualization.framework says when a configuration with audio, entropy or console
+# devices (a `tart run` without --suspendable) is asked to save its state (tart #803).
+NOT_SUSPENDABLE = "Invalid virtual machine configuration. Unsupported console device in configuration."
+# What it says when a saved state does not fit the VM, e.g. after a MAC change (tart #527, #796).
+RESTORE_REFUSED = ('Error Domain=VZErrorDomain Code=12 "The virtual machine failed to restore with '
+                   'error \u201cinvalid argument\u201d." UserInfo={NSLocalizedFailure=An error '
+                   'occurred while restoring the virtual machine., NSLocalizedFailureReason=The '
+                   'virtual machine failed to restore with error \u201cinvalid argument\u201d.}')
+
+
+# The configuration a saved state must match to restore. Apple documents only "file contents
+# incompatible with the current configuration"; the MAC address is confirmed (tart #527), the
+# CPU count and memory size are the stand-in's assumption (the guest's memory image needs them).
+SAVED_CONFIG = ("macAddress", "cpuCount", "memorySize")
+
+
+def restore_saved_state(vm, config, refuse=False):
+    """Tart's resume path, under the VM's lock: True when the saved state was restored (and
+    consumed); False when there is none (cold boot). A saved state that does not match the
+    VM's configuration (a new MAC address, CPU count or memory size) is refused as
+    Virtualization.framework does: exit 1, the state is kept, and the VM stays suspended
+    until `tart stop` drops it. ``refuse`` (TART_STANDIN_REFUSE_RESTORE) refuses any."""
+    saved = vm.read_saved_state()
+    if saved is None:
+        return False
+    _say("restoring VM state from a snapshot...")
+    if refuse or not saved or any(saved.get(key) != config.get(key) for key in SAVED_CONFIG):
+        raise TartError(RESTORE_REFUSED)
+    vm.drop_saved_state()
+    _say("resuming VM...")
+    return True
+
+
+def suspend(vm, config, suspendable, gpid):
+    """SIGUSR1 in `tart run`: write the saved state if the VM can be suspended.
+
+    Returns the run's (outcome, detail): ("suspended", None) or ("suspend-failed", message)."""
+    if not suspendable:
+        return "suspend-failed", NOT_SUSPENDABLE
+    if not gpid:
+        return "suspend-failed", "the virtual machine has not started yet"
+    _say("pausing VM to take a snapshot...")
+    _say("creating a snapshot...")
+    saved = {
+        "standin": "saved state of a Linux stand-in VM (a real one holds the guest's memory)",
+        "name": vm.name,
+        "savedAt": time.time(),
+    }
+    saved.update((key, config.get(key)) for key in SAVED_CONFIG)
+    try:
+        storage.atomic_write(vm.saved_state_path, json.dumps(saved, indent=2) + "\n")
+    except OSError as exc:
+        return "suspend-failed", str(exc)
+    _say("snapshot created successfully! shutting down the VM...")
+    return "suspended", None
 
 
 def _children(pid):

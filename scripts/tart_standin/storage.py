@@ -23,6 +23,7 @@ HOME_DIR = "home"                # vms/<name>/standin/home -> guest /Users/admin
 RUN_DIR = "run"                  # vms/<name>/standin/run: exists while `tart run` runs
 HOST_KEY = "ssh_host_ed25519_key"
 STATE_FILE = "state.json"
+SAVED_STATE = "state.vzvmsave"   # vms/<name>/state.vzvmsave: Tart's saved state of a suspended VM
 
 
 def tart_home():
@@ -139,6 +140,10 @@ class VMDir:
         return os.path.join(self.path, "nvram.bin")
 
     @property
+    def saved_state_path(self):
+        return os.path.join(self.path, SAVED_STATE)
+
+    @property
     def standin_path(self):
         return os.path.join(self.path, STANDIN_DIR)
 
@@ -210,7 +215,32 @@ class VMDir:
             os.close(fd)
 
     def state(self):
-        return "running" if self.running_pid() else "stopped"
+        """Tart's VMDirectory.state(): running (lock held), suspended (saved state), stopped."""
+        if self.running_pid():
+            return "running"
+        if os.path.exists(self.saved_state_path):
+            return "suspended"
+        return "stopped"
+
+    # --- saved state (suspend / resume) ----------------------------------
+    def read_saved_state(self):
+        """The saved state written by a suspend, or None if there is none (or it is unreadable,
+        which a restore would refuse as well)."""
+        try:
+            with open(self.saved_state_path) as fh:
+                saved = json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
+    def drop_saved_state(self):
+        """Remove the saved state, as Tart does on a new MAC address or `tart stop`."""
+        try:
+            os.unlink(self.saved_state_path)
+        except FileNotFoundError:
+            pass
 
     def read_runtime(self):
         """Runtime state written by `tart run`, if it belongs to the live run process."""

@@ -161,12 +161,12 @@ class Tart:
         assert done.returncode == 0, (args, done.returncode, done.stdout, done.stderr)
         return done.stdout
 
-    def spawn_run(self, name: str, env: Optional[Dict[str, str]] = None) -> Run:
+    def spawn_run(self, name: str, env: Optional[Dict[str, str]] = None, flags: Tuple[str, ...] = ()) -> Run:
         n = len(self.runs)
         out, err = self.tmp / ("run-%d-%s.out" % (n, name)), self.tmp / ("run-%d-%s.err" % (n, name))
         started = time.monotonic()
         with open(out, "w") as fo, open(err, "w") as fe:
-            proc = subprocess.Popen(["tart", "run", "--no-graphics", name], env=self._env(env),
+            proc = subprocess.Popen(["tart", "run", "--no-graphics", *flags, name], env=self._env(env),
                                     stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
                                     start_new_session=True)
         run = Run(name, proc, out, err, started)
@@ -186,8 +186,9 @@ class Tart:
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
-    def start(self, name: str, env: Optional[Dict[str, str]] = None, ssh: bool = True) -> Run:
-        run = self.spawn_run(name, env)
+    def start(self, name: str, env: Optional[Dict[str, str]] = None, ssh: bool = True,
+              flags: Tuple[str, ...] = ()) -> Run:
+        run = self.spawn_run(name, env, flags)
         self.wait_running(run)
         run.ip = self.wait_ip(name)
         if ssh:
@@ -204,6 +205,16 @@ class Tart:
             break
         assert done.returncode == 0, (cmd, done.returncode, done.stdout, done.stderr)
         return done.stdout
+
+    def state(self, name: str) -> str:
+        """The VM's State as `tart get` reports it: running, suspended or stopped."""
+        return json.loads(self.ok("get", name, "--format", "json"))["State"]
+
+    def mac(self, name: str) -> str:
+        return json.loads((self.home / "vms" / name / "config.json").read_text())["macAddress"]
+
+    def saved_state(self, name: str) -> Path:
+        return self.home / "vms" / name / "state.vzvmsave"
 
     def sshd_config(self, name: str) -> str:
         return str(self.home / "vms" / name / "standin" / "run" / "sshd_config")
