@@ -27,9 +27,8 @@ def test_the_sweep_reuses_preflights_tart_list(tmp_path, monkeypatch):
     cfg = config.load(None, environ={}, cwd=tmp_path)
     listed = run_mod.TartBackend(tart).preflight(cfg.vm.base)
     assert [vm.name for vm in listed] == ["tahoe-base", "p-orphan"]
-    from vmtasks.orphans import _as_tart_rows
 
-    plan = sweep.plan(tart, ledger, "p", listed=_as_tart_rows(listed))
+    plan = sweep.plan(tart, ledger, "p", listed=listed, include_unleased=True)
     assert [(a.kind, a.name) for a in plan.actions] == [("vm", "p-orphan")]
     assert [c[1] for c in runner.calls] == ["list"]
     sweep.plan(tart, ledger, "p")  # on its own (cleanup-orphans) it lists for itself

@@ -148,7 +148,7 @@ def test_bundle_digest_covers_contents_not_dates_nor_config():
 
 def test_bundle_digest_of_the_real_tool_bundle_is_stable():
     from vmtasks.config import Config
-    from vmtasks.run import tool_bundle
+    from vmtasks.vm import tool_bundle
 
     first = images.bundle_digest(tool_bundle(Config()))
     time.sleep(1.1)  # tool_bundle stamps config.json with the current time

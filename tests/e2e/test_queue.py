@@ -66,7 +66,7 @@ def test_two_vms_run_every_test_exactly_once(world):
     cases = junit_cases(record / "junit.xml")
     assert sorted(cases) == suite_list(), "JUnit names must be the suite's own list, each once"
     assert len(cases) == len(set(cases))
-    streams = sorted((record / "vms").glob("*/suite-output.txt"))
+    streams = sorted(record.glob("*/suite-output.txt"))
     assert len(streams) == 2, "each VM keeps its own raw output"
     per_vm = [top_level_results(path) for path in streams]
     assert all(sum(c.values()) > 0 for c in per_vm), "both VMs must have run tests: {}".format(per_vm)
@@ -97,7 +97,7 @@ def wait_for_tests_on_both(world, timeout: float = 120) -> List[str]:
     """The two VMs once each has started a test (its raw stream has a `run` event)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        record = world.root / ".vmtasks" / "runs" / "latest" / "vms"
+        record = world.root / ".vmtasks" / "runs" / "latest"
         busy = [p.name for p in sorted(record.glob("*")) if (p / "suite-output.txt").is_file()
                 and '"Action":"run"' in (p / "suite-output.txt").read_text()]
         if len(busy) == 2:
@@ -119,7 +119,7 @@ def test_killing_one_guest_mid_run_moves_its_queue_to_the_other(world):
     assert sorted(cases) == suite_list(), "every test reported once, the lost one as failed"
     counts = junit_counts(record / "junit.xml")
     assert counts["failures"] + counts["errors"] == 1, counts  # only the test the dead VM was running
-    ran_on_survivor = top_level_results(record / "vms" / survivor / "suite-output.txt")
+    ran_on_survivor = top_level_results(record / survivor / "suite-output.txt")
     assert sum(ran_on_survivor.values()) >= len(cases) - 3, "the survivor did not take the rest of the queue"
     assert uneven_vms(world) == [] and world.key_dirs() == [] and world.leases() == []
 
