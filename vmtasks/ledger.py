@@ -246,8 +246,6 @@ class Ledger:
         """Where ``vm``'s lease lives (for "clean up by hand" lines)."""
         return self.leases_dir / (vm + ".json")
 
-    def lease_path(self, vm: str) -> Path:
-        return self._path(vm)
 
     def new_lease(self, vm: str, run_id: str, keep: bool, base: str) -> Lease:
         """A lease for ``vm`` owned by this process (not written yet: call ``write``)."""
