@@ -1,4 +1,4 @@
-"""Tests for vmtasks.results: go test -json stream parsing, JUnit, durations, reruns."""
+"""Tests for vmtasks.results: go test -json stream parsing, JUnit, reruns."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from typing import List, Optional
 import pytest
 
 from vmtasks.results import (
-    DurationStore,
     Summary,
     SuiteStream,
     TestEvent,
@@ -289,13 +288,13 @@ def test_running_at_close_becomes_failed():
     assert stream.counts.running == 0 and stream.running == []
     summary = stream.summary()
     hang = summary.results[1]
-    assert (hang.name, hang.status, hang.interrupted) == ("TestHang", "fail", True)
-    assert hang.subtests[0].status == "fail" and hang.subtests[0].interrupted
+    assert (hang.name, hang.status, hang.unreported) == ("TestHang", "fail", True)
+    assert hang.subtests[0].status == "fail" and hang.subtests[0].unreported
     assert "waiting for guest\n[vmtasks] TestHang/inner did not report a result" in hang.output
     assert "output stream ended" in hang.output
     assert hang.elapsed == pytest.approx(0.75)  # from its run event to the last event
     assert [f.name for f in summary.failures] == ["TestHang"]
-    assert [(e.kind, e.test, e.interrupted) for e in events[-2:]] == [
+    assert [(e.kind, e.test, e.unreported) for e in events[-2:]] == [
         ("fail", "TestHang/inner", True), ("fail", "TestHang", True)]
     # the package never finished, but a test explains it: not a package failure
     assert summary.package_failures == {} and summary.packages[A].status == "fail"
@@ -311,7 +310,7 @@ def test_timeout_panic_fails_running_tests_at_package_end():
     s += ev(c, "output", A, "", "FAIL\t%s\t600.010s\n" % A) + ev(c, "fail", A, "", elapsed=600.01)
     s += run_test(c, B, "TestLater", "pass", []) + ev(c, "pass", B, elapsed=0.1)
     stream, summary, events = parse(s)
-    assert [(r.name, r.status, r.interrupted) for r in summary.results] == [
+    assert [(r.name, r.status, r.unreported) for r in summary.results] == [
         ("TestSlow", "fail", True), ("TestLater", "pass", False)]
     out = summary.results[0].output
     assert "panic: test timed out" in out and "package %s ended" % A in out
@@ -399,7 +398,7 @@ def test_garbage_never_crashes():
     # a subtest whose parent's "run" was never seen gets a stand-in parent,
     # failed at close because it never reported
     orphan = [r for r in summary.results if r.name == "Orphan"][0]
-    assert (orphan.status, orphan.interrupted) == ("fail", True)
+    assert (orphan.status, orphan.unreported) == ("fail", True)
     assert [(s.name, s.status) for s in orphan.subtests] == [("Orphan/sub", "pass")]
     assert summary.results[[r.name for r in summary.results].index("TestOK")].output.endswith("(0.50s)\n")
     assert stream.raw_lines == 10
@@ -533,72 +532,8 @@ def test_junit_overwrites_atomically(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# durations and reruns
+# reruns (durations: tests/test_history.py)
 # --------------------------------------------------------------------------
-
-
-def test_duration_store_round_trip(tmp_path):
-    path = tmp_path / "state" / "durations.json"
-    store = DurationStore.load(path)
-    assert len(store) == 0 and store.get("x") is None
-    _, summary, _ = parse(mixed_stream())
-    assert store.record(summary) == 4  # skip is not recorded
-    assert store.last_failed == ["TestBoot", "TestPar1"]
-    store.record([
-        TestResult(A, "TestPar2", "pass", 6.0),
-        TestResult(A, "TestPar2/sub", "pass", 99.0),  # subtests ignored
-        TestResult(A, "TestSkipMe", "skip", 9.0),
-        TestResult(A, "TestHang", "fail", 50.0, interrupted=True),  # duration unknown
-        TestResult(B, "TestPar2", "pass", 1.0),
-    ])
-    store.save()
-    again = DurationStore.load(path)
-    key = DurationStore.key(A, "TestPar2")
-    assert again.get(key) == pytest.approx(0.3 * 6.0 + 0.7 * 3.0)
-    assert again.count(key) == 2 and again.tests[key].last == 6.0
-    assert again.get(DurationStore.key(A, "TestBoot")) == 2.0
-    assert again.get("TestPar2") == pytest.approx(0.3 * 6.0 + 0.7 * 3.0 + 1.0)  # summed over packages
-    assert again.get(DurationStore.key(A, "TestSkipMe")) is None
-    assert again.get(DurationStore.key(A, "TestPar2/sub"), 7.0) == 7.0
-    assert again.get("example.com/nope::TestPar2", -1.0) == -1.0
-    assert again.last_failed == ["TestBoot", "TestPar1"]
-    assert DurationStore.key(A, "TestBoot") in again
-    assert json.loads(path.read_text())["version"] == 1
-    assert sorted(os.listdir(str(tmp_path / "state"))) == ["durations.json"]
-
-
-@pytest.mark.parametrize("content", [
-    "", "{", "not json", "[]", "null", '"x"', '{"tests": []}', b"\xff\xfe\x00garbage",
-])
-def test_duration_store_corrupt_file_is_empty(tmp_path, content):
-    path = tmp_path / "d.json"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content)
-    store = DurationStore.load(path)
-    assert len(store) == 0 and store.last_failed == []
-    store.record([TestResult(A, "TestA", "pass", 1.0)])
-    store.save()
-    assert DurationStore.load(path).get(DurationStore.key(A, "TestA")) == 1.0
-
-
-def test_duration_store_drops_bad_entries_and_survives_odd_paths(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps({"tests": {
-        "a::TestGood": {"ema": 2.0, "last": 1.0, "count": 3},
-        "a::TestNoLast": {"ema": 2.0, "count": 1},
-        "a::TestNeg": {"ema": -1, "last": 1.0, "count": 3},
-        "a::TestStr": {"ema": "2", "count": 3},
-        "a::TestZero": {"ema": 2.0, "count": 0},
-        "a::TestBool": {"ema": 2.0, "count": True},
-        "a::TestList": [1, 2],
-    }, "last_failed": ["TestGood", 5, None, ""]}))
-    store = DurationStore.load(path)
-    assert sorted(store.tests) == ["a::TestGood", "a::TestNoLast"]
-    assert store.last_failed == ["TestGood"]
-    assert len(DurationStore.load(tmp_path)) == 0  # a directory
-    assert len(DurationStore.load(tmp_path / "missing" / "d.json")) == 0
 
 
 NAMES = ["TestA", "TestA_b", "TestÜber", "Test.Dot", "Test(x)+[y]{1}|z^$*?\\", "Test-dash #hash"]
