@@ -642,3 +642,167 @@ def test_real_go_test_run_with_rerun_regex(go_module):
     # and feeding the failures back selects just those
     stream = go_test(go_module, "-run", rerun_regex(failed_tests(summary)), "./vm")
     assert [r.name for r in stream.summary().results] == ["TestSubs"]
+
+
+# --------------------------------------------------------------------------
+# guest output cannot forge results (issue 10 #16)
+# --------------------------------------------------------------------------
+
+FORGED = [
+    "FAIL\t%s [build failed]" % A,
+    "FAIL\t%s [build failed]" % C,
+    "--- FAIL: TestInnocent (0.00s)",
+    json.dumps({"Action": "fail", "Package": A, "Test": "TestInnocent", "Elapsed": 0}),
+    json.dumps({"Action": "fail", "Package": A, "Elapsed": 0, "FailedBuild": A}),
+]
+
+
+def forged_stream() -> str:
+    """go >= 1.20 shape: a test prints forged verdicts inside its own output; TestMain and
+    a leaked goroutine print them at package level after the tests; one real failure."""
+    c = Clock()
+    s = ev(c, "start", A)
+    s += run_test(c, A, "TestForger", "pass", FORGED)
+    s += run_test(c, A, "TestInnocent", "pass", ["    fine"])
+    s += run_test(c, A, "TestBad", "fail", ["    bad_test.go:3: really broken"])
+    s += ev(c, "output", A, "", "FAIL\n")
+    for line in FORGED:  # TestMain after m.Run(), or a goroutine that outlived its test
+        s += ev(c, "output", A, "", line + "\n")
+    s += ev(c, "output", A, "", "FAIL\t%s\t0.003s\n" % A) + ev(c, "fail", A, "", elapsed=0.003)
+    # a package with no test at all whose TestMain prints a forged verdict, then exits 1
+    s += ev(c, "start", B) + ev(c, "output", B, "", "FAIL\t%s [build failed]\n" % B)
+    s += ev(c, "output", B, "", "FAIL\t%s\t0.001s\n" % B) + ev(c, "fail", B, "", elapsed=0.001)
+    return s
+
+
+def test_forged_lines_in_test_output_change_nothing():
+    stream, summary, events = parse(forged_stream())
+    status = {r.name: r.status for r in summary.results}
+    assert status == {"TestForger": "pass", "TestInnocent": "pass", "TestBad": "fail"}
+    assert failed_tests(summary) == ["TestBad"]
+    # A failed because of TestBad: not a build error, whatever its TestMain printed
+    assert A not in summary.package_failures and not summary.packages[A].build_failed
+    assert C not in summary.packages and C not in summary.package_failures
+    # B did fail without a failing test: a package error, but not a build failure
+    assert list(summary.package_failures) == [B] and not summary.packages[B].build_failed
+    assert [e.package for e in events if e.kind == "package-fail"] == [B]
+    assert "--- FAIL: TestInnocent" in summary.results[0].output  # just text of TestForger
+    assert stream.counts.failed == 1 and stream.counts.errors == 1
+
+
+def test_forged_raw_verdict_for_a_running_package_is_noise():
+    # A raw (non-JSON) build verdict naming a package whose binary is running cannot be go's
+    c = Clock()
+    s = ev(c, "run", A, "TestX") + ev(c, "output", A, "TestX", "=== RUN   TestX\n")
+    s += "FAIL\t%s [build failed]\n" % A
+    s += ev(c, "pass", A, "TestX", elapsed=0.1) + ev(c, "output", A, "", "ok  \t%s\t0.1s\n" % A)
+    s += ev(c, "pass", A, "", elapsed=0.1)
+    stream, summary, _ = parse(s)
+    assert summary.package_failures == {} and summary.exit_ok
+    assert summary.packages[A].status == "pass" and summary.results[0].status == "pass"
+    assert stream.raw_lines == 1
+
+
+GO_FORGER = r'''package forge
+import ("fmt"; "os"; "testing"; "time")
+func TestMain(m *testing.M) {
+	code := m.Run()
+	fmt.Println("FAIL\texample.com/forge/forge [build failed]")
+	fmt.Println("FAIL\texample.com/forge/other [build failed]")
+	fmt.Println(`{"Action":"fail","Package":"example.com/forge/forge","Test":"TestGhost","Elapsed":0}`)
+	os.Exit(code)
+}
+func TestForger(t *testing.T) {
+	fmt.Println("FAIL\texample.com/forge/forge [build failed]")
+	fmt.Println(`{"Action":"fail","Package":"example.com/forge/forge","Test":"TestInnocent","Elapsed":0}`)
+	fmt.Fprintln(os.Stderr, "FAIL\texample.com/forge/forge [build failed]")
+	go func() { time.Sleep(50 * time.Millisecond); fmt.Println("FAIL\texample.com/forge/forge [build failed]") }()
+}
+func TestInnocent(t *testing.T) { time.Sleep(100 * time.Millisecond) }
+func TestBad(t *testing.T) { t.Error("really broken") }
+'''
+
+
+def test_real_go_forger_cannot_add_a_build_failure(go_module, tmp_path):
+    _, env = go_module
+    root = tmp_path / "forge"
+    (root / "forge").mkdir(parents=True)
+    (root / "go.mod").write_text("module example.com/forge\n\ngo 1.19\n")
+    (root / "forge" / "forge_test.go").write_text(GO_FORGER)
+    proc = subprocess.run([GO, "test", "-json", "-count=1", "./..."], cwd=str(root), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    stream = SuiteStream()
+    stream.feed(proc.stdout)
+    stream.close()
+    summary = stream.summary()
+    assert {r.name: r.status for r in summary.results} == {
+        "TestForger": "pass", "TestInnocent": "pass", "TestBad": "fail"}, proc.stdout.decode()
+    assert summary.package_failures == {}, proc.stdout.decode()
+    assert failed_tests(summary) == ["TestBad"]
+    assert not summary.packages["example.com/forge/forge"].build_failed
+
+
+# --------------------------------------------------------------------------
+# bounded memory (issue 10 #17)
+# --------------------------------------------------------------------------
+
+
+def test_output_tails_are_bounded_and_say_what_was_dropped():
+    from vmtasks.results.stream import TAIL_CHARS, TAIL_LINES
+
+    c = Clock()
+    s = ev(c, "run", A, "TestLoud")
+    s += "".join(ev(c, "output", A, "TestLoud", "line %d\n" % i) for i in range(5000))
+    s += "".join("noise %d\n" % i for i in range(1000))
+    s += ev(c, "output", A, "TestLoud", "x" * 100000 + "\n")  # one huge line
+    s += ev(c, "output", A, "TestLoud", "the end\n") + ev(c, "fail", A, "TestLoud", elapsed=1)
+    stream, summary, _ = parse(s, [4096] * (len(s) // 4096))
+    out = summary.results[0].output
+    assert len(out) < TAIL_CHARS + 1000 and out.count("\n") <= TAIL_LINES + 1
+    assert out.startswith("[vmtasks] ") and "earlier output lines not kept" in out
+    assert out.endswith("the end\n") and "characters of this line not kept" in out
+    assert stream.raw_lines == 1000 and len(summary.raw_output) == TAIL_LINES
+    assert summary.raw_output[-1] == "noise 999"
+
+
+def test_an_endless_line_is_cut_not_kept():
+    stream = SuiteStream()
+    for _ in range(40):
+        stream.feed("y" * 100000)  # 4 MB, no newline
+    stream.feed("\n" + run_test(Clock(), A, "TestAfter", "pass", []))
+    stream.close()
+    summary = stream.summary()
+    assert stream.raw_lines == 1 and len(summary.raw_output[0]) < 10000
+    assert summary.raw_output[0].endswith("characters of this line not kept]")
+    assert [r.name for r in summary.results] == ["TestAfter"]
+
+
+def test_200_megabytes_of_guest_output_take_little_memory():
+    import tracemalloc
+
+    c = Clock()
+    payload = "    log: " + "z" * 3900 + "\n"
+    block = ev(c, "output", A, "TestLoud", payload) * 100
+    block += ev(c, "output", A, "", payload) * 25  # package-level output
+    block += ("raw shell noise " + "n" * 1000 + "\n") * 50
+    block = block.encode("utf-8")
+    total = 200 * 1024 * 1024
+    stream = SuiteStream()
+    stream.feed(ev(c, "start", A) + ev(c, "run", A, "TestLoud"))
+    fed = 0
+    tracemalloc.start()
+    try:
+        while fed < total:
+            for i in range(0, len(block), 65536):
+                stream.feed(block[i:i + 65536])
+            fed += len(block)
+        stream.feed(ev(c, "fail", A, "TestLoud", elapsed=9) + ev(c, "fail", A, "", elapsed=9))
+        stream.close()
+        summary = stream.summary()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print("peak %.1f MB for %d MB fed" % (peak / 2**20, fed // 2**20))
+    assert peak < 20 * 1024 * 1024, "peak %.1f MB for %d MB fed" % (peak / 2**20, fed // 2**20)
+    assert fed >= total and summary.results[0].status == "fail"
+    assert stream.raw_lines == 50 * (fed // len(block))

@@ -79,21 +79,40 @@ _TIME = re.compile(
 )
 
 
+_MINUTES: Dict[Tuple[str, ...], Optional[float]] = {}
+
+
 def _parse_time(value: Any) -> Optional[float]:
     """Parse go's RFC 3339 (nanosecond) timestamp to epoch seconds, or None.
 
     ``datetime.fromisoformat`` on 3.9 rejects both ``Z`` and nine fractional digits,
-    hence the hand-rolled parser.
+    hence the hand-rolled parser. The epoch of each minute is cached: every event has a
+    timestamp, and building a datetime per event was the parser's largest cost.
     """
     if not isinstance(value, str):
         return None
     m = _TIME.match(value.strip())
     if not m:
         return None
-    year, month, day, hour, minute, sec = (int(g) for g in m.groups()[:6])
-    frac = m.group(7) or ""
-    zone = m.group(8)
-    if not zone or zone in ("Z", "z"):
+    groups = m.groups()
+    minute = groups[:5] + (groups[7] or "Z",)
+    base = _MINUTES.get(minute, -1.0)
+    if base == -1.0:
+        base = _minute_epoch(minute)
+        if len(_MINUTES) > 4096:
+            _MINUTES.clear()
+        _MINUTES[minute] = base
+    sec = int(groups[5])
+    if base is None or sec > 59:
+        return None
+    frac = groups[6]
+    return base + sec + (float("0." + frac) if frac else 0.0)
+
+
+def _minute_epoch(minute: Tuple[str, ...]) -> Optional[float]:
+    year, month, day, hour, mins = (int(g) for g in minute[:5])
+    zone = minute[5]
+    if zone in ("Z", "z"):
         tz = datetime.timezone.utc
     else:
         sign = -1 if zone[0] == "-" else 1
@@ -104,10 +123,9 @@ def _parse_time(value: Any) -> Optional[float]:
         except ValueError:
             return None
     try:
-        base = datetime.datetime(year, month, day, hour, minute, sec, tzinfo=tz)
+        return datetime.datetime(year, month, day, hour, mins, tzinfo=tz).timestamp()
     except ValueError:
         return None
-    return base.timestamp() + (float("0." + frac) if frac else 0.0)
 
 
 def _as_seconds(value: Any) -> Optional[float]:
