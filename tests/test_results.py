@@ -14,6 +14,7 @@ from typing import List, Optional
 import pytest
 
 from vmtasks.results import (
+    PackageError,
     Summary,
     SuiteStream,
     TestEvent,
@@ -21,7 +22,10 @@ from vmtasks.results import (
     failed_tests,
     format_duration,
     go_quote_meta,
+    mark_not_run,
+    merge,
     rerun_regex,
+    verdict_line,
     write_junit,
 )
 
@@ -806,3 +810,168 @@ def test_200_megabytes_of_guest_output_take_little_memory():
     assert peak < 20 * 1024 * 1024, "peak %.1f MB for %d MB fed" % (peak / 2**20, fed // 2**20)
     assert fed >= total and summary.results[0].status == "fail"
     assert stream.raw_lines == 50 * (fed // len(block))
+
+
+# --------------------------------------------------------------------------
+# counting and the verdict line (issue 12)
+# --------------------------------------------------------------------------
+
+
+def test_subtests_and_package_errors_are_counted():
+    stream, summary, _ = parse(mixed_stream())
+    # mixed_stream: 5 top-level tests, 3 subtests (TestBoot/disk, /disk/nvme, /net), one build error
+    assert stream.counts.subtests == 3 and summary.counts.subtests == 3
+    assert stream.counts.errors == 1 and summary.errors == 1 and summary.counts.errors == 1
+    assert summary.package_errors[0].package == C and summary.package_errors[0].build_failed
+    # a build failure alone: an error, not "failed 0" with nothing to show
+    s = "# %s [%s.test]\nc_test.go:3: undefined: x\nFAIL\t%s [build failed]\n" % (C, C, C)
+    stream, summary, _ = parse(s)
+    assert (summary.failed, summary.errors, stream.counts.errors) == (0, 1, 1)
+    assert not summary.exit_ok
+    assert verdict_line(summary, 0.4) == "DONE 0 tests, 1 error in 0.4s"
+
+
+def test_verdict_line_in_gotestsum_style():
+    _, summary, _ = parse(mixed_stream())
+    # every test and subtest counts (as gotestsum's DONE line): 5 + 3 = 8; skips TestSkipMe and
+    # TestBoot/net; failures TestBoot, TestBoot/disk, TestPar1
+    assert verdict_line(summary, 12.34) == "DONE 8 tests, 2 skipped, 3 failures, 1 error in 12.3s"
+    assert verdict_line(Summary(), 0) == "DONE 0 tests in 0.0s"
+    one = Summary(results=[TestResult(A, "TestA", "pass", 1.0)])
+    assert verdict_line(one, 65.2) == "DONE 1 test in 1m05s"
+    stopped = mark_not_run(Summary(results=[TestResult(A, "TestA", "interrupted", 1.0, unreported=True),
+                                            TestResult(A, "TestB", "fail", 1.0)]),
+                           [(A, "TestA"), (A, "TestB"), (A, "TestC"), (A, "TestD")])
+    assert verdict_line(stopped, 3) == "DONE 2 tests, 1 failure, 1 interrupted, 2 not run in 3.0s"
+
+
+def test_slowest_hides_fast_tests():
+    _, summary, _ = parse(mixed_stream())
+    assert [r.name for r in summary.slowest(10)] == ["TestPar1", "TestPar2", "TestBoot", "TestNet"]
+    assert [r.name for r in summary.slowest(10, threshold=2.5)] == ["TestPar1", "TestPar2"]
+    fast = Summary(results=[TestResult(A, "Test%d" % i, "pass", 0.01 * i) for i in range(6)])
+    assert fast.slowest(5) == []  # a fast passing run lists no "slow" tests
+    assert len(fast.slowest(5, threshold=0)) == 5
+
+
+# --------------------------------------------------------------------------
+# interrupted vs lost (issues 11, 12)
+# --------------------------------------------------------------------------
+
+
+def hanging_stream() -> str:
+    c = Clock()
+    s = ev(c, "start", A) + run_test(c, A, "TestDone", "fail", ["    broken"])
+    s += ev(c, "run", A, "TestHang") + ev(c, "output", A, "TestHang", "=== RUN   TestHang\n")
+    s += ev(c, "run", A, "TestHang/inner") + ev(c, "output", A, "TestHang/inner", "waiting for guest\n")
+    s += ev(c, "start", B) + ev(c, "output", B, "", "connecting\n")  # B never reports a result
+    return s
+
+
+def test_close_interrupted_is_not_a_failure():
+    events: List[TestEvent] = []
+    stream = SuiteStream(events.append)
+    stream.feed(hanging_stream())
+    stream.close("interrupted")
+    summary = stream.summary()
+    hang = summary.results[1]
+    assert (hang.name, hang.status, hang.unreported) == ("TestHang", "interrupted", True)
+    assert hang.subtests[0].status == "interrupted" and "was interrupted" in hang.output
+    assert [r.name for r in summary.interrupted] == ["TestHang"]
+    assert [r.name for r in summary.failures] == ["TestDone"] and failed_tests(summary) == ["TestDone"]
+    assert rerun_regex(failed_tests(summary)) == "^(TestDone)$"
+    assert summary.package_failures == {}  # a package stopped on purpose is not an error
+    assert summary.packages[B].status == "interrupted"
+    c = stream.counts
+    assert (c.passed, c.failed, c.interrupted, c.errors) == (0, 1, 1, 0)
+    assert [(e.kind, e.test) for e in events[-2:]] == [("interrupted", "TestHang/inner"), ("interrupted", "TestHang")]
+    assert not summary.exit_ok
+
+
+def test_close_vm_lost_fails_running_tests_with_the_reason():
+    stream = SuiteStream()
+    stream.feed(hanging_stream())
+    stream.close("VM lost")
+    summary = stream.summary()
+    hang = summary.results[1]
+    assert (hang.status, hang.unreported) == ("fail", True)
+    assert "did not report a result: VM lost" in hang.output
+    assert failed_tests(summary) == ["TestDone", "TestHang"] and summary.interrupted == []
+    assert "VM lost" in summary.package_failures[B]  # B never finished and no test explains it
+
+
+def test_close_reason_is_checked():
+    with pytest.raises(ValueError):
+        SuiteStream().close("")
+
+
+def test_one_stream_may_run_a_package_many_times():
+    # the VM queue runs the test binary once per test: the same package starts again
+    c = Clock()
+    s = ""
+    for name, status in (("TestA", "pass"), ("TestB", "fail"), ("TestC", "pass")):
+        s += ev(c, "start", A) + run_test(c, A, name, status, [])
+        s += ev(c, "output", A, "", "%s\t%s\t0.5s\n" % ("ok  " if status == "pass" else "FAIL", A))
+        s += ev(c, "pass" if status == "pass" else "fail", A, "", elapsed=0.5)
+    s += ev(c, "start", A) + ev(c, "output", A, "", "panic in TestMain\n") + ev(c, "fail", A, "", elapsed=0.1)
+    _, summary, _ = parse(s)
+    assert [(r.name, r.status) for r in summary.results] == [("TestA", "pass"), ("TestB", "fail"), ("TestC", "pass")]
+    assert [e.package for e in summary.package_errors] == [A]  # only the run that failed alone
+    assert "panic in TestMain" in summary.package_errors[0].text
+    assert summary.packages[A].elapsed == pytest.approx(1.6)
+
+
+# --------------------------------------------------------------------------
+# not run, merge (issue 11)
+# --------------------------------------------------------------------------
+
+
+def test_mark_not_run():
+    _, summary, _ = parse(mixed_stream())
+    expected = [(A, "TestBoot"), (B, "TestNet"), (A, "TestGone"), (C, "TestBuild"), (A, "TestGone"), ("", "TestPar1")]
+    marked = mark_not_run(summary, expected)
+    assert [(r.package, r.name) for r in marked.not_run] == [(A, "TestGone"), (C, "TestBuild")]
+    assert all(r.status == "notrun" and "did not run" in r.output for r in marked.not_run)
+    assert marked.counts.notrun == 2 and marked.total == summary.total + 2
+    assert summary.not_run == []  # the original is untouched
+    assert failed_tests(marked) == failed_tests(summary)  # never rerun as failures
+    ok = Summary(results=[TestResult(A, "TestA", "pass", 1.0)])
+    assert ok.exit_ok and not mark_not_run(ok, [(A, "TestA"), (A, "TestB")]).exit_ok
+    assert mark_not_run(ok, [(A, "TestA")]).exit_ok
+
+
+def test_merge_tags_vm_and_time_and_sums_counts():
+    c = Clock()
+    one = run_test(c, A, "TestA", "pass", [], 1.0) + run_test(c, A, "TestB", "fail", [], 2.0)
+    one += ev(c, "fail", A, "", elapsed=3.0)
+    two = ev(c, "start", B) + run_test(c, B, "TestC", "pass", [], 1.0) + ev(c, "run", B, "TestD")
+    _, s1, _ = parse(one)
+    stream = SuiteStream()
+    stream.feed(two)
+    stream.close("VM lost")
+    s2 = stream.summary()
+    merged = merge([("vm-1", s1), ("vm-2", s2)])
+    assert [(r.vm, r.name, r.status) for r in merged.results] == [
+        ("vm-1", "TestA", "pass"), ("vm-1", "TestB", "fail"), ("vm-2", "TestC", "pass"), ("vm-2", "TestD", "fail")]
+    starts = [r.started for r in merged.results]
+    assert all(isinstance(t, float) for t in starts) and starts == sorted(starts)
+    assert merged.results[0].started == pytest.approx(s1.started)
+    for what in ("total", "passed", "failed", "skipped", "errors"):
+        assert getattr(merged, what) == getattr(s1, what) + getattr(s2, what), what
+    assert [(r.vm, r.name) for r in merged.failures] == [("vm-1", "TestB"), ("vm-2", "TestD")]
+    assert merged.duplicates == [] and merged.elapsed == pytest.approx(merged.finished - merged.started)
+    assert merged.started == s1.started and merged.finished == s2.finished
+
+
+def test_merge_detects_a_test_reported_twice():
+    a = Summary(results=[TestResult(A, "TestA", "pass", 1.0), TestResult(A, "TestB", "pass", 1.0)])
+    b = Summary(results=[TestResult(A, "TestA", "fail", 1.0), TestResult(B, "TestB", "pass", 1.0)])
+    b.failures = [b.results[0]]
+    merged = merge([("vm-1", a), ("vm-2", b)])
+    assert merged.duplicates == [(A, "TestA")] and not merged.exit_ok
+    assert merge([("vm-1", a)]).duplicates == [] and merge([("vm-1", a)]).exit_ok
+    # package errors from two VMs are both counted
+    e = Summary(package_errors=[PackageError(C, "build failed\n", True)])
+    both = merge([("vm-1", e), ("vm-2", e)])
+    assert both.errors == 2 and [x.vm for x in both.package_errors] == ["vm-1", "vm-2"]
+    assert verdict_line(both, 1) == "DONE 0 tests, 2 errors in 1.0s"
