@@ -71,7 +71,7 @@ def _case(suite: ET.Element, package: str, r: TestResult, counts: Dict[str, int]
         ET.SubElement(case, "system-out").text = out
 
 
-def render_junit(summary: Summary, suite_name: str = "vmtasks", include_subtests: bool = False) -> "tuple":
+def _render(summary: Summary, suite_name: str = "vmtasks", include_subtests: bool = False) -> "tuple":
     """The JUnit document as UTF-8 bytes, and its root counts (see :func:`write_junit`)."""
     by_package: Dict[str, List[TestResult]] = {name: [] for name in summary.packages}
     for e in summary.package_errors:
@@ -148,7 +148,7 @@ def write_junit(summary: Summary, target: Union[str, "os.PathLike[str]", IO[Any]
     case the attributes equal the number of matching elements. Text is sanitized so the
     file always parses.
     """
-    data, totals = render_junit(summary, suite_name, include_subtests)
+    data, totals = _render(summary, suite_name, include_subtests)
     if hasattr(target, "write"):
         stream: Any = target
         if isinstance(stream, io.TextIOBase):

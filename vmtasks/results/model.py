@@ -150,11 +150,6 @@ class Counts:
     errors: int = 0
     subtests: int = 0
 
-    @property
-    def done(self) -> int:
-        """Top-level tests that finished (passed + failed + skipped)."""
-        return self.passed + self.failed + self.skipped
-
 
 @dataclass
 class Summary:

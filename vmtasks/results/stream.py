@@ -291,7 +291,6 @@ class SuiteStream:
         self._decoder: Optional[codecs.IncrementalDecoder] = None
         self._closed = False
         self._seq = 0
-        self._events = 0
         self._first_time: Optional[float] = None
         self._last_time: Optional[float] = None
         self._active: Dict[Tuple[str, str], _Node] = {}
@@ -380,10 +379,6 @@ class SuiteStream:
     # ---- live state ----------------------------------------------------
 
     @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
     def counts(self) -> Counts:
         """Top-level tests passed/failed/skipped/interrupted so far and running now,
         finished subtests, package errors."""
@@ -405,21 +400,6 @@ class SuiteStream:
     def raw_lines(self) -> int:
         """How many non-JSON lines were seen."""
         return self._raw_count
-
-    @property
-    def raw_output(self) -> List[str]:
-        """The last non-JSON lines (without line ends), in arrival order."""
-        return list(self._raw)
-
-    @property
-    def events(self) -> int:
-        """How many JSON events were parsed."""
-        return self._events
-
-    @property
-    def package_failures(self) -> Dict[str, str]:
-        """Package -> failure text, for packages that failed without a failing test."""
-        return Summary(package_errors=list(self._errors)).package_failures
 
     # ---- summary -------------------------------------------------------
 
@@ -521,7 +501,6 @@ class SuiteStream:
             self._block = None
 
     def _event(self, ev: Dict[str, Any]) -> None:
-        self._events += 1
         action = ev["Action"]
         t = _parse_time(ev.get("Time"))
         if t is not None:
@@ -538,11 +517,12 @@ class SuiteStream:
         pkg_name = ev.get("Package") or ""
         test = ev.get("Test") or ""
         pkg = self._package(pkg_name)
+        if pkg.status != RUNNING:
+            # go sends nothing for a package after its verdict: this is another run of
+            # its test binary (the VM queue runs it once per test).
+            pkg.reopen()
         if not test:
-            if action == "start":
-                if pkg.status != RUNNING:
-                    pkg.reopen()
-            elif action == "output":
+            if action == "output":
                 pkg.ran = True
                 pkg.tail.add(output)
             elif action in (PASS, FAIL, SKIP):
@@ -552,8 +532,6 @@ class SuiteStream:
                     pkg.build_failed = True
                 self._package_verdict(pkg, action, _as_seconds(ev.get("Elapsed")), t)
             return
-        if action == "run" and pkg.status != RUNNING:
-            pkg.reopen()
         pkg.ran = True
         if action in ("run", "cont", PASS, FAIL, SKIP, "bench"):
             pkg.tests += 1
