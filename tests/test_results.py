@@ -769,6 +769,24 @@ def test_output_tails_are_bounded_and_say_what_was_dropped():
     assert summary.raw_output[-1] == "noise 999"
 
 
+def test_many_chatty_passing_tests_keep_little_each():
+    from vmtasks.results.stream import PASSED_CHARS, TAIL_CHARS
+
+    c = Clock()
+    line = "    chatter " + "c" * 500 + "\n"
+    s = ""
+    for i in range(300):
+        status = "fail" if i == 7 else "pass"
+        s += run_test(c, A, "Test%03d" % i, status, [line.rstrip("\n")] * 100 + ["    last words %d" % i])
+    _, summary, _ = parse(s)
+    passed = [r for r in summary.results if r.status == "pass"]
+    assert len(passed) == 299
+    assert all(len(r.output) <= PASSED_CHARS + 200 and "last words" in r.output for r in passed)
+    failed = summary.failures[0]
+    assert failed.name == "Test007" and len(failed.output) > PASSED_CHARS * 4
+    assert len(failed.output) <= TAIL_CHARS + 200 and failed.output.endswith("--- FAIL: Test007 (0.50s)\n")
+
+
 def test_an_endless_line_is_cut_not_kept():
     stream = SuiteStream()
     for _ in range(40):
@@ -940,6 +958,9 @@ def test_mark_not_run():
     ok = Summary(results=[TestResult(A, "TestA", "pass", 1.0)])
     assert ok.exit_ok and not mark_not_run(ok, [(A, "TestA"), (A, "TestB")]).exit_ok
     assert mark_not_run(ok, [(A, "TestA")]).exit_ok
+    from vmtasks.schedule import TestId
+
+    assert [r.name for r in mark_not_run(ok, [TestId(A, "TestA"), TestId(A, "TestZ")]).not_run] == ["TestZ"]
 
 
 def test_merge_tags_vm_and_time_and_sums_counts():

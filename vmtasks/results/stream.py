@@ -39,7 +39,8 @@ Bounded memory
 --------------
 The stream keeps no list of every line or chunk. Per test and per package it keeps the
 last :data:`TAIL_LINES` lines / :data:`TAIL_CHARS` characters of output (an earlier-lines
-note says how many were dropped), at most :data:`LINE_CHARS` of any one line, and a
+note says how many were dropped; a test that passed or skipped keeps only
+:data:`PASSED_LINES` / :data:`PASSED_CHARS`), at most :data:`LINE_CHARS` of any one line, and a
 partial line longer than :data:`MAX_LINE` is cut. Raw (non-JSON) lines: the last
 :data:`TAIL_LINES` and a count. What grows with the run is one small record per test;
 what the guest prints does not. The caller writes the full stream to the run record.
@@ -64,6 +65,8 @@ from .model import (FAIL, INTERRUPTED, PASS, RUNNING, SKIP, PackageError, Packag
 
 TAIL_LINES = 200
 TAIL_CHARS = 64 * 1024
+PASSED_LINES = 40  # what a test that passed or skipped keeps: its last words are enough
+PASSED_CHARS = 8 * 1024
 LINE_CHARS = 8 * 1024
 MAX_LINE = 1024 * 1024
 RAW_BLOCKS = 32  # "# pkg" compiler-error blocks kept for go < 1.24 build failures
@@ -148,18 +151,28 @@ def _cut(text: str, limit: int = LINE_CHARS) -> str:
 class _Tail:
     """The last lines of some output, bounded in lines and characters."""
 
-    __slots__ = ("parts", "chars", "dropped")
+    __slots__ = ("parts", "chars", "dropped", "max_lines", "max_chars")
 
     def __init__(self) -> None:
         self.parts: Deque[str] = deque()
         self.chars = 0
         self.dropped = 0
+        self.max_lines = TAIL_LINES
+        self.max_chars = TAIL_CHARS
 
     def add(self, text: str) -> None:
         text = _cut(text)
         self.parts.append(text)
         self.chars += len(text)
-        while len(self.parts) > TAIL_LINES or self.chars > TAIL_CHARS:
+        self._trim()
+
+    def shrink(self, max_lines: int, max_chars: int) -> None:
+        """Keep less from now on (a test that passed needs less than one that failed)."""
+        self.max_lines, self.max_chars = max_lines, max_chars
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self.parts) > self.max_lines or (self.chars > self.max_chars and len(self.parts) > 1):
             self.chars -= len(self.parts.popleft())
             self.dropped += 1
 
@@ -620,6 +633,8 @@ class SuiteStream:
 
     def _settle(self, node: _Node) -> None:
         """Count a node that just finished and report it."""
+        if node.status in (PASS, SKIP):
+            node.tail.shrink(PASSED_LINES, PASSED_CHARS)
         c = self._counts
         if node.parent is not None:
             c.subtests += 1
