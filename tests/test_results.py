@@ -938,6 +938,7 @@ def test_one_stream_may_run_a_package_many_times(start):
     assert [(r.name, r.status) for r in summary.results] == [("TestA", "pass"), ("TestB", "fail"), ("TestC", "pass")]
     assert [e.package for e in summary.package_errors] == [A]  # only the run that failed alone
     assert "panic in TestMain" in summary.package_errors[0].text
+    assert "ok  " not in summary.package_errors[0].text  # only the failed run's own lines
     assert summary.packages[A].elapsed == pytest.approx(1.6)
 
 

@@ -15,9 +15,10 @@ The one place text decides something is go's package verdict for a package whose
 binary never ran (a build or setup failure): before go 1.24 that verdict is a line,
 ``FAIL\\tpkg [build failed]``, not a field. It is believed only where a test cannot have
 written it: as the *last* package-level line before the package's ``fail`` event, in a
-run of the package that reported no test, or as a raw (non-JSON) line for a package whose
-binary sent nothing (no test event, no output) (go 1.19 and 1.20 print it on their own stdout;
-a test's stdout and stderr both go through test2json and reach us as JSON). go prints its
+run of the package that reported no test; or as a raw (non-JSON) line for a package whose
+binary sent nothing, neither a test event nor output. (go 1.19 and 1.20 print that raw
+line on their own stdout, while a test's stdout and stderr both go through test2json and
+reach us as JSON.) go prints its
 own ``FAIL\\tpkg\\t0.01s`` after everything a test binary wrote, so a forged verdict from
 ``TestMain`` or a leaked goroutine is never last. go 1.24's ``FailedBuild`` field is
 trusted as is. (The old parser searched every package-level line for the pattern, so a
@@ -247,23 +248,29 @@ class _Node:
 class _Package:
     """Mutable per-package state (one run of its test binary at a time)."""
 
-    __slots__ = ("name", "status", "elapsed", "tail", "failed_tests", "failed_build", "build_failed",
-                 "ran", "tests")
+    __slots__ = ("name", "status", "elapsed", "tail", "run_tail", "failed_tests", "failed_build",
+                 "build_failed", "ran", "tests")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.status = RUNNING
         self.elapsed: Optional[float] = None
-        self.tail = _Tail()
+        self.tail = _Tail()  # package-level output of every run
+        self.run_tail = _Tail()  # ... of this run: what explains its failure
         self.failed_tests = 0
         self.failed_build = ""  # go >= 1.24: the FailedBuild field
         self.build_failed = False
         self.ran = False  # its test binary ran: a test event or package output arrived
         self.tests = 0  # test events in this run of the package
 
+    def add(self, output: str) -> None:
+        self.tail.add(output)
+        self.run_tail.add(output)
+
     def reopen(self) -> None:
         """Another run of the same package in this stream (one test binary run per test)."""
         self.status = RUNNING
+        self.run_tail = _Tail()
         self.failed_tests = 0
         self.failed_build = ""
         self.build_failed = False
@@ -504,7 +511,7 @@ class SuiteStream:
             if known is None or not known.ran:
                 pkg = self._package(m.group(1))
                 if pkg.status == RUNNING:
-                    pkg.tail.add(line + "\n")
+                    pkg.add(line + "\n")
                     pkg.build_failed = True
                     self._finish_package(pkg, FAIL, None, self._last_time)
             return
@@ -537,7 +544,7 @@ class SuiteStream:
         if not test:
             if action == "output":
                 pkg.ran = True
-                pkg.tail.add(output)
+                pkg.add(output)
             elif action in (PASS, FAIL, SKIP):
                 failed_build = ev.get("FailedBuild")
                 if failed_build:
@@ -556,7 +563,7 @@ class SuiteStream:
         elif action == "output":
             node = self._active.get((pkg.name, test)) or self._last.get((pkg.name, test))
             if node is None:
-                pkg.tail.add(output)
+                pkg.add(output)
             else:
                 self._append(node, output)
         elif action in (PASS, FAIL, SKIP, "bench"):
@@ -570,7 +577,7 @@ class SuiteStream:
         if action == FAIL and not pkg.build_failed and pkg.tests == 0:
             # go < 1.24 says "build failed" only in text: believe it only as the last
             # package line before go's verdict (see the module docstring).
-            m = _PKG_BUILD_FAIL.match(pkg.tail.last().rstrip("\n"))
+            m = _PKG_BUILD_FAIL.match(pkg.run_tail.last().rstrip("\n"))
             if m and m.group(1) == pkg.name:
                 pkg.build_failed = True
         self._finish_package(pkg, action, elapsed, t)
@@ -700,7 +707,7 @@ class SuiteStream:
         running = [n for n in self._active.values() if n.package == pkg.name]
         if running:
             if end is None:
-                extra = pkg.tail.text()
+                extra = pkg.run_tail.text()
                 self._end_tests(running, "", "[vmtasks] package output:\n" + extra if extra else "",
                                 package_ended=pkg.name)
             else:
@@ -715,7 +722,7 @@ class SuiteStream:
             return
         if not (pkg.build_failed or pkg.failed_tests == 0):
             return
-        text = self._build_text(pkg) + pkg.tail.text()
+        text = self._build_text(pkg) + pkg.run_tail.text()
         if end is not None:
             why = end or "the output stream ended"
             text += "[vmtasks] package %s did not finish: %s.\n" % (pkg.name, why)
