@@ -9,7 +9,8 @@ import pytest
 
 from vmtasks.errors import ConfigError
 from vmtasks.results import History, TestResult
-from vmtasks.schedule import TestId, longest_first, lower_bound, makespan, parse_shard, partition, shard
+from vmtasks.schedule import (TestId, longest_first, lower_bound, makespan, parse_shard, parse_test_list,
+                              partition, shard)
 
 A = "example.com/e2e/a"
 B = "example.com/e2e/b"
@@ -128,3 +129,63 @@ def test_parse_shard_refuses_with_a_hint(text):
 def test_shard_checks_k_and_n(k, n):
     with pytest.raises(ConfigError):
         shard([TestId(A, "TestA")], k, n, lambda t: 1.0)
+
+
+LIST_TEXT = """?   \texample.com/e2e/empty\t[no test files]
+TestO
+BenchmarkO
+FuzzO
+ExampleO
+ok  \texample.com/e2e/other\t0.007s
+TestForger
+TestÜber
+TestForger
+FAIL\texample.com/e2e/vm [build failed]
+ok  \texample.com/e2e/vm\t0.004s
+"""
+
+
+def test_parse_go_test_list_text():
+    other, vm = "example.com/e2e/other", "example.com/e2e/vm"
+    assert parse_test_list(LIST_TEXT) == [TestId(other, "TestO"), TestId(other, "FuzzO"), TestId(other, "ExampleO"),
+                                          TestId(vm, "TestForger"), TestId(vm, "TestÜber")]
+    # a test binary's -test.list: no verdict line, the caller names the package
+    assert parse_test_list("TestA\nBenchmarkB\nTestC\n", package=A) == [TestId(A, "TestA"), TestId(A, "TestC")]
+
+
+def test_parse_go_test_list_json():
+    import json
+
+    lines = [{"Action": "output", "Package": B, "Output": "TestB\n"},
+             {"Action": "output", "Package": B, "Output": "BenchmarkB\n"},
+             {"Action": "output", "Package": B, "Output": "ok  \t%s\t0.01s\n" % B},
+             {"Action": "pass", "Package": B, "Elapsed": 0.01},
+             {"Action": "output", "Package": A, "Output": "TestA\n"},
+             {"Action": "output", "Package": A, "Output": "ok  \t%s\t0.01s\n" % B}]  # forged verdict: ignored
+    text = "\n".join(json.dumps(x) for x in lines) + "\nTestRawNoise with spaces\n"
+    assert parse_test_list(text) == [TestId(B, "TestB"), TestId(A, "TestA")]
+
+
+@pytest.mark.parametrize("json_flag", [True, False], ids=["json", "text"])
+def test_parse_real_go_test_list(tmp_path, json_flag):
+    import os
+    import shutil
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("go not installed")
+    (tmp_path / "go.mod").write_text("module example.com/l\n\ngo 1.19\n")
+    for pkg, body in (("a", "func TestA1(t *testing.T) {}\nfunc TestA2(t *testing.T) {}\n"
+                            "func BenchmarkA(b *testing.B) {}\n"),
+                      ("b", "func TestB(t *testing.T) {}\nfunc FuzzB(f *testing.F) {}\n")):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "x_test.go").write_text("package %s\nimport \"testing\"\n%s" % (pkg, body))
+    env = dict(os.environ, GOCACHE=str(tmp_path / ".cache"), GOPATH=str(tmp_path / ".path"), GOFLAGS="-mod=mod",
+               GOPROXY="off", GOTOOLCHAIN="local", CGO_ENABLED="0")
+    argv = [go, "test", "-list", "."] + (["-json"] if json_flag else []) + ["./..."]
+    done = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(parse_test_list(done.stdout)) == [
+        TestId("example.com/l/a", "TestA1"), TestId("example.com/l/a", "TestA2"),
+        TestId("example.com/l/b", "FuzzB"), TestId("example.com/l/b", "TestB")]
