@@ -1,4 +1,4 @@
-"""Tests for vmtasks.results: go test -json stream parsing, JUnit, durations, reruns."""
+"""Tests for vmtasks.results: go test -json stream parsing, JUnit, reruns."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import List, Optional
 import pytest
 
 from vmtasks.results import (
-    DurationStore,
+    PackageError,
     Summary,
     SuiteStream,
     TestEvent,
@@ -22,7 +22,10 @@ from vmtasks.results import (
     failed_tests,
     format_duration,
     go_quote_meta,
+    mark_not_run,
+    merge,
     rerun_regex,
+    verdict_line,
     write_junit,
 )
 
@@ -289,13 +292,13 @@ def test_running_at_close_becomes_failed():
     assert stream.counts.running == 0 and stream.running == []
     summary = stream.summary()
     hang = summary.results[1]
-    assert (hang.name, hang.status, hang.interrupted) == ("TestHang", "fail", True)
-    assert hang.subtests[0].status == "fail" and hang.subtests[0].interrupted
+    assert (hang.name, hang.status, hang.unreported) == ("TestHang", "fail", True)
+    assert hang.subtests[0].status == "fail" and hang.subtests[0].unreported
     assert "waiting for guest\n[vmtasks] TestHang/inner did not report a result" in hang.output
     assert "output stream ended" in hang.output
     assert hang.elapsed == pytest.approx(0.75)  # from its run event to the last event
     assert [f.name for f in summary.failures] == ["TestHang"]
-    assert [(e.kind, e.test, e.interrupted) for e in events[-2:]] == [
+    assert [(e.kind, e.test, e.unreported) for e in events[-2:]] == [
         ("fail", "TestHang/inner", True), ("fail", "TestHang", True)]
     # the package never finished, but a test explains it: not a package failure
     assert summary.package_failures == {} and summary.packages[A].status == "fail"
@@ -311,7 +314,7 @@ def test_timeout_panic_fails_running_tests_at_package_end():
     s += ev(c, "output", A, "", "FAIL\t%s\t600.010s\n" % A) + ev(c, "fail", A, "", elapsed=600.01)
     s += run_test(c, B, "TestLater", "pass", []) + ev(c, "pass", B, elapsed=0.1)
     stream, summary, events = parse(s)
-    assert [(r.name, r.status, r.interrupted) for r in summary.results] == [
+    assert [(r.name, r.status, r.unreported) for r in summary.results] == [
         ("TestSlow", "fail", True), ("TestLater", "pass", False)]
     out = summary.results[0].output
     assert "panic: test timed out" in out and "package %s ended" % A in out
@@ -399,7 +402,7 @@ def test_garbage_never_crashes():
     # a subtest whose parent's "run" was never seen gets a stand-in parent,
     # failed at close because it never reported
     orphan = [r for r in summary.results if r.name == "Orphan"][0]
-    assert (orphan.status, orphan.interrupted) == ("fail", True)
+    assert (orphan.status, orphan.unreported) == ("fail", True)
     assert [(s.name, s.status) for s in orphan.subtests] == [("Orphan/sub", "pass")]
     assert summary.results[[r.name for r in summary.results].index("TestOK")].output.endswith("(0.50s)\n")
     assert stream.raw_lines == 10
@@ -533,72 +536,8 @@ def test_junit_overwrites_atomically(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# durations and reruns
+# reruns (durations: tests/test_history.py)
 # --------------------------------------------------------------------------
-
-
-def test_duration_store_round_trip(tmp_path):
-    path = tmp_path / "state" / "durations.json"
-    store = DurationStore.load(path)
-    assert len(store) == 0 and store.get("x") is None
-    _, summary, _ = parse(mixed_stream())
-    assert store.record(summary) == 4  # skip is not recorded
-    assert store.last_failed == ["TestBoot", "TestPar1"]
-    store.record([
-        TestResult(A, "TestPar2", "pass", 6.0),
-        TestResult(A, "TestPar2/sub", "pass", 99.0),  # subtests ignored
-        TestResult(A, "TestSkipMe", "skip", 9.0),
-        TestResult(A, "TestHang", "fail", 50.0, interrupted=True),  # duration unknown
-        TestResult(B, "TestPar2", "pass", 1.0),
-    ])
-    store.save()
-    again = DurationStore.load(path)
-    key = DurationStore.key(A, "TestPar2")
-    assert again.get(key) == pytest.approx(0.3 * 6.0 + 0.7 * 3.0)
-    assert again.count(key) == 2 and again.tests[key].last == 6.0
-    assert again.get(DurationStore.key(A, "TestBoot")) == 2.0
-    assert again.get("TestPar2") == pytest.approx(0.3 * 6.0 + 0.7 * 3.0 + 1.0)  # summed over packages
-    assert again.get(DurationStore.key(A, "TestSkipMe")) is None
-    assert again.get(DurationStore.key(A, "TestPar2/sub"), 7.0) == 7.0
-    assert again.get("example.com/nope::TestPar2", -1.0) == -1.0
-    assert again.last_failed == ["TestBoot", "TestPar1"]
-    assert DurationStore.key(A, "TestBoot") in again
-    assert json.loads(path.read_text())["version"] == 1
-    assert sorted(os.listdir(str(tmp_path / "state"))) == ["durations.json"]
-
-
-@pytest.mark.parametrize("content", [
-    "", "{", "not json", "[]", "null", '"x"', '{"tests": []}', b"\xff\xfe\x00garbage",
-])
-def test_duration_store_corrupt_file_is_empty(tmp_path, content):
-    path = tmp_path / "d.json"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content)
-    store = DurationStore.load(path)
-    assert len(store) == 0 and store.last_failed == []
-    store.record([TestResult(A, "TestA", "pass", 1.0)])
-    store.save()
-    assert DurationStore.load(path).get(DurationStore.key(A, "TestA")) == 1.0
-
-
-def test_duration_store_drops_bad_entries_and_survives_odd_paths(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps({"tests": {
-        "a::TestGood": {"ema": 2.0, "last": 1.0, "count": 3},
-        "a::TestNoLast": {"ema": 2.0, "count": 1},
-        "a::TestNeg": {"ema": -1, "last": 1.0, "count": 3},
-        "a::TestStr": {"ema": "2", "count": 3},
-        "a::TestZero": {"ema": 2.0, "count": 0},
-        "a::TestBool": {"ema": 2.0, "count": True},
-        "a::TestList": [1, 2],
-    }, "last_failed": ["TestGood", 5, None, ""]}))
-    store = DurationStore.load(path)
-    assert sorted(store.tests) == ["a::TestGood", "a::TestNoLast"]
-    assert store.last_failed == ["TestGood"]
-    assert len(DurationStore.load(tmp_path)) == 0  # a directory
-    assert len(DurationStore.load(tmp_path / "missing" / "d.json")) == 0
 
 
 NAMES = ["TestA", "TestA_b", "TestÜber", "Test.Dot", "Test(x)+[y]{1}|z^$*?\\", "Test-dash #hash"]
@@ -707,3 +646,356 @@ def test_real_go_test_run_with_rerun_regex(go_module):
     # and feeding the failures back selects just those
     stream = go_test(go_module, "-run", rerun_regex(failed_tests(summary)), "./vm")
     assert [r.name for r in stream.summary().results] == ["TestSubs"]
+
+
+# --------------------------------------------------------------------------
+# guest output cannot forge results (issue 10 #16)
+# --------------------------------------------------------------------------
+
+FORGED = [
+    "FAIL\t%s [build failed]" % A,
+    "FAIL\t%s [build failed]" % C,
+    "--- FAIL: TestInnocent (0.00s)",
+    json.dumps({"Action": "fail", "Package": A, "Test": "TestInnocent", "Elapsed": 0}),
+    json.dumps({"Action": "fail", "Package": A, "Elapsed": 0, "FailedBuild": A}),
+]
+
+
+def forged_stream() -> str:
+    """go >= 1.20 shape: a test prints forged verdicts inside its own output; TestMain and
+    a leaked goroutine print them at package level after the tests; one real failure."""
+    c = Clock()
+    s = ev(c, "start", A)
+    s += run_test(c, A, "TestForger", "pass", FORGED)
+    s += run_test(c, A, "TestInnocent", "pass", ["    fine"])
+    s += run_test(c, A, "TestBad", "fail", ["    bad_test.go:3: really broken"])
+    s += ev(c, "output", A, "", "FAIL\n")
+    for line in FORGED:  # TestMain after m.Run(), or a goroutine that outlived its test
+        s += ev(c, "output", A, "", line + "\n")
+    s += ev(c, "output", A, "", "FAIL\t%s\t0.003s\n" % A) + ev(c, "fail", A, "", elapsed=0.003)
+    # a package with no test at all whose TestMain prints a forged verdict, then exits 1
+    s += ev(c, "start", B) + ev(c, "output", B, "", "FAIL\t%s [build failed]\n" % B)
+    s += ev(c, "output", B, "", "FAIL\t%s\t0.001s\n" % B) + ev(c, "fail", B, "", elapsed=0.001)
+    return s
+
+
+def test_forged_lines_in_test_output_change_nothing():
+    stream, summary, events = parse(forged_stream())
+    status = {r.name: r.status for r in summary.results}
+    assert status == {"TestForger": "pass", "TestInnocent": "pass", "TestBad": "fail"}
+    assert failed_tests(summary) == ["TestBad"]
+    # A failed because of TestBad: not a build error, whatever its TestMain printed
+    assert A not in summary.package_failures and not summary.packages[A].build_failed
+    assert C not in summary.packages and C not in summary.package_failures
+    # B did fail without a failing test: a package error, but not a build failure
+    assert list(summary.package_failures) == [B] and not summary.packages[B].build_failed
+    assert [e.package for e in events if e.kind == "package-fail"] == [B]
+    assert "--- FAIL: TestInnocent" in summary.results[0].output  # just text of TestForger
+    assert stream.counts.failed == 1 and stream.counts.errors == 1
+
+
+def test_forged_raw_verdict_for_a_running_package_is_noise():
+    # A raw (non-JSON) build verdict naming a package whose binary is running cannot be go's
+    c = Clock()
+    s = ev(c, "run", A, "TestX") + ev(c, "output", A, "TestX", "=== RUN   TestX\n")
+    s += "FAIL\t%s [build failed]\n" % A
+    s += ev(c, "pass", A, "TestX", elapsed=0.1) + ev(c, "output", A, "", "ok  \t%s\t0.1s\n" % A)
+    s += ev(c, "pass", A, "", elapsed=0.1)
+    stream, summary, _ = parse(s)
+    assert summary.package_failures == {} and summary.exit_ok
+    assert summary.packages[A].status == "pass" and summary.results[0].status == "pass"
+    assert stream.raw_lines == 1
+
+
+GO_FORGER = r'''package forge
+import ("fmt"; "os"; "testing"; "time")
+func TestMain(m *testing.M) {
+	code := m.Run()
+	fmt.Println("FAIL\texample.com/forge/forge [build failed]")
+	fmt.Println("FAIL\texample.com/forge/other [build failed]")
+	fmt.Println(`{"Action":"fail","Package":"example.com/forge/forge","Test":"TestGhost","Elapsed":0}`)
+	os.Exit(code)
+}
+func TestForger(t *testing.T) {
+	fmt.Println("FAIL\texample.com/forge/forge [build failed]")
+	fmt.Println(`{"Action":"fail","Package":"example.com/forge/forge","Test":"TestInnocent","Elapsed":0}`)
+	fmt.Fprintln(os.Stderr, "FAIL\texample.com/forge/forge [build failed]")
+	go func() { time.Sleep(50 * time.Millisecond); fmt.Println("FAIL\texample.com/forge/forge [build failed]") }()
+}
+func TestInnocent(t *testing.T) { time.Sleep(100 * time.Millisecond) }
+func TestBad(t *testing.T) { t.Error("really broken") }
+'''
+
+
+def test_real_go_forger_cannot_add_a_build_failure(go_module, tmp_path):
+    _, env = go_module
+    root = tmp_path / "forge"
+    (root / "forge").mkdir(parents=True)
+    (root / "go.mod").write_text("module example.com/forge\n\ngo 1.19\n")
+    (root / "forge" / "forge_test.go").write_text(GO_FORGER)
+    proc = subprocess.run([GO, "test", "-json", "-count=1", "./..."], cwd=str(root), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    stream = SuiteStream()
+    stream.feed(proc.stdout)
+    stream.close()
+    summary = stream.summary()
+    assert {r.name: r.status for r in summary.results} == {
+        "TestForger": "pass", "TestInnocent": "pass", "TestBad": "fail"}, proc.stdout.decode()
+    assert summary.package_failures == {}, proc.stdout.decode()
+    assert failed_tests(summary) == ["TestBad"]
+    assert not summary.packages["example.com/forge/forge"].build_failed
+
+
+# --------------------------------------------------------------------------
+# bounded memory (issue 10 #17)
+# --------------------------------------------------------------------------
+
+
+def test_output_tails_are_bounded_and_say_what_was_dropped():
+    from vmtasks.results.stream import TAIL_CHARS, TAIL_LINES
+
+    c = Clock()
+    s = ev(c, "run", A, "TestLoud")
+    s += "".join(ev(c, "output", A, "TestLoud", "line %d\n" % i) for i in range(5000))
+    s += "".join("noise %d\n" % i for i in range(1000))
+    s += ev(c, "output", A, "TestLoud", "x" * 100000 + "\n")  # one huge line
+    s += ev(c, "output", A, "TestLoud", "the end\n") + ev(c, "fail", A, "TestLoud", elapsed=1)
+    stream, summary, _ = parse(s, [4096] * (len(s) // 4096))
+    out = summary.results[0].output
+    assert len(out) < TAIL_CHARS + 1000 and out.count("\n") <= TAIL_LINES + 1
+    assert out.startswith("[vmtasks] ") and "earlier output lines not kept" in out
+    assert out.endswith("the end\n") and "characters of this line not kept" in out
+    assert stream.raw_lines == 1000 and len(summary.raw_output) == TAIL_LINES
+    assert summary.raw_output[-1] == "noise 999"
+
+
+def test_many_chatty_passing_tests_keep_little_each():
+    from vmtasks.results.stream import PASSED_CHARS, TAIL_CHARS
+
+    c = Clock()
+    line = "    chatter " + "c" * 500 + "\n"
+    s = ""
+    for i in range(300):
+        status = "fail" if i == 7 else "pass"
+        s += run_test(c, A, "Test%03d" % i, status, [line.rstrip("\n")] * 100 + ["    last words %d" % i])
+    _, summary, _ = parse(s)
+    passed = [r for r in summary.results if r.status == "pass"]
+    assert len(passed) == 299
+    assert all(len(r.output) <= PASSED_CHARS + 200 and "last words" in r.output for r in passed)
+    failed = summary.failures[0]
+    assert failed.name == "Test007" and len(failed.output) > PASSED_CHARS * 4
+    assert len(failed.output) <= TAIL_CHARS + 200 and failed.output.endswith("--- FAIL: Test007 (0.50s)\n")
+
+
+def test_an_endless_line_is_cut_not_kept():
+    stream = SuiteStream()
+    for _ in range(40):
+        stream.feed("y" * 100000)  # 4 MB, no newline
+    stream.feed("\n" + run_test(Clock(), A, "TestAfter", "pass", []))
+    stream.close()
+    summary = stream.summary()
+    assert stream.raw_lines == 1 and len(summary.raw_output[0]) < 10000
+    assert summary.raw_output[0].endswith("characters of this line not kept]")
+    assert [r.name for r in summary.results] == ["TestAfter"]
+
+
+def test_200_megabytes_of_guest_output_take_little_memory():
+    import tracemalloc
+
+    c = Clock()
+    payload = "    log: " + "z" * 3900 + "\n"
+    block = ev(c, "output", A, "TestLoud", payload) * 100
+    block += ev(c, "output", A, "", payload) * 25  # package-level output
+    block += ("raw shell noise " + "n" * 1000 + "\n") * 50
+    block = block.encode("utf-8")
+    total = 200 * 1024 * 1024
+    stream = SuiteStream()
+    stream.feed(ev(c, "start", A) + ev(c, "run", A, "TestLoud"))
+    fed = 0
+    tracemalloc.start()
+    try:
+        while fed < total:
+            for i in range(0, len(block), 65536):
+                stream.feed(block[i:i + 65536])
+            fed += len(block)
+        stream.feed(ev(c, "fail", A, "TestLoud", elapsed=9) + ev(c, "fail", A, "", elapsed=9))
+        stream.close()
+        summary = stream.summary()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print("peak %.1f MB for %d MB fed" % (peak / 2**20, fed // 2**20))
+    assert peak < 20 * 1024 * 1024, "peak %.1f MB for %d MB fed" % (peak / 2**20, fed // 2**20)
+    assert fed >= total and summary.results[0].status == "fail"
+    assert stream.raw_lines == 50 * (fed // len(block))
+
+
+# --------------------------------------------------------------------------
+# counting and the verdict line (issue 12)
+# --------------------------------------------------------------------------
+
+
+def test_subtests_and_package_errors_are_counted():
+    stream, summary, _ = parse(mixed_stream())
+    # mixed_stream: 5 top-level tests, 3 subtests (TestBoot/disk, /disk/nvme, /net), one build error
+    assert stream.counts.subtests == 3 and summary.counts.subtests == 3
+    assert stream.counts.errors == 1 and summary.errors == 1 and summary.counts.errors == 1
+    assert summary.package_errors[0].package == C and summary.package_errors[0].build_failed
+    # a build failure alone: an error, not "failed 0" with nothing to show
+    s = "# %s [%s.test]\nc_test.go:3: undefined: x\nFAIL\t%s [build failed]\n" % (C, C, C)
+    stream, summary, _ = parse(s)
+    assert (summary.failed, summary.errors, stream.counts.errors) == (0, 1, 1)
+    assert not summary.exit_ok
+    assert verdict_line(summary, 0.4) == "DONE 0 tests, 1 error in 0.4s"
+
+
+def test_verdict_line_in_gotestsum_style():
+    _, summary, _ = parse(mixed_stream())
+    # every test and subtest counts (as gotestsum's DONE line): 5 + 3 = 8; skips TestSkipMe and
+    # TestBoot/net; failures TestBoot, TestBoot/disk, TestPar1
+    assert verdict_line(summary, 12.34) == "DONE 8 tests, 2 skipped, 3 failures, 1 error in 12.3s"
+    assert verdict_line(Summary(), 0) == "DONE 0 tests in 0.0s"
+    one = Summary(results=[TestResult(A, "TestA", "pass", 1.0)])
+    assert verdict_line(one, 65.2) == "DONE 1 test in 1m05s"
+    stopped = mark_not_run(Summary(results=[TestResult(A, "TestA", "interrupted", 1.0, unreported=True),
+                                            TestResult(A, "TestB", "fail", 1.0)]),
+                           [(A, "TestA"), (A, "TestB"), (A, "TestC"), (A, "TestD")])
+    assert verdict_line(stopped, 3) == "DONE 2 tests, 1 failure, 1 interrupted, 2 not run in 3.0s"
+
+
+def test_slowest_hides_fast_tests():
+    _, summary, _ = parse(mixed_stream())
+    assert [r.name for r in summary.slowest(10)] == ["TestPar1", "TestPar2", "TestBoot", "TestNet"]
+    assert [r.name for r in summary.slowest(10, threshold=2.5)] == ["TestPar1", "TestPar2"]
+    fast = Summary(results=[TestResult(A, "Test%d" % i, "pass", 0.01 * i) for i in range(6)])
+    assert fast.slowest(5) == []  # a fast passing run lists no "slow" tests
+    assert len(fast.slowest(5, threshold=0)) == 5
+
+
+# --------------------------------------------------------------------------
+# interrupted vs lost (issues 11, 12)
+# --------------------------------------------------------------------------
+
+
+def hanging_stream() -> str:
+    c = Clock()
+    s = ev(c, "start", A) + run_test(c, A, "TestDone", "fail", ["    broken"])
+    s += ev(c, "run", A, "TestHang") + ev(c, "output", A, "TestHang", "=== RUN   TestHang\n")
+    s += ev(c, "run", A, "TestHang/inner") + ev(c, "output", A, "TestHang/inner", "waiting for guest\n")
+    s += ev(c, "start", B) + ev(c, "output", B, "", "connecting\n")  # B never reports a result
+    return s
+
+
+def test_close_interrupted_is_not_a_failure():
+    events: List[TestEvent] = []
+    stream = SuiteStream(events.append)
+    stream.feed(hanging_stream())
+    stream.close("interrupted")
+    summary = stream.summary()
+    hang = summary.results[1]
+    assert (hang.name, hang.status, hang.unreported) == ("TestHang", "interrupted", True)
+    assert hang.subtests[0].status == "interrupted" and "was interrupted" in hang.output
+    assert [r.name for r in summary.interrupted] == ["TestHang"]
+    assert [r.name for r in summary.failures] == ["TestDone"] and failed_tests(summary) == ["TestDone"]
+    assert rerun_regex(failed_tests(summary)) == "^(TestDone)$"
+    assert summary.package_failures == {}  # a package stopped on purpose is not an error
+    assert summary.packages[B].status == "interrupted"
+    c = stream.counts
+    assert (c.passed, c.failed, c.interrupted, c.errors) == (0, 1, 1, 0)
+    assert [(e.kind, e.test) for e in events[-2:]] == [("interrupted", "TestHang/inner"), ("interrupted", "TestHang")]
+    assert not summary.exit_ok
+
+
+def test_close_vm_lost_fails_running_tests_with_the_reason():
+    stream = SuiteStream()
+    stream.feed(hanging_stream())
+    stream.close("VM lost")
+    summary = stream.summary()
+    hang = summary.results[1]
+    assert (hang.status, hang.unreported) == ("fail", True)
+    assert "did not report a result: VM lost" in hang.output
+    assert failed_tests(summary) == ["TestDone", "TestHang"] and summary.interrupted == []
+    assert "VM lost" in summary.package_failures[B]  # B never finished and no test explains it
+
+
+def test_close_reason_is_checked():
+    with pytest.raises(ValueError):
+        SuiteStream().close("")
+
+
+@pytest.mark.parametrize("start", [True, False], ids=["go1.20+", "go1.19"])
+def test_one_stream_may_run_a_package_many_times(start):
+    # the VM queue runs the test binary once per test: the same package starts again
+    c = Clock()
+    s = ""
+    for name, status in (("TestA", "pass"), ("TestB", "fail"), ("TestC", "pass")):
+        s += (ev(c, "start", A) if start else "") + run_test(c, A, name, status, [])
+        s += ev(c, "output", A, "", "%s\t%s\t0.5s\n" % ("ok  " if status == "pass" else "FAIL", A))
+        s += ev(c, "pass" if status == "pass" else "fail", A, "", elapsed=0.5)
+    s += (ev(c, "start", A) if start else "") + ev(c, "output", A, "", "panic in TestMain\n")
+    s += ev(c, "fail", A, "", elapsed=0.1)
+    _, summary, _ = parse(s)
+    assert [(r.name, r.status) for r in summary.results] == [("TestA", "pass"), ("TestB", "fail"), ("TestC", "pass")]
+    assert [e.package for e in summary.package_errors] == [A]  # only the run that failed alone
+    assert "panic in TestMain" in summary.package_errors[0].text
+    assert "ok  " not in summary.package_errors[0].text  # only the failed run's own lines
+    assert summary.packages[A].elapsed == pytest.approx(1.6)
+
+
+# --------------------------------------------------------------------------
+# not run, merge (issue 11)
+# --------------------------------------------------------------------------
+
+
+def test_mark_not_run():
+    _, summary, _ = parse(mixed_stream())
+    expected = [(A, "TestBoot"), (B, "TestNet"), (A, "TestGone"), (C, "TestBuild"), (A, "TestGone"), ("", "TestPar1")]
+    marked = mark_not_run(summary, expected)
+    assert [(r.package, r.name) for r in marked.not_run] == [(A, "TestGone"), (C, "TestBuild")]
+    assert all(r.status == "notrun" and "did not run" in r.output for r in marked.not_run)
+    assert marked.counts.notrun == 2 and marked.total == summary.total + 2
+    assert summary.not_run == []  # the original is untouched
+    assert failed_tests(marked) == failed_tests(summary)  # never rerun as failures
+    ok = Summary(results=[TestResult(A, "TestA", "pass", 1.0)])
+    assert ok.exit_ok and not mark_not_run(ok, [(A, "TestA"), (A, "TestB")]).exit_ok
+    assert mark_not_run(ok, [(A, "TestA")]).exit_ok
+    from vmtasks.schedule import TestId
+
+    assert [r.name for r in mark_not_run(ok, [TestId(A, "TestA"), TestId(A, "TestZ")]).not_run] == ["TestZ"]
+
+
+def test_merge_tags_vm_and_time_and_sums_counts():
+    c = Clock()
+    one = run_test(c, A, "TestA", "pass", [], 1.0) + run_test(c, A, "TestB", "fail", [], 2.0)
+    one += ev(c, "fail", A, "", elapsed=3.0)
+    two = ev(c, "start", B) + run_test(c, B, "TestC", "pass", [], 1.0) + ev(c, "run", B, "TestD")
+    _, s1, _ = parse(one)
+    stream = SuiteStream()
+    stream.feed(two)
+    stream.close("VM lost")
+    s2 = stream.summary()
+    merged = merge([("vm-1", s1), ("vm-2", s2)])
+    assert [(r.vm, r.name, r.status) for r in merged.results] == [
+        ("vm-1", "TestA", "pass"), ("vm-1", "TestB", "fail"), ("vm-2", "TestC", "pass"), ("vm-2", "TestD", "fail")]
+    starts = [r.started for r in merged.results]
+    assert all(isinstance(t, float) for t in starts) and starts == sorted(starts)
+    assert merged.results[0].started == pytest.approx(s1.started)
+    for what in ("total", "passed", "failed", "skipped", "errors"):
+        assert getattr(merged, what) == getattr(s1, what) + getattr(s2, what), what
+    assert [(r.vm, r.name) for r in merged.failures] == [("vm-1", "TestB"), ("vm-2", "TestD")]
+    assert merged.duplicates == [] and merged.elapsed == pytest.approx(merged.finished - merged.started)
+    assert merged.started == s1.started and merged.finished == s2.finished
+
+
+def test_merge_detects_a_test_reported_twice():
+    a = Summary(results=[TestResult(A, "TestA", "pass", 1.0), TestResult(A, "TestB", "pass", 1.0)])
+    b = Summary(results=[TestResult(A, "TestA", "fail", 1.0), TestResult(B, "TestB", "pass", 1.0)])
+    b.failures = [b.results[0]]
+    merged = merge([("vm-1", a), ("vm-2", b)])
+    assert merged.duplicates == [(A, "TestA")] and not merged.exit_ok
+    assert merge([("vm-1", a)]).duplicates == [] and merge([("vm-1", a)]).exit_ok
+    # package errors from two VMs are both counted
+    e = Summary(package_errors=[PackageError(C, "build failed\n", True)])
+    both = merge([("vm-1", e), ("vm-2", e)])
+    assert both.errors == 2 and [x.vm for x in both.package_errors] == ["vm-1", "vm-2"]
+    assert verdict_line(both, 1) == "DONE 0 tests, 2 errors in 1.0s"

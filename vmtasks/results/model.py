@@ -1,0 +1,415 @@
+"""The result model: what a suite run produced, whatever produced it.
+
+One :class:`Summary` per ``go test -json`` stream (built by :class:`~.stream.SuiteStream`),
+merged across VMs by :func:`merge`, completed with the tests that never ran by
+:func:`mark_not_run`, rendered by :func:`verdict_line` (and by the JUnit writer and the
+console). Nothing here parses, prints or writes files.
+
+Statuses of a test: ``pass``, ``fail``, ``skip``; ``interrupted`` (it was running when the
+run was stopped on purpose, Ctrl-C: neither passed nor failed, never rerun as a failure);
+``notrun`` (the suite listed it, no stream ever reported it).
+
+Counting follows gotestsum: the verdict line counts every test **and subtest** (a failing
+subtest fails its parent too, so both count as failures); :attr:`Summary.total`,
+``passed``/``failed``/``skipped`` count top-level tests, which is what the progress line
+shows. Package errors (build failure, ``TestMain`` exiting non-zero, a package that never
+finished) are *errors*, never folded into "failed".
+
+Imported inside the guest (Python 3.9, standard library only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+PASS = "pass"
+FAIL = "fail"
+SKIP = "skip"
+INTERRUPTED = "interrupted"
+NOTRUN = "notrun"
+RUNNING = "running"  # only while a stream is being parsed
+
+# Below this a test is not worth listing as "slow" (a fast passing run lists none).
+SLOW_THRESHOLD = 0.5
+
+
+def format_duration(seconds: float) -> str:
+    """Format a duration for humans: ``"0.42s"``, ``"12.30s"``, ``"1m05s"``, ``"2h03m04s"``.
+
+    Under a minute it shows hundredths of a second; from a minute on it rounds to whole
+    seconds. Negative, NaN or infinite input is shown as ``"0.00s"``.
+    """
+    try:
+        s = float(seconds)
+    except (TypeError, ValueError):
+        s = 0.0
+    if not math.isfinite(s) or s < 0:
+        s = 0.0
+    if round(s, 2) < 60:
+        return "%.2fs" % s
+    whole = int(round(s))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return "%dh%02dm%02ds" % (hours, minutes, secs)
+    return "%dm%02ds" % (minutes, secs)
+
+
+@dataclass
+class TestResult:
+    """The outcome of one test or subtest.
+
+    ``name`` is go's name (``TestA`` or ``TestA/sub_case``). ``output`` is the tail of the
+    lines go attributed to this test and its subtests, in print order, with go's own
+    ``=== RUN`` / ``--- FAIL`` framing (bounded: see :mod:`.stream`; the run record keeps
+    everything). ``elapsed`` is go's time in seconds. ``unreported`` is True when go never
+    reported a result and vmtasks decided the status (stream ended, package timed out,
+    Ctrl-C, VM lost). ``vm`` names the VM that ran it (set by :func:`merge`), ``started``
+    is the wall clock (epoch seconds, from go's ``Time``) of its ``run`` event, or None.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    package: str
+    name: str
+    status: str
+    elapsed: float = 0.0
+    output: str = ""
+    subtests: List["TestResult"] = field(default_factory=list)
+    unreported: bool = False
+    vm: str = ""
+    started: Optional[float] = None
+
+    @property
+    def is_subtest(self) -> bool:
+        """True for ``TestA/sub`` style names."""
+        return "/" in self.name
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        """``(package, name)``: what identifies a test across runs and VMs."""
+        return (self.package, self.name)
+
+    def walk(self) -> Iterable["TestResult"]:
+        """Yield this result, then its subtests depth-first (parent before children)."""
+        yield self
+        for sub in self.subtests:
+            for r in sub.walk():
+                yield r
+
+
+@dataclass
+class PackageResult:
+    """A Go package seen in the stream.
+
+    ``status`` is ``pass``, ``fail``, ``skip`` (no test files), ``interrupted`` or
+    ``running`` (only before the stream is closed). ``elapsed`` is go's package time, None
+    if go never reported it. ``output`` is the tail of the package-level output (lines not
+    attributed to a test: ``PASS``/``FAIL`` lines, ``TestMain`` prints).
+    """
+
+    name: str
+    status: str
+    elapsed: Optional[float] = None
+    output: str = ""
+    build_failed: bool = False
+
+
+@dataclass
+class PackageError:
+    """A package that failed without a failing test to explain it: an *error*.
+
+    A build or setup failure (``build_failed``), ``TestMain`` exiting non-zero, a panic
+    outside any test, or a package that never finished. ``text`` is go's explanation
+    (compiler output, the package's last lines). ``vm`` is set by :func:`merge`.
+    """
+
+    package: str
+    text: str
+    build_failed: bool = False
+    vm: str = ""
+
+
+@dataclass
+class Counts:
+    """Test counts, live (:attr:`SuiteStream.counts`) or final (:attr:`Summary.counts`).
+
+    ``passed``/``failed``/``skipped``/``interrupted``/``notrun`` and ``running`` count
+    top-level tests (``running`` includes paused parallel ones); ``subtests`` counts the
+    subtests that finished; ``errors`` counts package errors.
+    """
+
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    running: int = 0
+    interrupted: int = 0
+    notrun: int = 0
+    errors: int = 0
+    subtests: int = 0
+
+
+@dataclass
+class Summary:
+    """Final outcome of a suite run (one stream, or several merged).
+
+    ``results`` are the top-level tests with a final status, in start order, subtests
+    nested. ``failures`` are the failed top-level tests in the order they failed (never
+    interrupted or not-run ones). ``package_errors`` are the packages that failed without
+    a failing test. ``elapsed`` is wall time from the events' timestamps (``started`` to
+    ``finished``, epoch seconds) or, without timestamps, the sum of the packages' times.
+    ``raw_output`` is the tail of the lines that were not go events and ``raw_lines``
+    how many there were. ``duplicates`` lists the ``(package, name)`` of top-level tests
+    that more than one part of a :func:`merge` reported (each test should run once).
+    """
+
+    results: List[TestResult] = field(default_factory=list)
+    failures: List[TestResult] = field(default_factory=list)
+    package_errors: List[PackageError] = field(default_factory=list)
+    packages: Dict[str, PackageResult] = field(default_factory=dict)
+    elapsed: float = 0.0
+    raw_output: List[str] = field(default_factory=list)
+    raw_lines: int = 0
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    duplicates: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def package_failures(self) -> Dict[str, str]:
+        """Package -> failure text of its package errors (joined if it had several)."""
+        out: Dict[str, str] = {}
+        for e in self.package_errors:
+            out[e.package] = out[e.package] + e.text if e.package in out else e.text
+        return out
+
+    def _count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+    @property
+    def total(self) -> int:
+        """Number of top-level tests with a final status (not-run ones included)."""
+        return len(self.results)
+
+    @property
+    def passed(self) -> int:
+        return self._count(PASS)
+
+    @property
+    def failed(self) -> int:
+        return self._count(FAIL)
+
+    @property
+    def skipped(self) -> int:
+        return self._count(SKIP)
+
+    @property
+    def interrupted(self) -> List[TestResult]:
+        """Top-level tests stopped by an interruption (Ctrl-C): neither passed nor failed."""
+        return [r for r in self.results if r.status == INTERRUPTED]
+
+    @property
+    def not_run(self) -> List[TestResult]:
+        """Top-level tests the suite listed that no stream reported (see :func:`mark_not_run`)."""
+        return [r for r in self.results if r.status == NOTRUN]
+
+    @property
+    def errors(self) -> int:
+        """Number of package errors."""
+        return len(self.package_errors)
+
+    @property
+    def counts(self) -> Counts:
+        """The final :class:`Counts` (``running`` is always 0)."""
+        subtests = sum(1 for r in self.results for s in r.walk() if s is not r)
+        return Counts(self.passed, self.failed, self.skipped, 0, len(self.interrupted),
+                      len(self.not_run), self.errors, subtests)
+
+    @property
+    def exit_ok(self) -> bool:
+        """True when every test that ran passed or skipped, and nothing else went wrong.
+
+        False for a failed test, a package error, an interrupted or not-run test, or a
+        test reported twice. This judges the results only: combine it with the remote
+        command's exit status (an empty stream is "ok" here).
+        """
+        return not (self.failures or self.package_errors or self.duplicates
+                    or any(r.status in (FAIL, INTERRUPTED, NOTRUN) for r in self.results))
+
+    def slowest(self, n: int = 5, threshold: float = SLOW_THRESHOLD) -> List[TestResult]:
+        """The ``n`` slowest top-level tests that took at least ``threshold`` seconds, slowest first."""
+        ran = [r for r in self.results if r.status != NOTRUN and r.elapsed >= threshold]
+        return sorted(ran, key=lambda r: r.elapsed, reverse=True)[: max(n, 0)]
+
+    def all_results(self) -> List[TestResult]:
+        """Every test and subtest, flattened depth-first."""
+        out: List[TestResult] = []
+        for r in self.results:
+            out.extend(r.walk())
+        return out
+
+    def headline(self) -> str:
+        """One line such as ``"12 passed, 1 failed, 2 skipped in 1m05s"`` (top-level tests)."""
+        text = "%d passed, %d failed" % (self.passed, self.failed)
+        if self.skipped:
+            text += ", %d skipped" % self.skipped
+        if self.interrupted:
+            text += ", %d interrupted" % len(self.interrupted)
+        if self.not_run:
+            text += ", %d not run" % len(self.not_run)
+        if self.package_errors:
+            text += ", " + _plural(len(self.package_errors), "package error")
+        return text + " in " + format_duration(self.elapsed)
+
+
+def _plural(n: int, word: str) -> str:
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+def _verdict_seconds(seconds: float) -> str:
+    s = float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0 else 0.0
+    return "%.1fs" % s if s < 59.95 else format_duration(s)
+
+
+def verdict_line(summary: Summary, seconds: float) -> str:
+    """The run's last line, in gotestsum's style.
+
+    ``DONE 101 tests, 3 skipped, 2 failures, 1 error in 12.3s``, with ``, 2 interrupted``
+    and ``, 4 not run`` when non-zero, ``DONE 0 tests in 0.0s`` when nothing ran. Tests,
+    skips and failures count subtests too (as gotestsum does); errors are package errors;
+    ``seconds`` is the wall time to show (the caller's clock: suite or whole run).
+    """
+    tests = skipped = failures = interrupted = 0
+    for r in summary.all_results():
+        if r.status == NOTRUN:
+            continue
+        tests += 1
+        if r.status == SKIP:
+            skipped += 1
+        elif r.status == FAIL:
+            failures += 1
+        elif r.status == INTERRUPTED:
+            interrupted += 1
+    parts = ["DONE " + _plural(tests, "test")]
+    if skipped:
+        parts.append("%d skipped" % skipped)
+    if failures:
+        parts.append(_plural(failures, "failure"))
+    if summary.package_errors:
+        parts.append(_plural(len(summary.package_errors), "error"))
+    if interrupted:
+        parts.append("%d interrupted" % interrupted)
+    if summary.not_run:
+        parts.append("%d not run" % len(summary.not_run))
+    return ", ".join(parts) + " in " + _verdict_seconds(seconds)
+
+
+def failed_tests(summary: Summary) -> List[str]:
+    """Names of the failed top-level tests, in failure order, without duplicates.
+
+    Only real failures: interrupted and not-run tests are not included (rerunning them as
+    "failed" would be a lie), nor package errors, which have no test name: check
+    ``summary.package_errors`` before deciding that nothing failed.
+    """
+    seen = set()
+    names = []
+    for r in summary.failures:
+        if r.status == FAIL and r.name not in seen:
+            seen.add(r.name)
+            names.append(r.name)
+    return names
+
+
+def _with_vm(result: TestResult, vm: str) -> TestResult:
+    return replace(result, vm=vm, subtests=[_with_vm(s, vm) for s in result.subtests])
+
+
+def _merge_package(a: PackageResult, b: PackageResult) -> PackageResult:
+    order = [RUNNING, FAIL, INTERRUPTED, PASS, SKIP]  # worst first
+    status = a.status if order.index(a.status) <= order.index(b.status) else b.status
+    if a.elapsed is None and b.elapsed is None:
+        elapsed = None
+    else:
+        elapsed = (a.elapsed or 0.0) + (b.elapsed or 0.0)
+    return PackageResult(a.name, status, elapsed, a.output + b.output, a.build_failed or b.build_failed)
+
+
+def merge(parts: Sequence[Tuple[str, Summary]]) -> Summary:
+    """One summary from several VMs' summaries: ``parts`` is a list of ``(vm_name, Summary)``.
+
+    Every result (and package error) gets ``vm`` set to the VM that reported it; results
+    are ordered by their ``started`` time (tests without one keep their order, after the
+    others). Counts are the sums of the parts'. A top-level test that two parts report is
+    listed in :attr:`Summary.duplicates` (and makes :attr:`Summary.exit_ok` false): the
+    queue promises each test runs once.
+    """
+    results: List[TestResult] = []
+    failures: List[TestResult] = []
+    errors: List[PackageError] = []
+    packages: Dict[str, PackageResult] = {}
+    raw: List[str] = []
+    raw_lines = 0
+    reported_by: Dict[Tuple[str, str], str] = {}
+    duplicates: List[Tuple[str, str]] = []
+    starts: List[float] = []
+    ends: List[float] = []
+    for vm, part in parts:
+        mapped = {}
+        for r in part.results:
+            tagged = _with_vm(r, vm)
+            mapped[id(r)] = tagged
+            results.append(tagged)
+            if r.status == NOTRUN:
+                continue
+            first = reported_by.setdefault(r.key, vm)
+            if first != vm and r.key not in duplicates:
+                duplicates.append(r.key)
+        failures.extend(mapped.get(id(r)) or _with_vm(r, vm) for r in part.failures)
+        errors.extend(replace(e, vm=vm) for e in part.package_errors)
+        for name, pkg in part.packages.items():
+            packages[name] = _merge_package(packages[name], pkg) if name in packages else pkg
+        raw.extend(part.raw_output)
+        raw_lines += part.raw_lines
+        for key in part.duplicates:
+            if key not in duplicates:
+                duplicates.append(key)
+        if part.started is not None:
+            starts.append(part.started)
+        if part.finished is not None:
+            ends.append(part.finished)
+    timed = sorted((r for r in results if r.started is not None), key=lambda r: r.started)  # type: ignore
+    results = timed + [r for r in results if r.started is None]
+    if starts and ends and max(ends) > min(starts):
+        elapsed = max(ends) - min(starts)
+    else:
+        elapsed = max((p.elapsed for _, p in parts), default=0.0)
+    return Summary(results=results, failures=failures, package_errors=errors, packages=packages,
+                   elapsed=elapsed, raw_output=raw, raw_lines=raw_lines,
+                   started=min(starts) if starts else None, finished=max(ends) if ends else None,
+                   duplicates=sorted(duplicates))
+
+
+def mark_not_run(summary: Summary, expected: Iterable[Tuple[str, str]]) -> Summary:
+    """A copy of ``summary`` where every expected top-level test nobody reported is ``notrun``.
+
+    ``expected`` holds ``(package, name)`` pairs (or anything with ``.package`` and
+    ``.name``, such as :class:`vmtasks.schedule.TestId`), typically from ``go test -list``.
+    An empty package matches the name in any package. Not-run tests are counted
+    (:attr:`Counts.notrun`), listed (:attr:`Summary.not_run`), make the run not ok, are
+    never rerun as failures, and appear in JUnit as ``<error message="not run">``.
+    """
+    reported = {r.key for r in summary.results}
+    names = {r.name for r in summary.results}
+    added: List[TestResult] = []
+    seen = set()
+    for item in expected:
+        package, name = (item.package, item.name) if hasattr(item, "package") else item  # type: ignore
+        if (package, name) in seen:
+            continue
+        seen.add((package, name))
+        if (package, name) in reported or (not package and name in names):
+            continue
+        output = "[vmtasks] %s was listed by the suite but never reported: it did not run.\n" % name
+        added.append(TestResult(package, name, NOTRUN, output=output, unreported=True))
+    return replace(summary, results=list(summary.results) + added)
