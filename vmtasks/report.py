@@ -122,8 +122,10 @@ def format_seconds(seconds: Optional[float]) -> str:
 
 
 def format_clock(seconds: float) -> str:
-    """A coarse duration for the live view: ``12s``, ``1m05s``, ``30m``, ``1h02m``."""
+    """A coarse duration for the live view: ``12s``, ``90s``, ``2m05s``, ``30m``, ``1h02m``."""
     whole = max(0, int(seconds))
+    if whole < 120:
+        return "{}s".format(whole)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -298,6 +300,8 @@ def summary_lines(summary: Optional[SummaryView], seconds: float, verdict_text: 
                 vm = "  [{}]".format(visible(test.vm)) if multi and test.vm else ""
                 lines.append(Text("  {:>9}  {}{}".format(format_seconds(test.elapsed), visible(test.name), vm)))
 
+        if any(t.status in ("fail", "interrupted", "notrun") for t in tests) or errors:
+            lines.append(Text(""))
         blocks = [("fail", "--- FAIL: {} ({})", "bold red"),
                   ("interrupted", "--- INTERRUPTED: {} ({})", "yellow")]
         for status, header, style in blocks:
@@ -330,8 +334,8 @@ def timeline_text(summary: SummaryView) -> str:
     ran = sorted((t for t in tests if t.started is not None), key=lambda t: (t.started, t.name))
     rows = []
     for test in ran:
-        rows.append("+{:>9}  {:>9}  {:<11}  {:<22}  {}  {}".format(
-            format_seconds(test.started - origin), format_seconds(test.elapsed),
+        rows.append("{:>10}  {:>9}  {:<11}  {:<22}  {}  {}".format(
+            "+" + format_seconds(test.started - origin), format_seconds(test.elapsed),
             STATUS_WORDS.get(test.status, test.status), visible(test.vm or "-"),
             visible(test.package), visible(test.name)))
     for test in (t for t in tests if t.started is None):
@@ -469,11 +473,10 @@ class Reporter:
                     mark, style = {"ok": ("✓", "green"), "failed": ("✗", "bold red"),
                                    "skipped": ("-", "dim"), "interrupted": ("!", "yellow")}.get(
                         status, ("?", "yellow"))
-                    label = state.label + " " if self._label_vms and vm else ""
                     time_text = "skipped" if status == "skipped" else format_seconds(seconds)
                     if status not in ("ok", "skipped"):
                         time_text = "{} {}".format(status, time_text)
-                    self._print(Text("{} {}{} {}{}".format(mark, label, _title(stage), time_text, note_text),
+                    self._print(Text("{} {}{} {}{}".format(mark, self._prefix(state), _title(stage), time_text, note_text),
                                      style=style))
                 else:
                     word = {"ok": "ok", "failed": "FAILED", "interrupted": "INTERRUPTED"}.get(status, status)
@@ -650,6 +653,8 @@ class Reporter:
     def _print(self, *lines: Text) -> None:
         # One print call per event: lines from two threads never interleave.
         # soft_wrap: rich inserts no line breaks, so a path or a command is never split.
+        # Publish first: printing redraws the live view, which must show the new state.
+        self._publish()
         self.err.print(Text("\n").join(lines), soft_wrap=True)
 
     def _flush_raw(self, state: _Vm) -> None:
@@ -706,7 +711,7 @@ class Reporter:
                         names = ", ".join(row.running[:RUNNING_SHOWN]) + (" +{}".format(more) if more > 0 else "")
                         text.append("  running: " + names, style="cyan")
             else:
-                text.append(row.last or "waiting", style="dim")
+                text.append(row.last or "not started", style="dim")
             if row.waiting:
                 text.append("  waiting: " + visible(row.waiting), style="yellow")
             out.append((row, text))
