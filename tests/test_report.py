@@ -359,6 +359,7 @@ DRIVER = textwrap.dedent("""
         tests: list; package_errors: dict = field(default_factory=dict)
 
     guest = "Test\\x1b[31mred\\x1b]0;pwned\\x07"
+    LONG = {long!r}
     reporter = Reporter(refresh_per_second=10)
     try:
         reporter.run_started("r1", ["one VM"])
@@ -371,24 +372,35 @@ DRIVER = textwrap.dedent("""
         time.sleep(0.5)
         reporter.test_finished("vm-1", guest, "fail", 0.5, "out \\x1b[2J")
         reporter.stage_finished("vm-1", "suite", 0.5, "failed")
-        reporter.run_done(S([T(guest, "fail", 0.5, "out")]), 3.0, lambda s, t: "VERDICT 1 failed")
+        reporter.vm_kept("vm-1", "ssh -i " + LONG + "/id_ed25519 admin@10.0.0.2", "tart delete vm-1")
+        reporter.run_done(S([T(guest, "fail", 0.5, "out")]), 3.0, lambda s, t: "VERDICT 1 failed",
+                          record_dir=LONG, extra_lines=["junit: " + LONG + "/junit.xml"])
     finally:
         reporter.close()
 """)
 
 
+# Longer than the 100-column terminal below, with the characters a wrapper breaks at.
+LONG_PATH = "/Users/someone/src/openboot/.vmtasks/records/20261201-091155-ab12/" + "sub-dir/" * 6 + "end"
+
+
 @pytest.fixture
 def driver(tmp_path):
     path = tmp_path / "drive_reporter.py"
-    path.write_text(DRIVER.format(repo=str(REPO)))
+    path.write_text(DRIVER.format(repo=str(REPO), long=LONG_PATH))
     return path
 
 
-def spawn_in_pty(driver, env_extra, seconds):
+def spawn_in_pty(driver, env_extra, seconds, stdout_to=None):
+    """Run the driver on a 100-column pseudo-terminal (stdout to a file if ``stdout_to``:
+    ``invoke test-vm | tee log`` with stderr still on the terminal)."""
     pexpect = pytest.importorskip("pexpect")
     env = {"PATH": "/usr/bin:/bin", "TERM": "xterm-256color", **env_extra}
-    child = pexpect.spawn(sys.executable, [str(driver), str(seconds)], env=env, encoding="utf-8",
-                          timeout=60, dimensions=(24, 100))
+    argv = [str(driver), str(seconds)]
+    if stdout_to is not None:
+        argv = ["-c", 'exec "$0" "$@" > "{}"'.format(stdout_to), sys.executable] + argv
+    child = pexpect.spawn("/bin/sh" if stdout_to is not None else sys.executable, argv, env=env,
+                          encoding="utf-8", timeout=60, dimensions=(24, 100))
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, child.before
@@ -407,6 +419,19 @@ def test_live_view_under_a_pseudo_terminal_moves_without_events(driver):
     assert "out \\x1b[2J" in screen
     assert "VERDICT 1 failed" in screen.rstrip().splitlines()[-1], "the verdict is the last line"
     assert screen.rindex("\x1b[?25h") < screen.index("e2e results"), "cursor shown again before the summary"
+    # Paths and commands longer than the terminal are never broken by a line break.
+    assert "  attach:   ssh -i " + LONG_PATH + "/id_ed25519 admin@10.0.0.2" in screen
+    assert "record: " + LONG_PATH + "\r\n" in screen and "junit: " + LONG_PATH + "/junit.xml" in screen
+
+
+def test_summary_piped_while_progress_is_live_on_the_terminal(driver, tmp_path):
+    out = tmp_path / "stdout.txt"
+    screen = spawn_in_pty(driver, {}, 1.2, stdout_to=out)
+    assert re.search(r"boot \d+s / 60s", screen) and "e2e results" not in screen and "VERDICT" not in screen
+    text = out.read_text()
+    assert ESC not in text, "colour in the piped summary"
+    assert text.splitlines()[1] == "e2e results" and text.splitlines()[-1] == "VERDICT 1 failed"
+    assert "record: " + LONG_PATH + "\n" in text
 
 
 def test_ci_on_a_terminal_gets_plain_lines(driver):
