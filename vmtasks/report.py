@@ -351,10 +351,11 @@ def _is_plain(stream: TextIO, env: Mapping[str, str]) -> bool:
     return bool(env.get("CI")) or not (isatty is not None and isatty())
 
 
-def make_console(stream: TextIO, env: Optional[Mapping[str, str]] = None) -> Console:
-    """A rich Console on ``stream``: colour on a terminal, plain text (no colour, no
+def make_console(stream: Optional[TextIO] = None, env: Optional[Mapping[str, str]] = None) -> Console:
+    """A rich Console on ``stream`` (default stderr): colour on a terminal, plain text (no colour, no
     wrapping) when the stream is not a terminal or ``CI`` is set."""
     env = os.environ if env is None else env
+    stream = stream or sys.stderr
     if _is_plain(stream, env):
         return Console(file=stream, force_terminal=False, no_color=True, highlight=False,
                        soft_wrap=True, emoji=False, markup=False)
@@ -431,9 +432,8 @@ class Reporter:
         with self._lock:
             self._start_live()
             if not self.quiet:
-                self._print(Text("run {}".format(visible(run_id)), style="bold"))
-                for line in plan_lines:
-                    self._print(Text("  " + visible(line)))
+                self._print(Text("run {}".format(visible(run_id)), style="bold"),
+                            *(Text("  " + visible(line)) for line in plan_lines))
 
     def vm_added(self, vm: str, label: str = "") -> None:
         """A VM joins the run (it gets a row). ``label``: a short name for its lines and row
@@ -467,23 +467,27 @@ class Reporter:
             if state.stage == stage:
                 state.stage, state.deadline, state.waiting, state.running = "", None, "", []
             state.last = "{} {}".format(_title(stage), status)
-            note_text = "  " + visible(note) if note else ""
             if not (self.quiet and status in ("ok", "skipped")):
-                if self.live_mode:
-                    mark, style = {"ok": ("✓", "green"), "failed": ("✗", "bold red"),
-                                   "skipped": ("-", "dim"), "interrupted": ("!", "yellow")}.get(
-                        status, ("?", "yellow"))
-                    time_text = "skipped" if status == "skipped" else format_seconds(seconds)
-                    if status not in ("ok", "skipped"):
-                        time_text = "{} {}".format(status, time_text)
-                    self._print(Text("{} {}{} {}{}".format(mark, self._prefix(state), _title(stage), time_text, note_text),
-                                     style=style))
-                else:
-                    word = {"ok": "ok", "failed": "FAILED", "interrupted": "INTERRUPTED"}.get(status, status)
-                    time_text = "" if status == "skipped" else " " + format_seconds(seconds)
-                    self._print(Text("{}   {} {}{}{}".format(self._prefix(state), _title(stage), word,
-                                                          time_text, note_text)))
+                self._print(self._stage_line(state, stage, seconds, status, note))
             self._publish()
+
+    def _stage_line(self, state: "_Vm", stage: str, seconds: float, status: str, note: str) -> Text:
+        """``✓ boot 12.30s`` above the live view; ``   boot ok 12.30s`` as a plain line."""
+        note_text = "  " + visible(note) if note else ""
+        if self.live_mode:
+            mark, style = {"ok": ("✓", "green"), "failed": ("✗", "bold red"), "skipped": ("-", "dim"),
+                           "interrupted": ("!", "yellow")}.get(status, ("?", "yellow"))
+            if status == "skipped":
+                time_text = "skipped"
+            elif status == "ok":
+                time_text = format_seconds(seconds)
+            else:
+                time_text = "{} {}".format(status, format_seconds(seconds))
+            return Text("{} {}{} {}{}".format(mark, self._prefix(state), _title(stage), time_text, note_text),
+                        style=style)
+        word = {"ok": "ok", "failed": "FAILED", "interrupted": "INTERRUPTED"}.get(status, status)
+        time_text = "" if status == "skipped" else " " + format_seconds(seconds)
+        return Text("{}   {} {}{}{}".format(self._prefix(state), _title(stage), word, time_text, note_text))
 
     def vm_waiting(self, vm: str, text: str) -> None:
         """``vm`` waits (a VM slot, Orchard's pending queue). Shown once per change of
