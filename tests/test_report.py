@@ -440,6 +440,12 @@ def test_ci_on_a_terminal_gets_plain_lines(driver):
     assert "-> boot (deadline 60s)" in screen and "   boot ok 0.30s" in screen
 
 
+def test_dumb_terminal_gets_plain_lines_not_a_redraw(driver):
+    screen = spawn_in_pty(driver, {"TERM": "dumb"}, 0.3)
+    assert "-> boot (deadline 60s)" in screen and "   boot ok 0.30s" in screen
+    assert "\x1b[1A" not in screen and "\x1b[2K" not in screen, "cursor movement on a dumb terminal"
+
+
 def test_piped_summary_on_stdout_progress_on_stderr(driver):
     done = subprocess.run([sys.executable, str(driver), "0.1"], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin"})

@@ -319,7 +319,7 @@ def summary_lines(summary: Optional[SummaryView], seconds: float, verdict_text: 
             lines += _indented(output, "    ", output_lines)
 
     if record_dir is not None:
-        lines.append(Text("record: {}".format(record_dir)))
+        lines.append(Text("record: " + visible(str(record_dir))))
     lines += [Text(visible(line)) for line in extra_lines]
     lines.append(Text(visible(verdict_text), style="bold"))
     return lines
@@ -415,7 +415,9 @@ class Reporter:
         self.out = make_console(stdout or sys.stdout, env)
         self.quiet = quiet
         self.verbose = verbose
-        self.live_mode = self.err.is_terminal and not env.get("CI") and not quiet
+        # A dumb terminal cannot redraw: it gets the plain lines.
+        self.live_mode = (self.err.is_terminal and not self.err.is_dumb_terminal and not env.get("CI")
+                          and not quiet)
         self._label_vms = vms > 1
         self._commands_log = commands_log
         self._clock = clock
@@ -557,8 +559,8 @@ class Reporter:
         """``vm`` is kept: how to attach and how to remove it, each command on one line."""
         with self._lock:
             self._print(Text("kept VM {}".format(visible(vm)), style="bold"),
-                        Text("  attach:   " + attach_cmd),
-                        Text("  clean up: " + cleanup_cmd),
+                        Text("  attach:   " + visible(attach_cmd)),
+                        Text("  clean up: " + visible(cleanup_cmd)),
                         Text("            (or: invoke cleanup-orphans --include-kept)"))
 
     def info(self, text: str) -> None:
