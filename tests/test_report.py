@@ -205,6 +205,13 @@ def test_summary_lists_failures_interrupted_not_run_and_errors_apart():
     assert "--- ERROR package example.com/broken\n    broken.go:3: undefined: x" in text
 
 
+def test_failures_name_their_package_when_there_are_several():
+    summary = FakeSummary([FakeTest("TestA", "fail", 1, package="example.com/a"),
+                           FakeTest("TestA", "pass", 1, package="example.com/b")])
+    text = Reporter(stderr=io.StringIO(), stdout=io.StringIO(), env={}).render_summary_text(summary, 1, "v")
+    assert "--- FAIL: TestA (1.00s, example.com/a)" in text
+
+
 def test_slow_tests_hide_the_ones_under_the_threshold():
     text = Reporter(stderr=io.StringIO(), stdout=io.StringIO(), env={}).render_summary_text(
         two_vm_summary(), 42.0, "verdict")
@@ -455,6 +462,45 @@ def test_piped_summary_on_stdout_progress_on_stderr(driver):
     assert "e2e results" not in done.stderr and "VERDICT" not in done.stderr
     assert "e2e results" in done.stdout and done.stdout.splitlines()[-1] == "VERDICT 1 failed"
     assert "-> boot" not in done.stdout
+
+
+THREADS_DRIVER = textwrap.dedent("""
+    import sys, threading
+    sys.path.insert(0, {repo!r})
+    from vmtasks.report import Reporter
+
+    reporter = Reporter(vms=4, refresh_per_second=50)
+    def worker(index):
+        vm = "vm-%d" % index
+        reporter.vm_added(vm)
+        reporter.stage_started(vm, "suite", 60)
+        for test in range(200):
+            reporter.test_started(vm, "Test%d" % test)
+            reporter.test_finished(vm, "Test%d" % test, "pass", 0.01)
+            reporter.vm_waiting(vm, "tick %d" % (test // 50))
+        reporter.stage_finished(vm, "suite", 1, "ok")
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reporter.close()
+    print("ALL DONE", file=sys.stderr)
+""")
+
+
+def test_threads_and_the_live_refresh_do_not_deadlock(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    path = tmp_path / "threads.py"
+    path.write_text(THREADS_DRIVER.format(repo=str(REPO)))
+    child = pexpect.spawn(sys.executable, [str(path)], env={"PATH": "/usr/bin:/bin", "TERM": "xterm-256color"},
+                          encoding="utf-8", timeout=90, dimensions=(24, 100))
+    child.expect(pexpect.EOF)
+    child.close()
+    screen = child.before
+    assert child.exitstatus == 0 and "ALL DONE" in screen, screen[-2000:]
+    assert len(re.findall(r"\[vm-\d\]    PASS Test\d+ \(0\.01s\)\r\n", screen)) == 800
+    assert len(re.findall(r"✓ \[vm-\d\] suite 1\.00s", screen)) == 4
 
 
 # -- the old Ui, on top of the reporter ------------------------------------------------

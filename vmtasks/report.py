@@ -236,93 +236,115 @@ def summary_lines(summary: Optional[SummaryView], seconds: float, verdict_text: 
     text for ``summary.txt``. Paths stand on their own lines, so nothing wraps inside one.
     """
     lines: List[Text] = []
-
-    def row(what: str, value: str, style: str = "") -> None:
-        lines.append(Text("{:<12} {}".format(what, value), style=style))
-
     if summary is not None:
         tests = list(summary.tests)
-        counts = _status_counts(tests)
         errors = dict(getattr(summary, "package_errors", None) or {})
-        multi = len({t.vm for t in tests if getattr(t, "vm", "")}) > 1
-        starts = [t.started for t in tests if t.started is not None]
-        origin = min(starts) if starts else None
-
-        def where(test: TestView) -> str:
-            parts = [format_seconds(test.elapsed)]
-            if multi and test.vm:
-                parts.append(visible(test.vm))
-            if multi and origin is not None and test.started is not None:
-                parts.append("started +" + format_seconds(test.started - origin))
-            return ", ".join(parts)
-
-        lines.append(Text("e2e results", style="bold"))
-        row("tests", str(len(tests)))
-        row("passed", str(counts["pass"]), "green" if counts["pass"] else "")
-        row("failed", str(counts["fail"]), "bold red" if counts["fail"] else "")
-        row("skipped", str(counts["skip"]))
-        if counts["interrupted"]:
-            row("interrupted", str(counts["interrupted"]), "yellow")
-        if counts["notrun"]:
-            row("not run", str(counts["notrun"]), "bold red")
-        if errors:
-            row("errors", "{} (package or build)".format(len(errors)), "bold red")
-        subtests = [sub for test in tests for sub in _all_subtests(test)]
-        if subtests:
-            sub_counts = _status_counts(subtests)
-            parts = ["{} {}".format(sub_counts[s], word) for s, word in
-                     (("pass", "passed"), ("fail", "failed"), ("skip", "skipped"),
-                      ("interrupted", "interrupted")) if sub_counts[s] or s == "pass"]
-            row("subtests", "{} ({})".format(len(subtests), ", ".join(parts)))
-        if starts:
-            window = max(_end(t) for t in tests if t.started is not None) - origin
-            row("suite time", format_seconds(window))
-        row("total time", format_seconds(seconds))
-
-        if multi:
-            lines.append(Text(""))
-            lines.append(Text("{:<24} {:>5}  {:>9}  {:>9}  {}".format(
-                "per VM", "tests", "busy", "idle", "first start .. last end"), style="bold"))
-            for share in vm_shares(summary):
-                span = "-"
-                if share.first is not None:
-                    span = "+{} .. +{}".format(format_seconds(share.first), format_seconds(share.last))
-                lines.append(Text("  {:<22} {:>5}  {:>9}  {:>9}  {}".format(
-                    visible(share.vm), share.tests, format_seconds(share.busy),
-                    "-" if share.idle is None else format_seconds(share.idle), span)))
-
-        slow = sorted((t for t in tests if t.status in ("pass", "fail") and (t.elapsed or 0) >= slow_threshold),
-                      key=lambda t: t.elapsed, reverse=True)[:SLOW_COUNT]
-        if slow:
-            lines.append(Text(""))
-            lines.append(Text("slowest (over {:g}s):".format(slow_threshold)))
-            for test in slow:
-                vm = "  [{}]".format(visible(test.vm)) if multi and test.vm else ""
-                lines.append(Text("  {:>9}  {}{}".format(format_seconds(test.elapsed), visible(test.name), vm)))
-
-        if any(t.status in ("fail", "interrupted", "notrun") for t in tests) or errors:
-            lines.append(Text(""))
-        blocks = [("fail", "--- FAIL: {} ({})", "bold red"),
-                  ("interrupted", "--- INTERRUPTED: {} ({})", "yellow")]
-        for status, header, style in blocks:
-            for test in (t for t in tests if t.status == status):
-                lines.append(Text(header.format(visible(test.name), where(test)), style=style))
-                lines += _indented(test.output, "    ", output_lines)
-                for sub in _all_subtests(test):
-                    if sub.status == status:
-                        lines.append(Text("    --- {}: {} ({})".format(
-                            STATUS_WORDS[status], visible(sub.name), format_seconds(sub.elapsed)), style=style))
-        for test in (t for t in tests if t.status == "notrun"):
-            lines.append(Text("--- NOT RUN: {}".format(visible(test.name)), style="bold red"))
-        for package, output in errors.items():
-            lines.append(Text("--- ERROR package {}".format(visible(package)), style="bold red"))
-            lines += _indented(output, "    ", output_lines)
-
+        several_vms = len({t.vm for t in tests if getattr(t, "vm", "")}) > 1
+        lines += _count_lines(tests, errors, seconds)
+        if several_vms:
+            lines += _vm_lines(summary)
+        lines += _slow_lines(tests, slow_threshold, several_vms)
+        lines += _problem_lines(tests, errors, several_vms, output_lines)
     if record_dir is not None:
         lines.append(Text("record: " + visible(str(record_dir))))
     lines += [Text(visible(line)) for line in extra_lines]
     lines.append(Text(visible(verdict_text), style="bold"))
     return lines
+
+
+def _row(what: str, value: str, style: str = "") -> Text:
+    return Text("{:<12} {}".format(what, value), style=style)
+
+
+def _count_lines(tests: Sequence[TestView], errors: Mapping[str, str], seconds: float) -> List[Text]:
+    counts = _status_counts(tests)
+    lines = [Text("e2e results", style="bold"),
+             _row("tests", str(len(tests))),
+             _row("passed", str(counts["pass"]), "green" if counts["pass"] else ""),
+             _row("failed", str(counts["fail"]), "bold red" if counts["fail"] else ""),
+             _row("skipped", str(counts["skip"]))]
+    # Rows that only matter when they are not zero.
+    if counts["interrupted"]:
+        lines.append(_row("interrupted", str(counts["interrupted"]), "yellow"))
+    if counts["notrun"]:
+        lines.append(_row("not run", str(counts["notrun"]), "bold red"))
+    if errors:
+        lines.append(_row("errors", "{} (package or build)".format(len(errors)), "bold red"))
+    subtests = [sub for test in tests for sub in _all_subtests(test)]
+    if subtests:
+        sub_counts = _status_counts(subtests)
+        parts = ["{} {}".format(sub_counts[status], word) for status, word in
+                 (("pass", "passed"), ("fail", "failed"), ("skip", "skipped"), ("interrupted", "interrupted"))
+                 if sub_counts[status] or status == "pass"]
+        lines.append(_row("subtests", "{} ({})".format(len(subtests), ", ".join(parts))))
+    timed = [t for t in tests if t.started is not None]
+    if timed:
+        window = max(_end(t) for t in timed) - min(t.started for t in timed)
+        lines.append(_row("suite time", format_seconds(window)))
+    lines.append(_row("total time", format_seconds(seconds)))
+    return lines
+
+
+def _vm_lines(summary: SummaryView) -> List[Text]:
+    lines = [Text(""), Text("{:<24} {:>5}  {:>9}  {:>9}  {}".format(
+        "per VM", "tests", "busy", "idle", "first start .. last end"), style="bold")]
+    for share in vm_shares(summary):
+        span = "-"
+        if share.first is not None:
+            span = "+{} .. +{}".format(format_seconds(share.first), format_seconds(share.last))
+        lines.append(Text("  {:<22} {:>5}  {:>9}  {:>9}  {}".format(
+            visible(share.vm), share.tests, format_seconds(share.busy),
+            "-" if share.idle is None else format_seconds(share.idle), span)))
+    return lines
+
+
+def _slow_lines(tests: Sequence[TestView], threshold: float, several_vms: bool) -> List[Text]:
+    # Interrupted tests are left out: their time says when the run stopped, not how slow they are.
+    slow = sorted((t for t in tests if t.status in ("pass", "fail") and (t.elapsed or 0) >= threshold),
+                  key=lambda t: t.elapsed, reverse=True)[:SLOW_COUNT]
+    if not slow:
+        return []
+    lines = [Text(""), Text("slowest (over {:g}s):".format(threshold))]
+    for test in slow:
+        vm = "  [{}]".format(visible(test.vm)) if several_vms and test.vm else ""
+        lines.append(Text("  {:>9}  {}{}".format(format_seconds(test.elapsed), visible(test.name), vm)))
+    return lines
+
+
+def _problem_lines(tests: Sequence[TestView], errors: Mapping[str, str], several_vms: bool,
+                   output_lines: int) -> List[Text]:
+    """Failed tests with their output, then interrupted (never counted as failed), not run,
+    and package errors."""
+    starts = [t.started for t in tests if t.started is not None]
+    origin = min(starts) if starts else None
+    packages = {t.package for t in tests}
+
+    def where(test: TestView) -> str:
+        parts = [format_seconds(test.elapsed)]
+        if len(packages) > 1:
+            parts.append(visible(test.package))
+        if several_vms and test.vm:
+            parts.append(visible(test.vm))
+        if several_vms and origin is not None and test.started is not None:
+            parts.append("started +" + format_seconds(test.started - origin))
+        return ", ".join(parts)
+
+    lines: List[Text] = []
+    for status, style in (("fail", "bold red"), ("interrupted", "yellow")):
+        for test in (t for t in tests if t.status == status):
+            lines.append(Text("--- {}: {} ({})".format(STATUS_WORDS[status], visible(test.name), where(test)),
+                              style=style))
+            lines += _indented(test.output, "    ", output_lines)
+            for sub in _all_subtests(test):
+                if sub.status == status:
+                    lines.append(Text("    --- {}: {} ({})".format(
+                        STATUS_WORDS[status], visible(sub.name), format_seconds(sub.elapsed)), style=style))
+    for test in (t for t in tests if t.status == "notrun"):
+        lines.append(Text("--- NOT RUN: {}".format(visible(test.name)), style="bold red"))
+    for package, output in errors.items():
+        lines.append(Text("--- ERROR package {}".format(visible(package)), style="bold red"))
+        lines += _indented(output, "    ", output_lines)
+    return [Text("")] + lines if lines else []
 
 
 def timeline_text(summary: SummaryView) -> str:
