@@ -20,8 +20,9 @@ from vmtasks.report import Reporter, format_clock, format_seconds, timeline_text
 REPO = Path(__file__).resolve().parent.parent
 ESC = "\x1b"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-# What a hostile or merely colourful guest prints: colour, clear screen, set the window title.
-GUEST_ESCAPES = "\x1b[31mred\x1b[2J\x1b]0;pwned\x07"
+# What a hostile or merely colourful guest prints: colour, clear screen, set the window title,
+# form feed.
+GUEST_ESCAPES = "\x1b[31mred\x1b[2J\x1b]0;pwned\x07\x0c"
 
 
 @dataclass
@@ -155,10 +156,12 @@ def test_guest_escapes_arrive_visible_and_markup_is_literal():
     reporter.error("console tail:\n" + GUEST_ESCAPES)
     reporter.run_done(FakeSummary([FakeTest("Test" + GUEST_ESCAPES, "fail", 1, GUEST_ESCAPES)],
                                   {"pkg" + GUEST_ESCAPES: GUEST_ESCAPES}), 1, verdict)
-    for text in (err.getvalue(), out.getvalue()):
+    # stderr: the raw line, the FAIL line, the package's name and output, the error; stdout:
+    # the slow list, the failure's name and output, the package's name and output.
+    for text, times in ((err.getvalue(), 5), (out.getvalue(), 5)):
         data = text.encode()
-        assert b"\x1b" not in data and b"\x07" not in data
-        assert data.count(b"\\x1b[31mred\\x1b[2J\\x1b]0;pwned\\x07") >= 3
+        assert b"\x1b" not in data and b"\x07" not in data and b"\x0c" not in data
+        assert data.count(b"\\x1b[31mred\\x1b[2J\\x1b]0;pwned\\x07\\x0c") == times, text
     assert "[bold red]not markup[/]" in err.getvalue()
 
 
@@ -346,7 +349,7 @@ def test_commands_log_one_line_per_command(tmp_path):
     lines = log.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[0].endswith(" vm-1 exit=0 1.250s tart clone base 'vm 1'")
-    assert lines[1].endswith(" - exit=- 30.000s echo a\\necho b\\x1b[31mred\\x1b[2J\\x1b]0;pwned\\x07")
+    assert lines[1].endswith(" - exit=- 30.000s echo a\\necho b\\x1b[31mred\\x1b[2J\\x1b]0;pwned\\x07\\x0c")
 
 
 # -- real processes: a pseudo-terminal, pipes, CI --------------------------------------

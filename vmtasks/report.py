@@ -34,19 +34,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, TextIO,
-                    Tuple, Union)
+from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Protocol, Sequence,
+                    TextIO, Tuple, Union)
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
-
-try:  # Protocol is in typing from Python 3.8 on.
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore
 
 try:
     from .visible import visible
@@ -130,16 +125,16 @@ def format_clock(seconds: float) -> str:
     minutes, secs = divmod(rest, 60)
     if hours:
         return "{}h{:02d}m".format(hours, minutes) if minutes else "{}h".format(hours)
-    if minutes:
-        return "{}m{:02d}s".format(minutes, secs) if secs else "{}m".format(minutes)
-    return "{}s".format(secs)
+    return "{}m{:02d}s".format(minutes, secs) if secs else "{}m".format(minutes)
 
 
 def _bounded_lines(text: str, limit: int = OUTPUT_LINES) -> List[str]:
     """The last ``limit`` lines of guest ``text``, each made visible."""
-    lines = (text or "").rstrip("\n").splitlines()
-    if not lines:
+    text = (text or "").rstrip("\n")
+    if not text:
         return []
+    # Split on newlines only: splitlines() would also eat \f, \x1c and the like unseen.
+    lines = text.split("\n")
     shown = [visible(line.rstrip("\r")) for line in lines[-limit:]]
     if len(lines) > limit:
         shown.insert(0, "... ({} earlier lines in the run record)".format(len(lines) - limit))
