@@ -439,6 +439,8 @@ class Reporter:
         self._commands_log = commands_log
         self._clock = clock
         self._refresh_per_second = refresh_per_second
+        # Re-entrant: a signal handler (the SignalGuard's warning) runs in the main thread and
+        # may report while that thread is inside an event.
         self._lock = threading.RLock()
         self._vms: Dict[str, _Vm] = {}
         self._rows: Tuple[_Row, ...] = ()
@@ -562,7 +564,8 @@ class Reporter:
 
     def raw_output(self, vm: str, text: str) -> None:
         """The tests' own output as it arrives (shown with ``verbose``), already taken out of
-        any JSON events by the caller. Partial lines wait for their end."""
+        any JSON events by the caller, in stream order: a test's output before its
+        ``test_finished``. Partial lines wait for their end (or for the next event)."""
         if not self.verbose:
             return
         with self._lock:
