@@ -1,102 +1,52 @@
-"""All terminal output: one rich Console on stderr.
+"""Compatibility shim: the old single-VM ``Ui`` API on top of :class:`vmtasks.report.Reporter`.
 
-Live redraw (spinners) on a terminal; plain, line-by-line text without colour when stderr
-is not a terminal or CI is set, so logs read well.
+Callers not yet moved to the reporter (``tasks.py``, ``host.py``, ``run.py``, ``doctor.py``,
+``scripts/bench.py``) keep working through it; delete this module once they call the
+reporter's events directly.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.spinner import Spinner
 from rich.text import Text
 
-STAGE_TITLES = {
-    "preflight": "pre-flight", "sweep": "orphan sweep", "clone": "clone", "boot": "boot",
-    "ip+ssh": "IP + SSH", "key": "key", "setup": "setup", "sync": "sync", "suite": "suite",
-    "teardown": "teardown", "build": "build",
-}
-
-
-def make_console(stream=None) -> Console:
-    stream = stream or sys.stderr
-    plain = bool(os.environ.get("CI")) or not stream.isatty()
-    if plain:
-        return Console(file=stream, force_terminal=False, no_color=True, highlight=False,
-                       soft_wrap=True, emoji=False)
-    return Console(file=stream, highlight=False)
+from .report import STAGE_TITLES, Reporter, make_console  # noqa: F401  (old import sites)
 
 
 class Ui:
-    """Stage list with spinners, suite counters, and messages."""
+    """The old ``Ui`` methods, each forwarded to a one-VM :class:`Reporter`."""
 
-    def __init__(self, console: Optional[Console] = None, quiet: bool = False, verbose: bool = False) -> None:
-        self.console = console or make_console()
+    def __init__(self, console=None, quiet: bool = False, verbose: bool = False) -> None:
+        stream = console.file if console is not None else None
+        self.reporter = Reporter(stderr=stream, quiet=quiet, verbose=verbose)
+        self.console = self.reporter.err
         self.quiet = quiet
         self.verbose = verbose
-        self.live_mode = self.console.is_terminal and not os.environ.get("CI")
-        self._live: Optional[Live] = None
-        self._done: List[Text] = []
-        self._active: Optional[str] = None
-        self._active_started = 0.0
-        self._suite_line = ""
         self._raw_buffer = ""
 
-    # -- stages ------------------------------------------------------------
+    @property
+    def live_mode(self) -> bool:
+        return self.reporter.live_mode
+
     def stage_started(self, name: str, detail: str = "") -> None:
-        self._active = name
-        self._active_started = time.monotonic()
-        self._suite_line = ""
-        title = STAGE_TITLES.get(name, name)
-        if self.live_mode and not self.quiet:
-            if self._live is None:
-                self._live = Live(self._render(), console=self.console, refresh_per_second=8, transient=True)
-                self._live.start()
-            self._refresh()
-        elif not self.quiet:
-            self.console.print("-> {}{}".format(title, " ({})".format(detail) if detail else ""))
+        self.reporter.stage_started("", name)
 
     def stage_finished(self, name: str, elapsed: float, ok: bool, note: str = "") -> None:
-        title = STAGE_TITLES.get(name, name)
-        mark = "ok" if ok else "FAILED"
-        line = "{} {} {:.2f}s{}".format("✓" if ok else "✗", title, elapsed, "  " + note if note else "")
-        self._active = None
-        if self.quiet and ok:
-            return
-        if self.live_mode and self._live is not None:
-            self._live.console.print(Text(line, style="green" if ok else "bold red"))
-            self._refresh()
-        else:
-            self.console.print("   {} {} {:.2f}s{}".format(title, mark, elapsed, "  " + note if note else ""))
+        self.reporter.stage_finished("", name, elapsed, "ok" if ok else "failed", note)
 
     def suite_progress(self, passed: int, failed: int, skipped: int, running: List[str]) -> None:
-        line = "passed {}  failed {}  skipped {}".format(passed, failed, skipped)
-        if running:
-            line += "  running: " + ", ".join(running[-3:])
-        if line == self._suite_line:
-            return
-        self._suite_line = line
-        if self.live_mode:
-            self._refresh()
+        for name in running:
+            if name not in self.reporter._vm("").running:
+                self.reporter.test_started("", name)
 
     def test_finished(self, name: str, status: str, elapsed: float, output: str = "") -> None:
-        if self.quiet and status != "fail":
-            return
-        label = {"pass": "PASS", "fail": "FAIL", "skip": "SKIP"}.get(status, status.upper())
-        text = "   {} {} ({:.2f}s)".format(label, name, elapsed)
-        self.print(text, style="red" if status == "fail" else None)
-        if status == "fail" and output and not self.verbose:
-            self.print(_indent(output.rstrip("\n")))
+        self.reporter.test_finished("", name, status, elapsed, output)
 
     def raw(self, text: str) -> None:
-        """Raw test output as it arrives (``--verbose``): go test's own text, taken out of
-        its JSON events when the suite runs with -json."""
+        """Legacy: the old ``VmRun._suite`` passes the JSON stream itself, so take the text
+        out of its events here. The reporter's ``raw_output`` gets decoded text only."""
         if not self.verbose:
             return
         self._raw_buffer += text
@@ -108,50 +58,26 @@ class Ui:
                 except ValueError:
                     event = None
                 if isinstance(event, dict):
-                    output = event.get("Output")
-                    if isinstance(output, str):
-                        self.print(output.rstrip("\n"))
+                    if isinstance(event.get("Output"), str):
+                        self.reporter.raw_output("", event["Output"])
                     continue
-            self.print(line)
+            self.reporter.raw_output("", line + "\n")
 
-    def _render(self):
-        rows = []
-        if self._active:
-            title = STAGE_TITLES.get(self._active, self._active)
-            elapsed = time.monotonic() - self._active_started
-            label = "{} {:.0f}s".format(title, elapsed)
-            if self._suite_line:
-                label += "  " + self._suite_line
-            rows.append(Spinner("dots", text=Text(label)))
-        return Group(*rows)
-
-    def _refresh(self) -> None:
-        if self._live is not None:
-            self._live.update(self._render(), refresh=True)
-
-    # -- messages ----------------------------------------------------------
     def print(self, text, style: Optional[str] = None) -> None:
-        target = self._live.console if self._live is not None else self.console
-        if isinstance(text, str):
-            target.print(Text(text, style=style or ""))
-        else:
-            target.print(text)
+        with self.reporter._lock:
+            if isinstance(text, str):
+                self.reporter._print(Text(text, style=style or ""))
+            else:
+                self.reporter.err.print(text)
 
     def info(self, text: str) -> None:
-        if not self.quiet:
-            self.print(text)
+        self.reporter.info(text)
 
     def warn(self, text: str) -> None:
-        self.print("warning: " + text, style="yellow")
+        self.reporter.warn(text)
 
     def error(self, text: str) -> None:
-        self.print("error: " + text, style="bold red")
+        self.reporter.error(text)
 
     def close(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-
-
-def _indent(text: str, prefix: str = "      ") -> str:
-    return "\n".join(prefix + line for line in text.splitlines())
+        self.reporter.close()
