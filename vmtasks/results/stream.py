@@ -302,8 +302,12 @@ class SuiteStream:
     running at :meth:`close` get the status its ``reason`` says.
     """
 
-    def __init__(self, on_event: Optional[Callable[[TestEvent], Any]] = None) -> None:
+    def __init__(self, on_event: Optional[Callable[[TestEvent], Any]] = None,
+                 on_output: Optional[Callable[[str], Any]] = None) -> None:
         self._on_event = on_event
+        # ``on_output(text)``: each piece of the tests' own output, decoded from its event
+        # (or a raw line go printed outside JSON), for --verbose. Parsed once, here.
+        self._on_output = on_output
         self.callback_errors: List[BaseException] = []
         self._parts: List[str] = []
         self._held = 0
@@ -490,6 +494,8 @@ class SuiteStream:
         return obj
 
     def _raw_line(self, line: str) -> None:
+        if self._on_output is not None:
+            self._on_output(line + "\n")
         self._raw.append(line)
         self._raw_count += 1
         m = _BUILD_HEADER.match(line)
@@ -529,6 +535,8 @@ class SuiteStream:
             if self._last_time is None or t > self._last_time:
                 self._last_time = t
         output = ev.get("Output") or ""
+        if output and action == "output" and self._on_output is not None:
+            self._on_output(output)
         if action in ("build-output", "build-fail"):
             path = ev.get("ImportPath")
             if path and action == "build-output":
