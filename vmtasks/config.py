@@ -735,8 +735,9 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
         return layers.get(key, _DEFAULTS)
 
     def fail(key: str, problem: str, hint: str = "") -> ConfigError:
+        fix = layer(key).fix(key)
         return ConfigError("{}: {}".format(layer(key).where(key), problem),
-                           hint or layer(key).fix(key))
+                           "{} ({})".format(hint, fix) if hint else fix)
 
     required = {
         "vm.base": cfg.vm.base, "vm.name_prefix": cfg.vm.name_prefix, "vm.user": cfg.vm.user,
