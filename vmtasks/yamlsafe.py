@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 # A real config has a few hundred values; these limits are far above that and far below
 # anything that costs noticeable time or memory.
-MAX_VALUES = 50_000
+MAX_VALUES = 10_000
 MAX_DEPTH = 40
 
 _MAP = "tag:yaml.org,2002:map"
