@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -215,10 +217,9 @@ def test_recursive_alias_is_refused(tmp_path):
 
 
 def test_aliases_and_merge_keys_of_sane_size_work(tmp_path):
-    text = ("x: &steps [a, b]\n" if False else "") + (
-        "vm: &vm {base: img, user: bob}\n"
-        "guest:\n  env: &env {A: '1'}\n  dir: /Users/bob/p\n"
-        "setup: &steps [one, two]\nbuild: *steps\n")
+    text = ("vm: &vm {base: img, user: bob}\n"
+            "guest:\n  env: &env {A: '1'}\n  dir: /Users/bob/p\n"
+            "setup: &steps [one, two]\nbuild: *steps\n")
     cfg = config.load(write(tmp_path, text), environ={}, cwd=tmp_path)
     assert cfg.build == ["one", "two"] and cfg.vm.user == "bob"
     merged = write(tmp_path, "sync: &s {compress: false}\nrecords: {<<: {keep_last: 3}, dir: r}\n", "m.yaml")
@@ -234,7 +235,7 @@ def test_duplicate_key_is_an_error_not_the_last_one(tmp_path):
 def test_error_shows_a_bounded_excerpt(tmp_path):
     err = load_error(write(tmp_path, "keep: " + "x" * 100000 + "\n"))
     assert len(err.message) < 400 and "'keep' must be one of" in err.message
-    err = config.load  # the environment and flags are bounded the same way
+    # The environment and flags are bounded the same way.
     with pytest.raises(ConfigError) as env_err:
         config.load(None, environ={"OPENBOOT_VM_BOOT_TIMEOUT": "9" * 5000 + "x"}, cwd=tmp_path)
     assert len(env_err.value.message) < 400
@@ -496,6 +497,8 @@ def test_runtime_config_that_is_ours_is_the_config_file(tmp_path):
     assert config.locate(None, {}, tmp_path, runtime_config=invoke_only)[0] == tmp_path / "config" / "vm.yaml"
     with pytest.raises(ConfigError, match="two config files"):
         config.locate(str(tmp_path / "config" / "vm.yaml"), {}, tmp_path, runtime_config=ours)
+    python_config = write(tmp_path, "run = {'echo': True}\n", "invoke.py")
+    assert config.locate(None, {}, tmp_path, runtime_config=python_config)[0] == tmp_path / "config" / "vm.yaml"
     both = write(tmp_path, "vm: {}\nvmtasks: {}\n", "both.yaml")
     with pytest.raises(ConfigError) as err:
         config.locate(None, {}, tmp_path, runtime_config=both)
@@ -568,16 +571,10 @@ def test_json_round_trip_for_the_guest(tmp_path):
     guest = tmp_path / "guest" / "config.json"
     guest.parent.mkdir()
     guest.write_text(json.dumps(data))
-    import shutil
     shutil.rmtree(tmp_path / "host")
     again = config.load(guest, environ={}, cwd=tmp_path)
-    assert again == dataclasses_replace_source(cfg, str(guest))
+    assert again == dataclasses.replace(cfg, source=str(guest))
     assert again.project_dir == str(tmp_path.resolve() / "host" / "proj")
-
-
-def dataclasses_replace_source(cfg, source):
-    import dataclasses
-    return dataclasses.replace(cfg, source=source)
 
 
 def test_repo_configs_are_valid():

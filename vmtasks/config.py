@@ -324,7 +324,7 @@ def _coerce(path: str, value: Any, annotation: str, layer: _Layer) -> Any:
     raise AssertionError("unsupported annotation " + annotation)  # pragma: no cover
 
 
-def _merge(values: Dict[str, Any], origins: Dict[str, Tuple[_Layer, str]], layer: _Layer,
+def _merge(values: Dict[str, Any], origins: Dict[str, _Layer], layer: _Layer,
            data: Mapping[str, Any], prefix: str = "") -> None:
     """Merge one layer (nested mapping) into ``values``, validating keys and types and
     noting, for each dotted key, the layer it came from."""
@@ -348,7 +348,7 @@ def _merge(values: Dict[str, Any], origins: Dict[str, Tuple[_Layer, str]], layer
             _merge(values.setdefault(key, {}), origins, layer, value, path + ".")
         else:
             values[key] = _coerce(path, value, str(f.type), layer)
-            origins[path] = (layer, path)
+            origins[path] = layer
 
 
 def _class_for(prefix: str) -> type:
@@ -567,6 +567,8 @@ def locate(
     runtime_is_ours = False
     if runtime_config is not None:
         runtime_config = runtime_config if runtime_config.is_absolute() else cwd / runtime_config
+    # Only a data file can be ours; an `invoke -f tasks_config.py` is Invoke's business.
+    if runtime_config is not None and runtime_config.suffix in (".yaml", ".yml", ".json"):
         data, _ = _read(runtime_config)
         if is_vmtasks_config(data):
             if "vmtasks" in data:
@@ -672,22 +674,20 @@ def load(
     :func:`check_host_paths`."""
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
-    layers: List[Tuple[_Layer, Mapping[str, Any]]] = []
+    if path is not None and not path.is_absolute():
+        path = cwd / path
+    layers: List[_Layer] = []
     if invoke_layer:
-        layer = _invoke_layer(invoke_layer, project_root if project_root is not None else cwd)
-        layers.append((layer, layer.values))
+        layers.append(_invoke_layer(invoke_layer, project_root if project_root is not None else cwd))
     if path is not None:
-        data, lines = _read(path)
-        layers.append((_file_layer(path, data, lines), data))
-    env = _env_layer_for(environ, cwd)
-    layers.append((env, env.values))
-    flags = _flag_layer(overrides or {}, flag_names or {}, cwd)
-    layers.append((flags, flags.values))
+        layers.append(_file_layer(path, *_read(path)))
+    layers.append(_env_layer_for(environ, cwd))
+    layers.append(_flag_layer(overrides or {}, flag_names or {}, cwd))
 
     values: Dict[str, Any] = {}
-    origins: Dict[str, Tuple[_Layer, str]] = {}
-    for layer, data in layers:
-        _merge(values, origins, layer, data)
+    origins: Dict[str, _Layer] = {}  # dotted key -> the layer its value came from
+    for layer in layers:
+        _merge(values, origins, layer, layer.values)
     _orchard_url_fallback(values, origins, environ, cwd)
 
     # The defaults' relative paths belong to the config file too (records beside their config).
@@ -698,24 +698,25 @@ def load(
             value = _get(dataclasses.asdict(Config()), key)
         if value == "" and key != "project_dir":
             continue  # "" means unset (state_dir: the default state dir; no CA cert)
-        layer = origins[key][0] if key in origins else None
-        base = layer.base_dir if layer is not None else default_base
+        base = origins[key].base_dir if key in origins else default_base
         _put(values, key, _absolute(value, base))
 
     cfg = _build(Config, values)
     if not cfg.orchard.image:
         cfg = dataclasses.replace(cfg, orchard=dataclasses.replace(cfg.orchard, image=cfg.vm.base))
-    labels = {key: layer.where(key) for key, (layer, _) in origins.items()}
+    labels = {key: layer.where(key) for key, layer in origins.items()}
     cfg = dataclasses.replace(cfg, source=str(path) if path else "<built-in defaults>", origins=labels)
-    return _check(cfg, {key: layer for key, (layer, _) in origins.items()})
+    return _check(cfg, origins)
 
 
 def _absolute(value: str, base: Path) -> str:
+    """An absolute path: a relative one against ``base`` (symlinks resolved, as the host sees
+    them); an absolute one only normalised, so the guest's copy reads back unchanged."""
     p = Path(value).expanduser()
-    return str((p if p.is_absolute() else base / p).resolve())
+    return os.path.normpath(str(p)) if p.is_absolute() else str((base / p).resolve())
 
 
-def _orchard_url_fallback(values: Dict[str, Any], origins: Dict[str, Tuple[_Layer, str]],
+def _orchard_url_fallback(values: Dict[str, Any], origins: Dict[str, _Layer],
                           environ: Mapping[str, str], cwd: Path) -> None:
     """``ORCHARD_URL`` (the Orchard CLI's variable) fills orchard.url when nothing set it:
     an ambient variable must not override the project's own choice."""
@@ -724,7 +725,7 @@ def _orchard_url_fallback(values: Dict[str, Any], origins: Dict[str, Tuple[_Laye
     layer = _Layer("environment", {}, cwd, lambda key: "environment variable " + ENV_ORCHARD_URL,
                    lambda key: "change or unset " + ENV_ORCHARD_URL)
     values.setdefault("orchard", {})["url"] = _coerce("orchard.url", environ[ENV_ORCHARD_URL], "str", layer)
-    origins["orchard.url"] = (layer, "orchard.url")
+    origins["orchard.url"] = layer
 
 
 def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
