@@ -550,6 +550,25 @@ def test_invoke_context_info_from_a_real_invoke(tmp_path):
     assert Path(out["path"]) == cwd / "vm.yaml"
 
 
+def test_load_for_task_with_an_invoke_context(tmp_path):
+    from invoke import Config as InvokeConfig, Context
+
+    root, cwd = tmp_path / "repo", tmp_path / "elsewhere"
+    cwd.mkdir()
+    path = write(root, "vm:\n  base: from-file\nrecords:\n  dir: runs\n", "vm.yaml")
+    ic = InvokeConfig(project_location=str(root), overrides={"vmtasks": {"keep": "always", "state_dir": "st"}})
+    cfg = config.load_for_task(Context(ic), environ={}, cwd=cwd)
+    assert (cfg.source, cfg.vm.base, cfg.keep) == (str(path), "from-file", "always")
+    assert cfg.state_dir == str(root.resolve() / "st")  # Invoke's paths: relative to the project
+    assert cfg.records.dir == str(root.resolve() / "runs")
+    with pytest.raises(ConfigError, match="^flag --boot-timeout:"):
+        config.load_for_task(Context(ic), overrides={"timeouts.boot": "x"}, environ={}, cwd=cwd,
+                             flag_names={"timeouts.boot": "--boot-timeout"})
+    with pytest.raises(ConfigError, match="no vmtasks config found"):
+        config.load_for_task(Context(InvokeConfig(project_location=str(cwd))), environ={}, cwd=cwd)
+    assert config.load_for_task(None, environ={}, cwd=cwd, required=False).source == "<built-in defaults>"
+
+
 def test_invoke_context_info_without_invoke_settings():
     class Bare:
         config = object()

@@ -650,6 +650,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def load_for_task(
+    c: Any,
+    explicit: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    flag_names: Optional[Mapping[str, str]] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    cwd: Optional[Path] = None,
+    required: bool = True,
+) -> Config:
+    """The config a host task runs with: found through ``--config`` (``explicit``), Invoke's
+    config and the project of the tasks.py Invoke loaded (:func:`locate`), then loaded with
+    every layer (:func:`load`). ``c`` is the task's Invoke Context, or None outside Invoke."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    root, runtime, section = invoke_context_info(c) if c is not None else (None, None, {})
+    path, layer = locate(explicit, environ, cwd, root, section, runtime, required)
+    return load(path, environ, overrides, cwd, flag_names, layer, root)
+
+
 # ---------------------------------------------------------------------------------------
 # Loading
 
@@ -738,7 +757,7 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
     def fail(key: str, problem: str, hint: str = "") -> ConfigError:
         fix = layer(key).fix(key)
         return ConfigError("{}: {}".format(layer(key).where(key), problem),
-                           "{} ({})".format(hint, fix) if hint else fix)
+                           "{}: {}".format(fix, hint) if hint else fix)
 
     required = {
         "vm.base": cfg.vm.base, "vm.name_prefix": cfg.vm.name_prefix, "vm.user": cfg.vm.user,
@@ -799,8 +818,8 @@ def _check_guest_dir(raw: str, tool_dir: str, user: str, fail: Callable[..., Con
                    "(it reaches the guest's shell and rsync), got {}".format(excerpt(raw)),
                    "for example /Users/{}/openboot".format(user))
     if ".." in raw.split("/"):
-        raise fail("guest.dir", "'guest.dir' = {} contains '..'; rsync --delete must not land "
-                   "somewhere else than it reads".format(excerpt(raw)),
+        raise fail("guest.dir", "'guest.dir' = {} contains '..': the sync's rsync --delete "
+                   "would land somewhere other than it says".format(excerpt(raw)),
                    "write the directory out, for example /Users/{}/openboot".format(user))
     normal = "/" + posixpath.normpath(raw).lstrip("/")
     home = "/Users/" + user
@@ -850,8 +869,9 @@ def check_host_paths(cfg: Config) -> None:
     if not project.is_dir():
         what = "is not a directory" if project.exists() else "does not exist"
         raise ConfigError("{}: 'project_dir' = {} {}".format(cfg.origin("project_dir"), project, what),
-                          "fix project_dir (relative paths are relative to the config file's directory)")
+                          "fix project_dir there (a relative path in a file is relative to that file's "
+                          "directory; from the environment or a flag, to the current directory)")
     if cfg.backend == "orchard" and cfg.orchard.ca_cert and not Path(cfg.orchard.ca_cert).is_file():
         raise ConfigError("{}: 'orchard.ca_cert' = {} does not exist".format(
             cfg.origin("orchard.ca_cert"), cfg.orchard.ca_cert),
-            "fix orchard.ca_cert (relative paths are relative to the config file's directory)")
+            "fix orchard.ca_cert there (a relative path in a file is relative to that file's directory)")

@@ -26,7 +26,7 @@ MAX_DEPTH = 40
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
-_HINT_SYNTAX = "fix the YAML at that line (indentation, quotes, a missing ':')"
+_HINT_SYNTAX = "fix the YAML there (indentation, quotes, a missing ':' or bracket)"
 
 
 class _Loader(yaml.SafeLoader):
@@ -42,11 +42,7 @@ def parse(text: str, name: str) -> Tuple[Any, Dict[str, int]]:
         try:
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = "{}:{}".format(name, mark.line + 1) if mark is not None else name
-            problem = " ".join(p for p in (exc.context, exc.problem) if p)
-            raise ConfigError("{}: not valid YAML: {}".format(line, problem or "syntax error"),
-                              _HINT_SYNTAX) from None
+            raise ConfigError(_syntax_message(exc, name), _HINT_SYNTAX) from None
         except yaml.YAMLError as exc:
             raise ConfigError("{}: not valid YAML: {}".format(name, str(exc)[:200]), _HINT_SYNTAX) from None
         except RecursionError:
@@ -58,6 +54,19 @@ def parse(text: str, name: str) -> Tuple[Any, Dict[str, int]]:
         return builder.build(node, "", 0), builder.lines
     finally:
         loader.dispose()
+
+
+def _syntax_message(exc: yaml.MarkedYAMLError, name: str) -> str:
+    """``vm.yaml:4: not valid YAML: expected ',' or ']', but got ':' (while parsing a flow
+    sequence, from line 3)``: where PyYAML noticed, and where the construct began."""
+    mark = exc.problem_mark or exc.context_mark
+    where = "{}:{}".format(name, mark.line + 1) if mark is not None else name
+    text = "{}: not valid YAML: {}".format(where, exc.problem or exc.context or "syntax error")
+    if exc.problem and exc.context:
+        began = exc.context_mark
+        text += " ({}{})".format(exc.context, ", from line {}".format(began.line + 1)
+                                 if began is not None and began is not mark else "")
+    return text
 
 
 class _Builder:
