@@ -35,7 +35,7 @@ ENV_PREFIX = "OPENBOOT_VM_"
 DEFAULT_CONFIG = Path("config") / "vm.yaml"
 MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: anything longer is a typo, and never "no deadline"
 MAX_VMS = 100
-MAX_FILE_BYTES = 1 << 20  # a config is a few KB; refuse to read a runaway file into memory
+MAX_FILE_BYTES = 256 << 10  # a config is a few KB; refuse to read (and parse) a runaway file
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _GUEST_PATH_RE = re.compile(r"^/[A-Za-z0-9._@+/-]*$")
 _REL_PATH_RE = re.compile(r"^[A-Za-z0-9._@+-][A-Za-z0-9._@+/-]*$")
@@ -524,7 +524,8 @@ def _explicit(chosen: str, base: Path, how: str) -> Path:
     path = Path(chosen).expanduser()
     path = path if path.is_absolute() else base / path
     if not path.is_file():
-        raise ConfigError("config file {} (from {}) does not exist{}".format(path, how, _suggest(path)),
+        raise ConfigError("config file {} (from {}) does not exist{}".format(excerpt(str(path))[1:-1], how,
+                                                                             _suggest(path)),
                           "fix the path given with {}".format(how))
     return path
 
@@ -868,10 +869,10 @@ def check_host_paths(cfg: Config) -> None:
     project = Path(cfg.project_dir)
     if not project.is_dir():
         what = "is not a directory" if project.exists() else "does not exist"
-        raise ConfigError("{}: 'project_dir' = {} {}".format(cfg.origin("project_dir"), project, what),
+        raise ConfigError("{}: 'project_dir' = {} {}".format(cfg.origin("project_dir"), excerpt(str(project)), what),
                           "fix project_dir there (a relative path in a file is relative to that file's "
                           "directory; from the environment or a flag, to the current directory)")
     if cfg.backend == "orchard" and cfg.orchard.ca_cert and not Path(cfg.orchard.ca_cert).is_file():
         raise ConfigError("{}: 'orchard.ca_cert' = {} does not exist".format(
-            cfg.origin("orchard.ca_cert"), cfg.orchard.ca_cert),
+            cfg.origin("orchard.ca_cert"), excerpt(cfg.orchard.ca_cert)),
             "fix orchard.ca_cert there (a relative path in a file is relative to that file's directory)")

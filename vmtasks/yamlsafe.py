@@ -11,7 +11,7 @@ walk records the line of every mapping key, so errors can say ``vm.yaml:12``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -76,6 +76,8 @@ class _Builder:
         self.loader = loader
         self.name = name
         self.count = 0
+        self.seen: Set[int] = set()  # nodes built once: seeing one again is an alias expanding
+        self.through_alias = False
         self.lines: Dict[str, int] = {}
 
     def _at(self, node: Node) -> str:
@@ -83,16 +85,21 @@ class _Builder:
 
     def build(self, node: Node, path: str, depth: int) -> Any:
         self.count += 1
+        if id(node) in self.seen:
+            self.through_alias = True
+        self.seen.add(id(node))
         if self.count > MAX_VALUES:
-            raise ConfigError(
-                "{}: '{}' expands to more than {} values through YAML aliases (an alias bomb?); "
-                "refusing to expand it".format(self._at(node), path or "<document>", MAX_VALUES),
-                "write the value out, or reuse fewer aliases inside aliases",
-            )
+            if self.through_alias:
+                raise ConfigError(
+                    "{}: '{}' expands to more than {} values through YAML aliases (an alias bomb?); "
+                    "refusing to expand it".format(self._at(node), _shown(path), MAX_VALUES),
+                    "write the value out, or reuse fewer aliases inside aliases")
+            raise ConfigError("{}: more than {} values by '{}'; that is not a config".format(
+                self._at(node), MAX_VALUES, _shown(path)), "point --config at the vmtasks YAML file")
         if depth > MAX_DEPTH:
             raise ConfigError(
                 "{}: '{}' is nested more than {} levels deep (a recursive alias?)".format(
-                    self._at(node), path or "<document>", MAX_DEPTH),
+                    self._at(node), _shown(path), MAX_DEPTH),
                 "a config is a few levels of mappings and lists",
             )
         if isinstance(node, ScalarNode):
@@ -100,7 +107,7 @@ class _Builder:
                 return self.loader.construct_object(node)
             except yaml.YAMLError as exc:
                 raise ConfigError("{}: '{}' cannot be read: {}".format(
-                    self._at(node), path, getattr(exc, "problem", None) or "bad value"),
+                    self._at(node), _shown(path), getattr(exc, "problem", None) or "bad value"),
                     "use a plain string, number, true/false or null") from None
         if isinstance(node, SequenceNode) and node.tag == _SEQ:
             return [self.build(item, "{}[{}]".format(path, i), depth + 1)
@@ -108,7 +115,7 @@ class _Builder:
         if isinstance(node, MappingNode) and node.tag == _MAP:
             return self._mapping(node, path, depth)
         raise ConfigError("{}: '{}' has the YAML tag {}, which a config does not use".format(
-            self._at(node), path, node.tag[:80]), "remove the tag")
+            self._at(node), _shown(path), node.tag[:80]), "remove the tag")
 
     def _mapping(self, node: MappingNode, path: str, depth: int) -> Dict[Any, Any]:
         merged: Dict[Any, Any] = {}
@@ -128,13 +135,13 @@ class _Builder:
                 continue
             if not isinstance(key_node, ScalarNode):
                 raise ConfigError("{}: a key under '{}' is not a plain name".format(
-                    self._at(key_node), path or "<document>"), "keys are plain names")
+                    self._at(key_node), _shown(path)), "keys are plain names")
             key = self.build(key_node, path, depth + 1)
             line = key_node.start_mark.line + 1
             if key in seen:
                 # PyYAML keeps the last silently; a config must not mean something unseen.
                 raise ConfigError("{}:{}: key '{}' is given twice (first at line {})".format(
-                    self.name, line, _dotted(path, key), seen[key]), "keep one of them")
+                    self.name, line, _shown(_dotted(path, key)), seen[key]), "keep one of them")
             seen[key] = line
             dotted = _dotted(path, key)
             self.lines.setdefault(dotted, line)
@@ -145,3 +152,9 @@ class _Builder:
 
 def _dotted(path: str, key: Any) -> str:
     return "{}.{}".format(path, key) if path else str(key)
+
+
+def _shown(path: str) -> str:
+    """A key path for a message, cut short: keys are the file's text too."""
+    path = path or "<document>"
+    return path if len(path) <= 120 else path[:117] + "..."
