@@ -189,6 +189,11 @@ _repr.maxother = 120
 _repr.maxlevel = 3
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """A path or name for a message, cut short."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def excerpt(value: Any, limit: int = 200) -> str:
     """A bounded ``repr`` for error messages: a hostile value never costs more than this."""
     text = _repr.repr(value)
@@ -335,7 +340,7 @@ def _merge(values: Dict[str, Any], origins: Dict[str, _Layer], layer: _Layer,
         if key not in fields or key in _INTERNAL:
             options = [prefix + name for name in fields if name not in _INTERNAL]
             raise ConfigError(
-                "{}: unknown key '{}'{}".format(layer.where(path), excerpt(path)[1:-1],
+                "{}: unknown key '{}'{}".format(layer.where(path), _clip(path),
                                                 _did_you_mean(path, options)),
                 "valid keys here: " + ", ".join(sorted(options)),
             )
@@ -461,7 +466,7 @@ def env_layer(environ: Mapping[str, str]) -> Dict[str, Any]:
             continue
         if name not in ENV_KEYS:
             raise ConfigError(
-                "unknown environment variable {}{}".format(excerpt(name)[1:-1], _did_you_mean(name, known)),
+                "unknown environment variable {}{}".format(_clip(name), _did_you_mean(name, known)),
                 "unset it, or use one of: " + ", ".join(known),
             )
         key = ENV_KEYS[name]
@@ -524,8 +529,7 @@ def _explicit(chosen: str, base: Path, how: str) -> Path:
     path = Path(chosen).expanduser()
     path = path if path.is_absolute() else base / path
     if not path.is_file():
-        raise ConfigError("config file {} (from {}) does not exist{}".format(excerpt(str(path))[1:-1], how,
-                                                                             _suggest(path)),
+        raise ConfigError("config file {} (from {}) does not exist{}".format(_clip(str(path)), how, _suggest(path)),
                           "fix the path given with {}".format(how))
     return path
 
@@ -869,10 +873,10 @@ def check_host_paths(cfg: Config) -> None:
     project = Path(cfg.project_dir)
     if not project.is_dir():
         what = "is not a directory" if project.exists() else "does not exist"
-        raise ConfigError("{}: 'project_dir' = {} {}".format(cfg.origin("project_dir"), excerpt(str(project)), what),
+        raise ConfigError("{}: 'project_dir' = {} {}".format(cfg.origin("project_dir"), _clip(str(project)), what),
                           "fix project_dir there (a relative path in a file is relative to that file's "
                           "directory; from the environment or a flag, to the current directory)")
     if cfg.backend == "orchard" and cfg.orchard.ca_cert and not Path(cfg.orchard.ca_cert).is_file():
         raise ConfigError("{}: 'orchard.ca_cert' = {} does not exist".format(
-            cfg.origin("orchard.ca_cert"), excerpt(cfg.orchard.ca_cert)),
+            cfg.origin("orchard.ca_cert"), _clip(cfg.orchard.ca_cert)),
             "fix orchard.ca_cert there (a relative path in a file is relative to that file's directory)")
