@@ -603,3 +603,5 @@ def test_repo_configs_are_valid():
         assert cfg.vm.base == "tahoe-base"
     openboot = config.load(REPO / "config" / "vm.yaml", environ={}, cwd=REPO)
     assert openboot.vms == 2 and openboot.project_dir == str(REPO)
+    assert openboot.records.dir == str(REPO / ".vmtasks" / "runs")
+    assert openboot.suite.durations == str(REPO / ".vmtasks" / "durations.json")
