@@ -389,6 +389,8 @@ def test_syntax_error_names_file_and_line(tmp_path):
     path = write(tmp_path, "vm:\n  base: a\n  user: [b\nkeep: never\n")
     err = load_error(path)
     assert err.message.startswith("{}:4: not valid YAML".format(path)) and "from line 3" in err.message
+    err = load_error(write(tmp_path, "keep: never\nvm:\n  base: a\x07b\n", "ctl.yaml"))
+    assert err.message.startswith("{}:3: not valid YAML: the control character #x0007".format(tmp_path / "ctl.yaml"))
     err = load_error(write(tmp_path, '{"vm": {"base": }}', "c.json"))
     assert "c.json:1: not valid JSON" in err.message
 

@@ -37,12 +37,17 @@ class _Loader(yaml.SafeLoader):
 def parse(text: str, name: str) -> Tuple[Any, Dict[str, int]]:
     """``(value, lines)``: the document as plain dicts/lists/scalars, and for each dotted key
     (``timeouts.boot``) the 1-based line it is written on. ``name`` labels errors."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # the reader checks for control characters right here
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(exc, text, name) from None
     try:
         try:
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
             raise ConfigError(_syntax_message(exc, name), _HINT_SYNTAX) from None
+        except yaml.reader.ReaderError as exc:
+            raise _reader_error(exc, text, name) from None
         except yaml.YAMLError as exc:
             raise ConfigError("{}: not valid YAML: {}".format(name, str(exc)[:200]), _HINT_SYNTAX) from None
         except RecursionError:
@@ -54,6 +59,13 @@ def parse(text: str, name: str) -> Tuple[Any, Dict[str, int]]:
         return builder.build(node, "", 0), builder.lines
     finally:
         loader.dispose()
+
+
+def _reader_error(exc: yaml.reader.ReaderError, text: str, name: str) -> ConfigError:
+    code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    return ConfigError("{}:{}: not valid YAML: the control character #x{:04x} is not allowed".format(
+        name, text.count("\n", 0, exc.position) + 1, code),
+        "remove it, or write it as an escape in a double-quoted string")
 
 
 def _syntax_message(exc: yaml.MarkedYAMLError, name: str) -> str:
