@@ -373,8 +373,10 @@ def test_flag_value_is_blamed_on_the_flag(tmp_path):
     err = load_error(path, overrides={"timeouts.boot": "abc"}, flag_names={"timeouts.boot": "--boot-timeout"})
     assert err.message.startswith("flag --boot-timeout:") and "'timeouts.boot' must be a number" in err.message
     assert "--boot-timeout" in err.hint and str(path) not in err.message + err.hint
-    err = load_error(path, overrides={"vm.base": "a b"})  # no name given: a readable guess
-    assert err.message.startswith("flag --vm-base:")
+    err = load_error(path, overrides={"vm.base": "a b"})  # the tasks' own flag names by default
+    assert err.message.startswith("flag --base:")
+    err = load_error(path, overrides={"vm.user": "a b"})  # no name known: a readable guess
+    assert err.message.startswith("flag --vm-user:")
 
 
 def test_file_value_is_blamed_on_file_and_line(tmp_path):

@@ -174,6 +174,8 @@ ENV_KEYS = {
     "OPENBOOT_VM_VMS": "vms",
     "OPENBOOT_VM_BACKEND": "backend",
 }
+# The task flags that set config keys, for messages (a caller may pass its own mapping).
+FLAG_NAMES = {"vm.base": "--base", "keep": "--keep", "timeouts.boot": "--boot-timeout"}
 # Read by locate, not a config key.
 ENV_CONFIG_PATH = "OPENBOOT_VM_CONFIG"
 # The test regex is part of the run request, not the config: read by test_from_env.
@@ -690,8 +692,8 @@ def load(
     """Build the validated config from all layers.
 
     ``overrides`` are dotted keys from task flags (``None`` means "flag not given");
-    ``flag_names`` maps a dotted key to its flag for messages (``{"timeouts.boot":
-    "--boot-timeout"}``). ``invoke_layer`` is Invoke's ``vmtasks`` section (from
+    ``flag_names`` maps a dotted key to its flag for messages (default :data:`FLAG_NAMES`,
+    e.g. ``{"timeouts.boot": "--boot-timeout"}``). ``invoke_layer`` is Invoke's ``vmtasks`` section (from
     :func:`locate`); its relative paths are relative to ``project_root``. Relative paths in
     the file are relative to the file's directory; from the environment or flags, to ``cwd``.
     Host paths are not checked here (the guest loads the same config): see
@@ -706,7 +708,7 @@ def load(
     if path is not None:
         layers.append(_file_layer(path, *_read(path)))
     layers.append(_env_layer_for(environ, cwd))
-    layers.append(_flag_layer(overrides or {}, flag_names or {}, cwd))
+    layers.append(_flag_layer(overrides or {}, FLAG_NAMES if flag_names is None else flag_names, cwd))
 
     values: Dict[str, Any] = {}
     origins: Dict[str, _Layer] = {}  # dotted key -> the layer its value came from
