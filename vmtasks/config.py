@@ -1,11 +1,16 @@
-"""Layered, validated configuration.
+"""Layered, validated configuration, and where it was found.
 
-Layers, lowest first: built-in defaults < the config file (``config/vm.yaml``) <
-``OPENBOOT_VM_*`` environment < task flags. Everything is validated once, here, so a typo
-is an error naming the key before any VM exists. The result is a frozen dataclass tree.
+Layers, lowest first: built-in defaults < Invoke's config (the ``vmtasks:`` section of
+``invoke.yaml``, ``invoke -f``, or the collection's ``configure``) < the config file
+(``config/vm.yaml``) < ``OPENBOOT_VM_*`` environment < task flags. Everything is validated
+once, here, so a typo is an error before any VM exists, and every error names the layer
+the bad value came from: ``config/vm.yaml:12``, ``environment variable OPENBOOT_VM_KEEP``,
+``flag --boot-timeout``. The result is a frozen dataclass tree with absolute host paths,
+each relative path resolved against the directory of the file that wrote it.
 
 This module is imported inside the guest (Python 3.9, no PyYAML): the host hands the guest
-the resolved config as JSON, which needs only the standard library.
+the resolved config as JSON, which needs only the standard library. YAML goes through
+``vmtasks.yamlsafe``, imported on the host only.
 """
 
 from __future__ import annotations
@@ -13,20 +18,30 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import posixpath
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
 KEEP_CHOICES = ("never", "on-failure", "always")
+BACKENDS = ("tart", "orchard")
 ENV_PREFIX = "OPENBOOT_VM_"
 DEFAULT_CONFIG = Path("config") / "vm.yaml"
+MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: anything longer is a typo, and never "no deadline"
+MAX_VMS = 100
+MAX_FILE_BYTES = 256 << 10  # a config is a few KB; refuse to read (and parse) a runaway file
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _GUEST_PATH_RE = re.compile(r"^/[A-Za-z0-9._@+/-]*$")
+_REL_PATH_RE = re.compile(r"^[A-Za-z0-9._@+-][A-Za-z0-9._@+/-]*$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
+_INTERNAL = ("source", "origins")
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,7 @@ class SyncSettings:
 class SuiteSettings:
     all: str = "go test -v -timeout 60m -tags=e2e,vm ./test/e2e/..."
     one: str = "go test -v -timeout 45m -tags=e2e,vm -run {test} ./test/e2e/..."
-    durations: str = ".vmtasks/durations.json"
+    durations: str = ".vmtasks/durations.json"  # per-test durations the sharding reads
 
 
 @dataclass(frozen=True)
@@ -72,23 +87,36 @@ class Timeouts:
     boot: float = 60
     key: float = 60
     setup: float = 900
+    prepare: float = 1800
     sync: float = 600
     suite: float = 4500
+    test: float = 2700
     teardown: float = 120
     slot_wait: float = 1800
     poll: float = 1.0
-    test: float = 2700
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    unleased_after: float = 24
 
 
 @dataclass(frozen=True)
 class RecordSettings:
     dir: str = ".vmtasks/runs"
     keep_last: int = 20
+
+
+@dataclass(frozen=True)
+class OrchardSettings:
+    """The Orchard controller, used when ``backend: orchard``."""
+
+    url: str = ""
+    ca_cert: str = ""
+    context: str = ""
+    image: str = ""  # "" means vm.base; resolved at load
+    cpu: Optional[int] = None
+    memory: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    unleased_after: float = 24.0  # hours: a stopped, unleased VM of ours is removed after this
 
 
 @dataclass(frozen=True)
@@ -102,8 +130,9 @@ class Config:
             "python3 -m pip install --user --quiet --disable-pip-version-check 'invoke>=2,<3'",
         ]
     )
+    prepare: List[str] = field(default_factory=list)
+    prepared: bool = True
     keep: str = "never"
-    test: Optional[str] = None
     vms: int = 1
     backend: str = "tart"
     state_dir: str = ""
@@ -113,13 +142,21 @@ class Config:
     suite: SuiteSettings = field(default_factory=SuiteSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     records: RecordSettings = field(default_factory=RecordSettings)
+    orchard: OrchardSettings = field(default_factory=OrchardSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
     source: str = "<built-in defaults>"
+    # Dotted key -> the layer its value came from ("config/vm.yaml:12"), for later messages.
+    origins: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def origin(self, key: str) -> str:
+        """Where the value of dotted ``key`` came from, for an error message."""
+        return self.origins.get(key, "built-in default")
 
     def to_dict(self) -> Dict[str, Any]:
         """All settings, loadable again as a config file (``source`` is where they came from)."""
         data = dataclasses.asdict(self)
-        data.pop("source")
+        for name in _INTERNAL:
+            data.pop(name)
         return data
 
     def to_json(self) -> str:
@@ -130,14 +167,95 @@ class Config:
 ENV_KEYS = {
     "OPENBOOT_VM_BASE": "vm.base",
     "OPENBOOT_VM_KEEP": "keep",
-    "OPENBOOT_VM_TEST": "test",
     "OPENBOOT_VM_PREFIX": "vm.name_prefix",
     "OPENBOOT_VM_BOOT_TIMEOUT": "timeouts.boot",
     "OPENBOOT_VM_PROJECT": "project_dir",
     "OPENBOOT_VM_STATE_DIR": "state_dir",
+    "OPENBOOT_VM_VMS": "vms",
+    "OPENBOOT_VM_BACKEND": "backend",
 }
-# Read by find_config_file, not a config key.
+# The task flags that set config keys, for messages (a caller may pass its own mapping).
+FLAG_NAMES = {"vm.base": "--base", "keep": "--keep", "timeouts.boot": "--boot-timeout"}
+# Read by locate, not a config key.
 ENV_CONFIG_PATH = "OPENBOOT_VM_CONFIG"
+# The test regex is part of the run request, not the config: read by test_from_env.
+ENV_TEST = "OPENBOOT_VM_TEST"
+# The Orchard CLI's own variable: fills orchard.url when no layer sets it.
+ENV_ORCHARD_URL = "ORCHARD_URL"
+# Host paths, resolved to absolute paths against the directory of the layer that set them.
+PATH_KEYS = ("project_dir", "state_dir", "records.dir", "suite.durations", "orchard.ca_cert")
+
+_repr = reprlib.Repr()
+_repr.maxstring = 120
+_repr.maxother = 120
+_repr.maxlevel = 3
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A path or name for a message, cut short."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def excerpt(value: Any, limit: int = 200) -> str:
+    """A bounded ``repr`` for error messages: a hostile value never costs more than this."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# Layers and where a value came from
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One source of settings: nested values, where a key is written, and the directory
+    its relative paths are relative to."""
+
+    name: str
+    values: Mapping[str, Any]
+    base_dir: Path
+    where: Callable[[str], str]
+    fix: Callable[[str], str]
+
+
+def _file_layer(path: Path, data: Mapping[str, Any], lines: Mapping[str, int]) -> _Layer:
+    def where(key: str) -> str:
+        probe = key
+        while probe:
+            if probe in lines:
+                return "{}:{}".format(path, lines[probe])
+            probe = probe.rpartition(".")[0]
+        return str(path)
+
+    return _Layer(str(path), data, path.parent, where, lambda key: "fix '{}' at {}".format(key, where(key)))
+
+
+def _env_layer_for(environ: Mapping[str, str], cwd: Path) -> _Layer:
+    names = {key: name for name, key in ENV_KEYS.items()}
+    return _Layer("environment", _nest(env_layer(environ)), cwd,
+                  lambda key: "environment variable " + names.get(key, key),
+                  lambda key: "change or unset " + names.get(key, key))
+
+
+def _flag_layer(overrides: Mapping[str, Any], flag_names: Mapping[str, str], cwd: Path) -> _Layer:
+    def flag(key: str) -> str:
+        return flag_names.get(key) or "--" + key.replace(".", "-").replace("_", "-")
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return _Layer("task flags", _nest(given), cwd, lambda key: "flag " + flag(key),
+                  lambda key: "pass a valid value to " + flag(key))
+
+
+def _invoke_layer(section: Mapping[str, Any], base_dir: Path) -> _Layer:
+    # `config` says where the file is (read by locate); None is Invoke's "not set".
+    values = {k: v for k, v in section.items() if k != "config" and v is not None}
+    return _Layer("Invoke config", values, base_dir, lambda key: "Invoke config vmtasks." + key,
+                  lambda key: "fix vmtasks.{} in invoke.yaml, the -f file or the collection's "
+                              "configure()".format(key))
+
+
+_DEFAULTS = _Layer("built-in defaults", {}, Path("."), lambda key: "built-in default",
+                   lambda key: "set '{}' in the config file".format(key))
 
 
 def _resolve(f: dataclasses.Field) -> Any:
@@ -152,8 +270,9 @@ def _did_you_mean(key: str, options: List[str]) -> str:
     return " (did you mean '{}'?)".format(close[0]) if close else ""
 
 
-def _coerce(path: str, value: Any, annotation: str, where: str) -> Any:
-    """Check ``value`` against the field's type; strings from the environment are parsed."""
+def _coerce(path: str, value: Any, annotation: str, layer: _Layer) -> Any:
+    """Check ``value`` against the field's type; strings (environment, flags) are parsed."""
+    where = layer.where(path)
     optional = annotation.startswith("Optional[")
     if value is None:
         if optional:
@@ -163,10 +282,8 @@ def _coerce(path: str, value: Any, annotation: str, where: str) -> Any:
     base = annotation[len("Optional["):-1] if optional else annotation
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(
-            "{}: '{}' must be {}, got {!r}".format(where, path, expected, value),
-            "fix '{}' in the config".format(path),
-        )
+        return ConfigError("{}: '{}' must be {}, got {}".format(where, path, expected, excerpt(value)),
+                           layer.fix(path))
 
     if base == "bool":
         if isinstance(value, bool):
@@ -177,11 +294,15 @@ def _coerce(path: str, value: Any, annotation: str, where: str) -> Any:
     if base in ("int", "float"):
         if isinstance(value, str):
             try:
-                value = float(value) if base == "float" else int(value)
+                value = float(value) if base == "float" else int(value.strip())
             except ValueError:
                 raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            # nan compares false with every bound, inf passes them all: both would
+            # silently disable a deadline.
+            raise bad("a finite number")
         if base == "int" and not float(value).is_integer():
             raise bad("a whole number")
         if value < 0:
@@ -201,7 +322,7 @@ def _coerce(path: str, value: Any, annotation: str, where: str) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, str) or not _ENV_KEY_RE.match(k):
-                raise ConfigError("{}: '{}' has an invalid variable name {!r}".format(where, path, k),
+                raise ConfigError("{}: '{}' has an invalid variable name {}".format(where, path, excerpt(k)),
                                   "use letters, digits and '_' only")
             if isinstance(v, bool) or not isinstance(v, (str, int, float)):
                 raise bad("a mapping of names to strings")
@@ -210,27 +331,31 @@ def _coerce(path: str, value: Any, annotation: str, where: str) -> Any:
     raise AssertionError("unsupported annotation " + annotation)  # pragma: no cover
 
 
-def _merge(target: Dict[str, Any], layer: Mapping[str, Any], where: str, prefix: str = "") -> None:
-    """Merge one layer (nested mapping) into ``target``, validating keys and types."""
+def _merge(values: Dict[str, Any], origins: Dict[str, _Layer], layer: _Layer,
+           data: Mapping[str, Any], prefix: str = "") -> None:
+    """Merge one layer (nested mapping) into ``values``, validating keys and types and
+    noting, for each dotted key, the layer it came from."""
     cls = _class_for(prefix)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in layer.items():
-        path = prefix + key
-        if key not in fields or key == "source":
-            options = [prefix + name for name in fields if name != "source"]
+    for key, value in data.items():
+        path = prefix + str(key)
+        if key not in fields or key in _INTERNAL:
+            options = [prefix + name for name in fields if name not in _INTERNAL]
             raise ConfigError(
-                "{}: unknown key '{}'{}".format(where, path, _did_you_mean(path, options)),
+                "{}: unknown key '{}'{}".format(layer.where(path), _clip(path),
+                                                _did_you_mean(path, options)),
                 "valid keys here: " + ", ".join(sorted(options)),
             )
         f = fields[key]
         default = _resolve(f)
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
-                raise ConfigError("{}: '{}' must be a mapping".format(where, path),
+                raise ConfigError("{}: '{}' must be a mapping, got {}".format(layer.where(path), path, excerpt(value)),
                                   "see config/vm.yaml for the layout")
-            _merge(target.setdefault(key, {}), value, where, path + ".")
+            _merge(values.setdefault(key, {}), origins, layer, value, path + ".")
         else:
-            target[key] = _coerce(path, value, str(f.type), where)
+            values[key] = _coerce(path, value, str(f.type), layer)
+            origins[path] = layer
 
 
 def _class_for(prefix: str) -> type:
@@ -251,6 +376,23 @@ def _nest(dotted: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _get(values: Mapping[str, Any], key: str) -> Any:
+    node: Any = values
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _put(values: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
 def _build(cls: type, values: Mapping[str, Any]) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -263,49 +405,75 @@ def _build(cls: type, values: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def read_file(path: Path) -> Dict[str, Any]:
-    """Parse a config file: JSON (what the guest gets) or YAML (with ``yaml.safe_load``)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("cannot read config file {}: {}".format(path, exc.strerror),
-                          "check the path given with --config or OPENBOOT_VM_CONFIG") from None
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml  # host only: the guest reads JSON
+# ---------------------------------------------------------------------------------------
+# Reading files
 
-            data = yaml.safe_load(text)
-    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
-        raise ConfigError("{} is not valid {}: {}".format(
-            path, "JSON" if path.suffix == ".json" else "YAML", exc),
-            "fix the syntax error shown above") from None
+
+def read_file(path: Path) -> Dict[str, Any]:
+    """Parse a config file: JSON (what the guest gets) or YAML. Only the values."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    """``(values, lines)``: the file's top-level mapping and the line of each dotted key."""
+    try:
+        with open(str(path), "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("cannot read config file {}: {}".format(path, exc.strerror or exc),
+                          "check the path given with --config or OPENBOOT_VM_CONFIG") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError("config file {} is larger than {} KiB; that is not a config".format(
+            path, MAX_FILE_BYTES // 1024), "point --config at the vmtasks YAML file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError("{}: not UTF-8 text: byte {} (line {}) is {}".format(
+            path, exc.start, line, excerpt(raw[exc.start:exc.start + 4])),
+            "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8)") from None
+    text = text[1:] if text.startswith("\ufeff") else text
+    lines: Dict[str, int] = {}
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("{}:{}: not valid JSON: {} (column {})".format(path, exc.lineno, exc.msg, exc.colno),
+                              "fix the syntax at that line") from None
+        except RecursionError:
+            raise ConfigError("{}: nested too deeply to be a config file".format(path),
+                              "a config is a few levels of mappings and lists") from None
+    else:
+        from . import yamlsafe  # host only: the guest reads JSON
+
+        data, lines = yamlsafe.parse(text, str(path))
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
-        raise ConfigError("{}: the top level must be a mapping of keys".format(path),
+        raise ConfigError("{}: the top level must be a mapping of keys, got {}".format(path, excerpt(data)),
                           "see config/vm.yaml for the layout")
-    return data
+    return data, lines
+
+
+# ---------------------------------------------------------------------------------------
+# The environment
 
 
 def env_layer(environ: Mapping[str, str]) -> Dict[str, Any]:
     """The ``OPENBOOT_VM_*`` variables as dotted config keys; a misspelt one is an error."""
     dotted: Dict[str, Any] = {}
+    known = sorted(list(ENV_KEYS) + [ENV_CONFIG_PATH, ENV_TEST])
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_PATH:
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG_PATH, ENV_TEST):
             continue
         if name not in ENV_KEYS:
-            known = sorted(list(ENV_KEYS) + [ENV_CONFIG_PATH])
             raise ConfigError(
-                "unknown environment variable {}{}".format(name, _did_you_mean(name, known)),
+                "unknown environment variable {}{}".format(_clip(name), _did_you_mean(name, known)),
                 "unset it, or use one of: " + ", ".join(known),
             )
         key = ENV_KEYS[name]
         if key == "keep":
             value = keep_from_env(value)
-        if key == "test" and value == "":
-            continue
         dotted[key] = value
     return dotted
 
@@ -320,18 +488,196 @@ def keep_from_env(value: str) -> str:
     return v
 
 
+def test_from_env(environ: Mapping[str, str]) -> Optional[str]:
+    """The go test -run regex from ``OPENBOOT_VM_TEST``, or None (unset or empty: all tests).
+
+    Part of the run request, not the config. A value of only blanks is an error rather than
+    "run everything", which is not what whoever set it meant."""
+    value = environ.get(ENV_TEST)
+    if value is None or value == "":
+        return None
+    if not value.strip():
+        raise ConfigError("environment variable {} is blank: {}".format(ENV_TEST, excerpt(value)),
+                          "unset it to run the whole suite, or set a go test -run regex")
+    return value
+
+
+test_from_env.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+# ---------------------------------------------------------------------------------------
+# Finding the config file
+
+
+def _suggest(path: Path) -> str:
+    """A did-you-mean for a config path that does not exist: a close name beside it."""
+    parent = path.parent
+    if path.is_dir():
+        for inner in (path / DEFAULT_CONFIG, path / "vm.yaml"):
+            if inner.is_file():
+                return " (it is a directory; did you mean {}?)".format(inner)
+        return " (it is a directory)"
+    if not parent.is_dir():
+        return " (the directory {} does not exist either)".format(parent)
+    try:
+        names = sorted(p.name for p in parent.iterdir() if p.is_file())
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return " (did you mean {}?)".format(parent / close[0]) if close else ""
+
+
+def _explicit(chosen: str, base: Path, how: str) -> Path:
+    path = Path(chosen).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ConfigError("config file {} (from {}) does not exist{}".format(_clip(str(path)), how, _suggest(path)),
+                          "fix the path given with {}".format(how))
+    return path
+
+
+_OUR_TOP_KEYS = frozenset(f.name for f in dataclasses.fields(Config) if f.name not in _INTERNAL)
+_OUR_TIMEOUTS = frozenset(f.name for f in dataclasses.fields(Timeouts))
+
+
+def is_vmtasks_config(data: Mapping[str, Any]) -> bool:
+    """Whether a mapping read from ``invoke -f FILE`` is a vmtasks config (our keys at the
+    top) rather than an Invoke config. ``timeouts`` is Invoke's key too: it counts as ours
+    only when it holds one of our stage names."""
+    for key in data:
+        if key == "timeouts":
+            if isinstance(data[key], Mapping) and any(k in _OUR_TIMEOUTS for k in data[key]):
+                return True
+        elif key in _OUR_TOP_KEYS:
+            return True
+    return False
+
+
+def locate(
+    explicit: Optional[str],
+    environ: Mapping[str, str],
+    cwd: Path,
+    project_root: Optional[Path] = None,
+    invoke_section: Optional[Mapping[str, Any]] = None,
+    runtime_config: Optional[Path] = None,
+    required: bool = True,
+) -> Tuple[Optional[Path], Dict[str, Any]]:
+    """``(config file or None, Invoke layer)``: where the settings are.
+
+    Looks, in order, at: the task's ``--config``; Invoke's own ``-f FILE`` when FILE is a
+    vmtasks config; ``OPENBOOT_VM_CONFIG``; Invoke's ``vmtasks.config`` (relative to
+    ``project_root``, the directory of the tasks.py Invoke loaded); ``config/vm.yaml`` and
+    ``vm.yaml`` in ``project_root``; ``config/vm.yaml`` in ``cwd``. The Invoke layer is the
+    ``vmtasks`` section without ``config``. Nothing found is an error unless
+    ``required=False`` (then None: built-in defaults)."""
+    section: Dict[str, Any] = dict(invoke_section or {})
+    runtime_is_ours = False
+    if runtime_config is not None:
+        runtime_config = runtime_config if runtime_config.is_absolute() else cwd / runtime_config
+    # Only a data file can be ours; an `invoke -f tasks_config.py` is Invoke's business.
+    if runtime_config is not None and runtime_config.suffix in (".yaml", ".yml", ".json"):
+        data, _ = _read(runtime_config)
+        if is_vmtasks_config(data):
+            if "vmtasks" in data:
+                raise ConfigError("{} (invoke -f) has both vmtasks keys at the top and a 'vmtasks:' "
+                                  "section".format(runtime_config),
+                                  "use one: a vmtasks config file, or an Invoke config with a vmtasks: section")
+            runtime_is_ours = True
+        # Otherwise it is Invoke's own config: Invoke merged its vmtasks: section already.
+    if explicit:
+        path = _explicit(explicit, cwd, "--config")
+        if runtime_is_ours and path.resolve() != runtime_config.resolve():
+            raise ConfigError("two config files given: --config {} and invoke -f {}".format(path, runtime_config),
+                              "pass only one of them")
+        return path, _section_layer(section)
+    if runtime_is_ours:
+        return runtime_config, _section_layer(section)
+    if environ.get(ENV_CONFIG_PATH):
+        return _explicit(environ[ENV_CONFIG_PATH], cwd, ENV_CONFIG_PATH), _section_layer(section)
+    root = project_root if project_root is not None else cwd
+    from_invoke = section.get("config")
+    if from_invoke:
+        if not isinstance(from_invoke, str):
+            raise ConfigError("Invoke config vmtasks.config must be a path, got {}".format(excerpt(from_invoke)),
+                              "set vmtasks.config to the vmtasks YAML file, relative to tasks.py's directory")
+        return _explicit(from_invoke, root, "Invoke config vmtasks.config"), _section_layer(section)
+    candidates = []
+    if project_root is not None:
+        candidates += [project_root / DEFAULT_CONFIG, project_root / "vm.yaml"]
+    candidates.append(cwd / DEFAULT_CONFIG)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate, _section_layer(section)
+    if not required:
+        return None, _section_layer(section)
+    looked = ["--config (not given)", "{} (not set)".format(ENV_CONFIG_PATH),
+              "Invoke config vmtasks.config (not set)"] + [str(c) for c in dict.fromkeys(candidates)]
+    raise ConfigError("no vmtasks config found; looked at: " + "; ".join(looked),
+                      "pass --config PATH, set {}, or put config/vm.yaml beside tasks.py "
+                      "(refusing to guess: built-in defaults would sync {})".format(ENV_CONFIG_PATH, cwd))
+
+
+def _section_layer(section: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in section.items() if k != "config"}
+
+
 def find_config_file(explicit: Optional[str], environ: Mapping[str, str], cwd: Path) -> Optional[Path]:
-    """The config file to use: --config, else OPENBOOT_VM_CONFIG, else ./config/vm.yaml if present."""
-    chosen = explicit or environ.get(ENV_CONFIG_PATH)
-    if chosen:
-        path = Path(chosen).expanduser()
-        path = path if path.is_absolute() else cwd / path
-        if not path.is_file():
-            raise ConfigError("config file {} does not exist".format(path),
-                              "check --config / {}".format(ENV_CONFIG_PATH))
-        return path
-    default = cwd / DEFAULT_CONFIG
-    return default if default.is_file() else None
+    """The config file from --config, OPENBOOT_VM_CONFIG or ./config/vm.yaml, or None."""
+    return locate(explicit, environ, cwd, required=False)[0]
+
+
+def invoke_context_info(c: Any) -> Tuple[Optional[Path], Optional[Path], Dict[str, Any]]:
+    """``(project_root, runtime_config_path, vmtasks_section)`` from an Invoke Context.
+
+    Invoke's ``Program`` sets the project location to the directory of the tasks.py it
+    loaded (``Config.set_project_location``, kept as ``_project_prefix``) and the ``-f`` /
+    ``INVOKE_RUNTIME_CONFIG`` file as ``_runtime_path``; the ``vmtasks`` section is the merge
+    of every Invoke config level (collection, invoke.yaml, ``-f``, ``INVOKE_VMTASKS_*``)."""
+    config = getattr(c, "config", c)
+    prefix = getattr(config, "_project_prefix", None)
+    runtime = getattr(config, "_runtime_path", None)
+    try:
+        section = config.get("vmtasks")
+    except Exception:  # a bare object in a test, or no such key
+        section = None
+    plain = _plain(section) if section is not None else {}
+    if not isinstance(plain, dict):
+        raise ConfigError("Invoke config 'vmtasks' must be a mapping, got {}".format(excerpt(plain)),
+                          "fix vmtasks: in invoke.yaml, the -f file or the collection's configure()")
+    return (Path(prefix) if prefix else None, Path(os.path.expanduser(str(runtime))) if runtime else None, plain)
+
+
+def _plain(value: Any) -> Any:
+    """Invoke's DataProxy (and nested ones) as plain dicts."""
+    items = getattr(value, "items", None)
+    if callable(items) and not isinstance(value, (str, bytes)):
+        return {k: _plain(v) for k, v in items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_for_task(
+    c: Any,
+    explicit: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    flag_names: Optional[Mapping[str, str]] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    cwd: Optional[Path] = None,
+    required: bool = True,
+) -> Config:
+    """The config a host task runs with: found through ``--config`` (``explicit``), Invoke's
+    config and the project of the tasks.py Invoke loaded (:func:`locate`), then loaded with
+    every layer (:func:`load`). ``c`` is the task's Invoke Context, or None outside Invoke."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    root, runtime, section = invoke_context_info(c) if c is not None else (None, None, {})
+    path, layer = locate(explicit, environ, cwd, root, section, runtime, required)
+    return load(path, environ, overrides, cwd, flag_names, layer, root)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
 
 
 def load(
@@ -339,35 +685,87 @@ def load(
     environ: Optional[Mapping[str, str]] = None,
     overrides: Optional[Mapping[str, Any]] = None,
     cwd: Optional[Path] = None,
+    flag_names: Optional[Mapping[str, str]] = None,
+    invoke_layer: Optional[Mapping[str, Any]] = None,
+    project_root: Optional[Path] = None,
 ) -> Config:
-    """Build the validated config from all layers. ``overrides`` are dotted keys from flags;
-    a value of ``None`` means "flag not given" and is skipped."""
+    """Build the validated config from all layers.
+
+    ``overrides`` are dotted keys from task flags (``None`` means "flag not given");
+    ``flag_names`` maps a dotted key to its flag for messages (default :data:`FLAG_NAMES`,
+    e.g. ``{"timeouts.boot": "--boot-timeout"}``). ``invoke_layer`` is Invoke's ``vmtasks`` section (from
+    :func:`locate`); its relative paths are relative to ``project_root``. Relative paths in
+    the file are relative to the file's directory; from the environment or flags, to ``cwd``.
+    Host paths are not checked here (the guest loads the same config): see
+    :func:`check_host_paths`."""
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
-    values: Dict[str, Any] = {}
-    layers: List[Tuple[str, Mapping[str, Any]]] = []
+    if path is not None and not path.is_absolute():
+        path = cwd / path
+    layers: List[_Layer] = []
+    if invoke_layer:
+        layers.append(_invoke_layer(invoke_layer, project_root if project_root is not None else cwd))
     if path is not None:
-        layers.append((str(path), read_file(path)))
-    layers.append(("environment", _nest(env_layer(environ))))
-    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
-    layers.append(("task flags", _nest(flags)))
-    for where, layer in layers:
-        _merge(values, layer, where)
-    base_dir = path.parent if path is not None else cwd
-    project = Path(values.get("project_dir", ".")).expanduser()
-    values["project_dir"] = str((project if project.is_absolute() else base_dir / project).resolve())
-    for section, key, default in (("records", "dir", ".vmtasks/runs"), ("suite", "durations", ".vmtasks/durations.json")):
-        p = Path(values.get(section, {}).get(key, default)).expanduser()
-        values.setdefault(section, {})[key] = str(p if p.is_absolute() else base_dir / p)
+        layers.append(_file_layer(path, *_read(path)))
+    layers.append(_env_layer_for(environ, cwd))
+    layers.append(_flag_layer(overrides or {}, FLAG_NAMES if flag_names is None else flag_names, cwd))
+
+    values: Dict[str, Any] = {}
+    origins: Dict[str, _Layer] = {}  # dotted key -> the layer its value came from
+    for layer in layers:
+        _merge(values, origins, layer, layer.values)
+    _orchard_url_fallback(values, origins, environ, cwd)
+
+    # The defaults' relative paths belong to the config file too (records beside their config).
+    default_base = path.parent if path is not None else (project_root if project_root is not None else cwd)
+    for key in PATH_KEYS:
+        value = _get(values, key)
+        if value is None:
+            value = _get(dataclasses.asdict(Config()), key)
+        if value == "" and key != "project_dir":
+            continue  # "" means unset (state_dir: the default state dir; no CA cert)
+        base = origins[key].base_dir if key in origins else default_base
+        _put(values, key, _absolute(value, base))
+
     cfg = _build(Config, values)
-    cfg = dataclasses.replace(cfg, source=str(path) if path else "<built-in defaults>")
-    _check(cfg)
-    return cfg
+    if not cfg.orchard.image:
+        cfg = dataclasses.replace(cfg, orchard=dataclasses.replace(cfg.orchard, image=cfg.vm.base))
+    labels = {key: layer.where(key) for key, layer in origins.items()}
+    cfg = dataclasses.replace(cfg, source=str(path) if path else "<built-in defaults>", origins=labels)
+    return _check(cfg, origins)
 
 
-def _check(cfg: Config) -> None:
-    """Cross-field rules the type check cannot express."""
-    where = cfg.source
+def _absolute(value: str, base: Path) -> str:
+    """An absolute path: a relative one against ``base`` (symlinks resolved, as the host sees
+    them); an absolute one only normalised, so the guest's copy reads back unchanged."""
+    p = Path(value).expanduser()
+    return os.path.normpath(str(p)) if p.is_absolute() else str((base / p).resolve())
+
+
+def _orchard_url_fallback(values: Dict[str, Any], origins: Dict[str, _Layer],
+                          environ: Mapping[str, str], cwd: Path) -> None:
+    """``ORCHARD_URL`` (the Orchard CLI's variable) fills orchard.url when nothing set it:
+    an ambient variable must not override the project's own choice."""
+    if values.get("backend") != "orchard" or "orchard.url" in origins or not environ.get(ENV_ORCHARD_URL):
+        return
+    layer = _Layer("environment", {}, cwd, lambda key: "environment variable " + ENV_ORCHARD_URL,
+                   lambda key: "change or unset " + ENV_ORCHARD_URL)
+    values.setdefault("orchard", {})["url"] = _coerce("orchard.url", environ[ENV_ORCHARD_URL], "str", layer)
+    origins["orchard.url"] = layer
+
+
+def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
+    """Cross-field rules the type check cannot express; each names where its value came from.
+    Returns ``cfg`` with its guest paths normalised."""
+
+    def layer(key: str) -> _Layer:
+        return layers.get(key, _DEFAULTS)
+
+    def fail(key: str, problem: str, hint: str = "") -> ConfigError:
+        fix = layer(key).fix(key)
+        return ConfigError("{}: {}".format(layer(key).where(key), problem),
+                           "{}: {}".format(fix, hint) if hint else fix)
+
     required = {
         "vm.base": cfg.vm.base, "vm.name_prefix": cfg.vm.name_prefix, "vm.user": cfg.vm.user,
         "guest.dir": cfg.guest.dir, "guest.python": cfg.guest.python,
@@ -375,61 +773,112 @@ def _check(cfg: Config) -> None:
     }
     for key, value in required.items():
         if not value.strip():
-            raise ConfigError("{}: '{}' is required and empty".format(where, key),
-                              "set '{}' in the config".format(key))
+            raise fail(key, "'{}' is required and empty".format(key))
     for key in ("vm.base", "vm.name_prefix", "vm.user"):
-        value = required[key]
-        if not _NAME_RE.match(value):
-            raise ConfigError(
-                "{}: '{}' = {!r} may contain only letters, digits, '.', '_' and '-'".format(where, key, value),
-                "choose a plain name (it becomes part of VM names and SSH logins)",
-            )
-    if not _GUEST_PATH_RE.match(cfg.guest.dir):
-        raise ConfigError("{}: 'guest.dir' must be an absolute path of letters, digits and ._@+-/ "
-                          "(it reaches the guest's shell and rsync), got {!r}".format(where, cfg.guest.dir),
-                          "for example /Users/admin/openboot")
-    if cfg.guest.tool_dir.startswith("/") or ".." in cfg.guest.tool_dir.split("/"):
-        raise ConfigError("{}: 'guest.tool_dir' must be relative to the guest home".format(where),
-                          "for example .vmtasks/tool")
+        if not _NAME_RE.match(required[key]):
+            raise fail(key, "'{}' = {} may contain only letters, digits, '.', '_' and '-'".format(
+                key, excerpt(required[key])),
+                "choose a plain name (it becomes part of VM names and SSH logins)")
+    tool_dir = _check_tool_dir(cfg, fail)
+    guest = dataclasses.replace(cfg.guest, tool_dir=tool_dir)
+    guest = dataclasses.replace(guest, dir=_check_guest_dir(cfg.guest.dir, tool_dir, cfg.vm.user, fail))
+    cfg = dataclasses.replace(cfg, guest=guest)
     if "{test}" not in cfg.suite.one.split():
-        raise ConfigError("{}: 'suite.one' must contain the word {{test}} where the test regex goes".format(where),
-                          "for example: go test -v -run {test} ./test/e2e/...")
+        raise fail("suite.one", "'suite.one' must contain the word {test} where the test regex goes",
+                   "for example: go test -v -run {test} ./test/e2e/...")
     if cfg.keep not in KEEP_CHOICES:
-        raise ConfigError(
-            "{}: 'keep' must be one of {}, got {!r}{}".format(
-                where, ", ".join(KEEP_CHOICES), cfg.keep, _did_you_mean(cfg.keep, list(KEEP_CHOICES))),
-            "use never, on-failure or always (OPENBOOT_VM_KEEP=1 means always)",
-        )
+        raise fail("keep", "'keep' must be one of {}, got {}{}".format(
+            ", ".join(KEEP_CHOICES), excerpt(cfg.keep), _did_you_mean(cfg.keep, list(KEEP_CHOICES))),
+            "use never, on-failure or always (OPENBOOT_VM_KEEP=1 means always)")
+    if cfg.backend not in BACKENDS:
+        raise fail("backend", "'backend' must be one of {}, got {}{}".format(
+            ", ".join(BACKENDS), excerpt(cfg.backend), _did_you_mean(cfg.backend, list(BACKENDS))),
+            "use tart (VMs on this Mac) or orchard (VMs from an Orchard controller)")
+    if not 1 <= cfg.vms <= MAX_VMS:
+        raise fail("vms", "'vms' must be between 1 and {}, got {}".format(MAX_VMS, cfg.vms))
+    for f in dataclasses.fields(Timeouts):
+        key = "timeouts." + f.name
+        seconds = getattr(cfg.timeouts, f.name)
+        if seconds > MAX_TIMEOUT:
+            raise fail(key, "'{}' is {:g}s, more than the {:g}s (7 days) a deadline may be".format(
+                key, seconds, MAX_TIMEOUT))
     if cfg.timeouts.poll <= 0:
-        raise ConfigError("{}: 'timeouts.poll' must be greater than 0".format(where), "for example 1")
+        raise fail("timeouts.poll", "'timeouts.poll' must be greater than 0", "for example 1")
+    for key in ("vm.cpu", "vm.memory", "orchard.cpu", "orchard.memory"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) == 0:
+            raise fail(key, "'{}' must be at least 1 (or null for the image's own)".format(key))
     for exclude in cfg.sync.excludes:
         if not exclude or "\n" in exclude:
-            raise ConfigError("{}: 'sync.excludes' has an empty or multi-line pattern".format(where),
-                              "one rsync pattern per entry")
-    if cfg.test is not None and not cfg.test.strip():
-        raise ConfigError("the test regex is empty", "pass --test with a go test -run regex")
+            raise fail("sync.excludes", "'sync.excludes' has an empty or multi-line pattern",
+                       "one rsync pattern per entry")
+    _check_orchard(cfg, fail)
+    return cfg
 
 
-# TEMPORARY shims until the config work lands.
-def invoke_context_info(c):
-    return None, None, None
+def _check_guest_dir(raw: str, tool_dir: str, user: str, fail: Callable[..., ConfigError]) -> str:
+    """guest.dir is the target of ``rsync --delete``: it must be a dedicated directory in the
+    guest, never the home, ``/``, an ancestor of the home, or where our own files live.
+    Returns it normalised."""
+    if not _GUEST_PATH_RE.match(raw):
+        raise fail("guest.dir", "'guest.dir' must be an absolute path of letters, digits and ._@+-/ "
+                   "(it reaches the guest's shell and rsync), got {}".format(excerpt(raw)),
+                   "for example /Users/{}/openboot".format(user))
+    if ".." in raw.split("/"):
+        raise fail("guest.dir", "'guest.dir' = {} contains '..': the sync's rsync --delete "
+                   "would land somewhere other than it says".format(excerpt(raw)),
+                   "write the directory out, for example /Users/{}/openboot".format(user))
+    normal = "/" + posixpath.normpath(raw).lstrip("/")
+    home = "/Users/" + user
+    protected = {home: "the guest user's home", home + "/.ssh": "the guest's SSH keys",
+                 posixpath.join(home, tool_dir): "guest.tool_dir"}
+    for path, what in protected.items():
+        if normal == path or path.startswith(normal.rstrip("/") + "/"):
+            raise fail("guest.dir", "'guest.dir' = {} is {} or contains it: the sync's rsync --delete "
+                       "would wipe it".format(excerpt(raw), what if normal == path else "an ancestor of " + what),
+                       "use a directory of its own, for example {}/openboot".format(home))
+    return normal
 
 
-def locate(explicit, environ, cwd, project_root=None, invoke_section=None, runtime_path=None, required=True):
-    return find_config_file(explicit, environ, cwd), None
+def _check_tool_dir(cfg: Config, fail: Callable[..., ConfigError]) -> str:
+    """guest.tool_dir is ``rm -rf``-ed before each unpack: a plain subdirectory of the home.
+    Returns it normalised."""
+    raw = cfg.guest.tool_dir
+    parts = raw.split("/")
+    normal = posixpath.normpath(raw) if raw else ""
+    if (not _REL_PATH_RE.match(raw) or ".." in parts or normal in ("", ".")
+            or normal.split("/")[0] == ".ssh"):
+        raise fail("guest.tool_dir", "'guest.tool_dir' must be a subdirectory of the guest home, relative, "
+                   "without '..' and not .ssh (it is removed and recreated each run), got {}".format(excerpt(raw)),
+                   "for example .vmtasks/tool")
+    return normal
 
 
-_load = load
+def _check_orchard(cfg: Config, fail: Callable[..., ConfigError]) -> None:
+    o = cfg.orchard
+    if o.url and not re.match(r"^https?://[^\s/]+", o.url):
+        raise fail("orchard.url", "'orchard.url' must be an http:// or https:// URL, got {}".format(excerpt(o.url)),
+                   "for example https://orchard.example.com:6120")
+    if not _IMAGE_RE.match(o.image):
+        raise fail("orchard.image", "'orchard.image' must be an image name or OCI reference, got {}".format(
+            excerpt(o.image)), "for example ghcr.io/cirruslabs/macos-tahoe-base:latest")
+    if cfg.backend == "orchard" and not (o.url or o.context):
+        raise fail("backend", "'backend' is orchard but neither orchard.url (nor {}) nor orchard.context "
+                   "says which controller".format(ENV_ORCHARD_URL),
+                   "set orchard.url, export {}, or set orchard.context to an `orchard context` name".format(
+                       ENV_ORCHARD_URL))
 
 
-def load(path=None, environ=None, overrides=None, cwd=None, flag_names=None, invoke_layer=None):
-    return _load(path, environ, overrides, cwd)
-
-
-def test_from_env(environ):
-    return environ.get("OPENBOOT_VM_TEST") or None
-
-
-def check_host_paths(cfg):
-    if not Path(cfg.project_dir).is_dir():
-        raise ConfigError("project_dir {} does not exist".format(cfg.project_dir), "fix project_dir")
+def check_host_paths(cfg: Config) -> None:
+    """Pre-flight (host only): the host paths the run reads exist. Not part of ``load``: the
+    guest loads the same config, where the host's paths do not exist."""
+    project = Path(cfg.project_dir)
+    if not project.is_dir():
+        what = "is not a directory" if project.exists() else "does not exist"
+        raise ConfigError("{}: 'project_dir' = {} {}".format(cfg.origin("project_dir"), _clip(str(project)), what),
+                          "fix project_dir there (a relative path in a file is relative to that file's "
+                          "directory; from the environment or a flag, to the current directory)")
+    if cfg.backend == "orchard" and cfg.orchard.ca_cert and not Path(cfg.orchard.ca_cert).is_file():
+        raise ConfigError("{}: 'orchard.ca_cert' = {} does not exist".format(
+            cfg.origin("orchard.ca_cert"), _clip(cfg.orchard.ca_cert)),
+            "fix orchard.ca_cert there (a relative path in a file is relative to that file's directory)")
