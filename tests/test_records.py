@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from vmtasks.errors import StateError
+import re
+
 from vmtasks.records import RunRecord, latest_run, record_owner_alive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,3 +189,27 @@ def test_a_file_size_limit_mid_run_is_noted_not_raised(tmp_path):
     assert len(problems) == 2 and "suite-output.txt stopped after " in problems[0]
     assert "File too large" in problems[0] and "summary.txt" in problems[1]
     assert (tmp_path / "runs" / "20260101-000000-abcd" / "suite-output.txt").stat().st_size <= 32768
+
+
+def test_commands_log_from_many_threads_keeps_whole_lines(tmp_path):
+    """Several VMs' pipelines log commands at once: every line arrives whole."""
+    import threading
+
+    record = RunRecord(tmp_path / "runs", "r1")
+    record.create("{}")
+    barrier = threading.Barrier(8)
+
+    def worker(index: int) -> None:
+        barrier.wait()
+        for test in range(25):
+            record.command_ran("vm-{}".format(index), "ssh: go test -run 'X {}'".format(test), 0, 0.5)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = record.path("commands.log").read_text().splitlines()
+    assert len(lines) == 200
+    assert all(re.match(r"^\d\d:\d\d:\d\d \[vm-\d\] exit 0 in 0\.500s: ssh: go test -run 'X \d+'$", line)
+               for line in lines), lines[:3]

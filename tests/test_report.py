@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from vmtasks.visible import visible
+
 import pytest
 
 from vmtasks.report import Reporter, format_clock, format_seconds, timeline_text, vm_shares
@@ -161,7 +163,7 @@ def test_guest_escapes_arrive_visible_and_markup_is_literal():
     for text, times in ((err.getvalue(), 5), (out.getvalue(), 5)):
         data = text.encode()
         assert b"\x1b" not in data and b"\x07" not in data and b"\x0c" not in data
-        assert data.count(b"\\x1b[31mred\\x1b[2J\\x1b]0;pwned\\x07\\x0c") == times, text
+        assert data.count(visible(GUEST_ESCAPES).encode()) == times, text
     assert "[bold red]not markup[/]" in err.getvalue()
 
 
@@ -307,8 +309,7 @@ def test_live_rows_for_several_vms_name_them():
 # -- threads -------------------------------------------------------------------------
 def test_concurrent_events_do_not_interleave_lines(tmp_path):
     stream = open(tmp_path / "err.txt", "w", encoding="utf-8")
-    log = open(tmp_path / "commands.log", "w", encoding="utf-8")
-    reporter = Reporter(stderr=stream, stdout=io.StringIO(), env={}, vms=8, commands_log=log)
+    reporter = Reporter(stderr=stream, stdout=io.StringIO(), env={}, vms=8)
     barrier = threading.Barrier(8)
     output = "\n".join("line {} of a long failure output ".format(i) * 3 for i in range(20))
 
@@ -317,7 +318,6 @@ def test_concurrent_events_do_not_interleave_lines(tmp_path):
         barrier.wait()
         for test in range(25):
             reporter.test_finished(vm, "Test{}".format(test), "fail", 0.1, output)
-            reporter.command_ran(vm, ["ssh", vm, "go test -run 'X {}'".format(test)], 0, 0.5)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for thread in threads:
@@ -325,7 +325,6 @@ def test_concurrent_events_do_not_interleave_lines(tmp_path):
     for thread in threads:
         thread.join()
     stream.close()
-    log.close()
     lines = (tmp_path / "err.txt").read_text().splitlines()
     assert len(lines) == 8 * 25 * 21
     for start in range(0, len(lines), 21):
@@ -333,23 +332,7 @@ def test_concurrent_events_do_not_interleave_lines(tmp_path):
         vm = re.match(r"\[(vm-\d)\]    FAIL Test\d+ \(0\.10s\)$", block[0]).group(1)
         assert block[1:] == ["[{}]       ".format(vm) + "line {} of a long failure output ".format(i) * 3
                              for i in range(20)]
-    commands = (tmp_path / "commands.log").read_text().splitlines()
-    assert len(commands) == 200
-    assert all(re.match(r"^\S+Z vm-\d exit=0 0\.500s ssh vm-\d 'go test -run '\"'\"'X \d+'\"'\"''$", c)
-               for c in commands), commands[:3]
 
-
-def test_commands_log_one_line_per_command(tmp_path):
-    log = io.StringIO()
-    reporter = Reporter(stderr=io.StringIO(), stdout=io.StringIO(), env={})
-    reporter.command_ran("vm-1", ["tart", "clone", "base", "vm-1"], 0, 1.0)  # no log yet: dropped
-    reporter.set_commands_log(log)
-    reporter.command_ran("vm-1", ["tart", "clone", "base", "vm 1"], 0, 1.25)
-    reporter.command_ran("", "echo a\necho b" + GUEST_ESCAPES, None, 30)
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 2
-    assert lines[0].endswith(" vm-1 exit=0 1.250s tart clone base 'vm 1'")
-    assert lines[1].endswith(" - exit=- 30.000s echo a\\necho b\\x1b[31mred\\x1b[2J\\x1b]0;pwned\\x07\\x0c")
 
 
 # -- real processes: a pseudo-terminal, pipes, CI --------------------------------------
@@ -422,11 +405,11 @@ def test_live_view_under_a_pseudo_terminal_moves_without_events(driver):
     assert ANSI.search(screen), "no live redraw on a terminal"
     seen = [int(s) for s in re.findall(r"boot (\d+)s / 60s", screen)]
     assert 0 in seen and 2 in seen, "elapsed time did not move between events: {}".format(sorted(set(seen)))
-    assert re.search(r"suite \d+s / 30m.*running: Test\\x1b\[31mred", screen)
+    assert re.search(r"suite \d+s / 30m.*running: " + re.escape(visible("Test\x1b[31mred")), screen)
     assert re.search(r"✓ boot 2\.60s", screen)
     assert "\x1b]0;pwned" not in screen and "\x1b[2J" not in screen and "\x07" not in screen
-    assert "FAIL Test\\x1b[31mred\\x1b]0;pwned\\x07 (0.50s)" in screen
-    assert "out \\x1b[2J" in screen
+    assert "FAIL " + visible("Test\x1b[31mred\x1b]0;pwned\x07") + " (0.50s)" in screen
+    assert "out " + visible("\x1b[2J") in screen
     assert "VERDICT 1 failed" in screen.rstrip().splitlines()[-1], "the verdict is the last line"
     assert screen.rindex("\x1b[?25h") < screen.index("e2e results"), "cursor shown again before the summary"
     # Paths and commands longer than the terminal are never broken by a line break.
@@ -504,17 +487,3 @@ def test_threads_and_the_live_refresh_do_not_deadlock(tmp_path):
     assert child.exitstatus == 0 and "ALL DONE" in screen, screen[-2000:]
     assert len(re.findall(r"\[vm-\d\]    PASS Test\d+ \(0\.01s\)\r\n", screen)) == 800
     assert len(re.findall(r"✓ \[vm-\d\] suite 1\.00s", screen)) == 4
-
-
-# -- the old Ui, on top of the reporter ------------------------------------------------
-def test_ui_shim_forwards_to_the_reporter(capsys):
-    from vmtasks.ui import Ui
-
-    ui = Ui(verbose=True)
-    ui.stage_started("clone")
-    ui.raw('{"Action":"output","Test":"TestA","Output":"=== RUN   TestA\\n"}\nplain line\n')
-    ui.test_finished("TestA", "pass", 0.5)
-    ui.stage_finished("clone", 1.5, False)
-    ui.close()
-    assert capsys.readouterr().err.splitlines() == [
-        "-> clone", "=== RUN   TestA", "plain line", "   PASS TestA (0.50s)", "   clone FAILED 1.50s"]

@@ -115,10 +115,9 @@ def backend_checks(parts) -> List[Check]:
 def run(reporter, load_config: Callable, tart: Optional[Tart] = None) -> int:
     results = checks(load_config, tart)
     for check in results:
-        style = {"ok": "green", "warn": "yellow", "fail": "bold red"}[check.status]
-        reporter.print("{:<5} {:<11} {}".format(check.status, check.name, check.detail), style=style)
+        reporter.info("{:<5} {:<11} {}".format(check.status, check.name, check.detail))
         if check.hint and check.status != "ok":
-            reporter.print("      fix: " + check.hint)
+            reporter.info("      fix: " + check.hint)
     failed = [c for c in results if c.status == "fail"]
-    reporter.print("{} checks, {} failed".format(len(results), len(failed)))
+    reporter.info("{} checks, {} failed".format(len(results), len(failed)))
     return 1 if failed else 0

@@ -48,12 +48,12 @@ def _age(seconds: float) -> str:
 def show(reporter, parts) -> int:
     table = rows(parts)
     if not table:
-        reporter.print("no {}-* VMs".format(parts.cfg.vm.name_prefix))
+        print("no {}-* VMs".format(parts.cfg.vm.name_prefix))
         return 0
     header = ["VM", "RUN", "OWNER", "STATE", "AGE", "ADDRESS"]
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     for row in [header] + table:
-        reporter.print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
 

@@ -139,7 +139,7 @@ class TartMachine(Machine):
                 self.ip = self.tart.ip(self.name, timeout=max(5, poll * 5), cancel=cancel)
                 if self.ip:
                     if waited:
-                        on_wait("got a VM slot")
+                        on_wait("")  # got a slot: the waiting note goes
                     self.boot_deadline = boot_deadline
                     return
                 if time.monotonic() > boot_deadline:

@@ -55,7 +55,8 @@ class StageRunner:
         ctx.deadline = time.monotonic() + seconds if seconds is not None else float("inf")
         self.current = stage.name
         started_wall, started = time.time(), time.monotonic()
-        self.reporter.stage_started(self.vm, stage.name, seconds)
+        shown = "" if self.vm == "host" else self.vm
+        self.reporter.stage_started(shown, stage.name, seconds)
         status, note = "ok", ""
         try:
             if stage.cancellable and self.cancel.is_set():
@@ -93,7 +94,7 @@ class StageRunner:
                 ctx.stage_status = None
             self.record.stage_done(stage.name, started_wall, elapsed, status,
                                    vm="" if self.vm == "host" else self.vm)
-            self.reporter.stage_finished(self.vm, stage.name, elapsed, status, note)
+            self.reporter.stage_finished(shown, stage.name, elapsed, status, note)
 
     def _stage_error(self, stage: Stage, message: str, hint: str, tail: Optional[List[str]] = None) -> StageError:
         err = StageError(stage.name, self.vm, message, hint, tail if tail is not None else self.console_tail())

@@ -26,7 +26,6 @@ attributes will do.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import shlex
@@ -43,18 +42,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-try:
-    from .visible import visible
-except ImportError:  # vmtasks/visible.py is written in parallel; the lead removes this fallback.
-    _ESCAPES = {code: "\\x{:02x}".format(code) for code in list(range(0x20)) + list(range(0x7F, 0xA0))
-                if code not in (0x09, 0x0A)}
-    # Bidirectional overrides and isolates reorder what a reader sees.
-    _ESCAPES.update({code: "\\u{:04x}".format(code) for code in
-                     list(range(0x202A, 0x202F)) + list(range(0x2066, 0x206A))})
-
-    def visible(text: str) -> str:
-        """Guest text with control characters shown as escapes (tab and newline kept)."""
-        return text.translate(_ESCAPES)
+from .visible import visible
 
 
 STAGE_TITLES = {
@@ -143,12 +131,6 @@ def _bounded_lines(text: str, limit: int = OUTPUT_LINES) -> List[str]:
 
 def _indented(text: str, prefix: str, limit: int = OUTPUT_LINES) -> List[Text]:
     return [Text(prefix + line) for line in _bounded_lines(text, limit)]
-
-
-def _command_text(command: Union[str, Sequence[str]]) -> str:
-    if isinstance(command, str):
-        return command
-    return " ".join(shlex.quote(str(word)) for word in command)
 
 
 # -- the summary, rendered once ------------------------------------------------
@@ -416,8 +398,7 @@ class Reporter:
     ``stderr``/``stdout``: the streams (default ``sys.stderr``/``sys.stdout``). ``quiet``:
     only failures, errors, warnings and the summary. ``verbose``: also the tests' raw
     output as it arrives. ``vms``: how many VMs the run will drive; with more than one (or
-    once a second VM is added) every line names its VM. ``commands_log``: a text file the
-    command lines go to (see :meth:`command_ran`). ``env``: where ``CI`` is read
+    once a second VM is added) every line names its VM. ``env``: where ``CI`` is read
     (default ``os.environ``). ``clock``: the monotonic clock the live view reads.
 
     Call :meth:`close` in a ``finally``: it stops the live view and restores the cursor.
@@ -425,7 +406,7 @@ class Reporter:
 
     def __init__(self, *, stderr: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
                  quiet: bool = False, verbose: bool = False, vms: int = 1,
-                 commands_log: Optional[TextIO] = None, env: Optional[Mapping[str, str]] = None,
+                 env: Optional[Mapping[str, str]] = None,
                  clock: Callable[[], float] = time.monotonic, refresh_per_second: float = 4.0) -> None:
         env = os.environ if env is None else env
         self.err = make_console(stderr or sys.stderr, env)
@@ -436,7 +417,6 @@ class Reporter:
         self.live_mode = (self.err.is_terminal and not self.err.is_dumb_terminal and not env.get("CI")
                           and not quiet)
         self._label_vms = vms > 1
-        self._commands_log = commands_log
         self._clock = clock
         self._refresh_per_second = refresh_per_second
         # Re-entrant: a signal handler (the SignalGuard's warning) runs in the main thread and
@@ -599,26 +579,6 @@ class Reporter:
         """A failure (a rendered error with its hint, possibly with a guest tail)."""
         with self._lock:
             self._print(Text("error: " + visible(text), style="bold red"))
-
-    def command_ran(self, vm: str, command: Union[str, Sequence[str]], exit_code: Optional[Union[int, str]],
-                    seconds: float) -> None:
-        """Append one line to the commands log: UTC time, VM, exit code (None: none, e.g.
-        killed at its deadline), seconds, and the command (an argv is shell-quoted)."""
-        with self._lock:
-            if self._commands_log is None:
-                return
-            when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            line = "{} {} exit={} {:.3f}s {}\n".format(
-                when, vm or "-", "-" if exit_code is None else exit_code, seconds,
-                visible(_command_text(command)).replace("\n", "\\n"))
-            self._commands_log.write(line)
-            self._commands_log.flush()
-
-    def set_commands_log(self, stream: Optional[TextIO]) -> None:
-        """Send command lines to ``stream`` from now on (the run record may be created after
-        the reporter)."""
-        with self._lock:
-            self._commands_log = stream
 
     # -- the end -----------------------------------------------------------
     def render_summary_text(self, summary: Optional[SummaryView], seconds: float, verdict: Verdict,

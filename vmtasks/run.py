@@ -47,6 +47,14 @@ class RunRequest:
     rerun_source: str = ""  # "--rerun-failed took these from run X"
 
 
+class SummaryView:
+    """The results model as the reporter reads it (vmtasks/report.py SummaryView)."""
+
+    def __init__(self, summary) -> None:
+        self.tests = summary.results
+        self.package_errors = summary.package_failures
+
+
 class RunContext:
     """What the run's own stages share (deadline and status are set by the StageRunner)."""
 
@@ -238,7 +246,7 @@ class Run:
 
     # -- results -----------------------------------------------------------------
     def on_test_event(self, vm: str, event) -> None:
-        if event.kind in ("pass", "fail", "skip") and not event.subtest:
+        if event.kind in ("pass", "fail", "skip", "interrupted") and not event.subtest:
             self.reporter.test_finished(vm, event.test, event.kind, event.elapsed, event.output)
         elif event.kind == "run" and not event.subtest:
             self.reporter.test_started(vm, event.test)
@@ -268,11 +276,9 @@ class Run:
             for summary in p.ctx.summaries:
                 parts.append((p.name if self.vm_count > 1 else "", summary))
         summary = results.merge(parts) if parts else None
-        if self.queue is not None and summary is not None:
-            results.mark_not_run(summary, [(i.package.import_path, i.name) for i in self.expected])
-        elif self.queue is not None and self.expected:
-            summary = results.merge([])
-            results.mark_not_run(summary, [(i.package.import_path, i.name) for i in self.expected])
+        if self.queue is not None and self.expected:
+            summary = results.mark_not_run(summary or results.merge([]),
+                                           [(i.package.import_path, i.name) for i in self.expected])
         self.summary = summary
         code = self._exit_code(summary, interrupted)
         self.exit_code = code
@@ -286,9 +292,17 @@ class Run:
                            test=self.request.test, interrupted=interrupted)
         seconds = self.record.total_seconds()
         verdict = results.verdict_line(summary, seconds) if summary is not None else \
-            "DONE: no tests ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
-        self.reporter.run_done(summary, seconds, verdict, str(self.record.dir), self.notes + self.record.problems,
-                               write_summary=self.record.write_text)
+            "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
+        view = SummaryView(summary) if summary is not None else None
+        extra = self.notes + ([self.record.incomplete()] if self.record.incomplete() else [])
+        if self.request.rerun_source:
+            extra.append("rerun of the failed tests of " + self.request.rerun_source)
+        text = self.reporter.run_done(view, seconds, verdict, str(self.record.dir), extra)
+        self.record.write_text("summary.txt", text)
+        if view is not None and self.vm_count > 1:
+            from .report import timeline_text
+
+            self.record.write_text("timeline.txt", timeline_text(view))
         self.record.prune(self.cfg.records.keep_last)
         return code
 
@@ -312,7 +326,7 @@ class Run:
             self.notes.append("no test ran: check the --test regex (exit {}; --allow-no-tests to accept)".format(
                 EXIT_NO_TESTS))
             return EXIT_NO_TESTS
-        if not summary.exit_ok or summary.not_run or any(c != 0 for c in pipeline_codes):
+        if not summary.exit_ok or any(c != 0 for c in pipeline_codes):
             return 1
         return 0
 

@@ -32,6 +32,7 @@ COMMON_HELP = {
 }
 
 FLAG_NAMES = {"keep": "--keep", "vm.base": "--base", "timeouts.boot": "--boot-timeout", "vms": "--vms"}
+FLAG_NAMES.update({"prepared": "--no-prepared"})
 
 
 def _host_call(c, func, quiet=False, verbose=False):
@@ -66,15 +67,9 @@ def _before_exit():
 
 def _load(c, config, overrides=None):
     """The validated config, found the way Invoke users expect (see vmtasks.config.locate)."""
-    from pathlib import Path
-
     from vmtasks import config as config_mod
 
-    project_root, runtime_path, section = config_mod.invoke_context_info(c)
-    path, invoke_layer = config_mod.locate(config, os.environ, Path.cwd(), project_root=project_root,
-                                           invoke_section=section, runtime_path=runtime_path)
-    return config_mod.load(path, os.environ, overrides or {}, Path.cwd(), flag_names=FLAG_NAMES,
-                           invoke_layer=invoke_layer)
+    return config_mod.load_for_task(c, config, overrides or {}, flag_names=FLAG_NAMES)
 
 
 def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
@@ -97,10 +92,8 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
                              allow_no_tests=allow_no_tests, rerun_source=source)
         run = Run(parts, request)
         if dry_run:
-            for line in run.plan():
-                reporter.print(line)
-            reporter.print("resolved config:")
-            reporter.print(cfg.to_json())
+            reporter.close()
+            print("\n".join(run.plan() + ["resolved config:", cfg.to_json()]))
             return 0
         return run.execute()
 

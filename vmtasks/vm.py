@@ -232,14 +232,11 @@ class VmPipeline:
                 from .errors import RemoteTimeout
 
                 raise RemoteTimeout(step, self.cfg.timeouts.setup, "")
-            self.run.reporter.info("   {}$ {}".format(self._who(), step))
+            self.run.reporter.info("   $ " + step)
             result = self.remote(step, remaining, on_output=self._raw)
             if result.exit_code != 0:
                 raise StageError("setup", self.name, "`{}` exited {}".format(step, result.exit_code),
                                  "fix the step in config (setup) or the base image", result.output.splitlines()[-15:])
-
-    def _who(self) -> str:
-        return "[{}] ".format(self.name) if self.run.vm_count > 1 else ""
 
     def _raw(self, text: str) -> None:
         self.run.reporter.raw_output(self.name, text)
@@ -297,7 +294,8 @@ class VmPipeline:
     def _stream_command(self, ctx: VmContext, command: str, timeout: float, label: str = "") -> int:
         """Run a `go test -json`-speaking command, parse its events live, keep its summary."""
         raw = self.run.record.open_stream("suite-output.txt", self.record_key)
-        stream = results.SuiteStream(on_event=lambda event: self.run.on_test_event(self.name, event))
+        stream = results.SuiteStream(on_event=lambda event: self.run.on_test_event(self.name, event),
+                                     on_output=self._raw)
         reason = None
         try:
             def on_output(text: str) -> None:
