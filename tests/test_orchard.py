@@ -128,7 +128,8 @@ def test_time_workers_and_slots():
 def fleet(tmp_path_factory):
     if _missing():
         pytest.skip("needs " + ", ".join(_missing()))
-    f = Fleet(tmp_path_factory.mktemp("orchard"), workers=2, args=["--scheduler-interval", "0.2"])
+    f = Fleet(tmp_path_factory.mktemp("orchard"), workers=2,
+              args=["--scheduler-interval", "0.2", "--worker-offline-timeout", "1"])
     f.start()
     yield f
     f.down()
@@ -164,14 +165,15 @@ def test_lifecycle_ssh_and_rsync_through_the_tunnel(fleet, backend, tmp_path):
     machine = backend.machine("vmt-run-1234-1", OWNER, None, public_key=key.public_line)
     cancel = threading.Event()
     deadline = time.monotonic() + 30
-    waits = []
     machine.create("tahoe-base", deadline, cancel)
-    machine.start(tmp_path / "console.log", deadline, cancel, waits.append)
+    machine.start(tmp_path / "console.log", deadline, cancel, lambda text: None)
     machine.wait_ssh(deadline, cancel)
     machine.install_key(key.public_line, deadline, cancel)
     vm = fleet.vm("vmt-run-1234-1")
     assert vm["headless"] is True and vm["cpu"] == 2 and vm["memory"] == 4096 and vm["status"] == "running"
-    assert "run-1234" in (tmp_path / "console.log").read_text() or vm["worker"] in (tmp_path / "console.log").read_text()
+    assert "running on worker " + vm["worker"] in (tmp_path / "console.log").read_text()
+    assert vm["startup_script"]["env"]["VMTASKS_PUBLIC_KEY"] == key.public_line
+    assert vm["labels"] == {}  # owner data in labels would be a scheduling constraint
     (listed_vm,) = backend.list_vms()
     assert owner_of(listed_vm.labels) == OWNER and listed_vm.running
     assert machine.alive() and "worker-" in machine.address()
@@ -276,3 +278,101 @@ def test_start_reports_the_pending_queue_and_failures(fleet, backend, tmp_path):
     cancel.set()
     with pytest.raises(VmtasksError):
         waiting.wait_ssh(deadline, cancel)
+
+
+@pytest.mark.e2e
+@needs_guests
+def test_worker_going_offline_kills_the_machine_with_a_reason(fleet, backend, tmp_path):
+    key = _run_key(tmp_path)
+    cancel = threading.Event()
+    deadline = time.monotonic() + 20
+    machine = backend.machine("vmt-off-1", OWNER, None, public_key=key.public_line)
+    machine.create("tahoe-base", deadline, cancel)
+    machine.start(tmp_path / "console.log", deadline, cancel, lambda text: None)
+    assert machine.alive()
+    worker = fleet.vm(machine.name)["worker"]
+    offline = [sys.executable, str(REPO / "scripts" / "orchard"), "standin", "worker-offline", "--data", fleet.data, worker]
+    subprocess.run(offline, check=True, timeout=30)
+    try:
+        limit = time.monotonic() + 10
+        while machine.alive() and time.monotonic() < limit:
+            time.sleep(0.1)
+        assert not machine.alive()
+        assert worker in machine.why_dead() and "lost connection" in machine.why_dead()
+        with pytest.raises(VmtasksError) as err:
+            machine.open_socket(2)
+        assert "417" in err.value.message and machine.name in err.value.message
+        strict = OrchardBackend(backend.settings, "tahoe-base", worker_offline_after=1)
+        checks = {name: (status, detail) for name, status, detail, hint in strict.health()}
+        assert checks["orchard workers"][0] == "ok" and "1 of 2 online" in checks["orchard workers"][1]
+    finally:
+        subprocess.run(offline[:3] + ["worker-online"] + offline[4:], check=True, timeout=30)
+    machine.destroy(10)
+
+
+@pytest.mark.e2e
+@needs_guests
+def test_health_and_the_proxy_helper_errors(fleet, backend):
+    checks = {name: (status, detail) for name, status, detail, hint in backend.health()}
+    assert [status for status, _ in checks.values()] == ["ok"] * 4, checks
+    assert "4 of 4 VM slots free" == checks["orchard slots"][1]
+    assert "2 of 2 online" in checks["orchard workers"][1]
+    proxy = [sys.executable, "-m", "vmtasks.orchard_proxy"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), **fleet.env())
+    done = subprocess.run(proxy + ["no-such-vm", "22"], env=env, capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 1 and "404" in done.stderr and "no-such-vm" in done.stderr
+    env.pop("ORCHARD_URL")
+    done = subprocess.run(proxy + ["x", "22"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "ORCHARD_URL is not set" in done.stderr
+    assert subprocess.run(proxy + ["x"], env=env, capture_output=True, timeout=30).returncode == 2
+
+
+def _self_signed(tmp_path: Path):
+    """A CA-style self-signed certificate for 127.0.0.1 and orchard-controller, as Orchard makes."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "orchard-controller")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("orchard-controller"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "controller.pem", tmp_path / "controller.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_is_verified_and_a_ca_file_or_context_certificate_is_trusted(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    f = Fleet(tmp_path / "orchard", workers=1, base=None, tls=(cert, key))
+    f.start()
+    try:
+        assert f.url.startswith("https://")
+        creds = dict(f.env(), HOME=str(tmp_path / "nohome"))
+        plain = OrchardBackend(load_settings(env=creds), "tahoe-base")
+        (name, status, detail, hint), = plain.health()
+        assert status == "fail" and "cannot verify the TLS certificate" in detail and "ca_cert" in hint
+        with pytest.raises(PreflightError, match="TLS certificate"):
+            plain.preflight("tahoe-base")
+        trusted = OrchardBackend(load_settings(ca_cert=str(cert), env=creds), "tahoe-base")
+        assert [c[1] for c in trusted.health()] == ["ok"] * 4
+        home = tmp_path / "home"
+        _context_file(home, {"c": {"url": f.url, "serviceAccountName": f.account[0], "serviceAccountToken": f.account[1],
+                                   "certificate": base64.b64encode(cert.read_bytes()).decode()}}, default="c")
+        pinned = OrchardBackend(load_settings(env={"HOME": str(home)}), "tahoe-base")
+        assert pinned.settings.pinned_cert and [c[1] for c in pinned.health()] == ["ok"] * 4
+    finally:
+        f.down()

@@ -449,6 +449,33 @@ class OrchardBackend(Backend):
             self._probe(image)
         return [self._listed(vm) for vm in vms]
 
+    def health(self) -> List[Tuple[str, str, str, str]]:
+        """vm-doctor's checks of the controller, each ``(name, "ok"|"warn"|"fail", detail, hint)``:
+        reachable, credentials valid, workers online, free slots. Creates nothing."""
+        c = self.client
+        try:
+            c.request("GET", "/")
+        except BackendError as exc:
+            return [("orchard controller", "fail", exc.message, exc.hint)]
+        out = [("orchard controller", "ok", "{} reachable (settings from {})".format(c.url, self.settings.source), "")]
+        try:
+            _, info = c.request("GET", "controller/info")
+            _, workers = c.request("GET", "workers")
+            _, vms = c.request("GET", "vms")
+        except BackendError as exc:
+            return out + [("orchard credentials", "fail", exc.message, exc.hint)]
+        out.append(("orchard credentials", "ok", "service account {!r} accepted (controller {})".format(
+            self.settings.service_account, (info or {}).get("version", "?")), ""))
+        online = online_workers(workers or [], self.worker_offline_after)
+        out.append(("orchard workers", "ok" if online else "fail", "{} of {} online{}".format(
+            len(online), len(workers or []), ": " + ", ".join(w.get("name", "?") for w in online) if online else ""),
+            "" if online else "start `orchard worker run` on the Macs, or check why they stopped reporting"))
+        capacity, busy = fleet_slots(online, vms or [])
+        free = max(0, capacity - busy)
+        out.append(("orchard slots", "ok" if free else "warn", "{} of {} VM slots free".format(free, capacity),
+                    "" if free else "the fleet is full: new VMs wait as pending until slots free up"))
+        return out
+
     def free_slots(self) -> Tuple[int, int]:
         """(free, capacity) Tart VM slots over the online workers, right now."""
         _, workers = self.client.request("GET", "workers")
@@ -587,15 +614,24 @@ class OrchardMachine(Machine):
 
     def start(self, console_log: Path, deadline: float, cancel: threading.Event,
               on_wait: Callable[[str], None]) -> None:
-        """Wait for ``status: running``; while ``pending``, report the queue through on_wait."""
+        """Wait for ``status: running``; while ``pending``, report the queue through on_wait.
+        Status changes (and a failed VM's events) go to ``console_log``."""
+        seen = None
         while True:
             vm = self._get()
             status = vm.get("status")
+            if (status, vm.get("worker")) != seen:
+                seen = (status, vm.get("worker"))
+                self._log(console_log, "{}{}{}".format(
+                    status, " on worker " + vm["worker"] if vm.get("worker") else "",
+                    ": " + vm["status_message"] if vm.get("status_message") else ""))
             if status == "running":
-                self._log(console_log, "running on worker {}".format(vm.get("worker")))
                 return
             if status == "failed":
-                raise self._failure("did not start")
+                error = self._failure("did not start")
+                for line in self._events(50):
+                    self._log(console_log, "event: " + line)
+                raise error
             if time.monotonic() >= deadline:
                 raise BackendError(
                     "VM {} on the Orchard controller at {} is still {} after {:.0f}s{}".format(
@@ -648,8 +684,9 @@ class OrchardMachine(Machine):
                 finally:
                     ws.close()
             except OrchardHTTPError as exc:
-                if exc.status == 404 or exc.status == 417:
-                    raise self._failure("went away while waiting for SSH") from None
+                if exc.status in (404, 417):  # deleted / failed: _get says which
+                    self._get()
+                    raise self._failure("stopped while waiting for SSH") from None
                 if exc.status not in NOT_READY:
                     raise
                 last = exc.message
@@ -686,8 +723,8 @@ class OrchardMachine(Machine):
             ws = self.client.port_forward(self.name, 22, wait=int(max(1, timeout)), open_timeout=timeout)
         except BackendError as exc:
             raise SshError("cannot open the SSH tunnel to VM {} through {}: {}".format(
-                self.name, self.client.url, exc.message), exc.hint or "check the VM is running: " +
-                self.remove_by_hand().replace("-X DELETE ", "")) from None
+                self.name, self.client.url, exc.message),
+                exc.hint or "the VM may have stopped: see its events (orchard logs vm {})".format(self.name)) from None
         ours, theirs = socket.socketpair()
         pump_websocket(ws, ours)
         return theirs
@@ -743,14 +780,15 @@ class OrchardMachine(Machine):
         return self._events(lines)
 
     def _failure(self, what: str) -> BackendError:
+        """The error for a VM that failed: controller, VM, worker, status_message, last events."""
         vm = self.last
         message = vm.get("status_message") or "no status message"
-        text = "VM {} on the Orchard controller at {} (worker {}) {}: {} is {}: {}".format(
-            self.name, self.client.url, vm.get("worker") or "none", what, self.name, vm.get("status", "?"), message)
-        tail = self._events(5) if not self.gone else []
+        text = "VM {} (Orchard controller {}, worker {}) {}: status {}: {}".format(
+            self.name, self.client.url, vm.get("worker") or "none", what, vm.get("status", "?"), message)
+        tail = self._events(5)
         if tail:
             text += "\n  last events:\n" + "\n".join("    " + line for line in tail)
-        return BackendError(text, image_hint(vm.get("image", self.backend.image), message))
+        return BackendError(text, image_hint(vm.get("image") or self.backend.image, message))
 
     def _log(self, console_log: Path, line: str) -> None:
         try:

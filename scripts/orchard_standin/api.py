@@ -311,6 +311,7 @@ def serve(controller, host, port, auth=True, tls=None):
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(*tls)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
+        # The handshake happens in the connection's own thread, not in the accept loop.
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     log("listening on %s://%s:%d" % ("https" if tls else "http", host, server.server_address[1]))
     return server

@@ -258,6 +258,10 @@ class Controller:
     # --- threads --------------------------------------------------------------------
 
     def start(self):
+        with self.lock:  # a restarted controller has heard from its workers just now
+            for name, worker in self.workers.items():
+                if worker.online():
+                    self.worker_seen[name]["last_seen"] = time.time()
         self._recover()
         for target in (self._heartbeat, self._scheduler):
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
@@ -289,10 +293,12 @@ class Controller:
 
     def _schedule_once(self):
         with self.lock:
+            changed = False
             for vm in self.vms.values():
                 if vm["worker"] and vm["status"] != "failed" and self.worker_offline(vm["worker"]):
                     vm["status"] = "failed"
                     vm["status_message"] = "VM is assigned to a worker that lost connection with the controller"
+                    changed = True
             used = {name: 0 for name in self.workers}
             for vm in self.vms.values():
                 if vm["worker"] in used and vm["status"] != "failed":
@@ -312,7 +318,8 @@ class Controller:
                     vm["scheduled_at"] = time.time()
                     placed.append((self.workers[name], dict(vm)))
                     break
-            self.save()
+            if changed or placed:
+                self.save()
         for worker, vm in placed:
             log("scheduled VM %s on %s" % (vm["name"], worker.name))
             threading.Thread(target=self._lifecycle, args=(worker, vm), daemon=True).start()

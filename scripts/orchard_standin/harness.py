@@ -23,13 +23,15 @@ TART = os.path.join(SCRIPTS, "tart")
 
 
 class Fleet:
-    def __init__(self, root, workers=2, base="tahoe-base", account=("vmtasks", "s3cret"), args=()):
+    def __init__(self, root, workers=2, base="tahoe-base", account=("vmtasks", "s3cret"), args=(), tls=None):
+        """``tls``: (cert, key) PEM paths to serve https; the harness trusts ``cert``."""
         self.root = str(root)
         self.data = os.path.join(self.root, "data")
         self.workers = workers
         self.base = base
         self.account = account
         self.args = list(args)
+        self.tls = tls
         self.proc = None
         self.url = ""
         self.log_path = os.path.join(self.root, "controller.log")
@@ -60,6 +62,8 @@ class Fleet:
                 "--workers", str(self.workers), *self.args]
         if self.account:
             argv += ["--service-account", "%s:%s" % self.account]
+        if self.tls:
+            argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TART_STANDIN_", "ORCHARD_"))}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
@@ -115,8 +119,14 @@ class Fleet:
             req.add_header("Authorization", "Basic " + base64.b64encode(("%s:%s" % tuple(pair)).encode()).decode())
         if data is not None:
             req.add_header("Content-Type", "application/json")
+        context = None
+        if self.tls:
+            import ssl
+
+            context = ssl.create_default_context(cafile=str(self.tls[0]))
+            context.check_hostname = False  # the harness trusts exactly that certificate
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
                 raw = resp.read()
                 return resp.status, json.loads(raw) if raw.strip() else None
         except urllib.error.HTTPError as exc:

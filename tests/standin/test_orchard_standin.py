@@ -18,14 +18,23 @@ from orchard_standin.harness import Fleet  # noqa: E402
 pytestmark = pytest.mark.standin
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    f = Fleet(tmp_path / "orchard", workers=2, args=["--scheduler-interval", "0.2"])
+@pytest.fixture(scope="module")
+def shared_fleet(tmp_path_factory):
+    f = Fleet(tmp_path_factory.mktemp("orchard"), workers=2, args=["--scheduler-interval", "0.2"])
     f.start()
     yield f
     f.down()
     leftovers = [p for i in (1, 2) for p in processes_of(f.worker_home(i))]
     assert not leftovers, "processes left behind: %r" % leftovers
+
+
+@pytest.fixture
+def fleet(shared_fleet):
+    """The module's controller; each test's VMs are deleted and their guests gone after it."""
+    yield shared_fleet
+    for vm in shared_fleet.api("GET", "vms")[1] or []:
+        shared_fleet.api("DELETE", "vms/" + vm["name"])
+    assert shared_fleet.wait_no_guests(), shared_fleet.guests()
 
 
 def vm_body(name, **extra):
