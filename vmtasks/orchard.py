@@ -241,8 +241,12 @@ class OrchardClient:
         if status == 401:
             who = ("service account {!r}".format(self.settings.service_account)
                    if self.settings.service_account else "no credentials ({} is not set)".format(ENV_NAME))
-            return OrchardHTTPError(401, "the Orchard controller at {} refused {} (HTTP 401{})".format(
-                self.url, who, ": " + detail if detail else ""), CREDENTIALS_HINT, detail)
+            hint = CREDENTIALS_HINT
+            if "roles" in detail:  # valid account, missing roles: Orchard answers 401 with the list
+                hint = "give service account {!r} the roles the controller names (orchard create " \
+                       "service-account --roles ...)".format(self.settings.service_account)
+            return OrchardHTTPError(401, "the Orchard controller at {} refused {} for {} (HTTP 401{})".format(
+                self.url, who, where, ": " + detail if detail else ""), hint, detail)
         return OrchardHTTPError(status, "{} answered HTTP {}{}".format(where, status, ": " + detail if detail else ""),
                                 "", detail)
 
@@ -342,8 +346,9 @@ def parse_time(text: str) -> Optional[float]:
     return datetime.datetime.fromisoformat(match.group(1) + frac + zone).timestamp()
 
 
-def _safe(value: str) -> str:
-    """A value Orchard's worker can put inside `export K="..."` untouched: it does not escape."""
+def env_value(value) -> str:
+    """A value Orchard's worker can put inside `export K="..."` untouched (it does not escape):
+    other characters become ``_``. Owner values are stored this way, so compare through it."""
     return re.sub(r'[^A-Za-z0-9 ._:@+=/,-]', "_", str(value))
 
 
@@ -484,8 +489,17 @@ class OrchardBackend(Backend):
         return max(0, capacity - busy), capacity
 
     def _probe(self, image: str) -> None:
+        import getpass
+
+        from .ledger import process_start_time
+
         name = "{}-probe-{}-{}".format(self.prefix, os.getpid(), int(time.time() * 1000) % 10 ** 8)
-        body = {"name": name, "image": image, "headless": True, "restart_policy": "Never"}
+        # Owned like a run's VM, so cleanup-orphans can judge a probe left by a killed process.
+        owner = Owner("preflight", socket.gethostname(), getpass.getuser(), os.getpid(),
+                      process_start_time(os.getpid()) or "")
+        env = {var: env_value(getattr(owner, key)) for key, var in OWNER_ENV.items()}
+        body = {"name": name, "image": image, "headless": True, "restart_policy": "Never",
+                "startup_script": {"script_content": "true", "env": env}}
         if self.labels:
             body["labels"] = self.labels
         try:
@@ -589,8 +603,8 @@ class OrchardMachine(Machine):
         if not self.public_key:
             raise BackendError("OrchardMachine {} has no public key to install".format(self.name),
                                "pass public_key= to OrchardBackend.machine(): Orchard installs it at boot")
-        env = {var: _safe(getattr(self.owner, key)) for key, var in OWNER_ENV.items()}
-        env[KEY_ENV] = _safe(self.public_key)
+        env = {var: env_value(getattr(self.owner, key)) for key, var in OWNER_ENV.items()}
+        env[KEY_ENV] = env_value(self.public_key)
         body = {"name": self.name, "image": image or self.backend.image, "headless": True,
                 "username": "admin", "restart_policy": "Never",
                 "startup_script": {"script_content": KEY_SCRIPT, "env": env}}

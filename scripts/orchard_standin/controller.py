@@ -454,14 +454,21 @@ class Controller:
             proc = subprocess.Popen([TART, "exec", "-i", local, "/bin/bash", "-l"], env=worker.env(),
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)
-            out, _ = proc.communicate(text, timeout=600)
-            lines = out.splitlines()
-            if proc.returncode == 1 and lines and "is the Tart Guest Agent running?" in lines[-1] \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
+            try:
+                proc.stdin.write(text)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            agent_down = False
+            for line in proc.stdout:  # events as the script prints, as Orchard streams them
+                if "is the Tart Guest Agent running?" in line:
+                    agent_down = True
+                else:
+                    self.add_event(uid, line.rstrip("\n"))
+            proc.wait()
+            if proc.returncode == 1 and agent_down and time.monotonic() < deadline:
+                time.sleep(0.05)  # the guest is still booting: try again
                 continue
-            for line in lines:
-                self.add_event(uid, line)
             if proc.returncode != 0:
                 self.update(uid, status="failed",
                             status_message="failed to run startup script: Process exited with status %d"
