@@ -21,7 +21,6 @@ from vmtasks.backend import Owner
 from vmtasks.errors import BackendError, ConfigError, PreflightError, VmtasksError
 from vmtasks.orchard import (
     OrchardBackend,
-    OrchardClient,
     OrchardSettings,
     context_file_path,
     fleet_slots,
@@ -376,3 +375,24 @@ def test_tls_is_verified_and_a_ca_file_or_context_certificate_is_trusted(tmp_pat
         assert pinned.settings.pinned_cert and [c[1] for c in pinned.health()] == ["ok"] * 4
     finally:
         f.down()
+
+
+@pytest.mark.e2e
+@needs_guests
+def test_a_running_vm_survives_a_controller_restart(fleet, backend, tmp_path):
+    key = _run_key(tmp_path)
+    cancel = threading.Event()
+    deadline = time.monotonic() + 30
+    machine = backend.machine("vmt-restart-1", OWNER, None, public_key=key.public_line)
+    machine.create("tahoe-base", deadline, cancel)
+    machine.start(tmp_path / "console.log", deadline, cancel, lambda text: None)
+    machine.install_key(key.public_line, deadline, cancel)
+    url = fleet.url
+    fleet.restart(kill=True)  # same URL: the harness reuses the port
+    assert fleet.url == url and machine.alive()
+    conn = _ssh(machine, key)
+    try:
+        assert ssh.remote_exec(conn, "echo back", timeout=20).output.strip() == "back"
+    finally:
+        conn.close()
+    machine.destroy(10)

@@ -304,10 +304,12 @@ def pump_websocket(ws, sock: socket.socket) -> Tuple[threading.Thread, threading
         except Exception:  # closed, reset: either way this direction is over
             pass
         finally:
+            # Last one out: the other direction ends on this shutdown, then the fd is released.
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            sock.close()
 
     def sock_to_ws():
         try:

@@ -58,7 +58,9 @@ class Fleet:
         info = os.path.join(self.data, "controller.json")
         if os.path.exists(info):
             os.unlink(info)
-        argv = [sys.executable, ORCHARD, "controller", "run", "--listen", "127.0.0.1:0", "--data", self.data,
+        # A restart keeps the URL, as a real controller's does.
+        port = self.url.rsplit(":", 1)[1] if self.url else "0"
+        argv = [sys.executable, ORCHARD, "controller", "run", "--listen", "127.0.0.1:" + port, "--data", self.data,
                 "--workers", str(self.workers), *self.args]
         if self.account:
             argv += ["--service-account", "%s:%s" % self.account]
