@@ -26,6 +26,7 @@ from vmtasks.orchard import (
     fleet_slots,
     load_settings,
     online_workers,
+    owner_alive,
     owner_of,
     parse_time,
 )
@@ -118,6 +119,21 @@ def test_time_workers_and_slots():
     assert fleet_slots(online, vms) == (2, 1)
     assert owner_of({"run_id": "r", "host": "h", "user": "u", "pid": "12", "pid_start": "5"}) == Owner("r", "h", "u", 12, "5")
     assert owner_of({"run_id": "r"}) is None
+
+
+def test_owner_alive_judges_only_this_hosts_processes():
+    import socket
+
+    from vmtasks.ledger import process_start_time
+
+    me = {"run_id": "r", "host": socket.gethostname(), "user": "u", "pid": str(os.getpid()),
+          "pid_start": process_start_time(os.getpid())}
+    assert owner_alive(me) is True
+    assert owner_alive(dict(me, pid_start="linux:1")) is False  # the PID was reused
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert owner_alive(dict(me, pid=dead.stdout.strip())) is False
+    assert owner_alive(dict(me, host="another-mac", pid_start="linux:1")) is True
+    assert owner_alive({}) is None
 
 
 # --- against the controller stand-in -------------------------------------------------------------
@@ -396,3 +412,39 @@ def test_a_running_vm_survives_a_controller_restart(fleet, backend, tmp_path):
     finally:
         conn.close()
     machine.destroy(10)
+
+
+@pytest.mark.e2e
+@needs_guests
+def test_ssh_through_a_wss_tunnel(tmp_path):
+    cert, tls_key = _self_signed(tmp_path)
+    f = Fleet(tmp_path / "orchard", workers=1, tls=(cert, tls_key))
+    f.start()
+    try:
+        backend = OrchardBackend(load_settings(ca_cert=str(cert), env=dict(f.env(), HOME=str(tmp_path))),
+                                 "tahoe-base", poll=0.1, probe_image=False)
+        backend.preflight("tahoe-base")
+        key = _run_key(tmp_path)
+        cancel = threading.Event()
+        deadline = time.monotonic() + 30
+        machine = backend.machine("vmt-tls-1", OWNER, None, public_key=key.public_line)
+        machine.create("tahoe-base", deadline, cancel)
+        machine.start(tmp_path / "console.log", deadline, cancel, lambda text: None)
+        machine.wait_ssh(deadline, cancel)
+        machine.install_key(key.public_line, deadline, cancel)
+        conn = _ssh(machine, key)
+        try:
+            result = ssh.remote_exec(conn, "head -c 300000 /dev/zero | wc -c", timeout=20)
+        finally:
+            conn.close()
+        assert result.output.strip() == "300000"
+        target = machine.ssh_target()
+        assert target.env["VMTASKS_ORCHARD_CA_CERT"] == str(cert)
+        ssh_argv = ["ssh", *ssh.ssh_options(key), "-o", "ProxyCommand=" + target.proxy_command,
+                    "admin@" + target.host, "echo over-wss"]
+        done = subprocess.run(ssh_argv, env=dict(os.environ, **target.env), capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0 and done.stdout.strip() == "over-wss", done.stderr
+        machine.destroy(10)
+    finally:
+        f.down()

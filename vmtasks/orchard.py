@@ -367,6 +367,21 @@ def owner_of(labels: Dict[str, str]) -> Optional[Owner]:
         return None
 
 
+def owner_alive(labels: Dict[str, str], hostname: Optional[str] = None) -> Optional[bool]:
+    """For the sweep and cleanup-orphans: None when the VM carries no vmtasks owner (not ours:
+    never touch it); True when its owner may still run (another host, which we cannot judge,
+    or that very process still lives); False when the owning process on this host is gone."""
+    owner = owner_of(labels)
+    if owner is None:
+        return None
+    if owner.host != env_value(hostname or socket.gethostname()):
+        return True
+    from .ledger import process_start_time
+
+    start = process_start_time(owner.pid)
+    return start is not None and env_value(start) == owner.pid_start
+
+
 def online_workers(workers: List[dict], offline_after: float, now: Optional[float] = None) -> List[dict]:
     now = time.time() if now is None else now
     alive = []
