@@ -13,7 +13,9 @@ Where things live on the VM resource, and why:
   goes to a worker that has every label), so owner data there would leave the VM pending
   forever; the script env is stored on the resource, returned by ``GET /v1/vms`` and harmless.
 - The key goes in at creation (the startup script appends it to ``authorized_keys``), because
-  Orchard runs the script itself as soon as the VM boots: no second round trip, no password.
+  Orchard runs the script itself as soon as the VM boots: no second round trip. Orchard's
+  worker runs it over SSH as the VM's ``username`` with its ``password`` (default admin/admin,
+  as on Cirrus Labs' images); the exec endpoint would need the same login.
 """
 
 from __future__ import annotations
@@ -383,6 +385,9 @@ def owner_alive(labels: Dict[str, str], hostname: Optional[str] = None) -> Optio
 
 
 def online_workers(workers: List[dict], offline_after: float, now: Optional[float] = None) -> List[dict]:
+    """Workers that reported within ``offline_after`` seconds and take new VMs. ``last_seen``
+    is the controller's clock: the default 180 s (Orchard's own offline timeout) leaves room
+    for a skewed client clock."""
     now = time.time() if now is None else now
     alive = []
     for worker in workers:
@@ -405,13 +410,21 @@ def fleet_slots(workers: List[dict], vms: List[dict]) -> Tuple[int, int]:
 
 
 class OrchardBackend(Backend):
-    """VMs from an Orchard controller (see the module docstring)."""
+    """VMs from an Orchard controller (see the module docstring).
+
+    ``settings`` from ``load_settings``; ``image`` (an OCI reference or a name local to every
+    worker), ``cpu`` and ``memory`` (MB) go into every VM; ``prefix`` names the image probe;
+    ``labels`` are Orchard scheduling labels (only workers offering all of them take the VMs);
+    ``user`` is the guest's SSH user (Orchard's ``username``). ``poll`` paces every wait;
+    ``worker_offline_after`` is when a silent worker stops counting; ``probe_image`` makes
+    ``preflight`` check the image with a probe VM, waiting at most ``probe_timeout``.
+    """
 
     name = "orchard"
 
     def __init__(self, settings: OrchardSettings, image: str, cpu: Optional[int] = None,
                  memory: Optional[int] = None, prefix: str = "vmtasks", labels: Optional[Dict[str, str]] = None,
-                 *, client: Optional[OrchardClient] = None, poll: float = 0.5, worker_offline_after: float = 180.0,
+                 *, user: str = "admin", client: Optional[OrchardClient] = None, poll: float = 0.5, worker_offline_after: float = 180.0,
                  probe_image: bool = True, probe_timeout: float = 60.0) -> None:
         self.settings = settings
         self.client = client or OrchardClient(settings)
@@ -420,6 +433,7 @@ class OrchardBackend(Backend):
         self.memory = memory
         self.prefix = prefix
         self.labels = dict(labels or {})
+        self.user = user
         self.poll = poll
         self.worker_offline_after = worker_offline_after
         self.probe_image = probe_image
@@ -585,7 +599,7 @@ def image_hint(image: str, status_message: str) -> str:
     if "clone" in text or "pull" in text or "does not exist" in text:
         return ("make image {0} available on every worker (`tart pull {0}` there, or `tart clone` a local "
                 "base of that name), or fix orchard.image".format(image))
-    if "lost connection" in text or "worker" in text and "exist" in text:
+    if "lost connection" in text or ("worker" in text and "exist" in text):
         return "the worker went away: check `orchard list workers`; re-run (the VM's tests are re-queued)"
     if "startup script" in text:
         return "the key-install startup script failed: see the events above"
@@ -623,7 +637,7 @@ class OrchardMachine(Machine):
         env = {var: env_value(getattr(self.owner, key)) for key, var in OWNER_ENV.items()}
         env[KEY_ENV] = env_value(self.public_key)
         body = {"name": self.name, "image": image or self.backend.image, "headless": True,
-                "username": "admin", "restart_policy": "Never",
+                "username": self.backend.user, "restart_policy": "Never",
                 "startup_script": {"script_content": KEY_SCRIPT, "env": env}}
         if self.backend.cpu:
             body["cpu"] = int(self.backend.cpu)
