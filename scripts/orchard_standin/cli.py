@@ -100,14 +100,8 @@ def _standin(args):
             os.unlink(flag)
         return 0
     workers_dir = os.path.join(data, "workers")
-
-    class _Fake:
-        class settings:
-            pass
-    _Fake.settings.data = data
-    _Fake.settings.slots = 0
     for name in sorted(os.listdir(workers_dir)) if os.path.isdir(workers_dir) else []:
-        worker = Worker(_Fake, name)
+        worker = Worker(data, name, slots=0)
         for row in worker.tart_vms():
             if row["Name"].startswith(LOCAL_PREFIX):
                 if row["Running"]:

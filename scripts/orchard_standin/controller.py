@@ -11,6 +11,7 @@ import fnmatch
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ def rfc3339(epoch):
 
 
 def log(message):
-    print("orchard-standin: " + message, file=__import__("sys").stderr, flush=True)
+    print("orchard-standin: " + message, file=sys.stderr, flush=True)
 
 
 class Settings:
@@ -48,7 +49,7 @@ class Settings:
 
 
 class StartFailed(Exception):
-    pass
+    """The VM cannot run: its message becomes the VM's status_message."""
 
 
 class Gone(Exception):
@@ -56,10 +57,12 @@ class Gone(Exception):
 
 
 class Worker:
-    def __init__(self, controller, name):
-        self.controller = controller
+    """One Tart stand-in host: its TART_HOME, its slots, its open tunnels."""
+
+    def __init__(self, data, name, slots):
         self.name = name
-        self.dir = os.path.join(controller.settings.data, "workers", name)
+        self.slots = slots
+        self.dir = os.path.join(data, "workers", name)
         self.tart_home = os.path.join(self.dir, "tart-home")
         self.logs = os.path.join(self.dir, "logs")
         os.makedirs(self.tart_home, exist_ok=True)
@@ -80,7 +83,7 @@ class Worker:
     def env(self):
         env = dict(os.environ)
         env["TART_HOME"] = self.tart_home
-        env["TART_STANDIN_MAX_VMS"] = str(self.controller.settings.slots)
+        env["TART_STANDIN_MAX_VMS"] = str(self.slots)
         return env
 
     def tart(self, *args, timeout=120, stdin=None):
@@ -96,7 +99,7 @@ class Worker:
 
     def acquire_slot(self, uid, gone):
         with self.cond:
-            while len(self.active) >= self.controller.settings.slots:
+            while len(self.active) >= self.slots:
                 if gone():
                     raise Gone()
                 self.cond.wait(0.1)
@@ -135,7 +138,7 @@ class Controller:
         self._load()
         for i in range(1, settings.workers + 1):
             name = "worker-%d" % i
-            self.workers[name] = Worker(self, name)
+            self.workers[name] = Worker(settings.data, name, settings.slots)
             self.worker_seen.setdefault(name, {"createdAt": time.time(), "machine_id": uuid.uuid4().hex})
         self.scheduling = threading.Event()
         self._offline_handled = set()
