@@ -512,13 +512,6 @@ class OrchardBackend(Backend):
                     "" if free else "the fleet is full: new VMs wait as pending until slots free up"))
         return out
 
-    def free_slots(self) -> Tuple[int, int]:
-        """(free, capacity) Tart VM slots over the online workers, right now."""
-        _, workers = self.client.request("GET", "workers")
-        _, vms = self.client.request("GET", "vms")
-        capacity, busy = fleet_slots(online_workers(workers or [], self.worker_offline_after), vms or [])
-        return max(0, capacity - busy), capacity
-
     def _probe(self, image: str) -> None:
         import getpass
 
