@@ -1,0 +1,59 @@
+"""OpenSSH ProxyCommand for Orchard VMs: ``python3 -m vmtasks.orchard_proxy VM PORT``.
+
+Pumps stdin/stdout through the controller's port-forward WebSocket to the VM's PORT, so
+``ssh``/``rsync`` reach a VM without a route to the workers. The controller URL and the
+service account come from the environment (ORCHARD_URL, ORCHARD_SERVICE_ACCOUNT_NAME,
+ORCHARD_SERVICE_ACCOUNT_TOKEN, and VMTASKS_ORCHARD_CA_CERT / VMTASKS_ORCHARD_PINNED_CERT for
+TLS), never from argv, where any user on the host could read the token.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+
+def main(argv) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python3 -m vmtasks.orchard_proxy VM PORT", file=sys.stderr)
+        return 2
+    from .errors import VmtasksError
+    from .orchard import OrchardClient, settings_from_proxy_env
+
+    vm, port = argv[0], int(argv[1])
+    try:
+        client = OrchardClient(settings_from_proxy_env())
+        ws = client.port_forward(vm, port, wait=10, open_timeout=10)
+    except VmtasksError as exc:
+        print("orchard_proxy: " + exc.render(), file=sys.stderr)
+        return 1
+
+    def stdin_to_ws():
+        try:
+            while True:
+                data = os.read(0, 65536)
+                if not data:
+                    break
+                ws.send(data)
+        except Exception:  # the tunnel or stdin broke: ssh sees the stream end
+            pass
+        finally:
+            try:
+                ws.close()
+            except Exception:
+                pass
+
+    threading.Thread(target=stdin_to_ws, daemon=True).start()
+    try:
+        for message in ws:
+            data = message if isinstance(message, bytes) else message.encode()
+            while data:
+                data = data[os.write(1, data):]
+    except Exception:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
