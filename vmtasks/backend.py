@@ -57,6 +57,10 @@ class Machine(abc.ABC):
 
     name: str
 
+    def prepare_key(self, public_line: str) -> None:
+        """The run's public key, known before ``create`` (orchard installs it through the
+        VM's startup script; tart ignores it and uses ``install_key`` after boot)."""
+
     @abc.abstractmethod
     def create(self, image: str, deadline: float, cancel: threading.Event,
                on_start: Optional[Callable[[int], None]] = None) -> None:

@@ -99,6 +99,15 @@ def context_file_path(env=None) -> Path:
     return Path(home) / ".orchard" / "orchard.yml"
 
 
+def backend_from_config(cfg) -> "OrchardBackend":
+    """The Orchard backend for a loaded config (``backend: orchard``; ``orchard.*`` keys)."""
+    settings = load_settings(url=cfg.orchard.url or None, ca_cert=cfg.orchard.ca_cert or None,
+                             context=cfg.orchard.context or None)
+    return OrchardBackend(settings, image=cfg.orchard.image or cfg.vm.base, cpu=cfg.orchard.cpu,
+                          memory=cfg.orchard.memory, prefix=cfg.vm.name_prefix, user=cfg.vm.user,
+                          poll=min(cfg.timeouts.poll, 0.5))
+
+
 def load_settings(url: Optional[str] = None, ca_cert: Optional[str] = None, context: Optional[str] = None,
                   env=None, context_file: Optional[Path] = None) -> OrchardSettings:
     """Resolve the connection the way the `orchard` CLI does, lowest first: the context file's
@@ -485,6 +494,10 @@ class OrchardBackend(Backend):
             self._probe(image)
         return [self._listed(vm) for vm in vms]
 
+    def doctor(self) -> List[Tuple[str, str, str, str]]:
+        """vm-doctor's checks for this backend."""
+        return self.health()
+
     def health(self) -> List[Tuple[str, str, str, str]]:
         """vm-doctor's checks of the controller, each ``(name, "ok"|"warn"|"fail", detail, hint)``:
         reachable, credentials valid, workers online, free slots. Creates nothing."""
@@ -620,7 +633,10 @@ class OrchardMachine(Machine):
 
     # --- creation and start ---
 
-    def create(self, image: str, deadline: float, cancel: threading.Event) -> None:
+    def prepare_key(self, public_line: str) -> None:
+        self.public_key = public_line
+
+    def create(self, image: str, deadline: float, cancel: threading.Event, on_start=None) -> None:
         """POST /v1/vms with the run's key and owner in the startup script's env."""
         if cancel.is_set():
             raise Cancelled("cancelled before creating " + self.name)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import sys
 import threading
 import time

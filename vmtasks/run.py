@@ -78,7 +78,7 @@ class Run:
         self.cancel = threading.Event()
         self.vm_count = max(1, request.vms)
         self.queue: Optional[TestQueue] = None
-        self.image = self.cfg.vm.base
+        self.image = getattr(self.backend, "image", None) or self.cfg.vm.base
         self.skip_setup = False
         self.sync_excludes = parts.sync_excludes
         self.pipelines: List[VmPipeline] = []

@@ -181,6 +181,7 @@ class VmPipeline:
         ctx.lease = dataclasses.replace(lease, key_dir=str(run.ledger.keys_dir / self.name))
         run.ledger.write(ctx.lease)
         ctx.key = ssh.generate_key(Path(ctx.lease.key_dir), "vmtasks-" + run.run_id)
+        ctx.machine.prepare_key(ctx.key.public_line)
         # A `tart clone` that outlives a killed run would make an unleased VM after the
         # sweep: the ledger notes the child, and a sweep waits for it (vmtasks/sweep.py).
         try:
