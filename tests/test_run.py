@@ -39,7 +39,7 @@ def make_run(tmp_path, runner, quiet=True, **overrides) -> Run:
     (tmp_path / "project").mkdir(exist_ok=True)
     path = tmp_path / "vm.yaml"
     path.write_text("project_dir: project\n")
-    values = dict({"timeouts.poll": 0.05}, **overrides)
+    values = dict({"timeouts.poll": 0.05, "prepared": False}, **overrides)
     cfg = config.load(path, environ={}, overrides=values, cwd=tmp_path)
     parts = factory.Parts(cfg, Reporter(quiet=quiet), environ={"VMTASKS_STATE_DIR": str(tmp_path / "state")},
                           tart=Tart(runner))

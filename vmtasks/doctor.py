@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from . import sweep
+from . import orphans, prepare, sweep
 from .errors import VmtasksError
 from .machine_tart import MACOS_VM_LIMIT, TartBackend
 from .proc import which
@@ -90,12 +90,16 @@ def checks(load_config: Callable, tart: Optional[Tart] = None) -> List[Check]:
     else:
         add(Check("VM slots", "ok", "{} of {} running".format(len(running), MACOS_VM_LIMIT)))
     ledger = parts.ledger
-    plan = sweep.plan(tart, ledger, cfg.vm.name_prefix, listed=vms)
+    listed = parts.backend.list_vms()
+    plan = sweep.plan(parts.backend, ledger, cfg.vm.name_prefix, listed=orphans.owned_listing(parts, listed),
+                      child_wait=0, cleanup_command=parts.cleanup_command)
     if plan.actions:
         add(Check("leftovers", "warn", ", ".join("{} {}".format(a.kind, a.name) for a in plan.actions),
                   parts.cleanup_command))
     else:
         add(Check("leftovers", "ok", "none ({} live, {} kept)".format(len(plan.live), len(plan.kept))))
+    if base is not None:
+        out += [Check(*row) for row in prepare.doctor_checks(parts, listed)]
     try:
         ledger.ensure()
         add(Check("state dir", "ok", str(ledger.state_dir)))

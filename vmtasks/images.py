@@ -382,7 +382,7 @@ class BuildLock:
 
     def __init__(self, state_dir: Union[str, "os.PathLike[str]"], image_hash: str, *, image: str = "",
                  run_id: str = "", on_wait: Optional[Callable[[str], None]] = None,
-                 timeout: Optional[float] = None, poll: float = 0.1) -> None:
+                 timeout: Optional[float] = None, poll: float = 0.1, cancel=None) -> None:
         self.path = images_dir(state_dir) / (image_hash + ".lock")
         self.image_hash = image_hash
         self.image = image or image_hash
@@ -392,6 +392,7 @@ class BuildLock:
         self.poll = poll
         self.fd: Optional[int] = None
         self.waited = 0.0
+        self.cancel = cancel  # a threading.Event: the run is stopping, stop waiting
 
     def __enter__(self) -> "BuildLock":
         self.acquire()
@@ -419,7 +420,12 @@ class BuildLock:
                             "gave up after {:g}s {}".format(self.timeout, waiting_message(holder, self.image)),
                             "if that run is stuck, stop it{}; a killed run frees the lock".format(
                                 " (kill {})".format(holder["pid"]) if holder.get("pid") else ""))
-                    time.sleep(self.poll)
+                    if self.cancel is not None and self.cancel.wait(self.poll):
+                        from .backend import Cancelled
+
+                        raise Cancelled("stopped waiting for the image build: the run is stopping")
+                    elif self.cancel is None:
+                        time.sleep(self.poll)
             except BaseException:
                 os.close(fd)
                 raise

@@ -251,6 +251,11 @@ class TartMachine(Machine):
         if self.proc is not None:
             self.proc.wait(timeout=timeout)
 
+    def sealed(self) -> None:
+        """The VM was renamed into a prepared image: teardown must leave it alone."""
+        self.exists = False
+        self.proc = None
+
     def remove_by_hand(self) -> str:
         import shlex
 

@@ -45,6 +45,8 @@ class RunRequest:
     jsonfile: Optional[str] = None
     allow_no_tests: bool = False
     rerun_source: str = ""  # "--rerun-failed took these from run X"
+    prepared: str = "auto"  # auto: use a matching prepared image; build: make it if missing; never
+    only_prepare: bool = False  # vm-prepare: build the image, run no tests
 
 
 class SummaryView:
@@ -81,7 +83,9 @@ class Run:
         self.image = getattr(self.backend, "image", None) or self.cfg.vm.base
         self.skip_setup = False
         self.sync_excludes = parts.sync_excludes
-        self.pipelines: List[VmPipeline] = []
+        self.pipelines: List[VmPipeline] = []  # the VMs that run tests
+        self.running: List[VmPipeline] = []  # the pipelines started last (tests, or an image build)
+        self.image_name = ""
         self.expected: List[gotest.TestItem] = []
         self.listed = None
         self.bin_dir: Optional[Path] = None
@@ -102,10 +106,14 @@ class Run:
                   self._sweep),
             Stage("build", "host build commands (config: build)", self._build, "build",
                   lambda ctx: list(cfg.build), enabled=lambda ctx: bool(cfg.build)),
+            Stage("image", "pick the prepared image matching this setup{}".format(
+                      ", build it if missing" if self.request.prepared == "build" or self.request.only_prepare
+                      else " (`invoke vm-prepare` builds one)"), self._image, "prepare",
+                  enabled=lambda ctx: self._images_apply()),
             Stage("compile", "list the suite's tests and compile one test binary per package (`go test -c`)",
                   self._compile, "build", lambda ctx: ["go list ...; go test -c -o <bin>/<pkg>.test ...; "
                                                        "<pkg>.test -test.list <regex>"],
-                  enabled=lambda ctx: self.vm_count > 1),
+                  enabled=lambda ctx: self.vm_count > 1 and not self.request.only_prepare),
         ]
 
     def plan(self) -> List[str]:
@@ -132,7 +140,7 @@ class Run:
         with self.guard:
             try:
                 self._run_level()
-                if not self.cancel.is_set():
+                if not self.cancel.is_set() and not self.request.only_prepare:
                     self._vms()
             except (Interrupted, Cancelled):
                 pass
@@ -201,6 +209,60 @@ class Run:
                                                          schedule.lower_bound([history.estimate(t.package, t.name)
                                                                                for t in order], self.vm_count)))
 
+    # -- prepared images -------------------------------------------------------
+    def _images_apply(self) -> bool:
+        if self.backend.name != "tart" or self.request.prepared == "never":
+            return False
+        return self.request.only_prepare or self.request.prepared == "build" or self.cfg.prepared
+
+    def _image(self, ctx) -> None:
+        from . import prepare
+
+        plan = prepare.image_plan(self.parts, self.listed)
+        if plan.exists:
+            if self.request.only_prepare:
+                ctx.stage_note = "up to date: " + plan.name
+            else:
+                self.image, self.skip_setup = plan.name, True
+                ctx.stage_note = "using {} (setup steps skipped)".format(plan.name)
+        elif self.request.only_prepare or self.request.prepared == "build":
+            self._build_image(plan)
+            if not self.request.only_prepare:
+                self.image, self.skip_setup = plan.name, True
+            ctx.stage_note = "built " + plan.name
+        else:
+            self.reporter.info("   no prepared image for this setup ({}): the VM runs the setup steps; "
+                               "`invoke vm-prepare` builds one (or pass --prepare)".format(plan.why))
+            ctx.stage_note = "none: plain path"
+        ctx.stage_status = "ok"
+        self.image_name = plan.name
+
+    def _build_image(self, plan) -> None:
+        from . import images
+
+        prefix, state = self.cfg.vm.name_prefix, self.ledger.state_dir
+        with images.BuildLock(state, plan.hash, image=plan.name, run_id=self.run_id, on_wait=self.reporter.info,
+                              timeout=self.cfg.timeouts.prepare, cancel=self.cancel):
+            listing = self.backend.list_vms()
+            if images.find_prepared(listing, prefix, plan.hash) is not None:
+                self.reporter.info("   {} was built meanwhile by another run".format(plan.name))
+                return
+            # We hold the build lock: a VM under this build's name is a dead build's.
+            for vm in images.leftover_builds(listing, prefix):
+                if images.parse_building(prefix, vm.name).hash == plan.hash:
+                    self.backend.remove(vm.name, self.cfg.timeouts.teardown)
+                    self.ledger.remove(vm.name)
+            self.reporter.info("   building prepared image {}: {}".format(plan.name, plan.why))
+            builder = VmPipeline(self, plan.building, self.backend.machine(plan.building, self._owner(), self.cfg),
+                                 building=plan)
+            self.reporter.vm_added(plan.building)
+            self._start([builder])
+            self._wait_for_teardown([builder])
+            if self.cancel.is_set():
+                raise Cancelled("the run is stopping")
+            if builder.ctx.error is not None:
+                raise builder.ctx.error
+
     # -- the VMs ---------------------------------------------------------------
     def _owner(self) -> Owner:
         return self.parts.owner(self.run_id)
@@ -220,24 +282,28 @@ class Run:
         self.reporter.info("run {}: {} from {}{}".format(
             self.run_id, ", ".join(names), self.image,
             ", test regex {!r}".format(self.request.test) if self.request.test else ""))
-        threads = [threading.Thread(target=p.execute, name=p.name, daemon=True) for p in self.pipelines]
-        for thread in threads:
-            thread.start()
+        self._start(self.pipelines)
+
+    def _start(self, pipelines: List[VmPipeline]) -> None:
+        self.running = pipelines
+        for pipeline in pipelines:
+            threading.Thread(target=pipeline.execute, name=pipeline.name, daemon=True).start()
 
     def _in_teardown(self) -> bool:
-        return bool(self.pipelines) and all(p.tearing_down for p in self.pipelines)
+        return bool(self.running) and all(p.tearing_down for p in self.running)
 
-    def _wait_for_teardown(self) -> None:
-        """Wait for every VM's pipeline (teardown included), watching for signals."""
-        while not all(p.teardown_done.is_set() for p in self.pipelines):
+    def _wait_for_teardown(self, pipelines: Optional[List[VmPipeline]] = None) -> None:
+        """Wait for the VMs' pipelines (teardown included), watching for signals."""
+        pipelines = self.pipelines if pipelines is None else pipelines
+        while not all(p.teardown_done.is_set() for p in pipelines):
             self._announce_signals()
             if self.guard.abandon.is_set():
-                for p in self.pipelines:
+                for p in pipelines:
                     if not p.teardown_done.is_set():
                         self.reporter.error(p.leftovers())
                         self.vm_errors.append("teardown of {} abandoned".format(p.name))
                 return
-            for p in self.pipelines:
+            for p in pipelines:
                 p.teardown_done.wait(0.1)
 
     def _announce_signals(self) -> None:
@@ -262,6 +328,8 @@ class Run:
             where = [r.interrupted_at for r in [getattr(self, "host_runner", None)] + [p.runner for p in self.pipelines]
                      if r is not None and r.interrupted_at]
             self.reporter.error(Interrupted(self.guard.received, where[0] if where else "").render())
+        if self.request.only_prepare:
+            return self._finish_prepare(interrupted)
         parts = []
         for p in self.pipelines:
             error = p.ctx.error
@@ -304,6 +372,15 @@ class Run:
 
             self.record.write_text("timeline.txt", timeline_text(view))
         self.record.prune(self.cfg.records.keep_last)
+        return code
+
+    def _finish_prepare(self, interrupted: bool) -> int:
+        """vm-prepare's end: one line saying which image is ready (or why not)."""
+        code = (self.guard.exit_code or 130) if interrupted else (self.exit_code or 1 if self.vm_errors else 0)
+        self.record.finish(image=self.image_name, exit_code=code, interrupted=interrupted)
+        verdict = "DONE prepared image {} ready".format(self.image_name) if code == 0 else \
+            "FAILED: no prepared image built (exit {})".format(code)
+        self.reporter.run_done(None, self.record.total_seconds(), verdict, str(self.record.dir), self.notes)
         return code
 
     def _exit_code(self, summary, interrupted: bool) -> int:

@@ -143,6 +143,12 @@ class Tart:
         self._check(result)
         return True
 
+    def rename(self, name: str, new_name: str) -> None:
+        """``tart rename``: how a finished prepared image gets its final name at once (a
+        build killed before this leaves only its temporary name). Tart never replaces NEW."""
+        self._check(self._run("rename", name, new_name, timeout=60),
+                    "`tart delete {}` first if an old image has that name".format(new_name))
+
     def delete(self, name: str) -> bool:
         """Delete a stopped VM. False when it did not exist (exit 2); raises otherwise."""
         result = self._run("delete", name, timeout=120)

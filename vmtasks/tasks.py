@@ -29,6 +29,8 @@ COMMON_HELP = {
     "jsonfile": "Also write the raw `go test -json` stream to this path (as gotestsum --jsonfile).",
     "allow_no_tests": "Exit 0 when no test matched (default: exit 5 and say so).",
     "rerun_failed": "Run only the tests that failed in the last recorded run of this config.",
+    "prepare": "Build the prepared image for this setup first when it is missing or stale (see vm-prepare).",
+    "no_prepared": "Ignore prepared images: clone the base and run the setup steps (config `prepared: false`).",
 }
 
 FLAG_NAMES = {"keep": "--keep", "vm.base": "--base", "timeouts.boot": "--boot-timeout", "vms": "--vms"}
@@ -73,7 +75,7 @@ def _load(c, config, overrides=None):
 
 
 def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
-           junitfile, jsonfile, allow_no_tests):
+           junitfile, jsonfile, allow_no_tests, prepare=False, no_prepared=False, only_prepare=False):
     from vmtasks import config as config_mod
     from vmtasks import factory, rerun
     from vmtasks.run import Run, RunRequest
@@ -88,8 +90,14 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
         if rerun_failed:
             chosen, source = rerun.failed_regex(parts.records_root)
             reporter.info("rerunning the tests that failed in {}: {}".format(source, chosen))
+        if prepare and no_prepared:
+            from vmtasks.errors import ConfigError
+
+            raise ConfigError("--prepare and --no-prepared contradict each other", "pass one of them")
+        mode = "build" if prepare else ("never" if no_prepared else "auto")
         request = RunRequest(test=chosen, vms=cfg.vms, junitfile=junitfile, jsonfile=jsonfile,
-                             allow_no_tests=allow_no_tests, rerun_source=source)
+                             allow_no_tests=allow_no_tests, rerun_source=source, prepared=mode,
+                             only_prepare=only_prepare)
         run = Run(parts, request)
         if dry_run:
             reporter.close()
@@ -117,22 +125,30 @@ SUITE_HELP = dict(COMMON_HELP)
 @task(help=SUITE_HELP, optional=["keep"])
 def test_vm(c, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
             boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
-            allow_no_tests=False):
+            allow_no_tests=False, prepare=False, no_prepared=False):
     """Run the whole e2e suite in fresh throwaway VMs (env OPENBOOT_VM_TEST limits it)."""
     _suite(c, None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
-           junitfile, jsonfile, allow_no_tests)
+           junitfile, jsonfile, allow_no_tests, prepare, no_prepared)
 
 
 @task(help=dict(SUITE_HELP, test="The go test -run regex, e.g. 'TestA|TestB' (required)."), optional=["keep"])
 def test_vm_run(c, test=None, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
                 boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
-                allow_no_tests=False):
+                allow_no_tests=False, prepare=False, no_prepared=False):
     """Run the tests matching --test (a go test -run regex) in fresh throwaway VMs."""
     if not test and not rerun_failed:
         raise Exit("test-vm-run: --test is empty; pass a go test -run regex, e.g. --test='TestA|TestB' "
                    "(or --rerun-failed)", code=2)
     _suite(c, test or None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
-           junitfile, jsonfile, allow_no_tests)
+           junitfile, jsonfile, allow_no_tests, prepare, no_prepared)
+
+
+@task(help={"config": COMMON_HELP["config"], "base": COMMON_HELP["base"], "dry_run": COMMON_HELP["dry_run"],
+            "quiet": COMMON_HELP["quiet"], "verbose": COMMON_HELP["verbose"]})
+def vm_prepare(c, config=None, base=None, dry_run=False, quiet=False, verbose=False):
+    """Build the prepared image for this setup (base + setup/prepare steps), once."""
+    _suite(c, None, None, base, config, dry_run, quiet, verbose, None, False, None, None, None, False,
+           only_prepare=True)
 
 
 INNER_HELP = {
@@ -184,9 +200,11 @@ def test_vm_inner_run(c, test=None, json_output=False, shard=None, durations=Non
     "include_kept": "Also remove VMs kept on purpose (--keep) whose run has ended.",
     "max_age": "Also remove kept VMs older than this many hours.",
     "include_unleased": "Also remove stopped VMs with our prefix and no lease at all, whatever their age.",
+    "prepared": "Also remove prepared images that no longer match the config, and abandoned image builds.",
     "config": COMMON_HELP["config"],
 })
-def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_unleased=False, config=None):
+def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_unleased=False, prepared=False,
+                    config=None):
     """Remove VMs, keys and leases whose owning run is gone (never a live run's)."""
     from vmtasks import factory, orphans
     from vmtasks.errors import ConfigError
@@ -201,8 +219,13 @@ def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_
         parts = factory.Parts(cfg, reporter)
         parts.ledger.ensure()
         parts.backend.preflight_tool()
-        return orphans.sweep(reporter, parts, dry_run=dry_run, include_kept=include_kept, max_age=age,
+        code = orphans.sweep(reporter, parts, dry_run=dry_run, include_kept=include_kept, max_age=age,
                              include_unleased=include_unleased)
+        if prepared:
+            from vmtasks import prepare
+
+            code = max(code, prepare.clean(reporter, parts, dry_run))
+        return code
 
     _host_call(c, go)
 
@@ -263,4 +286,4 @@ def vm_login(c, target, config=None):
 
 
 ns = Collection(test_vm, test_vm_run, test_vm_inner, test_vm_inner_run, cleanup_orphans, build, vm_doctor,
-                vm_list, vm_login)
+                vm_list, vm_login, vm_prepare)

@@ -95,9 +95,15 @@ class VmContext:
 
 
 class VmPipeline:
-    def __init__(self, run, name: str, machine: Machine) -> None:
+    """``building``: an ImagePlan when this VM builds a prepared image (vm-prepare) instead
+    of running tests; it then clones the base and ends by sealing itself as the image."""
+
+    def __init__(self, run, name: str, machine: Machine, building=None) -> None:
         self.run = run  # vmtasks.run.Run: cfg, request, ledger, reporter, record, cancel, queue
         self.cfg = run.cfg
+        self.building = building
+        self.image = run.cfg.vm.base if building is not None else run.image
+        self.prepared = building is None and run.skip_setup  # cloned from a prepared image
         self.record_key = name if run.vm_count > 1 else None  # one VM: its files at the record's top
         self.ctx = VmContext(name=name, machine=machine,
                              dir=run.record.vm_dir(name) if self.record_key else run.record.dir)
@@ -114,9 +120,10 @@ class VmPipeline:
     def stages(self) -> List[Stage]:
         cfg, run = self.cfg, self.run
         q = shlex.quote
+        testing = self.building is None
         return [
-            Stage("clone", "lease, run key, then clone {} to {}".format(run.image, self.name), self._clone,
-                  "clone", lambda ctx: ["tart clone {} {}".format(q(run.image), q(self.name))]),
+            Stage("clone", "lease, run key, then clone {} to {}".format(self.image, self.name), self._clone,
+                  "clone", lambda ctx: ["tart clone {} {}".format(q(self.image), q(self.name))]),
             Stage("boot", "start the VM headless (own session; console to the run record), wait for its IP",
                   self._boot, "boot", lambda ctx: ["tart run --no-graphics {}  &".format(q(self.name)),
                                                     "tart ip {}".format(q(self.name))]),
@@ -124,15 +131,25 @@ class VmPipeline:
             Stage("key", "install the run's ED25519 key through the guest agent, log in over SSH",
                   self._key, "key", lambda ctx: ["tart exec {} sh -c '<append run key to ~/.ssh/authorized_keys>'"
                                                  .format(q(self.name))]),
-            Stage("setup", "unpack vmtasks into ~/{}, run the setup steps".format(cfg.guest.tool_dir),
-                  self._setup, "setup", lambda ctx: list(cfg.setup), enabled=lambda ctx: not run.skip_setup),
-            Stage("sync", "rsync the project tree{}".format(" and the test binaries" if run.queue else ""),
-                  self._sync, "sync", lambda ctx: [" ".join(q(a) for a in self._rsync_argv(placeholder=True))]),
+            Stage("setup", "unpack vmtasks into ~/{}{}".format(
+                      cfg.guest.tool_dir, " (prepared image: setup steps already done)" if self.prepared
+                      else ", run the setup steps"),
+                  self._setup, "setup", lambda ctx: [] if self.prepared else list(cfg.setup)),
+            Stage("sync", "rsync the project tree{}".format(" and the test binaries" if run.queue and testing else ""),
+                  self._sync, "sync", lambda ctx: [" ".join(q(a) for a in self._rsync_argv(placeholder=True))],
+                  enabled=lambda ctx: testing or bool(cfg.prepare)),
             Stage("suite", "run the suite in the guest over SSH, stream its events home", self._suite, "suite",
-                  lambda ctx: ["ssh: " + inner_command(cfg, run.request.test)], enabled=lambda ctx: not run.queue),
+                  lambda ctx: ["ssh: " + inner_command(cfg, run.request.test)],
+                  enabled=lambda ctx: testing and not run.queue),
             Stage("tests", "take tests from the shared queue, longest first, until it is empty", self._tests,
                   None, lambda ctx: ["ssh: " + run.queue.command_for_display(cfg)] if run.queue else [],
-                  enabled=lambda ctx: bool(run.queue)),
+                  enabled=lambda ctx: testing and bool(run.queue)),
+            Stage("prepare", "the config's prepare steps (warm caches from the synced tree)", self._prepare_steps,
+                  "prepare", lambda ctx: list(cfg.prepare), enabled=lambda ctx: not testing and bool(cfg.prepare)),
+            Stage("seal", "remove the build's key, flush the disks, stop, rename to the image's name",
+                  self._seal, "teardown", lambda ctx: ["tart rename {} {}".format(
+                      q(self.name), q(self.building.name if self.building else "<image>"))],
+                  enabled=lambda ctx: not testing),
         ]
 
     def teardown_stage(self) -> Stage:
@@ -147,7 +164,7 @@ class VmPipeline:
         ctx = self.ctx
         try:
             for stage in self.stages():
-                if self.run.queue is not None and self.run.queue.exhausted():
+                if self.building is None and self.run.queue is not None and self.run.queue.exhausted():
                     # The other VMs took every test while this one was starting: stop here.
                     ctx.stage_note = "no tests left for this VM"
                     break
@@ -176,7 +193,7 @@ class VmPipeline:
     def _clone(self, ctx: VmContext) -> None:
         run = self.run
         # The lease comes first: from here on, whatever exists is ours and sweepable.
-        lease = run.ledger.new_lease(self.name, run.run_id, keep=False, base=run.image)
+        lease = run.ledger.new_lease(self.name, run.run_id, keep=False, base=self.image)
         # One key per VM: a kept VM's key must not go when its sibling's teardown runs.
         ctx.lease = dataclasses.replace(lease, key_dir=str(run.ledger.keys_dir / self.name))
         run.ledger.write(ctx.lease)
@@ -185,7 +202,7 @@ class VmPipeline:
         # A `tart clone` that outlives a killed run would make an unleased VM after the
         # sweep: the ledger notes the child, and a sweep waits for it (vmtasks/sweep.py).
         try:
-            ctx.machine.create(run.image, ctx.deadline, run.cancel,
+            ctx.machine.create(self.image, ctx.deadline, run.cancel,
                                on_start=lambda pid: run.ledger.note_child(self.name, pid, ["tart", "clone"]))
         finally:
             run.ledger.clear_child(self.name)
@@ -227,17 +244,48 @@ class VmPipeline:
         if result.exit_code != 0:
             raise StageError("setup", self.name, "copying vmtasks into the guest failed (exit {})".format(
                 result.exit_code), "check free space in the guest", result.output.splitlines()[-15:])
-        for step in self.cfg.setup:
+        if self.prepared:
+            ctx.stage_note = "prepared image: steps skipped"
+            ctx.stage_status = "ok"
+            return
+        self._steps(ctx, "setup", self.cfg.setup)
+
+    def _steps(self, ctx: VmContext, key: str, steps) -> None:
+        """Run guest shell steps in order, within the stage's deadline."""
+        for step in steps:
             remaining = ctx.deadline - time.monotonic()
             if remaining <= 0:
                 from .errors import RemoteTimeout
 
-                raise RemoteTimeout(step, self.cfg.timeouts.setup, "")
+                raise RemoteTimeout(step, getattr(self.cfg.timeouts, key), "")
             self.run.reporter.info("   $ " + step)
             result = self.remote(step, remaining, on_output=self._raw)
             if result.exit_code != 0:
-                raise StageError("setup", self.name, "`{}` exited {}".format(step, result.exit_code),
-                                 "fix the step in config (setup) or the base image", result.output.splitlines()[-15:])
+                raise StageError(key, self.name, "`{}` exited {}".format(step, result.exit_code),
+                                 "fix the step in config ({}) or the base image".format(key),
+                                 result.output.splitlines()[-15:])
+
+    def _prepare_steps(self, ctx: VmContext) -> None:
+        self._steps(ctx, "prepare", self.cfg.prepare)
+
+    def _seal(self, ctx: VmContext) -> None:
+        """Make this build the prepared image: no key of ours stays in it, the guest's
+        writes are on disk (`tart stop` is a hard power-off), and the finished name appears
+        only now, in one rename."""
+        from . import images
+
+        result = self.remote("rm -f ~/.ssh/authorized_keys && sync", self.cfg.timeouts.teardown)
+        if result.exit_code != 0:
+            raise StageError("seal", self.name, "cleaning the image failed (exit {})".format(result.exit_code),
+                             "check the guest's disk", result.output.splitlines()[-15:])
+        ctx.conn.close()
+        ctx.conn = None
+        ctx.machine.stop_cleanly(self.cfg.timeouts.teardown)
+        self.run.parts.tart.rename(self.name, self.building.name)
+        ctx.machine.sealed()
+        images.save_record(self.run.ledger.state_dir, self.building.name, self.building.inputs, self.run.run_id)
+        ctx.exit_code = 0
+        ctx.stage_note = "image " + self.building.name
 
     def _raw(self, text: str) -> None:
         self.run.reporter.raw_output(self.name, text)

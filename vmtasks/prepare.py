@@ -1,0 +1,110 @@
+"""Prepared images: pay for the guest's setup once, not on every run.
+
+``invoke vm-prepare`` (or ``test-vm --prepare`` when the image is missing) clones the base,
+boots it, runs the config's ``setup`` and ``prepare`` steps, removes the build's key, flushes
+the guest's disks, stops it and renames it to ``<prefix>-prepared-<hash>``. The hash covers
+what decides the image's content (vmtasks/images.py): the base image's identity, the setup
+and prepare steps, the guest-side tool bundle and a format version. A run whose hash
+matches an existing image clones it and skips the setup steps; a stale one is never used.
+
+Safety: the build runs under a temporary name (``<prefix>-building-<hash>``) with a lease
+like any run's VM, so a build killed at any point leaves nothing a later run takes for a
+finished image (the sweep removes it); a lock per hash makes two runs that need the same
+missing image build it once (the other waits, and says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from . import images
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    hash: str
+    name: str  # the finished image's name
+    building: str  # the build's temporary name
+    inputs: Dict[str, Any]
+    exists: bool
+    why: str  # why it must be (re)built: which input changed, or "no image yet"
+
+
+def image_plan(parts, listed=None) -> ImagePlan:
+    """The prepared image this config needs, and whether it exists."""
+    from .vm import tool_bundle
+
+    cfg = parts.cfg
+    tart = parts.tart
+    identity = dict(images.base_identity(tart, cfg.vm.base), vm_cpu=cfg.vm.cpu, vm_memory=cfg.vm.memory)
+    inputs = images.image_inputs(identity, cfg.setup, cfg.prepare, images.bundle_digest(tool_bundle(cfg)))
+    digest = images.hash_inputs(inputs)
+    prefix = cfg.vm.name_prefix
+    listing = parts.backend.list_vms() if listed is None else listed
+    exists = images.find_prepared(listing, prefix, digest) is not None
+    why = ""
+    if not exists:
+        last = images.latest_record(parts.ledger.state_dir, prefix)
+        why = images.explain_change(last["inputs"], inputs) if last else "no prepared image built yet"
+    return ImagePlan(digest, images.prepared_name(prefix, digest), images.building_name(prefix, digest),
+                     inputs, exists, why)
+
+
+def stale(parts, listed=None) -> List[Any]:
+    """Prepared images of this prefix that no longer match the config (cleanup-orphans
+    --prepared removes them; every image of the current hash is kept)."""
+    prefix = parts.cfg.vm.name_prefix
+    listing = parts.backend.list_vms() if listed is None else listed
+    try:
+        current: Optional[str] = image_plan(parts, listing).hash
+    except Exception:  # noqa: BLE001 - the base is gone: keep the newest recorded image
+        last = images.latest_record(parts.ledger.state_dir, prefix)
+        current = last["hash"] if last else None
+    if current is None:
+        return []
+    return images.stale_images(listing, prefix, current)
+
+
+def clean(reporter, parts, dry_run: bool) -> int:
+    """Remove stale prepared images and abandoned builds; 1 if one could not be removed."""
+    prefix = parts.cfg.vm.name_prefix
+    listing = parts.backend.list_vms()
+    doomed = [(vm, "stale prepared image") for vm in stale(parts, listing)]
+    doomed += [(vm, "abandoned build") for vm in images.abandoned_builds(listing, prefix, parts.ledger.state_dir)]
+    code = 0
+    for vm, why in doomed:
+        reporter.info("  {} {}: {}".format("would remove" if dry_run else "removing", vm.name, why))
+        if dry_run:
+            continue
+        try:
+            parts.backend.remove(vm.name, parts.cfg.timeouts.teardown)
+            images.remove_record(parts.ledger.state_dir, vm.name)
+        except Exception as exc:  # noqa: BLE001 - reported, the others still go
+            reporter.error("{}: {}".format(vm.name, getattr(exc, "message", exc)))
+            code = 1
+    if not doomed:
+        reporter.info("no stale prepared images")
+    return code
+
+
+def doctor_checks(parts, listing) -> List[tuple]:
+    """vm-doctor: each prepared image with its hash, disk use, and whether it is stale."""
+    prefix = parts.cfg.vm.name_prefix
+    found = images.prepared_images(listing, prefix)
+    if not found:
+        return [("prepared", "ok", "no prepared images (`invoke vm-prepare` builds one)", "")]
+    try:
+        current = image_plan(parts, listing).hash
+    except Exception:  # noqa: BLE001
+        current = ""
+    out = []
+    for image in found:
+        use = images.disk_use(parts.tart, image.name)
+        size = " {:.1f} GB".format(use.total_gb) if use is not None else ""
+        if image.hash == current:
+            out.append(("prepared", "ok", "{} (hash {}, current){}".format(image.name, image.hash, size), ""))
+        else:
+            out.append(("prepared", "warn", "{} is stale (hash {}, config needs {}){}".format(
+                image.name, image.hash, current or "?", size), parts.cleanup_command + " --prepared"))
+    return out
