@@ -25,7 +25,7 @@ def test_full_suite_runs_in_the_guest_and_leaves_nothing(world):
     assert not (world.home / ".zshrc").exists()
     assert not (world.home / ".gosuite-ran").exists()
     stages = [s["stage"] for s in json.loads((record / "stages.json").read_text())]
-    assert stages == ["preflight", "sweep", "clone", "boot", "ip+ssh", "key", "setup", "sync", "suite", "teardown"]
+    assert stages == ["preflight", "sweep", "image", "clone", "boot", "ip+ssh", "key", "setup", "sync", "suite", "teardown"]
     world.assert_nothing_left()
     assert world.vms() == [BASE]
     # Secrets: the user's ~/.ssh is never written, the key never lands in the record.
@@ -64,7 +64,9 @@ def test_failing_test_exit_code_comes_home(world):
     assert result["failed_tests"] == ["TestExampleFailure"] and result["exit_code"] == 1
     world.assert_nothing_left()
     # --rerun-failed runs only that test (which passes now that the env is back to normal).
+    world.write_config()
     again = world.invoke("test-vm", "--rerun-failed")
+    assert "rerunning the tests that failed in run " + record.name in again.err, again.err
     assert again.code == 0, again.text
     assert set(junit_cases(world.latest_record() / "junit.xml")) == {"TestExampleFailure"}
     world.assert_nothing_left()
@@ -117,7 +119,10 @@ def test_dry_run_creates_nothing(world):
     before = world.vms()
     done = world.invoke("test-vm", "--dry-run")
     assert done.code == 0, done.text
-    assert "tart clone tahoe-base vmtasks-example-" in done.err and "rsync" in done.err
+    # The plan is the command's result: on stdout, walked from the same stage table as a run.
+    assert "tart clone tahoe-base vmtasks-example-" in done.out and "rsync" in done.out
+    assert done.out.index("preflight") < done.out.index("sweep") < done.out.index("clone") < \
+        done.out.index("teardown")
     assert world.vms() == before
     world.assert_nothing_left()
 
@@ -130,12 +135,13 @@ def test_doctor_fails_without_base_image_and_passes_with_it(world, tmp_path):
     empty.mkdir()
     done = world.invoke("vm-doctor", env={"TART_HOME": str(empty)})
     assert done.code == 1
-    assert "base image" in done.err and "tart clone ghcr.io/cirruslabs/tahoe-base:latest" in done.err
+    # The hint is the one that works where the tool runs: the stand-in cannot pull.
+    assert "base image" in done.err and "tart create tahoe-base" in done.err and "tart pull" not in done.err
 
 
 def test_missing_base_image_fails_before_any_vm(world):
     done = world.invoke("test-vm", env={"OPENBOOT_VM_BASE": "no-such-base"})
     assert done.code != 0
-    assert "no-such-base" in done.err and "tart pull" in done.err
+    assert "no-such-base" in done.err and "tart create no-such-base" in done.err
     world.assert_nothing_left()
     assert not (world.state / "keys").exists() or world.key_dirs() == []
