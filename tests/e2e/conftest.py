@@ -146,7 +146,8 @@ class Env:
         return _list(self.env)
 
     def ephemeral_vms(self) -> List[str]:
-        return [vm for vm in self.vms() if vm.startswith(PREFIX + "-")]
+        """The run VMs with our prefix (prepared images are kept on purpose: not counted)."""
+        return [vm for vm in self.vms() if vm.startswith(PREFIX + "-") and not vm.startswith(PREFIX + "-prepared-")]
 
     def key_dirs(self) -> List[Path]:
         keys = self.state / "keys"
