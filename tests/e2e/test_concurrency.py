@@ -38,3 +38,27 @@ def test_three_runs_and_a_sweep(world):
     for record in records:
         assert json.loads((record / "result.json").read_text())["exit_code"] == 0
     world.assert_nothing_left()
+
+
+def test_a_sweep_from_another_state_dir_never_kills_a_live_run(world):
+    """Two checkouts (two users, two state dirs) share one TART_HOME. While checkout A's run
+    is in its suite, checkout B's cleanup-orphans and B's own run (whose start-up sweep sees
+    A's VM without a lease in B's ledger) must leave A's running VM alone."""
+    cfg = world.write_config(guest={"env": {"GOSUITE_SLEEP": "6"}})
+    argv = [sys.executable, "-m", "invoke", "--search-root", str(REPO), "test-vm-run", "--test=TestSlow",
+            "--config", str(cfg)]
+    a = subprocess.Popen(argv, cwd=str(world.cwd), env=world.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not world.ephemeral_vms() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    other_state = world.root / "other-checkout-state"
+    b_env = {"VMTASKS_STATE_DIR": str(other_state)}
+    sweep = world.invoke("cleanup-orphans", "--include-unleased", env=b_env)
+    assert sweep.code == 0, sweep.text
+    assert "removing vm" not in sweep.err, sweep.err
+    b = world.invoke("test-vm-run", "--test=TestShellRC", env=b_env)
+    assert b.code == 0, b.text
+    out, err = a.communicate(timeout=300)
+    assert a.returncode == 0, err
+    world.assert_nothing_left()
