@@ -64,15 +64,16 @@ class Parts:
         (a run must not ship earlier runs' logs into the guest)."""
         excludes = list(self.cfg.sync.excludes)
         project = Path(self.cfg.project_dir)
-        for path in (self.records_root, Path(self.cfg.suite.durations).parent):
+        # Shortest first, so /.vmtasks covers /.vmtasks/runs.
+        for path in sorted((self.records_root, Path(self.cfg.suite.durations).parent), key=lambda p: len(str(p))):
             try:
                 rel = path.resolve().relative_to(project.resolve())
             except ValueError:
                 continue
-            if str(rel) != ".":
-                pattern = "/" + rel.as_posix()
-                if pattern not in excludes:
-                    excludes.append(pattern)
+            pattern = "/" + rel.as_posix()
+            covered = any(pattern == e or pattern.startswith(e.rstrip("/") + "/") for e in excludes)
+            if str(rel) != "." and not covered:
+                excludes.append(pattern)
         return excludes
 
 

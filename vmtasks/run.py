@@ -1,6 +1,6 @@
 """One run of the suite, on one VM or many.
 
-The run's own stages (``run_stages``: pre-flight, sweep, build, compile) run in the main
+The run's own stages (``run_stages``: pre-flight, sweep, build, image, compile) run in the main
 thread; then one ``VmPipeline`` per VM runs in its own thread (vmtasks/vm.py). With one VM
 the suite runs as one ``go test -json`` (as the old driver did); with several, the suite's
 own listing feeds a shared queue (vmtasks/queue.py) that each VM takes tests from, longest
@@ -127,8 +127,11 @@ class Run:
             self.queue = TestQueue([], gotest.GoSuite((), (), (), self.request.test), Path("<bin>"), True, [])
         example = VmPipeline(self, "{}-{}".format(self.cfg.vm.name_prefix, self.run_id),
                              self.backend.machine("<vm>", self._owner(), self.cfg))
-        label = "each of the {} VMs".format(self.vm_count) if self.vm_count > 1 else "the VM"
-        lines.append("  then, for {} ({}-<run>-<n>):".format(label, self.cfg.vm.name_prefix))
+        if self.vm_count > 1:
+            lines.append("  then, for each of the {} VMs ({}-{}-<n>), in its own thread:".format(
+                self.vm_count, self.cfg.vm.name_prefix, self.run_id))
+        else:
+            lines.append("  then, for the VM:")
         lines += ["  " + line for line in plan_lines(example.stages() + [example.teardown_stage()], example.ctx,
                                                       self.cfg)]
         self.queue = None
@@ -318,9 +321,6 @@ class Run:
             self.reporter.test_started(vm, event.test)
         elif event.kind == "package-fail":
             self.reporter.package_failed(vm, event.package, event.output)
-
-    def on_progress(self, vm: str, stream) -> None:
-        pass
 
     def _finish(self) -> int:
         interrupted = self.guard.received is not None

@@ -350,7 +350,6 @@ class VmPipeline:
             def on_output(text: str) -> None:
                 raw.write(text)
                 stream.feed(text)
-                self.run.on_progress(self.name, stream)
 
             try:
                 result = self.remote(command, timeout, on_output=on_output)
