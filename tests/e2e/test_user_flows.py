@@ -304,6 +304,7 @@ def test_live_view_shows_the_stage_clock_moving_with_its_deadline(world):
     screen = log.getvalue()
     assert child.exitstatus == 0, screen[-3000:]
     shown = {int(s) for s in re.findall(r"boot (\d+)s / 60s", ANSI.sub("", screen))}
+    print("boot clock values seen:", sorted(shown))
     assert shown, "no `boot Ns / 60s` in the live view"
     assert max(shown) >= 2 and len(shown) >= 3, "the boot clock did not move: {}".format(sorted(shown))
     world.assert_nothing_left()
@@ -321,9 +322,10 @@ def _wait_for_guest_file(world, rel: str, seconds: float, pump) -> str:
     raise AssertionError("{} never appeared in a guest".format(rel))
 
 
-@pytest.mark.e2e
-def test_ctrl_c_during_a_test_shows_it_interrupted_and_rerun_skips_it(world):
-    # An earlier run with a real failure, so --rerun-failed has something else it could take.
+def _fail_then_interrupt(world):
+    """A run with a real failure (TestExampleFailure), then a run of TestSlow stopped by ^C
+    on its terminal while TestSlow runs in the guest. Returns (failed run id, interrupted
+    run's record, its screen without escape codes, the pexpect child)."""
     failing = world.write_config(name="fail.yaml", guest={"env": {"GOSUITE_FAIL": "1"}})
     first = world.invoke("test-vm-run", "--test=TestExampleFailure", config=failing)
     assert first.code == 1, first.text
@@ -336,13 +338,21 @@ def test_ctrl_c_during_a_test_shows_it_interrupted_and_rerun_skips_it(world):
     child.sendintr()  # the terminal's ^C: SIGINT to the foreground process group
     _drain(pexpect, child, 120)
     child.close()
-    screen = ANSI.sub("", log.getvalue())
+    record = world.latest_record()
+    assert record.name != first_run
+    return first_run, record, ANSI.sub("", log.getvalue()), child
+
+
+@pytest.mark.e2e
+def test_ctrl_c_during_a_test_shows_it_interrupted_not_failed(world):
+    first_run, record, screen, child = _fail_then_interrupt(world)
     assert child.signalstatus is None and child.exitstatus == 130, screen[-3000:]
     assert re.search(r"INTERRUPTED:? TestSlow", screen), screen[-3000:]
     assert not re.search(r"FAIL:? TestSlow", screen), "the interrupted test is shown as failed"
     assert "guest crash" not in screen
-    record = world.latest_record()
-    assert record.name != first_run
+    summary = screen[screen.rindex("e2e results"):]
+    assert re.search(r"^failed\s+0\s*$", summary, re.M) and re.search(r"^interrupted\s+1\s*$", summary, re.M)
+    assert re.search(r"DONE 1 test, 1 interrupted in", summary), summary
     result = json.loads((record / "result.json").read_text())
     assert result["failed_tests"] == [] and result.get("interrupted") is True, result
     world.assert_nothing_left()
@@ -350,12 +360,25 @@ def test_ctrl_c_during_a_test_shows_it_interrupted_and_rerun_skips_it(world):
     # The next --rerun-failed never reruns the interrupted test as if it had failed.
     again = world.invoke("test-vm", "--rerun-failed")
     assert "Traceback" not in again.err
+    for run in (world.root / ".vmtasks" / "runs").iterdir():
+        if run.is_dir() and not run.is_symlink() and run.name not in (first_run, record.name):
+            assert "TestSlow" not in junit_cases(run / "junit.xml"), again.text
+    world.assert_nothing_left()
+
+
+@pytest.mark.xfail(strict=True, reason="vmtasks/rerun.py failed_regex(): takes latest_run() even when that run was "
+                   "interrupted (result.json interrupted: true), so after a ^C --rerun-failed says 'the last run had "
+                   "no failed tests' instead of rerunning the last completed run's failures")
+@pytest.mark.e2e
+def test_rerun_failed_after_ctrl_c_takes_the_last_completed_run(world):
+    first_run, record, screen, child = _fail_then_interrupt(world)
+    assert child.exitstatus == 130, screen[-3000:]
+    again = world.invoke("test-vm", "--rerun-failed")
+    assert again.code == 0, again.text
     latest = world.latest_record()
-    if latest.name != record.name:  # it ran something: the earlier run's failure, said so
-        assert set(junit_cases(latest / "junit.xml")) == {"TestExampleFailure"}, again.text
-        assert first_run in again.text
-    else:  # it refused: clearly, naming the run it looked at
-        assert again.code != 0 and record.name in again.err, again.text
+    assert latest.name not in (first_run, record.name)
+    assert set(junit_cases(latest / "junit.xml")) == {"TestExampleFailure"}, again.text
+    assert first_run in again.text, "does not say which run the failures came from"
     world.assert_nothing_left()
 
 
