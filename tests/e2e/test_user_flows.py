@@ -281,7 +281,7 @@ def _spawn_pty(world, args: List[str], env: Dict[str, str], config: Path):
     child = pexpect.spawn(sys.executable, ["-m", "invoke", "--search-root", str(REPO), *args, "--config",
                                            str(config)],
                           cwd=str(world.cwd), env=full, encoding="utf-8", codec_errors="replace", timeout=240,
-                          dimensions=(40, 160))
+                          dimensions=(40, 120))
     child.logfile_read = log
     return pexpect, child, log
 
@@ -433,4 +433,105 @@ def test_guest_escape_sequences_never_reach_the_host_terminal(world, tmp_path):
     # The run record keeps the original bytes.
     assert b"\\u001b]0;pwned-raw" in (world.latest_record() / "suite-output.txt").read_bytes() or \
         b"\x1b]0;pwned-raw" in (world.latest_record() / "suite-output.txt").read_bytes()
+    world.assert_nothing_left()
+
+
+BROKEN_TEST = '''//go:build e2e && vm
+
+package e2e
+
+import "testing"
+
+func TestDoesNotCompile(t *testing.T) {
+	var unused int = "a string"
+}
+'''
+
+
+@pytest.mark.e2e
+def test_a_build_error_is_shown_as_an_error_not_as_failed_0(world, tmp_path):
+    project = tmp_path / "gosuite"
+    shutil.copytree(str(EXAMPLE), str(project), ignore=shutil.ignore_patterns(".vmtasks"))
+    (project / "test" / "e2e" / "broken_test.go").write_text(BROKEN_TEST)
+    cfg = world.write_config(name="broken.yaml", project_dir=str(project))
+    done = world.invoke("test-vm", config=cfg)
+    assert done.code != 0, done.text
+    summary = done.out[done.out.index("e2e results"):]
+    assert re.search(r"^errors\s+1 \(package or build\)", summary, re.M), summary
+    assert "--- ERROR package" in summary and "broken_test.go" in summary, summary
+    assert re.search(r"^DONE .*1 error", last_line(done.out)), done.out
+    world.assert_nothing_left()
+
+
+@pytest.mark.e2e
+def test_passing_run_lists_no_slow_tests_of_zero_seconds_and_counts_subtests(world):
+    done = world.invoke("test-vm-run", "--test=TestShellRC|TestPackages")
+    assert done.code == 0, done.text
+    assert "slowest" not in done.out, done.out
+    assert re.search(r"^subtests\s+2 \(2 passed\)", done.out, re.M), done.out
+    # The verdict counts the subtests too (as gotestsum): 2 tests + 2 subtests.
+    assert last_line(done.out).startswith("DONE 4 tests"), done.out
+    world.assert_nothing_left()
+
+
+@pytest.mark.e2e
+def test_rerun_failed_on_test_vm_run_and_records_belong_to_their_config(world, tmp_path):
+    # Config A (its own directory) has a failing run.
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    for d in (a_dir, b_dir):
+        d.mkdir()
+    a = world.write_config(name="a.yaml", guest={"env": {"GOSUITE_FAIL": "1"}})
+    a = Path(shutil.move(str(a), str(a_dir / "vm.yaml")))
+    b = Path(shutil.move(str(world.write_config(name="b.yaml")), str(b_dir / "vm.yaml")))
+    failed = world.invoke("test-vm-run", "--test=TestExampleFailure|TestShellRC", config=a)
+    assert failed.code == 1, failed.text
+    a_runs = a_dir / ".vmtasks" / "runs"
+    a_run = (a_runs / "latest").resolve().name
+    assert not (world.cwd / ".vmtasks").exists(), "records went to the working directory"
+    # B has no runs: --rerun-failed must not take A's failures.
+    other = world.invoke("test-vm-run", "--rerun-failed", config=b)
+    assert other.code != 0 and "Traceback" not in other.err, other.text
+    assert str(b_dir / ".vmtasks" / "runs") in other.err and a_run not in other.text, other.text
+    # A's --rerun-failed, on test-vm-run, reruns exactly the failed test and says from where.
+    again = world.invoke("test-vm-run", "--rerun-failed", config=a, env={"CI": ""})
+    assert again.code == 1, again.text  # GOSUITE_FAIL=1 still: it fails again, as it should
+    assert a_run in again.text, "does not say which run the failures came from"
+    latest = (a_runs / "latest").resolve()
+    assert latest.name != a_run and junit_cases(latest / "junit.xml") == ["TestExampleFailure"]
+    world.assert_nothing_left()
+
+
+@pytest.mark.e2e
+def test_missing_base_image_hint_works_with_the_stand_in(world):
+    done = world.invoke("test-vm", "--base=no-such-base")
+    assert done.code != 0 and "Traceback" not in done.err, done.text
+    assert "no-such-base" in done.err
+    assert "tart pull" not in done.err, "the stand-in cannot pull: " + done.err
+    assert "tart create" in done.err or "tart clone" in done.err, done.err
+    world.assert_nothing_left()
+
+
+@pytest.mark.e2e
+def test_cleanup_orphans_without_tart_on_path_is_a_clear_error(world):
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if p and not os.path.exists(os.path.join(p, "tart")))
+    done = world.invoke("cleanup-orphans", env={"PATH": path})
+    assert done.code != 0, done.text
+    assert "Traceback" not in done.err, done.err
+    assert "tart" in done.err and "PATH" in done.err, done.err
+
+
+@pytest.mark.e2e
+def test_summary_paths_do_not_wrap_on_a_120_column_terminal(world, tmp_path):
+    deep = tmp_path / ("a-rather-long-directory-name-for-the-records-" * 2) / "and-one-more-level"
+    deep.mkdir(parents=True)
+    cfg = Path(shutil.move(str(world.write_config(name="deep.yaml")), str(deep / "vm.yaml")))
+    pexpect, child, log = _spawn_pty(world, ["test-vm-run", "--test=TestShellRC"], {}, cfg)
+    _drain(pexpect, child, 240)
+    child.close()
+    screen = ANSI.sub("", log.getvalue()).replace("\r", "")
+    assert child.exitstatus == 0, screen[-3000:]
+    records = (deep / ".vmtasks" / "runs" / "latest").resolve()
+    assert len(str(records)) > 120
+    assert "record: {}\n".format(records) in screen, screen[-2000:]
     world.assert_nothing_left()
