@@ -102,6 +102,37 @@ def test_invoke_yaml_names_the_config(repo):
     assert config == (repo.root / "other" / "x.yaml").resolve() and resolved["vm"]["name_prefix"] == "from-x"
 
 
+def test_invoke_yaml_vmtasks_section_is_a_layer_under_the_file(repo):
+    (repo.root / "invoke.yaml").write_text("vmtasks:\n  keep: on-failure\n  vm:\n    name_prefix: from-invoke\n")
+    _, _, resolved = plan_of(repo.invoke("test-vm", "--dry-run"))
+    assert resolved["keep"] == "on-failure", "the invoke.yaml value was not read"
+    assert resolved["vm"]["name_prefix"] == "from-project", "invoke.yaml must not override the config file"
+
+
+def test_bad_invoke_yaml_value_names_invoke_config(repo):
+    (repo.root / "invoke.yaml").write_text("vmtasks:\n  keep: sometimes\n")
+    done = repo.invoke("test-vm", "--dry-run")
+    assert done.returncode != 0
+    no_traceback(done)
+    assert "vmtasks.keep" in done.stderr and "'sometimes'" in done.stderr, done.stderr
+    assert "vm.yaml" not in done.stderr, "blames the config file for the Invoke config's value"
+
+
+def test_invoke_f_with_an_invoke_config_names_the_vmtasks_config(repo):
+    """`invoke -f ci.yaml` where ci.yaml is an Invoke config whose vmtasks section points at
+    the vmtasks file (relative to the project, where tasks.py is)."""
+    (repo.root / "ci.yaml").write_text("vmtasks:\n  config: other/x.yaml\n")
+    config, _, resolved = plan_of(repo.invoke("-f", str(repo.root / "ci.yaml"), "test-vm", "--dry-run"))
+    assert config == (repo.root / "other" / "x.yaml").resolve() and resolved["vm"]["name_prefix"] == "from-x"
+
+
+def test_misspelt_environment_variable_gets_a_suggestion(repo):
+    done = repo.invoke("test-vm", "--dry-run", env={"OPENBOOT_VM_KEPP": "1"})
+    assert done.returncode != 0
+    no_traceback(done)
+    assert "OPENBOOT_VM_KEPP" in done.stderr and "OPENBOOT_VM_KEEP" in done.stderr.replace("OPENBOOT_VM_KEPP", "")
+
+
 @pytest.mark.parametrize("args", [[], ["-r", "../.."], ["--search-root", "<root>"]],
                          ids=["walks up", "-r ../..", "--search-root"])
 def test_from_a_subdirectory_the_project_config_is_used(repo, args):
@@ -460,6 +491,15 @@ def test_guest_escape_sequences_never_reach_the_host_terminal(world, tmp_path):
         assert "^[]0;pwned-log" in text and "failing ^[[2J after escapes" in text, text[-3000:]
         if extra:
             assert "^[]0;pwned-raw" in text and "^[]0;pwned-setup" in text, text[-3000:]
+    # Under a real terminal too: the live view's own codes are there, the guest's never.
+    pexpect, child, log = _spawn_pty(world, ["test-vm-run", "--test=TestEscapes", "--verbose"], {}, cfg)
+    _drain(pexpect, child, 240)
+    child.close()
+    screen = log.getvalue()
+    assert child.exitstatus == 1, screen[-2000:]
+    assert "pwned-raw" in screen and "pwned-log" in screen
+    for raw in ("\x1b]0;pwned", "\x1b]52;", "\x1b[2J", "\x07", "\x9b"):
+        assert raw not in screen, "guest sequence {!r} reached the terminal".format(raw)
     # The run record keeps the original bytes.
     assert b"\\u001b]0;pwned-raw" in (world.latest_record() / "suite-output.txt").read_bytes() or \
         b"\x1b]0;pwned-raw" in (world.latest_record() / "suite-output.txt").read_bytes()
