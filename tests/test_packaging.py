@@ -258,3 +258,24 @@ def test_building_from_a_clone_leaves_nothing_untracked(installed):
     assert status.returncode == 0, status.stderr
     left = [line for line in status.stdout.splitlines() if line.strip()]
     assert left == [], "pip install left untracked files in the checkout:\n" + "\n".join(left[:20])
+
+
+def test_wheel_holds_the_package_and_nothing_else(installed, tmp_path):
+    """`pip install vmtasks` from a wheel gets the same package: every module (results/
+    included) and no tests, scripts or examples."""
+    import zipfile
+
+    out = tmp_path / "dist"
+    built = subprocess.run([str(installed.python), "-m", "pip", "wheel", "--quiet", "--no-deps",
+                            "--disable-pip-version-check", "-w", str(out), str(installed.checkout)],
+                           capture_output=True, text=True, timeout=600, env=_clean_env(), cwd=str(tmp_path))
+    if built.returncode != 0 and not installed.isolated:
+        pytest.skip("no package index to build a wheel with: " + built.stderr[-300:])
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = out.glob("vmtasks-*.whl")
+    names = set(zipfile.ZipFile(str(wheel)).namelist())
+    source = {"vmtasks/" + p.relative_to(installed.checkout / "vmtasks").as_posix()
+              for p in (installed.checkout / "vmtasks").rglob("*.py")}
+    assert source <= names, sorted(source - names)
+    top = {n.split("/")[0] for n in names}
+    assert not top & {"tests", "scripts", "examples", "config"}, sorted(top)
