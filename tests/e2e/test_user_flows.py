@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from .conftest import EXAMPLE, PREFIX, REPO, junit_cases, junit_counts
+from .conftest import EXAMPLE, REPO, junit_cases, junit_counts
 
 TWO_LINES = '"""This repository\'s tasks."""\nfrom vmtasks.tasks import ns  # noqa: F401\n'
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
