@@ -40,10 +40,13 @@ def test_piped_output_is_plain_and_failing_test_shown(world):
     assert done.code == 1
     assert not ANSI.search(done.err), "escape codes in piped output"
     assert "-> suite" in done.err and "suite FAILED" in done.err
-    # The failing test's output appears as soon as it fails (before the summary) and again in it.
+    # The failing test's output appears as soon as it fails (progress, stderr) and again in
+    # the summary (stdout, so `| tee log` keeps it).
     first = done.err.index("FAIL TestExampleFailure")
-    assert "intentional failure" in done.err[first:done.err.index("e2e results")]
-    assert "--- FAIL: TestExampleFailure" in done.err[done.err.index("e2e results"):]
+    assert "intentional failure" in done.err[first:]
+    assert "e2e results" not in done.err and "e2e results" in done.out
+    assert "--- FAIL: TestExampleFailure" in done.out[done.out.index("e2e results"):]
+    assert "intentional failure" in done.out
 
     record = world.latest_record()
     for name in ("stages.json", "console.log", "suite-output.txt", "junit.xml", "summary.txt",
@@ -59,9 +62,11 @@ def test_piped_output_is_plain_and_failing_test_shown(world):
     assert counts["failures"] == sum(1 for a in top.values() if a == "fail") == 1
     assert counts["skipped"] == sum(1 for a in top.values() if a == "skip")
     assert "failed       1" in (record / "summary.txt").read_text()
-    durations = json.loads((world.cwd / ".vmtasks" / "durations.json").read_text())
+    # Durations and records belong to the config (beside its file), not to the cwd.
+    durations = json.loads((world.root / ".vmtasks" / "durations.json").read_text())
     assert "TestShellRC" in json.dumps(durations)
-    assert (world.cwd / ".vmtasks" / ".gitignore").is_file()
+    assert (world.root / ".vmtasks" / ".gitignore").is_file()
+    assert not (world.cwd / ".vmtasks").exists()
     world.assert_nothing_left()
 
 
@@ -69,7 +74,7 @@ def test_quiet_hides_passing_tests(world):
     done = world.invoke("test-vm-run", "--test=TestShellRC|TestDefaultsWrite", "--quiet")
     assert done.code == 0, done.text
     assert "PASS TestShellRC" not in done.err and "-> clone" not in done.err
-    assert "e2e results" in done.err
+    assert "e2e results" in done.out
     world.assert_nothing_left()
 
 
