@@ -576,6 +576,7 @@ def locate(
         runtime_config = runtime_config if runtime_config.is_absolute() else cwd / runtime_config
     # Only a data file can be ours; an `invoke -f tasks_config.py` is Invoke's business.
     if runtime_config is not None and runtime_config.suffix in (".yaml", ".yml", ".json"):
+        _explicit(str(runtime_config), cwd, "invoke -f/--config")  # missing: say so, with a did-you-mean
         data, _ = _read(runtime_config)
         if is_vmtasks_config(data):
             if "vmtasks" in data:

@@ -4,7 +4,6 @@ themselves, so test-vm, cleanup-orphans, vm-doctor and build agree on every path
 
 from __future__ import annotations
 
-import getpass
 import os
 import shlex
 import socket
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional
 
 from .backend import Owner
-from .ledger import Ledger, default_state_dir, process_start_time
+from .ledger import Ledger, current_user, default_state_dir, process_start_time
 from .proc import Runner
 
 
@@ -55,7 +54,7 @@ class Parts:
 
     def owner(self, run_id: str) -> Owner:
         pid = os.getpid()
-        return Owner(run_id=run_id, host=socket.gethostname(), user=_user(), pid=pid,
+        return Owner(run_id=run_id, host=socket.gethostname(), user=current_user(), pid=pid,
                      pid_start=process_start_time(pid) or "")
 
     @property
@@ -101,10 +100,3 @@ def cleanup_command(cfg) -> str:
     if cfg.source and not cfg.source.startswith("<"):
         command += " --config " + shlex.quote(str(Path(cfg.source).resolve()))
     return command
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in a container
-        return str(os.getuid())

@@ -127,6 +127,15 @@ def process_alive(pid: int, pid_start: str, host: str = "") -> bool:
     return token == pid_start
 
 
+def current_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry (a container): the uid says enough
+        return str(os.getuid())
+
+
 def owner_stamp(pid: Optional[int] = None) -> Dict[str, Any]:
     """This process (or ``pid``) as a record owner: ``{"pid", "pid_start", "host"}``."""
     pid = os.getpid() if pid is None else pid
@@ -151,6 +160,7 @@ class Lease:
     created: float = 0.0
     base: str = ""
     ip: str = ""
+    user: str = ""  # who started the run (vm-list: two users share one Mac)
 
     def owner_alive(self) -> bool:
         return process_alive(self.pid, self.pid_start, self.host)
@@ -252,7 +262,7 @@ class Ledger:
         stamp = owner_stamp()
         return Lease(vm=vm, run_id=run_id, pid=stamp["pid"], pid_start=stamp["pid_start"],
                      host=stamp["host"], key_dir=str(self.key_dir_for(run_id)),
-                     keep=keep, created=time.time(), base=base)
+                     keep=keep, created=time.time(), base=base, user=current_user())
 
     def write(self, lease: Lease) -> None:
         """Atomic and durable: a reader sees the old lease or the new one, never half of

@@ -231,9 +231,11 @@ class RunRecord:
             vm, stage, time.strftime("%Y-%m-%d %H:%M:%S"), text.rstrip()))
         return str(self.dir / "errors.log")
 
-    def copy_streams(self, target: Path, name: str, vms: List[Optional[str]]) -> None:
-        """Concatenate each VM's copy of ``name`` into ``target`` (--jsonfile); never raises."""
+    def copy_streams(self, target: Path, name: str, vms: List[Optional[str]]) -> str:
+        """Concatenate each VM's copy of ``name`` into ``target`` (--jsonfile); never raises:
+        returns what went wrong, or ""."""
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             with open(str(target), "wb") as out:
                 for vm in vms:
                     try:
@@ -242,7 +244,8 @@ class RunRecord:
                     except FileNotFoundError:
                         continue
         except OSError as exc:
-            self.note_problem(str(target), "cannot write {}: {}".format(target, exc.strerror or exc))
+            return "cannot write {}: {}".format(target, exc.strerror or exc)
+        return ""
 
     # -- stages and result --------------------------------------------------------
     def stage_done(self, name: str, started: float, elapsed: float, status: str, vm: str = "") -> None:

@@ -349,9 +349,11 @@ class Run:
                                            [(i.package.import_path, i.name) for i in self.expected])
         self.summary = summary
         code = self._exit_code(summary, interrupted)
-        self.exit_code = code
         if summary is not None:
-            self._write_results(summary)
+            for problem in self._write_results(summary):
+                self.reporter.error(problem)
+                code = code or 1
+        self.exit_code = code
         if self.bin_dir is not None:
             shutil.rmtree(str(self.bin_dir), ignore_errors=True)
         self.record.finish(vms=[p.name for p in self.pipelines], exit_code=code,
@@ -407,18 +409,24 @@ class Run:
             return 1
         return 0
 
-    def _write_results(self, summary) -> None:
-        writes = [(self.record.path("junit.xml"), False)]
+    def _write_results(self, summary) -> List[str]:
+        """JUnit, --jsonfile, durations. Returns what could not be written of what the user
+        asked for by name (--junitfile, --jsonfile): that fails the run, as in gotestsum."""
+        asked: List[str] = []
+        try:
+            results.write_junit(summary, self.record.path("junit.xml"))
+        except VmtasksError as exc:
+            self.record.note_problem("junit.xml", exc.message)
         if self.request.junitfile:
-            writes.append((Path(self.request.junitfile), False))
-        for path, subtests in writes:
             try:
-                results.write_junit(summary, path)
+                results.write_junit(summary, Path(self.request.junitfile))
             except VmtasksError as exc:
-                self.record.note_problem(str(path), exc.message)
+                asked.append("--junitfile: " + exc.render())
         if self.request.jsonfile:
-            self.record.copy_streams(Path(self.request.jsonfile), "suite-output.txt",
-                                     [p.record_key for p in self.pipelines])
+            problem = self.record.copy_streams(Path(self.request.jsonfile), "suite-output.txt",
+                                               [p.record_key for p in self.pipelines])
+            if problem:
+                asked.append("--jsonfile: " + problem)
         try:
             history = results.History.load(self.cfg.suite.durations)
             history.record(summary)

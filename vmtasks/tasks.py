@@ -49,6 +49,12 @@ def _host_call(c, func, quiet=False, verbose=False):
         reporter.close()
         reporter.error(exc.render())
         code = exc.exit_code
+    except BrokenPipeError:
+        # `invoke test-vm --dry-run | head`: the reader left; that is not a failure of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
     finally:
         reporter.close()
     _before_exit()

@@ -65,8 +65,6 @@ def test_vm_list_shows_the_kept_vm_with_its_run_and_state(kept):
     assert age.endswith(("m", "h", "d"))
 
 
-@pytest.mark.xfail(strict=True, reason="vmtasks/ledger.py Lease has no `user` field (Owner.user is never written), "
-                   "so vmtasks/inventory.py rows() shows the owner as '?@host pid N'")
 def test_vm_list_names_the_owning_user(kept):
     world, vm, _ = kept
     rows = _rows(world.invoke("vm-list").out)

@@ -145,8 +145,6 @@ def test_from_a_subdirectory_the_project_config_is_used(repo, args):
     assert Path(resolved["records"]["dir"]).is_relative_to(repo.root.resolve())
 
 
-@pytest.mark.xfail(strict=True, reason="vmtasks/run.py Run.plan(): with one VM the plan's heading says the VM is "
-                   "'<prefix>-<run>-<n>' while the run (Run._vms) and the plan's own commands name it '<prefix>-<run>'")
 def test_dry_run_names_the_vm_as_the_run_will(repo):
     done = repo.invoke("test-vm", "--dry-run")
     run_id = re.match(r"Plan for run (\S+) ", done.stdout).group(1)
@@ -174,9 +172,6 @@ def test_task_config_typo_gets_did_you_mean(repo):
     assert "vm.yml" in done.stderr and "did you mean {}".format(repo.root / "vm.yaml") in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="vmtasks/config.py locate(): a missing `invoke -f/--config FILE` goes "
-                   "through _read() and says 'cannot read config file ... check the path given with --config or "
-                   "OPENBOOT_VM_CONFIG', with no did-you-mean and naming the wrong flag")
 @pytest.mark.parametrize("flag", ["-f", "--config"])
 def test_invoke_core_config_typo_gets_did_you_mean(repo, flag):
     (repo.root / "vm.yaml").write_text("project_dir: .\n")
@@ -221,8 +216,6 @@ def test_yaml_syntax_error_names_the_file(repo):
     assert str(path) in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="vmtasks/tasks.py _host_call()/_suite(): print() into a closed pipe raises "
-                   "BrokenPipeError, shown as a traceback (should end quietly, as `| head` expects)")
 def test_dry_run_into_a_closed_pipe_has_no_traceback(repo):
     """`invoke test-vm --dry-run | head -1`: the reader leaving early is not a crash. Made
     deterministic: the reader is gone before the first write."""
@@ -406,9 +399,6 @@ def test_ctrl_c_during_a_test_shows_it_interrupted_not_failed(world):
     world.assert_nothing_left()
 
 
-@pytest.mark.xfail(strict=True, reason="vmtasks/results/stream.py SuiteStream._end_tests(): an interrupted test's "
-                   "elapsed is the last go test event's time minus its start, so a test silent since it started "
-                   "shows 0.00s however long it ran (should count up to when the stream was closed)")
 @pytest.mark.e2e
 def test_an_interrupted_test_shows_how_long_it_ran(world):
     slow = world.write_config(name="slow.yaml", guest={"env": {"GOSUITE_SLEEP": "60"}})
@@ -426,9 +416,6 @@ def test_an_interrupted_test_shows_how_long_it_ran(world):
     world.assert_nothing_left()
 
 
-@pytest.mark.xfail(strict=True, reason="vmtasks/rerun.py failed_regex(): takes latest_run() even when that run was "
-                   "interrupted (result.json interrupted: true), so after a ^C --rerun-failed says 'the last run had "
-                   "no failed tests' instead of rerunning the last completed run's failures")
 @pytest.mark.e2e
 def test_rerun_failed_after_ctrl_c_takes_the_last_completed_run(world):
     first_run, record, screen, child = _fail_then_interrupt(world)
@@ -608,9 +595,7 @@ def test_summary_paths_do_not_wrap_on_a_120_column_terminal(world, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("flag,rel", [
-    pytest.param("--jsonfile", "reports/json/events.json", marks=pytest.mark.xfail(
-        strict=True, reason="vmtasks/records.py RunRecord.copy_streams(): opens --jsonfile's path without creating "
-        "its directory; the failure shows only as 'run record incomplete: cannot write ...' and the run exits 0")),
+    ("--jsonfile", "reports/json/events.json"),
     ("--junitfile", "reports/junit/junit.xml"),
 ])
 def test_jsonfile_and_junitfile_alone_create_their_directory(world, flag, rel):
@@ -628,8 +613,6 @@ def test_jsonfile_and_junitfile_alone_create_their_directory(world, flag, rel):
     world.assert_nothing_left()
 
 
-@pytest.mark.xfail(strict=True, reason="vmtasks/run.py Run._write_results(): a --junitfile/--jsonfile that cannot be "
-                   "written is only a 'run record incomplete' note; the run still exits 0 (gotestsum fails)")
 @pytest.mark.e2e
 def test_an_unwritable_report_path_is_not_silent(world, tmp_path):
     """--junitfile into a read-only place: the user asked for that file, so its absence is

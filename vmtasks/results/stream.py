@@ -56,6 +56,7 @@ import datetime
 import json
 import math
 import re
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ class TestEvent:
 class _Node:
     """Mutable per-test state while the stream is parsed."""
 
-    __slots__ = ("package", "name", "parent", "children", "tail", "seq", "started", "status",
+    __slots__ = ("package", "name", "parent", "children", "tail", "seq", "started", "host_started", "status",
                  "elapsed", "unreported")
 
     def __init__(self, package: str, name: str, parent: Optional["_Node"], seq: int,
@@ -228,6 +229,7 @@ class _Node:
         self.tail = _Tail()
         self.seq = seq
         self.started = started
+        self.host_started = time.monotonic()  # a silent test's time still runs on the host
         self.status = RUNNING
         self.elapsed = 0.0
         self.unreported = False
@@ -696,6 +698,10 @@ class SuiteStream:
                        "(guest crash, lost connection or killed go test?); marked as failed.\n" % node.name
             if t is not None and node.started is not None and t >= node.started:
                 node.elapsed = t - node.started
+            if not package_ended:
+                # The stream stopped now (Ctrl-C, VM lost): the test ran until now, even if
+                # it printed nothing since its start.
+                node.elapsed = max(node.elapsed, time.monotonic() - node.host_started)
             if node.tail.parts and not node.tail.last().endswith("\n"):
                 note = "\n" + note
             # The package output goes once per tree: on the outermost unfinished test.
