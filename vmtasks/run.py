@@ -433,3 +433,4 @@ class Run:
             history.save()
         except VmtasksError as exc:
             self.record.note_problem("durations", exc.message)
+        return asked
