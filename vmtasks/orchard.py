@@ -54,6 +54,9 @@ KEY_INSTALLED = "vmtasks: key installed"
 OWNER_ENV = {"run_id": "VMTASKS_RUN_ID", "host": "VMTASKS_OWNER_HOST", "user": "VMTASKS_OWNER_USER",
              "pid": "VMTASKS_OWNER_PID", "pid_start": "VMTASKS_OWNER_PID_START"}
 KEY_ENV = "VMTASKS_PUBLIC_KEY"
+# The owner's state dir (leases): a sweep from another state dir on the same host reads the
+# lease there to tell a kept VM (keep=True in its lease) from an orphan.
+STATE_DIR_ENV = "VMTASKS_OWNER_STATE_DIR"
 # The startup script Orchard runs in the guest's login shell once it boots (after `set -e`
 # and the env exported): append the run's key, then say so in the VM's events.
 KEY_SCRIPT = (
@@ -367,7 +370,10 @@ def env_value(value) -> str:
 
 def owner_labels(vm: dict) -> Dict[str, str]:
     env = ((vm.get("startup_script") or {}).get("env") or {})
-    return {key: env[var] for key, var in OWNER_ENV.items() if var in env}
+    labels = {key: env[var] for key, var in OWNER_ENV.items() if var in env}
+    if env.get(STATE_DIR_ENV):
+        labels["state_dir"] = env[STATE_DIR_ENV]
+    return labels
 
 
 def owner_of(labels: Dict[str, str]) -> Optional[Owner]:
@@ -387,10 +393,41 @@ def owner_alive(labels: Dict[str, str], hostname: Optional[str] = None) -> Optio
         return None
     if owner.host != env_value(hostname or socket.gethostname()):
         return True
-    from .ledger import process_start_time
+    from .ledger import GONE, UNKNOWN, ZOMBIE, probe_process
 
-    start = process_start_time(owner.pid)
-    return start is not None and env_value(start) == owner.pid_start
+    state, token = probe_process(owner.pid)
+    if state in (GONE, ZOMBIE):
+        return False
+    if state == UNKNOWN or not owner.pid_start:
+        return True  # we cannot tell: never remove a VM whose owner might run
+    return env_value(token) == owner.pid_start
+
+
+def judge_unleased(name: str, labels: Dict[str, str], include_kept: bool = False) -> Tuple[str, str]:
+    """The sweep's verdict on an Orchard VM that has no lease in the sweeping ledger (another
+    state dir, another checkout, or a lost state dir), from the owner its resource records:
+    ``("foreign", why)`` no vmtasks owner (never touched); ``("live", why)`` the owner may
+    run; ``("kept", why)`` its dead owner's lease (in the state dir the VM records) says
+    keep; ``("orphan", why)`` the owner is gone: remove it."""
+    alive = owner_alive(labels)
+    owner = owner_of(labels)
+    if alive is None or owner is None:
+        return "foreign", "{} carries no vmtasks owner record".format(name)
+    if alive:
+        where = "on this host" if owner.host == env_value(socket.gethostname()) else "on host " + owner.host
+        return "live", "owner process {} of run {} {} may still run".format(owner.pid, owner.run_id, where)
+    why = "owner process {} of run {} on this host is gone (the VM's owner record)".format(owner.pid, owner.run_id)
+    state_dir = labels.get("state_dir")
+    if state_dir and Path(state_dir).is_dir():
+        from .ledger import Ledger
+
+        ledger = Ledger(Path(state_dir))
+        lease = ledger.read(name)
+        if lease is None and ledger.has_lease(name):
+            return "live", "its lease in {} cannot be read: left alone".format(state_dir)
+        if lease is not None and lease.keep and not include_kept:
+            return "kept", "kept on purpose (lease in {}); {}".format(state_dir, why)
+    return "orphan", why
 
 
 def online_workers(workers: List[dict], offline_after: float, now: Optional[float] = None) -> List[dict]:
@@ -502,11 +539,18 @@ class OrchardBackend(Backend):
         """vm-doctor's checks of the controller, each ``(name, "ok"|"warn"|"fail", detail, hint)``:
         reachable, credentials valid, workers online, free slots. Creates nothing."""
         c = self.client
+        refused = None
         try:
             c.request("GET", "/")
+        except OrchardHTTPError as exc:
+            if exc.status != 401:
+                return [("orchard controller", "fail", exc.message, exc.hint)]
+            refused = exc  # it answered: reachable, but the credentials are wrong
         except BackendError as exc:
             return [("orchard controller", "fail", exc.message, exc.hint)]
         out = [("orchard controller", "ok", "{} reachable (settings from {})".format(c.url, self.settings.source), "")]
+        if refused is not None:
+            return out + [("orchard credentials", "fail", refused.message, refused.hint)]
         try:
             _, info = c.request("GET", "controller/info")
             _, workers = c.request("GET", "workers")
@@ -582,7 +626,12 @@ class OrchardBackend(Backend):
                         labels=owner_labels(vm), created=parse_time(str(vm.get("createdAt", ""))))
 
     def machine(self, name: str, owner: Owner, cfg=None, public_key: Optional[str] = None) -> "OrchardMachine":
-        return OrchardMachine(self, name, owner, public_key=public_key)
+        state_dir = ""
+        if cfg is not None:
+            from .factory import state_dir as find_state_dir
+
+            state_dir = str(find_state_dir(cfg, os.environ).resolve())
+        return OrchardMachine(self, name, owner, public_key=public_key, state_dir=state_dir)
 
     def remove(self, name: str, timeout: float) -> None:
         delete_vm(self.client, name)
@@ -615,8 +664,10 @@ def image_hint(image: str, status_message: str) -> str:
 class OrchardMachine(Machine):
     """One VM on the controller, from POST to DELETE."""
 
-    def __init__(self, backend: OrchardBackend, name: str, owner: Owner, public_key: Optional[str] = None) -> None:
+    def __init__(self, backend: OrchardBackend, name: str, owner: Owner, public_key: Optional[str] = None,
+                 state_dir: str = "") -> None:
         self.backend = backend
+        self.state_dir = state_dir
         self.client = backend.client
         self.name = name
         self.owner = owner
@@ -645,6 +696,8 @@ class OrchardMachine(Machine):
                                "pass public_key= to OrchardBackend.machine(): Orchard installs it at boot")
         env = {var: env_value(getattr(self.owner, key)) for key, var in OWNER_ENV.items()}
         env[KEY_ENV] = env_value(self.public_key)
+        if self.state_dir and env_value(self.state_dir) == self.state_dir:
+            env[STATE_DIR_ENV] = self.state_dir
         body = {"name": self.name, "image": image or self.backend.image, "headless": True,
                 "username": self.backend.user, "restart_policy": "Never",
                 "startup_script": {"script_content": KEY_SCRIPT, "env": env}}
