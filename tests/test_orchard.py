@@ -448,3 +448,102 @@ def test_ssh_through_a_wss_tunnel(tmp_path):
         machine.destroy(10)
     finally:
         f.down()
+
+
+# --- the sweep covers Orchard VMs by their owner records (units, fake controller) ------------------
+
+
+class _FakeOrchard:
+    """A controller listing for vmtasks.orphans.sweep: ListedVm rows; remove() records."""
+
+    name = "orchard"
+
+    def __init__(self, vms):
+        self.vms = list(vms)
+        self.removed = []
+
+    def list_vms(self):
+        return [vm for vm in self.vms if vm.name not in self.removed]
+
+    def remove(self, name, timeout):
+        self.removed.append(name)
+
+
+class _Reporter:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, text):
+        self.lines.append(text)
+
+    error = info
+
+
+def _sweep_parts(tmp_path, backend):
+    from types import SimpleNamespace
+
+    from vmtasks.ledger import Ledger
+
+    cfg = SimpleNamespace(vm=SimpleNamespace(name_prefix="vmt"), sweep=SimpleNamespace(unleased_after=24.0),
+                          timeouts=SimpleNamespace(teardown=30))
+    ledger = Ledger(tmp_path / "state")
+    ledger.ensure()
+    return SimpleNamespace(cfg=cfg, backend=backend, ledger=ledger, cleanup_command="invoke cleanup-orphans")
+
+
+def _owner_labels(pid, pid_start, host=None, **extra):
+    import socket
+
+    from vmtasks.orchard import env_value
+
+    labels = {"run_id": "r-%s" % pid, "host": env_value(host or socket.gethostname()), "user": "u",
+              "pid": str(pid), "pid_start": env_value(pid_start)}
+    labels.update(extra)
+    return labels
+
+
+def test_the_sweep_judges_unleased_orchard_vms_by_their_owner_records(tmp_path):
+    from vmtasks import orphans
+    from vmtasks.backend import ListedVm
+    from vmtasks.ledger import Ledger, process_start_time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    me, my_start = os.getpid(), process_start_time(os.getpid())
+    kept_state = tmp_path / "other-state"
+    other = Ledger(kept_state)
+    other.ensure()
+    other.write(other.new_lease("vmt-kept-1", "r-kept", keep=True, base="tahoe-base"))
+    vms = [
+        ListedVm("vmt-dead-1", True, "running", _owner_labels(dead_pid, "linux:1")),
+        ListedVm("vmt-reused-1", True, "running", _owner_labels(me, "linux:1")),  # PID reused since
+        ListedVm("vmt-live-1", True, "running", _owner_labels(me, my_start)),
+        ListedVm("vmt-remote-1", True, "running", _owner_labels(dead_pid, "linux:1", host="another-mac")),
+        ListedVm("vmt-foreign-1", True, "running", {}),
+        ListedVm("vmt-kept-1", True, "running", _owner_labels(dead_pid, "linux:1", state_dir=str(kept_state))),
+        ListedVm("other-dead-1", True, "running", _owner_labels(dead_pid, "linux:1")),  # not our prefix
+    ]
+    backend = _FakeOrchard(vms)
+    reporter = _Reporter()
+    assert orphans.sweep(reporter, _sweep_parts(tmp_path, backend)) == 0
+    assert sorted(backend.removed) == ["vmt-dead-1", "vmt-reused-1"], reporter.lines
+    text = "\n".join(reporter.lines)
+    assert "owner process {} of run r-{} on this host is gone".format(dead_pid, dead_pid) in text
+    for name in ("vmt-live-1", "vmt-remote-1"):
+        assert "live (not touched): " + name in text
+    assert "kept (not touched): vmt-kept-1" in text
+    assert "no lease (not touched): vmt-foreign-1" in text
+    # --include-kept takes the kept one too; the live and foreign ones still stay.
+    assert orphans.sweep(reporter, _sweep_parts(tmp_path, backend), include_kept=True) == 0
+    assert sorted(backend.removed) == ["vmt-dead-1", "vmt-kept-1", "vmt-reused-1"]
+
+
+def test_dry_run_of_the_orchard_owner_rules_removes_nothing(tmp_path):
+    from vmtasks import orphans
+    from vmtasks.backend import ListedVm
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    backend = _FakeOrchard([ListedVm("vmt-dead-1", True, "running", _owner_labels(int(dead.stdout), "linux:1"))])
+    reporter = _Reporter()
+    assert orphans.sweep(reporter, _sweep_parts(tmp_path, backend), dry_run=True) == 0
+    assert backend.removed == [] and any("would remove vm vmt-dead-1" in line for line in reporter.lines)
