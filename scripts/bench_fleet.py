@@ -208,6 +208,12 @@ def analyse(record: Path, vms: int, wall: float, spawned: float, code: int) -> d
     medians = {name: statistics.median(s[name][1] - s[name][0] for s in per_vm.values() if name in s)
                for name in names}
     medians.update({"host:" + name: end - start for name, (start, end) in host.items()})
+    if host:
+        # Spawn to the first run-level stage (Python, Invoke, the config, the backend), and
+        # the last run-level stage to the first clone (the VM threads starting).
+        medians["host:startup"] = min(start for start, _ in host.values()) - spawned
+        medians["host:to-clone"] = min(s["clone"][0] for s in per_vm.values() if "clone" in s) - \
+            max(end for _, end in host.values())
     work = max(longest, total / vms)
     f = statistics.median(fixed) if fixed else 0.0
     return {"vms": vms, "exit": code, "wall": wall, "tests": len(durations), "total": total, "longest": longest,
@@ -226,7 +232,7 @@ def markdown(results, tunnel, args) -> str:
         lines.append("| {vms} | {wall:.2f} s | {work_bound:.2f} s (longest {longest:.2f}, total {total:.2f}) | "
                      "{fixed:.2f} s | {bound:.2f} s | {ratio:.2f}x | {pre:.2f} s | {post:.2f} s | {tests} | {exit} |"
                      .format(**r))
-    order = ["host:preflight", "host:sweep", "host:compile", "clone", "boot", "ip+ssh", "key", "setup", "sync",
+    order = ["host:startup", "host:preflight", "host:sweep", "host:compile", "host:to-clone", "clone", "boot", "ip+ssh", "key", "setup", "sync",
              "tests", "teardown"]
     lines += ["", "Stage seconds (median over the run's VMs; host: the run's own stages):", "",
               "| VMs | " + " | ".join(order) + " |", "|--:|" + "--:|" * len(order)]
