@@ -73,6 +73,7 @@ CREDENTIALS_HINT = ("set {} and {} to a service account of this controller (or u
 # Orchard 0.55's source answers 408 when the VM does not run within `wait`, and real
 # controllers have been seen answering 500.
 NOT_READY = (408, 500, 502, 503, 504)
+WAIT_REMINDER = 15.0  # seconds between "still pending" lines for the same queue position
 
 
 # --- settings -------------------------------------------------------------------------
@@ -765,7 +766,8 @@ class OrchardMachine(Machine):
             position = names.index(self.name) + 1 if self.name in names else 1
             text = "pending on Orchard: position {} of {} in the queue (fleet full)".format(position, len(names) or 1)
         previous, when = self._last_wait
-        if text != previous or time.monotonic() - when >= 5:
+        # A new line when the position changes, else a reminder every WAIT_REMINDER seconds.
+        if text != previous or time.monotonic() - when >= WAIT_REMINDER:
             self._last_wait = (text, time.monotonic())
             on_wait("{}, waiting {:.0f}s".format(text, waited))
 

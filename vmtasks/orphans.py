@@ -33,7 +33,7 @@ def sweep(reporter, parts, dry_run: bool = False, include_kept: bool = False,
                       unleased_after=parts.cfg.sweep.unleased_after * 3600,
                       cleanup_command=parts.cleanup_command, on_wait=reporter.info, **extra)
     if getattr(parts.backend, "name", "") == "orchard":
-        _judge_orchard_owners(plan, parts, listing, include_kept)
+        judge_orchard_owners(plan, parts, listing, include_kept)
     lines = plan.lines(dry_run)
     if not quiet or plan.actions or plan.unreadable:
         for line in lines:
@@ -49,7 +49,7 @@ def sweep(reporter, parts, dry_run: bool = False, include_kept: bool = False,
 
 
 # --- Orchard (issue 14): VMs without a lease here are judged by their owner records ---------
-def _judge_orchard_owners(plan, parts, listing, include_kept: bool) -> None:
+def judge_orchard_owners(plan, parts, listing, include_kept: bool) -> None:
     """An Orchard VM records its owner (run, host, PID and start time, state dir) on the
     controller. One with no lease in this ledger (a run from another state dir or checkout,
     or a state dir that was lost) is removed when that owner is this host's and gone, and

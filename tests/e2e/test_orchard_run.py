@@ -269,6 +269,8 @@ def test_kill_9_then_cleanup_orphans_leaves_nothing_and_spares_a_live_run(client
 
         # From a third state dir, neither VM has a lease: the owner records decide.
         stranger = Client(tmp_path / "stranger", fleet)
+        code, text = stranger.invoke("vm-doctor", config=stranger.config())
+        assert code == 0 and "warn  leftovers   vm {}".format(dead_vm) in text, text
         code, text = stranger.invoke("cleanup-orphans", config=stranger.config())
         assert code == 0, text
         assert "removing vm {}".format(dead_vm) in text and "owner process {}".format(dead_proc.pid) in text, text
@@ -331,7 +333,7 @@ def test_vm_doctor_checks_the_controller(client, fleet):
     code, text = client.invoke("vm-doctor", config=client.config())
     assert code == 0, text
     for line in ("ok    orchard controller " + fleet.url, "ok    orchard credentials", "ok    orchard workers 2 of 2",
-                 "ok    orchard slots 2 of 2 VM slots free"):
+                 "ok    orchard slots 2 of 2 VM slots free", "ok    leftovers   none"):
         assert line in text, text
     code, text = client.invoke("vm-doctor", config=client.config(), env={"ORCHARD_SERVICE_ACCOUNT_TOKEN": "wrong"})
     assert code == 1, text
