@@ -547,3 +547,39 @@ def test_dry_run_of_the_orchard_owner_rules_removes_nothing(tmp_path):
     reporter = _Reporter()
     assert orphans.sweep(reporter, _sweep_parts(tmp_path, backend), dry_run=True) == 0
     assert backend.removed == [] and any("would remove vm vmt-dead-1" in line for line in reporter.lines)
+
+
+class _PendingClient:
+    """A controller whose VMs stay pending (fleet full), for start()'s give-up path."""
+
+    url = "http://controller.test:6120"
+
+    def __init__(self):
+        self.calls = []
+
+    def request(self, method, path, body=None, query=None, timeout=None):
+        self.calls.append((method, path))
+        if path == "vms":
+            return 200, [{"name": "vmt-wait-1", "status": "pending", "worker": "", "createdAt": ""}]
+        return 200, {"name": "vmt-wait-1", "status": "pending", "worker": ""}
+
+
+def test_start_gives_up_waiting_once_the_vm_is_no_longer_wanted(tmp_path):
+    from vmtasks.backend import Cancelled
+
+    client = _PendingClient()
+    backend = OrchardBackend(OrchardSettings(client.url, "a", "b"), "tahoe-base", client=client, poll=0.01)
+    machine = backend.machine("vmt-wait-1", OWNER, None, public_key="ssh-ed25519 AAAA test")
+    waits, asked = [], []
+
+    def still_wanted():
+        asked.append(1)
+        return len(asked) < 5  # the queue runs dry while the VM is pending
+
+    with pytest.raises(Cancelled, match="no longer needed"):
+        machine.start(tmp_path / "console.log", time.monotonic() + 30, threading.Event(), waits.append, still_wanted)
+    assert len(asked) == 5 and waits and "position 1 of 1" in waits[0]
+    assert "given up before it ran" in (tmp_path / "console.log").read_text()
+    # Without the callable it waits until the deadline, saying the fleet is full.
+    with pytest.raises(BackendError, match="still pending .* fleet full"):
+        machine.start(tmp_path / "console.log", time.monotonic() + 0.2, threading.Event(), waits.append)

@@ -721,11 +721,17 @@ class OrchardMachine(Machine):
         self._created_at = time.monotonic()
 
     def start(self, console_log: Path, deadline: float, cancel: threading.Event,
-              on_wait: Callable[[str], None]) -> None:
+              on_wait: Callable[[str], None], still_wanted: Optional[Callable[[], bool]] = None) -> None:
         """Wait for ``status: running``; while ``pending``, report the queue through on_wait.
-        Status changes (and a failed VM's events) go to ``console_log``."""
+        Status changes (and a failed VM's events) go to ``console_log``. ``still_wanted``
+        (optional): asked on every poll while the VM is not running yet; False (the run's
+        test queue ran dry meanwhile) gives up with ``Cancelled`` instead of booting a VM
+        nobody needs (teardown then deletes it)."""
         seen = None
         while True:
+            if still_wanted is not None and not still_wanted():
+                self._log(console_log, "no longer needed: given up before it ran")
+                raise Cancelled("VM {} is no longer needed (no tests left)".format(self.name))
             vm = self._get()
             status = vm.get("status")
             if (status, vm.get("worker")) != seen:
