@@ -583,3 +583,60 @@ def test_start_gives_up_waiting_once_the_vm_is_no_longer_wanted(tmp_path):
     # Without the callable it waits until the deadline, saying the fleet is full.
     with pytest.raises(BackendError, match="still pending .* fleet full"):
         machine.start(tmp_path / "console.log", time.monotonic() + 0.2, threading.Event(), waits.append)
+
+
+class _ProbeClient:
+    """A one-worker controller whose VMs run as soon as they are created (or fail, for a
+    missing image), for preflight's image probe and its cache."""
+
+    url = "http://controller.test:6120"
+
+    def __init__(self, images=("tahoe-base",)):
+        import datetime
+
+        self.images = set(images)
+        self.vms = {}
+        self.posted = []
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.workers = [{"name": "w1", "last_seen": now, "resources": {"org.cirruslabs.tart-vms": 2}}]
+
+    def request(self, method, path, body=None, query=None, timeout=None):
+        if path in ("/", "controller/info"):
+            return 200, {"version": "test"}
+        if path == "workers":
+            return 200, self.workers
+        if path == "vms" and method == "GET":
+            return 200, list(self.vms.values())
+        if path == "vms" and method == "POST":
+            self.posted.append(body["name"])
+            ok = body["image"] in self.images
+            self.vms[body["name"]] = dict(body, worker="w1", status="running" if ok else "failed",
+                                          status_message="" if ok else "failed to clone the VM: no such image")
+            return 200, self.vms[body["name"]]
+        name = path.split("/", 1)[1]
+        if method == "DELETE":
+            self.vms.pop(name, None)
+            return 200, None
+        return 200, self.vms[name]
+
+
+def test_a_probed_image_is_remembered_and_a_missing_one_is_probed_every_time(tmp_path):
+    client = _ProbeClient()
+    cache = tmp_path / "state" / "orchard-images.json"
+
+    def backend():
+        return OrchardBackend(OrchardSettings(client.url, "a", "b"), "tahoe-base", client=client, poll=0.01,
+                              probe_cache=cache)
+
+    backend().preflight("tahoe-base")
+    assert len(client.posted) == 1 and client.vms == {}  # probed, and the probe is gone
+    assert "tahoe-base" in cache.read_text()
+    backend().preflight("tahoe-base")
+    assert len(client.posted) == 1, "a recent probe of the same image on the same controller is reused"
+    for _ in range(2):
+        with pytest.raises(PreflightError, match="no-such-image"):
+            backend().preflight("no-such-image")
+    assert len(client.posted) == 3, "a failure is never remembered"
+    cache.write_text("{not json")
+    backend().preflight("tahoe-base")
+    assert len(client.posted) == 4, "a damaged cache means probing again"

@@ -12,6 +12,9 @@ Where things live on the VM resource, and why:
   ``startup_script``'s ``env``. Orchard's ``labels`` are *scheduling constraints* (a VM only
   goes to a worker that has every label), so owner data there would leave the VM pending
   forever; the script env is stored on the resource, returned by ``GET /v1/vms`` and harmless.
+  The owner's state dir goes there too: a sweep from another state dir on the owner's host
+  (``judge_unleased``, used by vmtasks/orphans.py) reads that VM's lease there to tell a kept
+  VM from an orphan.
 - The key goes in at creation (the startup script appends it to ``authorized_keys``), because
   Orchard runs the script itself as soon as the VM boots: no second round trip. Orchard's
   worker runs it over SSH as the VM's ``username`` with its ``password`` (default admin/admin,
@@ -73,6 +76,12 @@ CREDENTIALS_HINT = ("set {} and {} to a service account of this controller (or u
 # Orchard 0.55's source answers 408 when the VM does not run within `wait`, and real
 # controllers have been seen answering 500.
 NOT_READY = (408, 500, 502, 503, 504)
+# Images a probe VM has started on a controller, and when (in the state dir): a run skips the
+# probe for an image seen within PROBE_TTL. Only successes are kept, so a missing image is
+# always caught before any VM; one removed from the workers since fails at its VMs' start,
+# with the same hint.
+PROBE_CACHE = "orchard-images.json"
+PROBE_TTL = 6 * 3600.0
 WAIT_REMINDER = 15.0  # seconds between "still pending" lines for the same queue position
 
 
@@ -105,11 +114,14 @@ def context_file_path(env=None) -> Path:
 
 def backend_from_config(cfg) -> "OrchardBackend":
     """The Orchard backend for a loaded config (``backend: orchard``; ``orchard.*`` keys)."""
+    from .factory import state_dir
+
     settings = load_settings(url=cfg.orchard.url or None, ca_cert=cfg.orchard.ca_cert or None,
                              context=cfg.orchard.context or None)
     return OrchardBackend(settings, image=cfg.orchard.image or cfg.vm.base, cpu=cfg.orchard.cpu,
                           memory=cfg.orchard.memory, prefix=cfg.vm.name_prefix, user=cfg.vm.user,
-                          poll=min(cfg.timeouts.poll, 0.5))
+                          poll=min(cfg.timeouts.poll, 0.5),
+                          probe_cache=state_dir(cfg, os.environ) / PROBE_CACHE)
 
 
 def load_settings(url: Optional[str] = None, ca_cert: Optional[str] = None, context: Optional[str] = None,
@@ -464,7 +476,8 @@ class OrchardBackend(Backend):
     ``labels`` are Orchard scheduling labels (only workers offering all of them take the VMs);
     ``user`` is the guest's SSH user (Orchard's ``username``). ``poll`` paces every wait;
     ``worker_offline_after`` is when a silent worker stops counting; ``probe_image`` makes
-    ``preflight`` check the image with a probe VM, waiting at most ``probe_timeout``.
+    ``preflight`` check the image with a probe VM, waiting at most ``probe_timeout``;
+    ``probe_cache``: a JSON file remembering images already seen to start (see PROBE_CACHE).
     """
 
     name = "orchard"
@@ -472,7 +485,8 @@ class OrchardBackend(Backend):
     def __init__(self, settings: OrchardSettings, image: str, cpu: Optional[int] = None,
                  memory: Optional[int] = None, prefix: str = "vmtasks", labels: Optional[Dict[str, str]] = None,
                  *, user: str = "admin", client: Optional[OrchardClient] = None, poll: float = 0.5, worker_offline_after: float = 180.0,
-                 probe_image: bool = True, probe_timeout: float = 60.0) -> None:
+                 probe_image: bool = True, probe_timeout: float = 60.0,
+                 probe_cache: Optional[Path] = None) -> None:
         self.settings = settings
         self.client = client or OrchardClient(settings)
         self.image = image
@@ -485,6 +499,7 @@ class OrchardBackend(Backend):
         self.worker_offline_after = worker_offline_after
         self.probe_image = probe_image
         self.probe_timeout = probe_timeout
+        self.probe_cache = probe_cache
         self._capacity: Optional[int] = None
 
     def describe(self) -> str:
@@ -525,12 +540,40 @@ class OrchardBackend(Backend):
                 raise PreflightError("no online worker of {} has the labels {}".format(c.url, self.labels),
                                      "fix orchard labels in the config or the workers' --labels")
             online = matching
-        self._capacity, _ = fleet_slots(online, vms)
+        self._capacity, busy = fleet_slots(online, vms)
         if not image:
             raise PreflightError("no Orchard image configured", "set orchard.image in the config")
-        if self.probe_image:
-            self._probe(image)
+        if self.probe_image and not self._probed_recently(image):
+            if self._probe(image, fleet_full=busy >= self._capacity):
+                self._remember_probe(image)
         return [self._listed(vm) for vm in vms]
+
+    def _probe_key(self, image: str) -> str:
+        return "{} {}".format(self.client.url, image)
+
+    def _read_probe_cache(self) -> Dict[str, float]:
+        try:
+            data = json.loads(self.probe_cache.read_text()) if self.probe_cache else {}
+        except (OSError, ValueError):
+            return {}  # missing or damaged: probe again
+        return {k: v for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+    def _probed_recently(self, image: str) -> bool:
+        seen = self._read_probe_cache().get(self._probe_key(image))
+        return seen is not None and 0 <= time.time() - seen < PROBE_TTL
+
+    def _remember_probe(self, image: str) -> None:
+        if self.probe_cache is None:
+            return
+        from .atomic import write_atomic
+
+        data = {k: v for k, v in self._read_probe_cache().items() if time.time() - v < PROBE_TTL}
+        data[self._probe_key(image)] = time.time()
+        try:
+            self.probe_cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.probe_cache, json.dumps(data, indent=1, sort_keys=True), mode=0o600)
+        except OSError:
+            pass  # only a cache: the next run probes again
 
     def doctor(self) -> List[Tuple[str, str, str, str]]:
         """vm-doctor's checks for this backend."""
@@ -570,7 +613,11 @@ class OrchardBackend(Backend):
                     "" if free else "the fleet is full: new VMs wait as pending until slots free up"))
         return out
 
-    def _probe(self, image: str) -> None:
+    def _probe(self, image: str, fleet_full: bool = False) -> bool:
+        """Create and delete one probe VM; True once it ran (the image exists on its worker),
+        False when it could not be judged (``fleet_full`` and the probe is not scheduled, or
+        not running within probe_timeout); PreflightError when it failed. With free slots an
+        unscheduled probe is waited for: Orchard's scheduler runs every few seconds."""
         import getpass
 
         from .ledger import process_start_time
@@ -594,16 +641,17 @@ class OrchardBackend(Backend):
             while time.monotonic() < deadline:
                 _, vm = self.client.request("GET", "vms/" + urllib.parse.quote(name, safe=""))
                 if vm.get("status") == "running":
-                    return
+                    return True
                 if vm.get("status") == "failed":
                     message = vm.get("status_message", "")
                     raise PreflightError(
                         "image {!r} cannot be started on Orchard worker {} ({}): {}".format(
                             image, vm.get("worker") or "?", self.client.url, message),
                         image_hint(image, message))
-                if vm.get("status") == "pending" and not vm.get("worker"):
-                    return  # fleet full: the image cannot be checked now; the run will queue
+                if fleet_full and vm.get("status") == "pending" and not vm.get("worker"):
+                    return False  # the image cannot be checked now; the run will queue
                 time.sleep(min(self.poll, 0.2))
+            return False
         finally:
             try:
                 self.client.request("DELETE", "vms/" + urllib.parse.quote(name, safe=""))
