@@ -17,8 +17,9 @@ removed at the end (also on failure and Ctrl-C).
   from the second run on). Timed from spawn to exit.
 * The bound for N VMs: W = max(longest test, total / N), from this run's own test durations
   (JUnit), plus F, one VM's fixed cost from the run record's stages.json: clone start to the
-  start of its tests stage, plus the end of its tests stage to the end of its teardown (the
-  median over the run's VMs). ``ratio`` = wall / (W + F), the issue's goal: <= 1.10 at N = 8.
+  start of its tests stage, plus the end of its tests stage to the end of its teardown: the
+  fastest VM's (every VM pays at least that, so W + F is a lower bound; the median is shown
+  too). ``ratio`` = wall / (W + F), the issue's goal: <= 1.10 at N = 8.
   ``pre`` (spawn to the first clone: Python, pre-flight with the image probe, sweep, compile)
   and ``post`` (the last teardown to exit) are shown to say where the rest goes.
 * Tunnel: in one VM made through the backend, ``--reps`` alternating pairs of (a) rsync of
@@ -215,9 +216,9 @@ def analyse(record: Path, vms: int, wall: float, spawned: float, code: int) -> d
         medians["host:to-clone"] = min(s["clone"][0] for s in per_vm.values() if "clone" in s) - \
             max(end for _, end in host.values())
     work = max(longest, total / vms)
-    f = statistics.median(fixed) if fixed else 0.0
+    f = min(fixed) if fixed else 0.0
     return {"vms": vms, "exit": code, "wall": wall, "tests": len(durations), "total": total, "longest": longest,
-            "work_bound": work, "fixed": f, "fixed_min": min(fixed) if fixed else 0.0,
+            "work_bound": work, "fixed": f, "fixed_median": statistics.median(fixed) if fixed else 0.0,
             "bound": work + f, "ratio": wall / (work + f) if work + f else 0.0,
             "pre": first_clone - spawned, "post": (spawned + wall) - last_teardown,
             "vms_with_tests": len(fixed), "stages": medians, "record": str(record)}
@@ -226,12 +227,13 @@ def analyse(record: Path, vms: int, wall: float, spawned: float, code: int) -> d
 def markdown(results, tunnel, args) -> str:
     lines = ["Fleet: {} workers x {} slots (controller stand-in), UNEVEN_SCALE={}, medians of {} run(s)".format(
         args.workers, args.slots, args.scale, args.runs), "",
-             "| VMs | wall | W = max(longest, total/N) | F (one VM) | bound W+F | ratio | pre | post | tests | exit |",
+             "| VMs | wall | W = max(longest, total/N) | F (fastest VM; median) | bound W+F | ratio | pre | post "
+             "| tests | exit |",
              "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in results:
         lines.append("| {vms} | {wall:.2f} s | {work_bound:.2f} s (longest {longest:.2f}, total {total:.2f}) | "
-                     "{fixed:.2f} s | {bound:.2f} s | {ratio:.2f}x | {pre:.2f} s | {post:.2f} s | {tests} | {exit} |"
-                     .format(**r))
+                     "{fixed:.2f} s; {fixed_median:.2f} s | {bound:.2f} s | {ratio:.2f}x | {pre:.2f} s | {post:.2f} s "
+                     "| {tests} | {exit} |".format(**r))
     order = ["host:startup", "host:preflight", "host:sweep", "host:compile", "host:to-clone", "clone", "boot", "ip+ssh", "key", "setup", "sync",
              "tests", "teardown"]
     lines += ["", "Stage seconds (median over the run's VMs; host: the run's own stages):", "",
