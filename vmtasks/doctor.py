@@ -111,7 +111,7 @@ def backend_checks(parts) -> List[Check]:
         out = [Check(name, status, detail, hint) for name, status, detail, hint in parts.backend.doctor()]
     except VmtasksError as exc:
         return [Check(parts.backend.name, "fail", exc.message, exc.hint)]
-    if any(check.status == "fail" for check in out):
+    if any(check.status == "fail" for check in out) or parts.backend.name != "orchard":
         return out
     # Orchard (issue 14): the controller's VMs judged as cleanup-orphans would, by lease or
     # by the owner record on the VM (vmtasks/orphans.py), without waiting for children.
