@@ -448,3 +448,195 @@ def test_ssh_through_a_wss_tunnel(tmp_path):
         machine.destroy(10)
     finally:
         f.down()
+
+
+# --- the sweep covers Orchard VMs by their owner records (units, fake controller) ------------------
+
+
+class _FakeOrchard:
+    """A controller listing for vmtasks.orphans.sweep: ListedVm rows; remove() records."""
+
+    name = "orchard"
+
+    def __init__(self, vms):
+        self.vms = list(vms)
+        self.removed = []
+
+    def list_vms(self):
+        return [vm for vm in self.vms if vm.name not in self.removed]
+
+    def remove(self, name, timeout):
+        self.removed.append(name)
+
+
+class _Reporter:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, text):
+        self.lines.append(text)
+
+    error = info
+
+
+def _sweep_parts(tmp_path, backend):
+    from types import SimpleNamespace
+
+    from vmtasks.ledger import Ledger
+
+    cfg = SimpleNamespace(vm=SimpleNamespace(name_prefix="vmt"), sweep=SimpleNamespace(unleased_after=24.0),
+                          timeouts=SimpleNamespace(teardown=30))
+    ledger = Ledger(tmp_path / "state")
+    ledger.ensure()
+    return SimpleNamespace(cfg=cfg, backend=backend, ledger=ledger, cleanup_command="invoke cleanup-orphans")
+
+
+def _owner_labels(pid, pid_start, host=None, **extra):
+    import socket
+
+    from vmtasks.orchard import env_value
+
+    labels = {"run_id": "r-%s" % pid, "host": env_value(host or socket.gethostname()), "user": "u",
+              "pid": str(pid), "pid_start": env_value(pid_start)}
+    labels.update(extra)
+    return labels
+
+
+def test_the_sweep_judges_unleased_orchard_vms_by_their_owner_records(tmp_path):
+    from vmtasks import orphans
+    from vmtasks.backend import ListedVm
+    from vmtasks.ledger import Ledger, process_start_time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    me, my_start = os.getpid(), process_start_time(os.getpid())
+    kept_state = tmp_path / "other-state"
+    other = Ledger(kept_state)
+    other.ensure()
+    other.write(other.new_lease("vmt-kept-1", "r-kept", keep=True, base="tahoe-base"))
+    vms = [
+        ListedVm("vmt-dead-1", True, "running", _owner_labels(dead_pid, "linux:1")),
+        ListedVm("vmt-reused-1", True, "running", _owner_labels(me, "linux:1")),  # PID reused since
+        ListedVm("vmt-live-1", True, "running", _owner_labels(me, my_start)),
+        ListedVm("vmt-remote-1", True, "running", _owner_labels(dead_pid, "linux:1", host="another-mac")),
+        ListedVm("vmt-foreign-1", True, "running", {}),
+        ListedVm("vmt-kept-1", True, "running", _owner_labels(dead_pid, "linux:1", state_dir=str(kept_state))),
+        ListedVm("other-dead-1", True, "running", _owner_labels(dead_pid, "linux:1")),  # not our prefix
+    ]
+    backend = _FakeOrchard(vms)
+    reporter = _Reporter()
+    assert orphans.sweep(reporter, _sweep_parts(tmp_path, backend)) == 0
+    assert sorted(backend.removed) == ["vmt-dead-1", "vmt-reused-1"], reporter.lines
+    text = "\n".join(reporter.lines)
+    assert "owner process {} of run r-{} on this host is gone".format(dead_pid, dead_pid) in text
+    for name in ("vmt-live-1", "vmt-remote-1"):
+        assert "live (not touched): " + name in text
+    assert "kept (not touched): vmt-kept-1" in text
+    assert "no lease (not touched): vmt-foreign-1" in text
+    # --include-kept takes the kept one too; the live and foreign ones still stay.
+    assert orphans.sweep(reporter, _sweep_parts(tmp_path, backend), include_kept=True) == 0
+    assert sorted(backend.removed) == ["vmt-dead-1", "vmt-kept-1", "vmt-reused-1"]
+
+
+def test_dry_run_of_the_orchard_owner_rules_removes_nothing(tmp_path):
+    from vmtasks import orphans
+    from vmtasks.backend import ListedVm
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    backend = _FakeOrchard([ListedVm("vmt-dead-1", True, "running", _owner_labels(int(dead.stdout), "linux:1"))])
+    reporter = _Reporter()
+    assert orphans.sweep(reporter, _sweep_parts(tmp_path, backend), dry_run=True) == 0
+    assert backend.removed == [] and any("would remove vm vmt-dead-1" in line for line in reporter.lines)
+
+
+class _PendingClient:
+    """A controller whose VMs stay pending (fleet full), for start()'s give-up path."""
+
+    url = "http://controller.test:6120"
+
+    def __init__(self):
+        self.calls = []
+
+    def request(self, method, path, body=None, query=None, timeout=None):
+        self.calls.append((method, path))
+        if path == "vms":
+            return 200, [{"name": "vmt-wait-1", "status": "pending", "worker": "", "createdAt": ""}]
+        return 200, {"name": "vmt-wait-1", "status": "pending", "worker": ""}
+
+
+def test_start_gives_up_waiting_once_the_vm_is_no_longer_wanted(tmp_path):
+    from vmtasks.backend import Cancelled
+
+    client = _PendingClient()
+    backend = OrchardBackend(OrchardSettings(client.url, "a", "b"), "tahoe-base", client=client, poll=0.01)
+    machine = backend.machine("vmt-wait-1", OWNER, None, public_key="ssh-ed25519 AAAA test")
+    waits, asked = [], []
+
+    def still_wanted():
+        asked.append(1)
+        return len(asked) < 5  # the queue runs dry while the VM is pending
+
+    with pytest.raises(Cancelled, match="no longer needed"):
+        machine.start(tmp_path / "console.log", time.monotonic() + 30, threading.Event(), waits.append, still_wanted)
+    assert len(asked) == 5 and waits and "position 1 of 1" in waits[0]
+    assert "given up before it ran" in (tmp_path / "console.log").read_text()
+    # Without the callable it waits until the deadline, saying the fleet is full.
+    with pytest.raises(BackendError, match="still pending .* fleet full"):
+        machine.start(tmp_path / "console.log", time.monotonic() + 0.2, threading.Event(), waits.append)
+
+
+class _ProbeClient:
+    """A one-worker controller whose VMs run as soon as they are created (or fail, for a
+    missing image), for preflight's image probe and its cache."""
+
+    url = "http://controller.test:6120"
+
+    def __init__(self, images=("tahoe-base",)):
+        import datetime
+
+        self.images = set(images)
+        self.vms = {}
+        self.posted = []
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.workers = [{"name": "w1", "last_seen": now, "resources": {"org.cirruslabs.tart-vms": 2}}]
+
+    def request(self, method, path, body=None, query=None, timeout=None):
+        if path in ("/", "controller/info"):
+            return 200, {"version": "test"}
+        if path == "workers":
+            return 200, self.workers
+        if path == "vms" and method == "GET":
+            return 200, list(self.vms.values())
+        if path == "vms" and method == "POST":
+            self.posted.append(body["name"])
+            ok = body["image"] in self.images
+            self.vms[body["name"]] = dict(body, worker="w1", status="running" if ok else "failed",
+                                          status_message="" if ok else "failed to clone the VM: no such image")
+            return 200, self.vms[body["name"]]
+        name = path.split("/", 1)[1]
+        if method == "DELETE":
+            self.vms.pop(name, None)
+            return 200, None
+        return 200, self.vms[name]
+
+
+def test_a_probed_image_is_remembered_and_a_missing_one_is_probed_every_time(tmp_path):
+    client = _ProbeClient()
+    cache = tmp_path / "state" / "orchard-images.json"
+
+    def backend():
+        return OrchardBackend(OrchardSettings(client.url, "a", "b"), "tahoe-base", client=client, poll=0.01,
+                              probe_cache=cache)
+
+    backend().preflight("tahoe-base")
+    assert len(client.posted) == 1 and client.vms == {}  # probed, and the probe is gone
+    assert "tahoe-base" in cache.read_text()
+    backend().preflight("tahoe-base")
+    assert len(client.posted) == 1, "a recent probe of the same image on the same controller is reused"
+    for _ in range(2):
+        with pytest.raises(PreflightError, match="no-such-image"):
+            backend().preflight("no-such-image")
+    assert len(client.posted) == 3, "a failure is never remembered"
+    cache.write_text("{not json")
+    backend().preflight("tahoe-base")
+    assert len(client.posted) == 4, "a damaged cache means probing again"

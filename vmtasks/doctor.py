@@ -109,11 +109,30 @@ def checks(load_config: Callable, tart: Optional[Tart] = None) -> List[Check]:
 
 
 def backend_checks(parts) -> List[Check]:
-    """A fleet backend checks itself (reachable, credentials, workers, free slots)."""
+    """A fleet backend checks itself (reachable, credentials, workers, free slots); then,
+    as for tart, what dead runs left (the sweep's plan, nothing removed)."""
     try:
-        return [Check(name, status, detail, hint) for name, status, detail, hint in parts.backend.doctor()]
+        out = [Check(name, status, detail, hint) for name, status, detail, hint in parts.backend.doctor()]
     except VmtasksError as exc:
         return [Check(parts.backend.name, "fail", exc.message, exc.hint)]
+    if any(check.status == "fail" for check in out) or parts.backend.name != "orchard":
+        return out
+    # Orchard (issue 14): the controller's VMs judged as cleanup-orphans would, by lease or
+    # by the owner record on the VM (vmtasks/orphans.py), without waiting for children.
+    from . import orphans
+
+    try:
+        listing = orphans.owned_listing(parts)
+        plan = sweep.plan(parts.backend, parts.ledger, parts.cfg.vm.name_prefix, listed=listing, child_wait=0)
+        orphans.judge_orchard_owners(plan, parts, listing, include_kept=False)
+    except VmtasksError as exc:
+        return out + [Check("leftovers", "warn", exc.message, exc.hint)]
+    if plan.actions:
+        out.append(Check("leftovers", "warn", ", ".join("{} {}".format(a.kind, a.name) for a in plan.actions),
+                         parts.cleanup_command))
+    else:
+        out.append(Check("leftovers", "ok", "none ({} live, {} kept)".format(len(plan.live), len(plan.kept))))
+    return out
 
 
 def run(reporter, load_config: Callable, tart: Optional[Tart] = None) -> int:

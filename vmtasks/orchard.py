@@ -12,6 +12,9 @@ Where things live on the VM resource, and why:
   ``startup_script``'s ``env``. Orchard's ``labels`` are *scheduling constraints* (a VM only
   goes to a worker that has every label), so owner data there would leave the VM pending
   forever; the script env is stored on the resource, returned by ``GET /v1/vms`` and harmless.
+  The owner's state dir goes there too: a sweep from another state dir on the owner's host
+  (``judge_unleased``, used by vmtasks/orphans.py) reads that VM's lease there to tell a kept
+  VM from an orphan.
 - The key goes in at creation (the startup script appends it to ``authorized_keys``), because
   Orchard runs the script itself as soon as the VM boots: no second round trip. Orchard's
   worker runs it over SSH as the VM's ``username`` with its ``password`` (default admin/admin,
@@ -54,6 +57,9 @@ KEY_INSTALLED = "vmtasks: key installed"
 OWNER_ENV = {"run_id": "VMTASKS_RUN_ID", "host": "VMTASKS_OWNER_HOST", "user": "VMTASKS_OWNER_USER",
              "pid": "VMTASKS_OWNER_PID", "pid_start": "VMTASKS_OWNER_PID_START"}
 KEY_ENV = "VMTASKS_PUBLIC_KEY"
+# The owner's state dir (leases): a sweep from another state dir on the same host reads the
+# lease there to tell a kept VM (keep=True in its lease) from an orphan.
+STATE_DIR_ENV = "VMTASKS_OWNER_STATE_DIR"
 # The startup script Orchard runs in the guest's login shell once it boots (after `set -e`
 # and the env exported): append the run's key, then say so in the VM's events.
 KEY_SCRIPT = (
@@ -70,6 +76,13 @@ CREDENTIALS_HINT = ("set {} and {} to a service account of this controller (or u
 # Orchard 0.55's source answers 408 when the VM does not run within `wait`, and real
 # controllers have been seen answering 500.
 NOT_READY = (408, 500, 502, 503, 504)
+# Images a probe VM has started on a controller, and when (in the state dir): a run skips the
+# probe for an image seen within PROBE_TTL. Only successes are kept, so a missing image is
+# always caught before any VM; one removed from the workers since fails at its VMs' start,
+# with the same hint.
+PROBE_CACHE = "orchard-images.json"
+PROBE_TTL = 6 * 3600.0
+WAIT_REMINDER = 15.0  # seconds between "still pending" lines for the same queue position
 
 
 # --- settings -------------------------------------------------------------------------
@@ -101,11 +114,14 @@ def context_file_path(env=None) -> Path:
 
 def backend_from_config(cfg) -> "OrchardBackend":
     """The Orchard backend for a loaded config (``backend: orchard``; ``orchard.*`` keys)."""
+    from .factory import state_dir
+
     settings = load_settings(url=cfg.orchard.url or None, ca_cert=cfg.orchard.ca_cert or None,
                              context=cfg.orchard.context or None)
     return OrchardBackend(settings, image=cfg.orchard.image or cfg.vm.base, cpu=cfg.orchard.cpu,
                           memory=cfg.orchard.memory, prefix=cfg.vm.name_prefix, user=cfg.vm.user,
-                          poll=min(cfg.timeouts.poll, 0.5))
+                          poll=min(cfg.timeouts.poll, 0.5),
+                          probe_cache=state_dir(cfg, os.environ) / PROBE_CACHE)
 
 
 def load_settings(url: Optional[str] = None, ca_cert: Optional[str] = None, context: Optional[str] = None,
@@ -367,7 +383,10 @@ def env_value(value) -> str:
 
 def owner_labels(vm: dict) -> Dict[str, str]:
     env = ((vm.get("startup_script") or {}).get("env") or {})
-    return {key: env[var] for key, var in OWNER_ENV.items() if var in env}
+    labels = {key: env[var] for key, var in OWNER_ENV.items() if var in env}
+    if env.get(STATE_DIR_ENV):
+        labels["state_dir"] = env[STATE_DIR_ENV]
+    return labels
 
 
 def owner_of(labels: Dict[str, str]) -> Optional[Owner]:
@@ -387,10 +406,41 @@ def owner_alive(labels: Dict[str, str], hostname: Optional[str] = None) -> Optio
         return None
     if owner.host != env_value(hostname or socket.gethostname()):
         return True
-    from .ledger import process_start_time
+    from .ledger import GONE, UNKNOWN, ZOMBIE, probe_process
 
-    start = process_start_time(owner.pid)
-    return start is not None and env_value(start) == owner.pid_start
+    state, token = probe_process(owner.pid)
+    if state in (GONE, ZOMBIE):
+        return False
+    if state == UNKNOWN or not owner.pid_start:
+        return True  # we cannot tell: never remove a VM whose owner might run
+    return env_value(token) == owner.pid_start
+
+
+def judge_unleased(name: str, labels: Dict[str, str], include_kept: bool = False) -> Tuple[str, str]:
+    """The sweep's verdict on an Orchard VM that has no lease in the sweeping ledger (another
+    state dir, another checkout, or a lost state dir), from the owner its resource records:
+    ``("foreign", why)`` no vmtasks owner (never touched); ``("live", why)`` the owner may
+    run; ``("kept", why)`` its dead owner's lease (in the state dir the VM records) says
+    keep; ``("orphan", why)`` the owner is gone: remove it."""
+    alive = owner_alive(labels)
+    owner = owner_of(labels)
+    if alive is None or owner is None:
+        return "foreign", "{} carries no vmtasks owner record".format(name)
+    if alive:
+        where = "on this host" if owner.host == env_value(socket.gethostname()) else "on host " + owner.host
+        return "live", "owner process {} of run {} {} may still run".format(owner.pid, owner.run_id, where)
+    why = "owner process {} of run {} on this host is gone (the VM's owner record)".format(owner.pid, owner.run_id)
+    state_dir = labels.get("state_dir")
+    if state_dir and Path(state_dir).is_dir():
+        from .ledger import Ledger
+
+        ledger = Ledger(Path(state_dir))
+        lease = ledger.read(name)
+        if lease is None and ledger.has_lease(name):
+            return "live", "its lease in {} cannot be read: left alone".format(state_dir)
+        if lease is not None and lease.keep and not include_kept:
+            return "kept", "kept on purpose (lease in {}); {}".format(state_dir, why)
+    return "orphan", why
 
 
 def online_workers(workers: List[dict], offline_after: float, now: Optional[float] = None) -> List[dict]:
@@ -426,7 +476,8 @@ class OrchardBackend(Backend):
     ``labels`` are Orchard scheduling labels (only workers offering all of them take the VMs);
     ``user`` is the guest's SSH user (Orchard's ``username``). ``poll`` paces every wait;
     ``worker_offline_after`` is when a silent worker stops counting; ``probe_image`` makes
-    ``preflight`` check the image with a probe VM, waiting at most ``probe_timeout``.
+    ``preflight`` check the image with a probe VM, waiting at most ``probe_timeout``;
+    ``probe_cache``: a JSON file remembering images already seen to start (see PROBE_CACHE).
     """
 
     name = "orchard"
@@ -434,7 +485,8 @@ class OrchardBackend(Backend):
     def __init__(self, settings: OrchardSettings, image: str, cpu: Optional[int] = None,
                  memory: Optional[int] = None, prefix: str = "vmtasks", labels: Optional[Dict[str, str]] = None,
                  *, user: str = "admin", client: Optional[OrchardClient] = None, poll: float = 0.5, worker_offline_after: float = 180.0,
-                 probe_image: bool = True, probe_timeout: float = 60.0) -> None:
+                 probe_image: bool = True, probe_timeout: float = 60.0,
+                 probe_cache: Optional[Path] = None) -> None:
         self.settings = settings
         self.client = client or OrchardClient(settings)
         self.image = image
@@ -447,6 +499,7 @@ class OrchardBackend(Backend):
         self.worker_offline_after = worker_offline_after
         self.probe_image = probe_image
         self.probe_timeout = probe_timeout
+        self.probe_cache = probe_cache
         self._capacity: Optional[int] = None
 
     def describe(self) -> str:
@@ -487,12 +540,40 @@ class OrchardBackend(Backend):
                 raise PreflightError("no online worker of {} has the labels {}".format(c.url, self.labels),
                                      "fix orchard labels in the config or the workers' --labels")
             online = matching
-        self._capacity, _ = fleet_slots(online, vms)
+        self._capacity, busy = fleet_slots(online, vms)
         if not image:
             raise PreflightError("no Orchard image configured", "set orchard.image in the config")
-        if self.probe_image:
-            self._probe(image)
+        if self.probe_image and not self._probed_recently(image):
+            if self._probe(image, fleet_full=busy >= self._capacity):
+                self._remember_probe(image)
         return [self._listed(vm) for vm in vms]
+
+    def _probe_key(self, image: str) -> str:
+        return "{} {}".format(self.client.url, image)
+
+    def _read_probe_cache(self) -> Dict[str, float]:
+        try:
+            data = json.loads(self.probe_cache.read_text()) if self.probe_cache else {}
+        except (OSError, ValueError):
+            return {}  # missing or damaged: probe again
+        return {k: v for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+    def _probed_recently(self, image: str) -> bool:
+        seen = self._read_probe_cache().get(self._probe_key(image))
+        return seen is not None and 0 <= time.time() - seen < PROBE_TTL
+
+    def _remember_probe(self, image: str) -> None:
+        if self.probe_cache is None:
+            return
+        from .atomic import write_atomic
+
+        data = {k: v for k, v in self._read_probe_cache().items() if time.time() - v < PROBE_TTL}
+        data[self._probe_key(image)] = time.time()
+        try:
+            self.probe_cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.probe_cache, json.dumps(data, indent=1, sort_keys=True), mode=0o600)
+        except OSError:
+            pass  # only a cache: the next run probes again
 
     def doctor(self) -> List[Tuple[str, str, str, str]]:
         """vm-doctor's checks for this backend."""
@@ -502,11 +583,18 @@ class OrchardBackend(Backend):
         """vm-doctor's checks of the controller, each ``(name, "ok"|"warn"|"fail", detail, hint)``:
         reachable, credentials valid, workers online, free slots. Creates nothing."""
         c = self.client
+        refused = None
         try:
             c.request("GET", "/")
+        except OrchardHTTPError as exc:
+            if exc.status != 401:
+                return [("orchard controller", "fail", exc.message, exc.hint)]
+            refused = exc  # it answered: reachable, but the credentials are wrong
         except BackendError as exc:
             return [("orchard controller", "fail", exc.message, exc.hint)]
         out = [("orchard controller", "ok", "{} reachable (settings from {})".format(c.url, self.settings.source), "")]
+        if refused is not None:
+            return out + [("orchard credentials", "fail", refused.message, refused.hint)]
         try:
             _, info = c.request("GET", "controller/info")
             _, workers = c.request("GET", "workers")
@@ -525,7 +613,11 @@ class OrchardBackend(Backend):
                     "" if free else "the fleet is full: new VMs wait as pending until slots free up"))
         return out
 
-    def _probe(self, image: str) -> None:
+    def _probe(self, image: str, fleet_full: bool = False) -> bool:
+        """Create and delete one probe VM; True once it ran (the image exists on its worker),
+        False when it could not be judged (``fleet_full`` and the probe is not scheduled, or
+        not running within probe_timeout); PreflightError when it failed. With free slots an
+        unscheduled probe is waited for: Orchard's scheduler runs every few seconds."""
         import getpass
 
         from .ledger import process_start_time
@@ -549,16 +641,17 @@ class OrchardBackend(Backend):
             while time.monotonic() < deadline:
                 _, vm = self.client.request("GET", "vms/" + urllib.parse.quote(name, safe=""))
                 if vm.get("status") == "running":
-                    return
+                    return True
                 if vm.get("status") == "failed":
                     message = vm.get("status_message", "")
                     raise PreflightError(
                         "image {!r} cannot be started on Orchard worker {} ({}): {}".format(
                             image, vm.get("worker") or "?", self.client.url, message),
                         image_hint(image, message))
-                if vm.get("status") == "pending" and not vm.get("worker"):
-                    return  # fleet full: the image cannot be checked now; the run will queue
+                if fleet_full and vm.get("status") == "pending" and not vm.get("worker"):
+                    return False  # the image cannot be checked now; the run will queue
                 time.sleep(min(self.poll, 0.2))
+            return False
         finally:
             try:
                 self.client.request("DELETE", "vms/" + urllib.parse.quote(name, safe=""))
@@ -582,7 +675,12 @@ class OrchardBackend(Backend):
                         labels=owner_labels(vm), created=parse_time(str(vm.get("createdAt", ""))))
 
     def machine(self, name: str, owner: Owner, cfg=None, public_key: Optional[str] = None) -> "OrchardMachine":
-        return OrchardMachine(self, name, owner, public_key=public_key)
+        state_dir = ""
+        if cfg is not None:
+            from .factory import state_dir as find_state_dir
+
+            state_dir = str(find_state_dir(cfg, os.environ).resolve())
+        return OrchardMachine(self, name, owner, public_key=public_key, state_dir=state_dir)
 
     def remove(self, name: str, timeout: float) -> None:
         delete_vm(self.client, name)
@@ -615,8 +713,10 @@ def image_hint(image: str, status_message: str) -> str:
 class OrchardMachine(Machine):
     """One VM on the controller, from POST to DELETE."""
 
-    def __init__(self, backend: OrchardBackend, name: str, owner: Owner, public_key: Optional[str] = None) -> None:
+    def __init__(self, backend: OrchardBackend, name: str, owner: Owner, public_key: Optional[str] = None,
+                 state_dir: str = "") -> None:
         self.backend = backend
+        self.state_dir = state_dir
         self.client = backend.client
         self.name = name
         self.owner = owner
@@ -645,6 +745,8 @@ class OrchardMachine(Machine):
                                "pass public_key= to OrchardBackend.machine(): Orchard installs it at boot")
         env = {var: env_value(getattr(self.owner, key)) for key, var in OWNER_ENV.items()}
         env[KEY_ENV] = env_value(self.public_key)
+        if self.state_dir and env_value(self.state_dir) == self.state_dir:
+            env[STATE_DIR_ENV] = self.state_dir
         body = {"name": self.name, "image": image or self.backend.image, "headless": True,
                 "username": self.backend.user, "restart_policy": "Never",
                 "startup_script": {"script_content": KEY_SCRIPT, "env": env}}
@@ -667,11 +769,17 @@ class OrchardMachine(Machine):
         self._created_at = time.monotonic()
 
     def start(self, console_log: Path, deadline: float, cancel: threading.Event,
-              on_wait: Callable[[str], None]) -> None:
+              on_wait: Callable[[str], None], still_wanted: Optional[Callable[[], bool]] = None) -> None:
         """Wait for ``status: running``; while ``pending``, report the queue through on_wait.
-        Status changes (and a failed VM's events) go to ``console_log``."""
+        Status changes (and a failed VM's events) go to ``console_log``. ``still_wanted``
+        (optional): asked on every poll while the VM is not running yet; False (the run's
+        test queue ran dry meanwhile) gives up with ``Cancelled`` instead of booting a VM
+        nobody needs (teardown then deletes it)."""
         seen = None
         while True:
+            if still_wanted is not None and not still_wanted():
+                self._log(console_log, "no longer needed: given up before it ran")
+                raise Cancelled("VM {} is no longer needed (no tests left)".format(self.name))
             vm = self._get()
             status = vm.get("status")
             if (status, vm.get("worker")) != seen:
@@ -712,7 +820,8 @@ class OrchardMachine(Machine):
             position = names.index(self.name) + 1 if self.name in names else 1
             text = "pending on Orchard: position {} of {} in the queue (fleet full)".format(position, len(names) or 1)
         previous, when = self._last_wait
-        if text != previous or time.monotonic() - when >= 5:
+        # A new line when the position changes, else a reminder every WAIT_REMINDER seconds.
+        if text != previous or time.monotonic() - when >= WAIT_REMINDER:
             self._last_wait = (text, time.monotonic())
             on_wait("{}, waiting {:.0f}s".format(text, waited))
 

@@ -98,6 +98,18 @@ class Fleet:
         subprocess.run([sys.executable, ORCHARD, "standin", "down", "--data", self.data], timeout=120,
                        capture_output=True, stdin=subprocess.DEVNULL)
 
+    def worker_offline(self, worker, offline=True):
+        """The worker stops reporting (its tunnels are cut, its guests die) or reports again."""
+        command = "worker-offline" if offline else "worker-online"
+        subprocess.run([sys.executable, ORCHARD, "standin", command, "--data", self.data, worker], check=True,
+                       timeout=30, capture_output=True, stdin=subprocess.DEVNULL)
+
+    def vms(self):
+        """The VM resources on the controller (names only)."""
+        status, vms = self.api("GET", "vms")
+        assert status == 200, (status, vms)
+        return sorted(vm["name"] for vm in vms or [])
+
     def log(self):
         try:
             with open(self.log_path) as fh:
