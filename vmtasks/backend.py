@@ -29,6 +29,12 @@ class Cancelled(VmtasksError):
     """The run is stopping (a signal, or another part of the run failed): stop waiting."""
 
 
+class NoLongerNeeded(VmtasksError):
+    """A VM still waiting for a slot when the other VMs have taken every test."""
+
+    exit_code = 0
+
+
 @dataclass(frozen=True)
 class Owner:
     """Who owns a VM: written into the lease (tart) or the VM's labels (orchard)."""
@@ -70,10 +76,12 @@ class Machine(abc.ABC):
 
     @abc.abstractmethod
     def start(self, console_log: Path, deadline: float, cancel: threading.Event,
-              on_wait: Callable[[str], None]) -> None:
+              on_wait: Callable[[str], None], still_wanted: Optional[Callable[[], bool]] = None) -> None:
         """Boot it and return once it runs (tart: ``tart run`` in its own session, waiting
         for a host VM slot up to the slot deadline; orchard: wait for ``status: running``,
-        reporting the ``pending`` queue through ``on_wait(text)``)."""
+        reporting the ``pending`` queue through ``on_wait(text)``). ``still_wanted()``
+        False while waiting for a slot: give up (raise ``NoLongerNeeded``), the other VMs
+        took all the work."""
 
     @abc.abstractmethod
     def wait_ssh(self, deadline: float, cancel: threading.Event) -> None:

@@ -108,7 +108,8 @@ class StageError(VmtasksError):
         self.reason = message
         if exit_code is not None:
             self.exit_code = exit_code
-        super().__init__("stage '{}' failed for VM {}: {}".format(stage, vm, message), hint)
+        where = "on the host" if vm == "host" else "for VM " + vm
+        super().__init__("stage '{}' failed {}: {}".format(stage, where, message), hint)
 
     def render(self) -> str:
         text = self.message

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from . import ssh
-from .backend import Backend, Cancelled, ListedVm, Machine, Owner, SshTarget
+from .backend import Backend, Cancelled, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
 from .errors import CommandTimeout, PreflightError, StageError, TartError, VmtasksError
 from .proc import tail_file, which
 from .tart import INSTALL_HINT, Tart
@@ -121,7 +121,7 @@ class TartMachine(Machine):
                       random_mac=self.cfg.vm.random_mac)
 
     def start(self, console_log: Path, deadline: float, cancel: threading.Event,
-              on_wait: Callable[[str], None]) -> None:
+              on_wait: Callable[[str], None], still_wanted: Optional[Callable[[], bool]] = None) -> None:
         """``tart run`` in its own session (a Ctrl-C to our group must not power the VM
         off under teardown). At the host's VM limit, retry until ``timeouts.slot_wait``."""
         self.console_log = console_log
@@ -148,6 +148,8 @@ class TartMachine(Machine):
                                      self.console_tail())
                 sleep_or_cancel(next(waits), cancel)
             console = "\n".join(self.console_tail(5))
+            if LIMIT_MESSAGE in console and still_wanted is not None and not still_wanted():
+                raise NoLongerNeeded("no slot yet, and no test left for {}".format(self.name))
             if LIMIT_MESSAGE in console and time.monotonic() < slot_deadline:
                 if not waited:
                     on_wait("the host is at its limit of running VMs: waiting for a slot "

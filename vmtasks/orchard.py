@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .backend import Backend, Cancelled, ListedVm, Machine, Owner, SshTarget
+from .backend import Backend, Cancelled, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
 from .errors import BackendError, ConfigError, PreflightError, SshError
 
 ENV_URL = "ORCHARD_URL"
@@ -779,7 +779,7 @@ class OrchardMachine(Machine):
         while True:
             if still_wanted is not None and not still_wanted():
                 self._log(console_log, "no longer needed: given up before it ran")
-                raise Cancelled("VM {} is no longer needed (no tests left)".format(self.name))
+                raise NoLongerNeeded("VM {} is no longer needed (no tests left)".format(self.name))
             vm = self._get()
             status = vm.get("status")
             if (status, vm.get("worker")) != seen:

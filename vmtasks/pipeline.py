@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
-from .backend import Cancelled
+from .backend import Cancelled, NoLongerNeeded
 from .errors import CommandTimeout, Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
 
 
@@ -62,6 +62,9 @@ class StageRunner:
             if stage.cancellable and self.cancel.is_set():
                 raise Cancelled("the run is stopping")
             return stage.run(ctx)
+        except NoLongerNeeded:
+            status, note = "skipped", "no tests left for this VM"
+            raise
         except (Interrupted, Cancelled):
             status = "interrupted"
             self.interrupted_at = stage.name

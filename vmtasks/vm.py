@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from . import results, ssh, sync
-from .backend import Cancelled, Machine
+from .backend import Cancelled, Machine, NoLongerNeeded
 from .errors import Interrupted, StageError, TeardownAbandoned, VmtasksError, describe_unexpected
 from .pipeline import Stage, StageRunner
 
@@ -30,13 +30,16 @@ def tool_bundle(cfg) -> bytes:
     """The vmtasks package (as installed), a two-line tasks.py and the resolved config, as a
     tar.gz for the guest's ``guest.tool_dir``."""
     buf = io.BytesIO()
+    # Each file is read whole before it goes in: a file edited meanwhile cannot make a
+    # member whose size and content disagree.
+    members = [("vmtasks/" + path.relative_to(PACKAGE_DIR).as_posix(), path.read_bytes())
+               for path in sorted(PACKAGE_DIR.rglob("*.py"))]
+    members += [("tasks.py", GUEST_TASKS.encode()), ("config.json", cfg.to_json().encode())]
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted(PACKAGE_DIR.rglob("*.py")):
-            tar.add(str(path), arcname="vmtasks/" + path.relative_to(PACKAGE_DIR).as_posix())
-        for name, text in (("tasks.py", GUEST_TASKS), ("config.json", cfg.to_json())):
-            data = text.encode()
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            info.mode = 0o644
             info.mtime = int(time.time())
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
@@ -167,9 +170,13 @@ class VmPipeline:
                 if self.building is None and self.run.queue is not None and self.run.queue.exhausted():
                     # The other VMs took every test while this one was starting: stop here.
                     ctx.stage_note = "no tests left for this VM"
+                    ctx.exit_code = 0
                     break
                 if stage.enabled(ctx):
                     self.runner.run(stage, ctx)
+        except NoLongerNeeded:
+            ctx.exit_code = 0  # the others took every test while it waited for a slot
+            ctx.stage_note = "no tests left for this VM"
         except (Interrupted, Cancelled) as exc:
             ctx.error = exc if isinstance(exc, Interrupted) else None
         except VmtasksError as exc:
@@ -211,7 +218,9 @@ class VmPipeline:
         def on_wait(text: str) -> None:
             self.run.reporter.vm_waiting(self.name, text)
 
-        ctx.machine.start(ctx.dir / "console.log", ctx.deadline, self.run.cancel, on_wait)
+        queue = self.run.queue if self.building is None else None
+        ctx.machine.start(ctx.dir / "console.log", ctx.deadline, self.run.cancel, on_wait,
+                          still_wanted=lambda: queue is None or not queue.exhausted())
         address = ctx.machine.address()
         if address:
             ctx.lease = dataclasses.replace(ctx.lease, ip=address)

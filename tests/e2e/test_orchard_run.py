@@ -186,25 +186,24 @@ def test_four_vms_on_two_single_slot_workers_queue_as_pending_and_run_every_test
     assert sorted(cases) == suite_list(UNEVEN) and len(cases) == len(set(cases))
     vms = sorted(p.name for p in record.iterdir() if p.is_dir())
     assert len(vms) == 4, vms
-    # Two VMs fit; the others wait as `pending` (saying so) and start once slots free up. (A
-    # third may wait a moment too: the image probe's guest holds its slot while it goes.)
+    # Two VMs fit; the others wait as `pending` (saying so), and either start once a slot
+    # frees up or, when the others have taken every test meanwhile, give up without
+    # booting (a VM nobody needs is not started). (A third may wait a moment too: the image
+    # probe's guest holds its slot while it goes.)
     pending = [vm for vm in vms if "[{}]    waiting: pending on Orchard: position".format(vm) in text]
     assert len(pending) >= 2, text
     for vm in pending:
         waited = text.index("[{}]    waiting: pending on Orchard".format(vm))
-        assert text.find("[{}]    waiting: starting on Orchard worker".format(vm), waited) > 0, text
-        assert text.find("[{}]    boot ok".format(vm), waited) > 0, text
+        started = text.find("[{}]    waiting: starting on Orchard worker".format(vm), waited) > 0
+        gave_up = text.find("[{}]    boot skipped".format(vm), waited) > 0 and "no tests left" in text
+        assert started or gave_up, text
     ran = {vm: top_level_results(record / vm / "suite-output.txt") for vm in vms
            if (record / vm / "suite-output.txt").is_file()}
     assert sum(ran.values()) == len(cases), ran
     assert junit_counts(record / "junit.xml")["failures"] == 0
     client.assert_nothing_left()
-    if code != 0:
-        # A VM whose slot came after the queue ran dry stops before its tests stage and keeps
-        # VmContext.exit_code's default of 1, so a green run exits 1 (vmtasks/vm.py, reported).
-        idle = sorted(vm for vm in vms if not ran.get(vm))
-        assert code == 1 and len(idle) >= 1 and set(idle) <= set(pending), (code, idle, pending, text)
-        pytest.xfail("core bug: VMs that found the queue empty make a green run exit 1")
+    # VMs that found the queue empty (or gave up waiting) do not fail a green run.
+    assert code == 0, text
 
 
 # --- a worker goes offline ----------------------------------------------------------------------
