@@ -565,7 +565,7 @@ class _PendingClient:
 
 
 def test_start_gives_up_waiting_once_the_vm_is_no_longer_wanted(tmp_path):
-    from vmtasks.backend import Cancelled
+    from vmtasks.backend import NoLongerNeeded
 
     client = _PendingClient()
     backend = OrchardBackend(OrchardSettings(client.url, "a", "b"), "tahoe-base", client=client, poll=0.01)
@@ -576,7 +576,7 @@ def test_start_gives_up_waiting_once_the_vm_is_no_longer_wanted(tmp_path):
         asked.append(1)
         return len(asked) < 5  # the queue runs dry while the VM is pending
 
-    with pytest.raises(Cancelled, match="no longer needed"):
+    with pytest.raises(NoLongerNeeded, match="no longer needed"):
         machine.start(tmp_path / "console.log", time.monotonic() + 30, threading.Event(), waits.append, still_wanted)
     assert len(asked) == 5 and waits and "position 1 of 1" in waits[0]
     assert "given up before it ran" in (tmp_path / "console.log").read_text()
