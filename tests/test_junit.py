@@ -4,15 +4,13 @@ interrupted, subtests, merged counts."""
 from __future__ import annotations
 
 import io
-import os
 import xml.etree.ElementTree as ET
 
 import pytest
 
 from test_results import A, B, C, Clock, ev, mixed_stream, parse, run_test
 from vmtasks.errors import StateError
-from vmtasks.results import (PackageError, Summary, SuiteStream, TestResult, mark_not_run, merge,
-                             write_junit)
+from vmtasks.results import PackageError, Summary, SuiteStream, mark_not_run, merge, write_junit
 
 
 def counts(el: ET.Element) -> dict:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 
 import pytest
 
-from conftest import FakeRunner, fail, ok, tart_list_json
+from conftest import FakeRunner, fail
 from vmtasks import config, factory
 from vmtasks.errors import CommandTimeout
 from vmtasks.report import Reporter

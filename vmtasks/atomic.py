@@ -16,13 +16,16 @@ from .errors import StateError
 
 
 def write_atomic(path: Union[str, "os.PathLike[str]"], data: Union[bytes, str], mode: int = 0o644,
-                 durable: bool = False) -> None:
+                 durable: bool = False, make_dirs: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and
-    ``os.replace``. ``durable``: fsync before the rename (leases: they must survive a crash)."""
+    ``os.replace``. ``durable``: fsync before the rename (leases: they must survive a crash).
+    ``make_dirs``: create the missing directories first (a --junitfile into a new folder)."""
     target = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     tmp = target.with_name(".{}.{}.tmp".format(target.name, os.getpid()))
     try:
+        if make_dirs:
+            target.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             view = memoryview(payload)

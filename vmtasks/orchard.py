@@ -320,6 +320,24 @@ class OrchardClient:
         return ws
 
 
+def send_until_eof(read: Callable[[], bytes], ws) -> None:
+    """Send what ``read()`` returns as binary frames until it returns b"" (or either side
+    breaks), then close the WebSocket: the other direction ends with it."""
+    try:
+        while True:
+            data = read()
+            if not data:
+                break
+            ws.send(data)
+    except Exception:  # noqa: BLE001 - closed, reset: either way this direction is over
+        pass
+    finally:
+        try:
+            ws.close()
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+
+
 def pump_websocket(ws, sock: socket.socket) -> Tuple[threading.Thread, threading.Thread]:
     """Copy bytes both ways between a WebSocket (binary frames) and a stream socket until
     either side ends; then close both. Returns the two (daemon) threads."""
@@ -338,23 +356,9 @@ def pump_websocket(ws, sock: socket.socket) -> Tuple[threading.Thread, threading
                 pass
             sock.close()
 
-    def sock_to_ws():
-        try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                ws.send(data)
-        except Exception:
-            pass
-        finally:
-            try:
-                ws.close()
-            except Exception:
-                pass
-
     threads = (threading.Thread(target=ws_to_sock, daemon=True, name="orchard-ws-in"),
-               threading.Thread(target=sock_to_ws, daemon=True, name="orchard-ws-out"))
+               threading.Thread(target=send_until_eof, args=(lambda: sock.recv(65536), ws), daemon=True,
+                                name="orchard-ws-out"))
     for thread in threads:
         thread.start()
     return threads

@@ -19,7 +19,7 @@ def main(argv) -> int:
         print("usage: python3 -m vmtasks.orchard_proxy VM PORT", file=sys.stderr)
         return 2
     from .errors import VmtasksError
-    from .orchard import OrchardClient, settings_from_proxy_env
+    from .orchard import OrchardClient, send_until_eof, settings_from_proxy_env
 
     vm, port = argv[0], int(argv[1])
     try:
@@ -29,22 +29,8 @@ def main(argv) -> int:
         print("orchard_proxy: " + exc.render(), file=sys.stderr)
         return 1
 
-    def stdin_to_ws():
-        try:
-            while True:
-                data = os.read(0, 65536)
-                if not data:
-                    break
-                ws.send(data)
-        except Exception:  # the tunnel or stdin broke: ssh sees the stream end
-            pass
-        finally:
-            try:
-                ws.close()
-            except Exception:
-                pass
-
-    threading.Thread(target=stdin_to_ws, daemon=True).start()
+    # stdin -> tunnel in a thread; tunnel -> stdout here. Either breaking ends the stream for ssh.
+    threading.Thread(target=send_until_eof, args=(lambda: os.read(0, 65536), ws), daemon=True).start()
     try:
         for message in ws:
             data = message if isinstance(message, bytes) else message.encode()

@@ -210,3 +210,19 @@ def junit_cases(path: Path) -> List[str]:
     import xml.etree.ElementTree as ET
 
     return [case.get("name") for case in ET.parse(str(path)).getroot().iter("testcase")]
+
+
+def top_level_results(stream: Path) -> Dict[str, int]:
+    """pass/fail/skip counts of top-level tests in one VM's raw `go test -json` stream."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for line in stream.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("Test") and "/" not in event["Test"] and \
+                event.get("Action") in ("pass", "fail", "skip"):
+            counts[event["Action"]] += 1
+    return counts

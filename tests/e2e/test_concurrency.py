@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .conftest import EXAMPLE, REPO
+from .conftest import REPO
 
 pytestmark = pytest.mark.e2e
 

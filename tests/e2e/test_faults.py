@@ -11,11 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
-from .conftest import EXAMPLE, PREFIX, REPO, TOTALS
+from .conftest import PREFIX, REPO, TOTALS
 
 pytestmark = pytest.mark.e2e
 

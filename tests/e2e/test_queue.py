@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 import yaml
 
-from .conftest import REPO, junit_cases, junit_counts
+from .conftest import REPO, junit_cases, junit_counts, top_level_results
 
 pytestmark = pytest.mark.e2e
 
@@ -43,20 +42,6 @@ def uneven_config(world, scale: str, **env) -> Path:
 
 def uneven_vms(world) -> List[str]:
     return [vm for vm in world.vms() if vm.startswith(PREFIX + "-")]
-
-
-def top_level_results(stream: Path) -> Counter:
-    """pass/fail/skip counts of top-level tests in one VM's raw `go test -json` stream."""
-    counts: Counter = Counter()
-    for line in stream.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("Test") and "/" not in event["Test"] and \
-                event.get("Action") in ("pass", "fail", "skip"):
-            counts[event["Action"]] += 1
-    return counts
 
 
 def test_two_vms_run_every_test_exactly_once(world):

@@ -20,7 +20,6 @@ import os
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from ..atomic import write_atomic
-from ..errors import StateError
 from .model import FAIL, PASS, Summary, TestResult
 
 DEFAULT_PATH = os.path.join(".vmtasks", "durations.json")
@@ -161,11 +160,5 @@ class History:
             raise ValueError("History.save() needs a path")
         data = {"version": VERSION, "keep": self.keep,
                 "tests": {k: [round(s, 6) for s in v] for k, v in sorted(self._samples.items())}}
-        directory = os.path.dirname(os.path.abspath(target))
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            raise StateError("cannot create {} for the durations history: {}".format(directory, exc.strerror or exc),
-                             "make the directory writable, or remove the file that is in the way") from None
-        write_atomic(target, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        write_atomic(target, json.dumps(data, indent=1, sort_keys=True) + "\n", make_dirs=True)
         self.path = target

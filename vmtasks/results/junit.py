@@ -13,7 +13,6 @@ import xml.etree.ElementTree as ET
 from typing import IO, Any, Dict, List, Union
 
 from ..atomic import write_atomic
-from ..errors import StateError
 from .model import FAIL, INTERRUPTED, NOTRUN, SKIP, Summary, TestResult
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
@@ -159,12 +158,5 @@ def write_junit(summary: Summary, target: Union[str, "os.PathLike[str]", IO[Any]
             except TypeError:  # a text stream that is not an io.TextIOBase
                 stream.write(data.decode("utf-8"))
         return totals
-    path = os.fspath(target)  # type: ignore[arg-type]
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise StateError("cannot create {} for the JUnit report: {}".format(directory, exc.strerror or exc),
-                         "point the JUnit path at a writable directory") from None
-    write_atomic(path, data)
+    write_atomic(os.fspath(target), data, make_dirs=True)  # type: ignore[arg-type]
     return totals
