@@ -227,9 +227,10 @@ class Bench:
         print(text, file=sys.stderr, flush=True)
 
     # -- one-time preparation (not timed) -----------------------------------
-    def prepare_base(self, cfg, suites=None) -> None:
+    def prepare_base(self, cfg, suites=None, guest_script: str = "") -> None:
         """The base image, once, untimed. ``suites``: (host tree, guest dir) pairs whose Go
-        build cache is warmed (default: the example suite at ``cfg.guest.dir``)."""
+        build cache is warmed (default: the example suite at ``cfg.guest.dir``);
+        ``guest_script``: a shell script run in it last (in the guest user's home)."""
         from vmtasks.vm import tool_bundle
 
         self.tart("create", BASE, timeout=300)
@@ -257,6 +258,8 @@ class Bench:
                 self.tart("exec", BASE, "sh", "-c", warm, timeout=300)
             # For the floor: the tool bundle the setup stage would unpack.
             self.guest_untar("/Users/admin/" + cfg.guest.tool_dir, tool_bundle(cfg), gz=True)
+            if guest_script:
+                self.tart("exec", BASE, "sh", "-c", guest_script)
         finally:
             self.tart("stop", BASE, check=False)
             run.wait(timeout=60)
@@ -750,6 +753,38 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_guarded(bench) -> tuple:
+    """``bench.main()`` with clean-up on every way out (Ctrl-C, SIGTERM, SIGHUP, a failure):
+    returns (result, 0) or (None, exit code)."""
+    signalled = []
+
+    def interrupted(signum, _frame):
+        signalled.append(signum)
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+    code, signum, result = 0, None, None
+    try:
+        result = bench.main()
+    except (KeyboardInterrupt, Interrupted, Abort) as exc:
+        # A terminal's Ctrl-C also reaches rsync, ssh and invoke: their failure can come first.
+        if isinstance(exc, Abort) and not signalled:
+            print("bench: " + str(exc), file=sys.stderr)
+            code = 1
+        else:
+            signum = signalled[0] if signalled else signal.SIGINT
+            print("bench: interrupted ({}), cleaning up".format(signal.Signals(signum).name), file=sys.stderr)
+            code = 128 + signum
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # finish cleaning up
+        bench.cleanup(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+    return result, code
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="pairs of runs per tree (default 5)")
@@ -782,33 +817,7 @@ def main(argv=None) -> int:
         print("bench: missing {} (bash scripts/setup.sh)".format(", ".join(missing) or "sshd"), file=sys.stderr)
         return 2
 
-    signalled = []
-
-    def interrupted(signum, _frame):
-        signalled.append(signum)
-        raise Interrupted(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupted)
-    bench = Bench(opts)
-    code, signum = 0, None
-    try:
-        result = bench.main()
-    except (KeyboardInterrupt, Interrupted, Abort) as exc:
-        # A terminal's Ctrl-C also reaches rsync, ssh and invoke: their failure can come first.
-        if isinstance(exc, Abort) and not signalled:
-            print("bench: " + str(exc), file=sys.stderr)
-            code = 1
-        else:
-            signum = signalled[0] if signalled else signal.SIGINT
-            print("bench: interrupted ({}), cleaning up".format(signal.Signals(signum).name), file=sys.stderr)
-            code = 128 + signum
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # finish cleaning up
-        bench.cleanup(signum)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
+    result, code = run_guarded(Bench(opts))
     if code:
         return code
     out = Path(opts.out)
