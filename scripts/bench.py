@@ -369,6 +369,7 @@ class Bench:
         last = max(s["started"] + s["seconds"] for s in stages)
         row = {"total": total, "start-up": first - started_wall, "exit": ended_wall - last,
                "peak_rss_mb": hwm / 1024, "maxrss_mb": rusage.ru_maxrss / 1024,
+               "cpu_s": rusage.ru_utime + rusage.ru_stime,
                "spawned": started_wall, "ended": ended_wall, "record": str(record)}
         for s in stages:
             row[s["stage"]] = row.get(s["stage"], 0.0) + s["seconds"]
@@ -635,7 +636,7 @@ class Bench:
                 shutil.rmtree(str(record), ignore_errors=True)  # 200 MB of tmpfs each
             out[str(mb)] = {"printed_mb": mb, "rows": rows,
                             "median": {k: median(r[k] for r in rows)
-                                       for k in ("total", "peak_rss_mb", "maxrss_mb", "streamed_bytes", "suite")}}
+                                       for k in ("total", "peak_rss_mb", "maxrss_mb", "streamed_bytes", "suite", "cpu_s")}}
         shutil.rmtree(str(tree))
         return out
 
@@ -692,7 +693,7 @@ def summarize(entry) -> None:
     }
 
 
-ROW_META = ("spawned", "ended", "record", "peak_rss_mb", "maxrss_mb")  # not stages
+ROW_META = ("spawned", "ended", "record", "peak_rss_mb", "maxrss_mb", "cpu_s")  # not stages
 
 FLOOR_OF = {"clone": "clone", "boot": "boot", "ip+ssh": "ip+ssh", "key": "key", "sync": "sync",
             "suite": "suite", "teardown": "teardown", "total": "total"}
@@ -742,13 +743,16 @@ def markdown(result) -> str:
     if result["big_output"]:
         lines += ["", "Host memory for a large guest output (issue 10 #17): one test printing N MB to stdout "
                   "in {}-byte lines, through `invoke test-vm` (medians of {} runs):".format(BIG_LINE, result["runs"]),
-                  "", "| printed | streamed over SSH (go test -json) | suite stage | `invoke test-vm` | peak RSS "
-                  "(VmHWM) | ru_maxrss (wait4) |", "|--:|--:|--:|--:|--:|--:|"]
+                  "", "| printed | streamed over SSH (go test -json) | suite stage | `invoke test-vm` | CPU "
+                  "(user+sys) | peak RSS (VmHWM) | ru_maxrss (wait4) |", "|--:|--:|--:|--:|--:|--:|--:|"]
         for entry in result["big_output"].values():
             md = entry["median"]
-            lines.append("| {} MB | {:.0f} MB | {:.2f} s | {:.2f} s | {:.0f} MB | {:.0f} MB |".format(
-                entry["printed_mb"], md["streamed_bytes"] / 1e6, md["suite"], md["total"], md["peak_rss_mb"],
-                md["maxrss_mb"]))
+            lines.append("| {} MB | {:.0f} MB | {:.2f} s | {:.2f} s | {:.2f} s | {:.0f} MB | {:.0f} MB |".format(
+                entry["printed_mb"], md["streamed_bytes"] / 1e6, md["suite"], md["total"], md["cpu_s"],
+                md["peak_rss_mb"], md["maxrss_mb"]))
+        lines += ["", "Peak RSS: VmHWM of the invoke process, read every 50 ms while it runs; ru_maxrss: "
+                  "the kernel's figure from wait4 (the largest of it and the children it waited for); CPU: "
+                  "user+sys from wait4, the invoke process and its waited children (tart, rsync, ssh)."]
     lines += ["", "Whole benchmark: {:.0f} s.".format(result["seconds"])]
     return "\n".join(lines) + "\n"
 
