@@ -107,14 +107,17 @@ func TestBigOutput(t *testing.T) {
 """
 
 
-def prepared_images() -> str:
-    """Whether this tree has prepared images (`invoke vm-prepare`): the benchmark has no
-    "prepared" column until it does."""
+def has_prepared_images() -> bool:
+    """Whether this tree has prepared images (`invoke vm-prepare` in `invoke --list`)."""
     done = subprocess.run([sys.executable, "-m", "invoke", "-r", str(REPO), "--list"], capture_output=True,
                           text=True, timeout=60)
-    if "vm-prepare" in done.stdout:
-        return "present (vm-prepare), not benchmarked yet"
-    return "absent: no vm-prepare task in `invoke --list`"
+    return "vm-prepare" in done.stdout
+
+
+def prepared_images() -> str:
+    if has_prepared_images():
+        return "present: `invoke vm-prepare` once per tree, then the \"prepared\" column"
+    return "absent (no vm-prepare task in `invoke --list`): no \"prepared\" column"
 
 
 class Abort(Exception):
@@ -377,6 +380,15 @@ class Bench:
         row["between stages"] = (last - first) - sum(s["seconds"] for s in stages)
         return row
 
+    def vm_prepare(self, cfg_path: Path) -> None:
+        """`invoke vm-prepare` for this config: the prepared image the "prepared" runs clone."""
+        argv = [sys.executable, "-m", "invoke", "-r", str(REPO), "vm-prepare", "--config", str(cfg_path)]
+        done = subprocess.run(argv, env=self.env, cwd=str(self.cwd), capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=900)
+        if done.returncode != 0:
+            raise Abort("invoke vm-prepare exited {}:\n{}".format(
+                done.returncode, (done.stdout + done.stderr).decode(errors="replace")[-3000:]))
+
     def latest_record(self, cfg_path: Path) -> Path:
         """The run record the last run of ``cfg_path`` wrote (records.dir, beside the config)."""
         from vmtasks import config as config_mod
@@ -562,6 +574,7 @@ class Bench:
                   "tmp": "{} ({})".format(self.root.parent, "tmpfs" if in_memory(str(self.root.parent), 0) else "disk")}
         self.floor_key = generate_key(self.root / "floor-key", "bench-floor")
         prepared = False
+        with_prepared = has_prepared_images()
         for name in opts.trees:
             t = time.monotonic()
             tree = self.make_tree(name)
@@ -578,16 +591,33 @@ class Bench:
                 self.log("base image prepared in {:.1f}s".format(time.monotonic() - t))
                 result["startup"] = self.startup(cfg_path, max(opts.runs, 10))
             entry = {"label": TREE_LABELS[name], "files": files, "bytes": size, "vmtasks": [], "floor": []}
+            kinds = ["vmtasks", "floor"]
+            plain = []
+            if with_prepared:
+                # The plain column skips the image stage (--no-prepared); the prepared one
+                # clones the image vm-prepare built for this tree's config, untimed here.
+                plain = ["--no-prepared"]
+                t = time.monotonic()
+                self.vm_prepare(cfg_path)
+                entry["vm_prepare_seconds"] = time.monotonic() - t
+                self.log("  {} vm-prepare: {:.2f}s".format(name, entry["vm_prepare_seconds"]))
+                kinds.append("prepared")
+                entry["prepared"] = []
             for i in range(opts.runs):
-                order = ("vmtasks", "floor") if i % 2 == 0 else ("floor", "vmtasks")
+                order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
                 for kind in order:
                     self.warm(tree)
-                    row = self.run_vmtasks(cfg_path) if kind == "vmtasks" else self.run_floor(tree, cfg, i)
+                    if kind == "floor":
+                        row = self.run_floor(tree, cfg, i)
+                    else:
+                        row = self.run_vmtasks(cfg_path, extra=plain if kind == "vmtasks" else ())
                     entry[kind].append(row)
                 v, f = entry["vmtasks"][-1], entry["floor"][-1]
                 self.log("  {} run {}: vmtasks {:.2f}s (sync {:.2f}s, peak RSS {:.0f} MB)  floor {:.2f}s "
-                         "(rsync {:.2f}s)  load {:.2f}".format(name, i + 1, v["total"], v["sync"], v["peak_rss_mb"],
-                                                              f["total"], f["sync"], os.getloadavg()[0]))
+                         "(rsync {:.2f}s){}  load {:.2f}".format(
+                             name, i + 1, v["total"], v["sync"], v["peak_rss_mb"], f["total"], f["sync"],
+                             "  prepared {:.2f}s".format(entry["prepared"][-1]["total"]) if with_prepared else "",
+                             os.getloadavg()[0]))
             entry["sync_alone"] = self.sync_alone(tree, cfg, opts.runs)
             self.log("  {} sync alone: stage {}  plain rsync {}".format(name, *(
                 " ".join("{:.2f}".format(x) for x in entry["sync_alone"][k]) for k in ("sync stage", "plain rsync"))))
@@ -688,6 +718,11 @@ def summarize(entry) -> None:
         "rsync": median(entry["sync_alone"]["plain rsync"]),
         "sync/rsync": median(a / b for a, b in zip(entry["sync_alone"]["sync stage"], entry["sync_alone"]["plain rsync"])),
         "peak_rss_mb": median(v["peak_rss_mb"] for v, _ in pairs),
+        "prepared": median(r["total"] for r in entry.get("prepared", [])),
+        "prepared_overhead": median(p["total"] - f["total"] for p, f in zip(entry.get("prepared", []),
+                                                                             entry["floor"])),
+        "prepared_stages": {k: median(r.get(k) for r in entry.get("prepared", []))
+                            for k in (entry.get("prepared") or [{}])[0] if k not in ROW_META},
         "stages": {k: median(v.get(k) for v, _ in pairs) for k in entry["vmtasks"][0] if k not in ROW_META},
         "floor_phases": {k: median(f.get(k) for _, f in pairs) for k in entry["floor"][0]},
     }
@@ -708,33 +743,50 @@ def markdown(result) -> str:
                  result["tmp"], result["runs"], "/".join("{:.2f}".format(x) for x in result["load_before"]),
                  "/".join("{:.2f}".format(x) for x in result["load_after"]), result["prepared"]), ""]
     if result["trees"]:
-        lines += ["| tree | files | MB | `invoke test-vm` | floor | overhead | ratio | sync stage | plain rsync "
-                  "| sync / rsync | (in the runs) | peak RSS |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        with_prepared = any(e["median"].get("prepared") is not None for e in result["trees"].values())
+        extra = " prepared | its overhead |" if with_prepared else ""
+        lines += ["| tree | files | MB | `invoke test-vm` | floor | overhead | ratio |" + extra +
+                  " sync stage | plain rsync | sync / rsync | (in the runs) | peak RSS |",
+                  "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if with_prepared else "") + "--:|--:|--:|--:|--:|"]
         for entry in result["trees"].values():
             md = entry["median"]
-            lines.append("| {} | {} | {:.1f} | {:.2f} s | {:.2f} s | {:.2f} s | {:.2f}x | {:.3f} s | {:.3f} s "
+            cells = ""
+            if with_prepared:
+                cells = " {:.2f} s | {:.2f} s |".format(md["prepared"], md["prepared_overhead"])
+            lines.append("| {} | {} | {:.1f} | {:.2f} s | {:.2f} s | {:.2f} s | {:.2f}x |{} {:.3f} s | {:.3f} s "
                          "| {:.2f}x | {:.2f}x | {:.0f} MB |".format(
                              entry["label"], entry["files"], entry["bytes"] / 1e6, md["total"], md["floor"],
-                             md["overhead"], md["ratio"], md["sync"], md["rsync"], md["sync/rsync"],
+                             md["overhead"], md["ratio"], cells, md["sync"], md["rsync"], md["sync/rsync"],
                              md["sync/rsync in runs"], md["peak_rss_mb"]))
+        if with_prepared:
+            lines += ["", "`invoke test-vm` here is `--no-prepared` (base image, setup steps); prepared: "
+                      "`invoke test-vm` cloning the image `invoke vm-prepare` built for the tree's config "
+                      "(medians {}).".format(", ".join("{}: vm-prepare {:.1f} s".format(
+                          e["label"], e["vm_prepare_seconds"]) for e in result["trees"].values()))]
         lines += ["", "Overhead and ratio: medians over the run pairs of `invoke test-vm` minus (and over) the floor. "
                   "Sync stage / plain rsync: the sync stage alone (`VmPipeline._sync`: `mkdir -p` over the run's SSH "
                   "connection, then `rsync -a --delete`) against `rsync -a` with the same ssh options, alternating "
                   "in one VM; (in the runs): the sync stage of the full runs over the floor's rsync. Peak RSS: the "
                   "invoke process's VmHWM."]
         first = next(iter(result["trees"].values()))
-        lines += ["", "Per stage, {} tree (seconds, medians):".format(first["label"]), "",
-                  "| stage | `invoke test-vm` | floor | difference |", "|---|--:|--:|--:|"]
         stages, floor = first["median"]["stages"], first["median"]["floor_phases"]
-        order = ["start-up", "preflight", "sweep", "clone", "boot", "ip+ssh", "key", "setup", "sync", "suite",
-                 "teardown", "between stages", "exit", "total"]
-        for name in order + [k for k in stages if k not in order]:
-            if name not in stages:
+        pstages = first["median"].get("prepared_stages") or {}
+        lines += ["", "Per stage, {} tree (seconds, medians):".format(first["label"]), "",
+                  "| stage | `invoke test-vm` | floor | difference |" + (" prepared |" if pstages else ""),
+                  "|---|--:|--:|--:|" + ("--:|" if pstages else "")]
+        order = ["start-up", "preflight", "sweep", "image", "clone", "boot", "ip+ssh", "key", "setup", "sync",
+                 "suite", "teardown", "between stages", "exit", "total"]
+        names = set(stages) | set(pstages)
+        for name in order + sorted(k for k in names if k not in order):
+            if name not in names:
                 continue
             f = floor.get(FLOOR_OF.get(name, ""), None)
-            v = stages[name]
-            lines.append("| {} | {:.3f} | {} | {:+.3f} |".format(
-                name, v, "{:.3f}".format(f) if f is not None else "-", v - (f or 0.0)))
+            v = stages.get(name)
+            lines.append("| {} | {} | {} | {} |{}".format(
+                name, "{:.3f}".format(v) if v is not None else "-", "{:.3f}".format(f) if f is not None else "-",
+                "{:+.3f}".format((v or 0.0) - (f or 0.0)),
+                " {} |".format("{:.3f}".format(pstages[name]) if pstages.get(name) is not None else "-")
+                if pstages else ""))
     if result["startup"]:
         lines += ["", "Python start-up (seconds, medians of {}):".format(len(next(iter(result["startup"].values())))),
                   "", "| command | seconds |", "|---|--:|"]
