@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark `invoke test-vm` against the floor: the same work done by hand with no tool.
 
-usage: python3 scripts/bench.py [--runs N] [--trees 1k,10k,50k,10mb,200mb] [--out DIR] [--tmp DIR]
+usage: python3 scripts/bench.py [--runs N] [--trees 1k,10k,50k,10mb,200mb|none] [--out DIR] [--tmp DIR]
+                               [--big-output MB,MB,...] [--big-line BYTES]
 
 Runs against the Linux stand-in `tart` (scripts/tart, first on PATH) with no artificial
 delays: every TART_STANDIN_* knob is removed from the environment, and so is
 PYTHONDONTWRITEBYTECODE (Python runs with its byte-code cache, as installed). Needs root.
 Everything it creates (TART_HOME, VMs, trees, keys, run records) lives in one temporary
-directory, in memory (/dev/shm) when it can (see in_memory; --tmp to choose), removed at
-the end, on failure and on Ctrl-C/SIGTERM/SIGHUP too.
+directory under /dev/shm/bench when it can (see in_memory; else /tmp/bench; --tmp to choose),
+removed at the end, on failure and on Ctrl-C/SIGTERM/SIGHUP too.
 
 Per tree (a copy of examples/gosuite plus filler files), N pairs of runs, the order
 alternating, the tree read into the page cache before each:
@@ -29,6 +30,16 @@ user's site-packages (so the example's setup step is a no-op), Go's build cache 
 with the example suite, and, used by the floor only, the vmtasks tool bundle
 (vm.tool_bundle, what the setup stage unpacks every run) unpacked at ~/.vmtasks/tool.
 Also timed: `python3 -c pass`, `invoke --list`, `invoke test-vm --dry-run`.
+
+Every `invoke test-vm` row also has the process's peak memory: VmHWM of the invoke process
+itself (read from /proc every 50 ms while it runs) and ru_maxrss and CPU seconds from wait4.
+
+* prepared images: when the tree has `invoke vm-prepare` (`invoke --list`), each tree also
+  gets `invoke vm-prepare` (once, timed apart) and a third kind of run, "prepared"
+  (`invoke test-vm`, cloning that image); the plain runs then pass `--no-prepared`.
+* --big-output 0,50,200 (issue 10 #17): a generated one-test suite whose test prints that
+  many MB to stdout (lines of --big-line bytes), N runs per size through `invoke test-vm`:
+  wall time, suite stage, bytes streamed (the record's suite-output.txt), peak memory.
 Results: .vmtasks/bench/<stamp>.{json,md} and latest.{json,md}; the table is printed.
 """
 
@@ -650,7 +661,7 @@ class Bench:
         data["vm"]["name_prefix"] = "vmtasks-bigout"
         out = {}
         for mb in sizes:
-            data["guest"]["env"] = {"BIG_MB": str(mb), "BIG_LINE": str(BIG_LINE)}
+            data["guest"]["env"] = {"BIG_MB": str(mb), "BIG_LINE": str(self.opts.big_line)}
             cfg_path = self.root / "config-bigout-{}.yaml".format(mb)
             cfg_path.write_text(yaml.safe_dump(data))
             rows = []
@@ -664,7 +675,7 @@ class Bench:
                                                                   row["maxrss_mb"], row["streamed_bytes"] / 1e6,
                                                                   os.getloadavg()[0]))
                 shutil.rmtree(str(record), ignore_errors=True)  # 200 MB of tmpfs each
-            out[str(mb)] = {"printed_mb": mb, "rows": rows,
+            out[str(mb)] = {"printed_mb": mb, "line_bytes": self.opts.big_line, "rows": rows,
                             "median": {k: median(r[k] for r in rows)
                                        for k in ("total", "peak_rss_mb", "maxrss_mb", "streamed_bytes", "suite", "cpu_s")}}
         shutil.rmtree(str(tree))
@@ -794,7 +805,8 @@ def markdown(result) -> str:
             lines.append("| `{}` | {:.3f} |".format(label, median(times)))
     if result["big_output"]:
         lines += ["", "Host memory for a large guest output (issue 10 #17): one test printing N MB to stdout "
-                  "in {}-byte lines, through `invoke test-vm` (medians of {} runs):".format(BIG_LINE, result["runs"]),
+                  "in {}-byte lines, through `invoke test-vm` (medians of {} runs):".format(
+                      next(iter(result["big_output"].values()))["line_bytes"], result["runs"]),
                   "", "| printed | streamed over SSH (go test -json) | suite stage | `invoke test-vm` | CPU "
                   "(user+sys) | peak RSS (VmHWM) | ru_maxrss (wait4) |", "|--:|--:|--:|--:|--:|--:|--:|"]
         for entry in result["big_output"].values():
@@ -853,6 +865,8 @@ def main(argv=None) -> int:
     parser.add_argument("--big-output", default="",
                         help="comma list of MB: also run a one-test suite printing that much, for the host's "
                              "peak memory (issue 10 #17), e.g. 0,50,200")
+    parser.add_argument("--big-line", type=int, default=BIG_LINE,
+                        help="bytes per line of the --big-output test (default {})".format(BIG_LINE))
     opts = parser.parse_args(argv)
     opts.trees = [t.strip() for t in opts.trees.split(",") if t.strip() and t.strip() != "none"]
     try:
@@ -863,7 +877,7 @@ def main(argv=None) -> int:
         opts.tmp = "/dev/shm/bench" if in_memory("/dev/shm", 2 << 30) else "/tmp/bench"
     os.makedirs(opts.tmp, exist_ok=True)
     unknown = [t for t in opts.trees if t not in TREES]
-    if unknown or not (opts.trees or opts.big_output) or opts.runs < 1:
+    if unknown or not (opts.trees or opts.big_output) or opts.runs < 1 or opts.big_line < 2:
         parser.error("unknown tree(s): {}".format(", ".join(unknown)) if unknown else "nothing to run")
     if os.geteuid() != 0:
         print("bench: run as root (the tart stand-in needs namespaces and port 22)", file=sys.stderr)
