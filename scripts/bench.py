@@ -892,9 +892,11 @@ def main(argv=None) -> int:
         return code
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # A memory-only run (--trees none) does not replace the tree table's latest.
+    prefix = "" if opts.trees else "big-"
+    stamp = prefix + time.strftime("%Y%m%d-%H%M%S")
     table = markdown(result)
-    for name in (stamp, "latest"):
+    for name in (stamp, prefix + "latest"):
         (out / (name + ".json")).write_text(json.dumps(result, indent=2) + "\n")
         (out / (name + ".md")).write_text(table)
     print(table)
