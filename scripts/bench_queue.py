@@ -220,10 +220,9 @@ class QueueBench(bench.Bench):
         cfg_path = self.write_uneven_config(tree, opts.scale)
         cfg = config_mod.load(cfg_path, {}, {}, self.cwd)
         t = time.monotonic()
-        # The suite's work() writes a mark per test at ~/.uneven-ran/<t.Name()>, but makes only
-        # ~/.uneven-ran: every subtest of TestWithSubtests fails on the missing directory
-        # (examples/uneven/test/e2e/uneven_test.go). The benchmark measures time, not the
-        # suite: the base image gets the directory, the suite stays as it is.
+        # Before 67888ee the suite's work() wrote each subtest's mark at ~/.uneven-ran/<t.Name()>
+        # with only ~/.uneven-ran made, so every subtest of TestWithSubtests failed; the base
+        # image has the directory, so the benchmark runs on trees with and without the fix.
         self.prepare_base(cfg, [(tree, cfg.guest.dir)], guest_script="mkdir -p .uneven-ran/TestWithSubtests")
         self.log("base image prepared in {:.1f}s".format(time.monotonic() - t))
         # The host's Go build cache (under our own HOME) warmed too, as a developer's is: the
