@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark `invoke test-vm` against the floor: the same work done by hand with no tool.
 
-usage: python3 scripts/bench.py [--runs N] [--trees 1k,10k,50k,10mb,200mb] [--out DIR] [--tmp DIR]
+usage: python3 scripts/bench.py [--runs N] [--trees 1k,10k,50k,10mb,200mb|none] [--out DIR] [--tmp DIR]
+                               [--big-output MB,MB,...] [--big-line BYTES]
 
 Runs against the Linux stand-in `tart` (scripts/tart, first on PATH) with no artificial
 delays: every TART_STANDIN_* knob is removed from the environment, and so is
 PYTHONDONTWRITEBYTECODE (Python runs with its byte-code cache, as installed). Needs root.
 Everything it creates (TART_HOME, VMs, trees, keys, run records) lives in one temporary
-directory, in memory (/dev/shm) when it can (see in_memory; --tmp to choose), removed at
-the end, on failure and on Ctrl-C/SIGTERM/SIGHUP too.
+directory under /dev/shm/bench when it can (see in_memory; else /tmp/bench; --tmp to choose),
+removed at the end, on failure and on Ctrl-C/SIGTERM/SIGHUP too.
 
 Per tree (a copy of examples/gosuite plus filler files), N pairs of runs, the order
 alternating, the tree read into the page cache before each:
@@ -19,16 +20,26 @@ alternating, the tree read into the page cache before each:
 * floor: `tart clone`; `tart run` in the background, `tart ip` and the SSH banner polled
   every 20 ms; one `tart exec` (the key script vmtasks runs); one plain `rsync -a` of the
   tree with the same ssh options (StrictHostKeyChecking=accept-new instead of a pinned
-  key); one `ssh` running vmtasks' own in-VM command line (run.inner_command); `tart stop`;
+  key); one `ssh` running vmtasks' own in-VM command line (vm.inner_command); `tart stop`;
   `tart delete`.
-* then, in one VM, N alternating pairs of the sync stage alone (VmRun._sync) and a plain
+* then, in one VM, N alternating pairs of the sync stage alone (VmPipeline._sync) and a plain
   `rsync -a` with the same ssh options (the same pinned known_hosts), fresh directories.
 
 Both clone the same base image, prepared once, not timed: Invoke copied into the guest
 user's site-packages (so the example's setup step is a no-op), Go's build cache warmed
 with the example suite, and, used by the floor only, the vmtasks tool bundle
-(run.tool_bundle, what the setup stage unpacks every run) unpacked at ~/.vmtasks/tool.
+(vm.tool_bundle, what the setup stage unpacks every run) unpacked at ~/.vmtasks/tool.
 Also timed: `python3 -c pass`, `invoke --list`, `invoke test-vm --dry-run`.
+
+Every `invoke test-vm` row also has the process's peak memory: VmHWM of the invoke process
+itself (read from /proc every 50 ms while it runs) and ru_maxrss and CPU seconds from wait4.
+
+* prepared images: when the tree has `invoke vm-prepare` (`invoke --list`), each tree also
+  gets `invoke vm-prepare` (once, timed apart) and a third kind of run, "prepared"
+  (`invoke test-vm`, cloning that image); the plain runs then pass `--no-prepared`.
+* --big-output 0,50,200 (issue 10 #17): a generated one-test suite whose test prints that
+  many MB to stdout (lines of --big-line bytes), N runs per size through `invoke test-vm`:
+  wall time, suite stage, bytes streamed (the record's suite-output.txt), peak memory.
 Results: .vmtasks/bench/<stamp>.{json,md} and latest.{json,md}; the table is printed.
 """
 
@@ -44,7 +55,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -73,6 +83,54 @@ TREE_LABELS = {"1k": "1 000 files", "10k": "10 000 files", "50k": "50 000 files"
                "10mb": "10 MB", "200mb": "200 MB"}
 
 
+# The large-output suite (issue 10 #17), generated: one test printing BIG_MB MB to stdout in
+# lines of BIG_LINE bytes, as a chatty e2e test or a dumped log would.
+BIG_GUEST_DIR = "/Users/admin/bigout"
+BIG_LINE = 1000
+BIG_GO = """//go:build e2e && vm
+
+package e2e
+
+import (
+	"bufio"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+func TestBigOutput(t *testing.T) {
+	if os.Getenv("OPENBOOT_IN_VM") != "1" {
+		t.Skip("destructive: set OPENBOOT_IN_VM=1 only inside a throwaway VM")
+	}
+	mb, _ := strconv.Atoi(os.Getenv("BIG_MB"))
+	size, _ := strconv.Atoi(os.Getenv("BIG_LINE"))
+	if size < 2 {
+		size = 1000
+	}
+	line := strings.Repeat("x", size-1) + "\\n"
+	w := bufio.NewWriterSize(os.Stdout, 1<<16)
+	for n := 0; n < mb*1000000/size; n++ {
+		w.WriteString(line)
+	}
+	w.Flush()
+}
+"""
+
+
+def has_prepared_images() -> bool:
+    """Whether this tree has prepared images (`invoke vm-prepare` in `invoke --list`)."""
+    done = subprocess.run([sys.executable, "-m", "invoke", "-r", str(REPO), "--list"], capture_output=True,
+                          text=True, timeout=60)
+    return "vm-prepare" in done.stdout
+
+
+def prepared_images() -> str:
+    if has_prepared_images():
+        return "present: `invoke vm-prepare` once per tree, then the \"prepared\" column"
+    return "absent (no vm-prepare task in `invoke --list`): no \"prepared\" column"
+
+
 class Abort(Exception):
     pass
 
@@ -94,6 +152,18 @@ def in_memory(path: str, need: int) -> bool:
         return fs[2] == "tmpfs" and st.f_bavail * st.f_frsize >= need
     except (OSError, ValueError, IndexError):
         return False
+
+
+def vm_hwm_kb(pid: int) -> int:
+    """The peak resident set (VmHWM, kB) of a live process; 0 once it is gone."""
+    try:
+        with open("/proc/{}/status".format(pid)) as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def median(values):
@@ -156,8 +226,8 @@ class Bench:
                                                        done.stderr.decode(errors="replace").strip()[-500:]))
         return done
 
-    def spawn(self, argv, **kwargs):
-        proc = subprocess.Popen(argv, env=self.env, **kwargs)
+    def spawn(self, argv, env=None, **kwargs):
+        proc = subprocess.Popen(argv, env=self.env if env is None else env, **kwargs)
         self.children.append(proc)
         return proc
 
@@ -171,8 +241,11 @@ class Bench:
         print(text, file=sys.stderr, flush=True)
 
     # -- one-time preparation (not timed) -----------------------------------
-    def prepare_base(self, cfg) -> None:
-        from vmtasks.run import tool_bundle
+    def prepare_base(self, cfg, suites=None, guest_script: str = "") -> None:
+        """The base image, once, untimed. ``suites``: (host tree, guest dir) pairs whose Go
+        build cache is warmed (default: the example suite at ``cfg.guest.dir``);
+        ``guest_script``: a shell script run in it last (in the guest user's home)."""
+        from vmtasks.vm import tool_bundle
 
         self.tart("create", BASE, timeout=300)
         run = self.spawn(["tart", "run", "--no-graphics", BASE], stdin=subprocess.DEVNULL,
@@ -192,13 +265,15 @@ class Bench:
             self.tart("exec", BASE, "python3", "-m", "compileall", "-q", site + "/invoke")
             self.tart("exec", BASE, "python3", "-c", "import invoke")
             # Go's build cache, warmed at the suite's own path, which is then removed.
-            guest_dir = cfg.guest.dir
-            self.guest_untar(guest_dir, self.tar_of(EXAMPLE, "."))
-            warm = "cd {0} && go test -count=1 -run '^$' -tags=e2e,vm ./test/e2e/... && cd / && rm -rf {0}".format(
-                shlex.quote(guest_dir))
-            self.tart("exec", BASE, "sh", "-c", warm, timeout=300)
+            for local, guest_dir in suites or [(EXAMPLE, cfg.guest.dir)]:
+                self.guest_untar(guest_dir, self.tar_of(Path(local), "."))
+                warm = "cd {0} && go test -count=1 -run '^$' -tags=e2e,vm ./test/e2e/... && cd / && rm -rf {0}".format(
+                    shlex.quote(guest_dir))
+                self.tart("exec", BASE, "sh", "-c", warm, timeout=300)
             # For the floor: the tool bundle the setup stage would unpack.
             self.guest_untar("/Users/admin/" + cfg.guest.tool_dir, tool_bundle(cfg), gz=True)
+            if guest_script:
+                self.tart("exec", BASE, "sh", "-c", guest_script)
         finally:
             self.tart("stop", BASE, check=False)
             run.wait(timeout=60)
@@ -232,6 +307,15 @@ class Bench:
             (sub / "f{:05d}.dat".format(i)).write_bytes(rng.randbytes(size))
         return tree
 
+    def big_tree(self) -> Path:
+        """The generated large-output suite (made once)."""
+        tree = self.root / "trees" / "bigout"
+        if not tree.is_dir():
+            (tree / "test" / "e2e").mkdir(parents=True)
+            (tree / "go.mod").write_text("module example.com/bigout\n\ngo 1.19\n")
+            (tree / "test" / "e2e" / "big_test.go").write_text(BIG_GO)
+        return tree
+
     def write_config(self, name: str, tree: Path) -> Path:
         import yaml
 
@@ -262,32 +346,71 @@ class Bench:
         return files, size
 
     # -- measurements -------------------------------------------------------
-    def run_vmtasks(self, cfg_path: Path):
-        argv = [sys.executable, "-m", "invoke", "-r", str(REPO), "test-vm", "--config", str(cfg_path)]
+    def run_vmtasks(self, cfg_path: Path, extra=(), env=None):
+        """One `invoke test-vm` from spawn to exit. Returns its row: total, start-up, each
+        stage (summed over VMs), exit, and the process's peak RSS (``peak_rss_mb``: VmHWM of
+        the invoke process itself, sampled every 50 ms until it exits; ``maxrss_mb``: the
+        kernel's ru_maxrss from wait4, the largest of it and the children it waited for).
+        The run record's directory is ``row["record"]`` (removed by the caller or cleanup)."""
+        argv = [sys.executable, "-m", "invoke", "-r", str(REPO), "test-vm", "--config", str(cfg_path), *extra]
+        log_path = self.root / "invoke-output.txt"
         started_wall, started = time.time(), time.monotonic()
-        proc = self.spawn(argv, cwd=str(self.cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+        with open(str(log_path), "wb") as log:
+            proc = self.spawn(argv, cwd=str(self.cwd), stdin=subprocess.DEVNULL, stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
         self.invokes.append(proc)
-        out, _ = proc.communicate(timeout=900)
+        hwm = 0
+        deadline = started + 900
+        status = rusage = None
+        while True:
+            hwm = max(hwm, vm_hwm_kb(proc.pid))
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if time.monotonic() > deadline:
+                raise Abort("invoke test-vm still running after 900 s")
+            time.sleep(0.05)
         total = time.monotonic() - started
         ended_wall = time.time()
+        proc.returncode = os.waitstatus_to_exitcode(status)
         self.reap(proc)
         if proc.returncode != 0:
-            raise Abort("invoke test-vm exited {}:\n{}".format(proc.returncode, out.decode(errors="replace")[-3000:]))
-        record = (self.cwd / ".vmtasks" / "runs" / "latest").resolve()
+            raise Abort("invoke test-vm exited {}:\n{}".format(
+                proc.returncode, log_path.read_bytes().decode(errors="replace")[-3000:]))
+        record = self.latest_record(cfg_path)
         stages = json.loads((record / "stages.json").read_text())
         first = min(s["started"] for s in stages)
         last = max(s["started"] + s["seconds"] for s in stages)
-        row = {"total": total, "start-up": first - started_wall, "exit": ended_wall - last}
+        row = {"total": total, "start-up": first - started_wall, "exit": ended_wall - last,
+               "peak_rss_mb": hwm / 1024, "maxrss_mb": rusage.ru_maxrss / 1024,
+               "cpu_s": rusage.ru_utime + rusage.ru_stime,
+               "spawned": started_wall, "ended": ended_wall, "record": str(record)}
         for s in stages:
             row[s["stage"]] = row.get(s["stage"], 0.0) + s["seconds"]
-        row["between stages"] = total - row["start-up"] - row["exit"] - sum(s["seconds"] for s in stages)
+        # One VM: the stages follow each other, so what they do not cover is the tool's own.
+        row["between stages"] = (last - first) - sum(s["seconds"] for s in stages)
         return row
+
+    def vm_prepare(self, cfg_path: Path) -> None:
+        """`invoke vm-prepare` for this config: the prepared image the "prepared" runs clone."""
+        argv = [sys.executable, "-m", "invoke", "-r", str(REPO), "vm-prepare", "--config", str(cfg_path)]
+        done = subprocess.run(argv, env=self.env, cwd=str(self.cwd), capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=900)
+        if done.returncode != 0:
+            raise Abort("invoke vm-prepare exited {}:\n{}".format(
+                done.returncode, (done.stdout + done.stderr).decode(errors="replace")[-3000:]))
+
+    def latest_record(self, cfg_path: Path) -> Path:
+        """The run record the last run of ``cfg_path`` wrote (records.dir, beside the config)."""
+        from vmtasks import config as config_mod
+
+        cfg = config_mod.load(cfg_path, self.env, {}, self.cwd)
+        return (Path(cfg.records.dir) / "latest").resolve()
 
     def bring_up(self, vm: str, key, lap):
         """The floor's way up: clone, `tart run` in the background, `tart ip` and the SSH
         banner polled every 20 ms, one `tart exec` with the key script. Returns (Popen, ip)."""
-        from vmtasks.run import KEY_SCRIPT
+        from vmtasks.machine_tart import KEY_SCRIPT
         from vmtasks.ssh import sshd_banner
 
         self.tart("clone", BASE, vm)
@@ -335,8 +458,8 @@ class Bench:
             self.reap(run)
 
     def run_floor(self, tree: Path, cfg, n: int):
-        from vmtasks.run import inner_command
         from vmtasks.ssh import ssh_options
+        from vmtasks.vm import inner_command
 
         vm = "bench-floor-{}".format(n)
         known_hosts = self.root / "floor-known_hosts"
@@ -377,26 +500,32 @@ class Bench:
         return row
 
     def sync_alone(self, tree: Path, cfg, runs: int):
-        """The sync stage alone (VmRun._sync: its `mkdir -p` over the run's SSH connection,
-        then rsync) against one plain `rsync -a` with the same ssh options (the same pinned
-        known_hosts), alternating, into fresh directories of one VM."""
-        from vmtasks import ssh
-        from vmtasks.ledger import Ledger
-        from vmtasks.run import RunRequest, VmRun
-        from vmtasks.tart import Tart
-        from vmtasks.ui import Ui
+        """The sync stage alone (VmPipeline._sync: its `mkdir -p` over the run's SSH
+        connection, then rsync) against one plain `rsync -a` with the same ssh options (the
+        same pinned known_hosts), alternating, into fresh directories of one VM. The stage
+        runs in a real pipeline of a real Run (factory.Parts, a quiet Reporter), on a VM the
+        floor's way brought up; its record is never created, so nothing is logged."""
+        from vmtasks import factory, ssh
+        from vmtasks.report import Reporter
+        from vmtasks.run import Run, RunRequest
+        from vmtasks.vm import VmPipeline
 
         vm = "bench-sync"
         key = ssh.generate_key(self.root / "sync-key-{}".format(time.monotonic_ns()), "bench-sync")
         rows = {"sync stage": [], "plain rsync": []}
         conn = None
+        devnull = open(os.devnull, "w")
         try:
             _, ip = self.bring_up(vm, key, lambda name: None)
-            conn = ssh.open_when_ready(ip, cfg.vm.user, key, time.monotonic() + 30, 0.05)  # pins the host key
+            parts = factory.Parts(cfg, Reporter(quiet=True, stderr=devnull, stdout=devnull, env={"CI": "true"}),
+                                  environ=self.env)
+            run = Run(parts, RunRequest(), run_id="bench-sync")
+            machine = parts.backend.machine(vm, parts.owner(run.run_id), cfg)
+            machine.ip = ip  # what its boot stage would have found
+            pipeline = VmPipeline(run, vm, machine)
+            conn = ssh.open_when_ready(machine.open_socket, ip, cfg.vm.user, key, time.monotonic() + 30, 0.05)
             ssh.remote_exec(conn, "true", timeout=30)  # in a run, setup has used the connection already
-            stage = VmRun(cfg, RunRequest(), tart=Tart(), ledger=Ledger(self.root / "sync-state"),
-                          ui=Ui(quiet=True), records_root=self.root / "sync-records", run_id="bench-sync")
-            stage.conn, stage.ip, stage.key = conn, ip, key
+            pipeline.ctx.key, pipeline.ctx.conn = key, conn
             remote_shell = " ".join(shlex.quote(a) for a in ["ssh", *ssh.ssh_options(key)])
             for i in range(runs):
                 order = ("sync stage", "plain rsync") if i % 2 == 0 else ("plain rsync", "sync stage")
@@ -405,8 +534,9 @@ class Bench:
                     self.warm(tree)
                     t = time.monotonic()
                     if kind == "sync stage":
-                        stage.cfg = dataclasses.replace(cfg, guest=dataclasses.replace(cfg.guest, dir=dest))
-                        stage._sync()
+                        pipeline.cfg = dataclasses.replace(cfg, guest=dataclasses.replace(cfg.guest, dir=dest))
+                        pipeline.ctx.deadline = time.monotonic() + 600
+                        pipeline._sync(pipeline.ctx)
                     else:
                         done = subprocess.run(["rsync", "-a", "-e", remote_shell, str(tree) + "/",
                                                "{}@{}:{}/".format(cfg.vm.user, ip, dest)],
@@ -418,6 +548,7 @@ class Bench:
         finally:
             if conn is not None:
                 conn.close()
+            devnull.close()
             self.take_down(vm, check=False)
         return rows
 
@@ -448,11 +579,14 @@ class Bench:
 
         opts = self.opts
         bench_started = time.monotonic()
-        result = {"machine": machine(), "runs": opts.runs, "trees": {}, "startup": {},
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        result = {"machine": machine(), "runs": opts.runs, "trees": {}, "startup": {}, "big_output": {},
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "prepared": prepared_images(),
+                  "load_before": os.getloadavg(),
                   "tmp": "{} ({})".format(self.root.parent, "tmpfs" if in_memory(str(self.root.parent), 0) else "disk")}
         self.floor_key = generate_key(self.root / "floor-key", "bench-floor")
-        for n, name in enumerate(opts.trees):
+        prepared = False
+        with_prepared = has_prepared_images()
+        for name in opts.trees:
             t = time.monotonic()
             tree = self.make_tree(name)
             cfg_path = self.write_config(name, tree)
@@ -460,29 +594,92 @@ class Bench:
             files, size = self.tree_stats(tree)
             self.log("tree {}: {} files, {:.1f} MB ({:.1f}s to generate)".format(
                 name, files, size / 1e6, time.monotonic() - t))
-            if n == 0:
+            if not prepared:
                 t = time.monotonic()
-                self.prepare_base(cfg)
+                self.prepare_base(cfg, [(EXAMPLE, cfg.guest.dir), (self.big_tree(), BIG_GUEST_DIR)]
+                                  if opts.big_output else None)
+                prepared = True
                 self.log("base image prepared in {:.1f}s".format(time.monotonic() - t))
                 result["startup"] = self.startup(cfg_path, max(opts.runs, 10))
             entry = {"label": TREE_LABELS[name], "files": files, "bytes": size, "vmtasks": [], "floor": []}
+            kinds = ["vmtasks", "floor"]
+            plain = []
+            if with_prepared:
+                # The plain column skips the image stage (--no-prepared); the prepared one
+                # clones the image vm-prepare built for this tree's config, untimed here.
+                plain = ["--no-prepared"]
+                t = time.monotonic()
+                self.vm_prepare(cfg_path)
+                entry["vm_prepare_seconds"] = time.monotonic() - t
+                self.log("  {} vm-prepare: {:.2f}s".format(name, entry["vm_prepare_seconds"]))
+                kinds.append("prepared")
+                entry["prepared"] = []
             for i in range(opts.runs):
-                order = ("vmtasks", "floor") if i % 2 == 0 else ("floor", "vmtasks")
+                order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
                 for kind in order:
                     self.warm(tree)
-                    row = self.run_vmtasks(cfg_path) if kind == "vmtasks" else self.run_floor(tree, cfg, i)
+                    if kind == "floor":
+                        row = self.run_floor(tree, cfg, i)
+                    else:
+                        row = self.run_vmtasks(cfg_path, extra=plain if kind == "vmtasks" else ())
                     entry[kind].append(row)
                 v, f = entry["vmtasks"][-1], entry["floor"][-1]
-                self.log("  {} run {}: vmtasks {:.2f}s (sync {:.2f}s)  floor {:.2f}s (rsync {:.2f}s)".format(
-                    name, i + 1, v["total"], v["sync"], f["total"], f["sync"]))
+                self.log("  {} run {}: vmtasks {:.2f}s (sync {:.2f}s, peak RSS {:.0f} MB)  floor {:.2f}s "
+                         "(rsync {:.2f}s){}  load {:.2f}".format(
+                             name, i + 1, v["total"], v["sync"], v["peak_rss_mb"], f["total"], f["sync"],
+                             "  prepared {:.2f}s".format(entry["prepared"][-1]["total"]) if with_prepared else "",
+                             os.getloadavg()[0]))
             entry["sync_alone"] = self.sync_alone(tree, cfg, opts.runs)
             self.log("  {} sync alone: stage {}  plain rsync {}".format(name, *(
                 " ".join("{:.2f}".format(x) for x in entry["sync_alone"][k]) for k in ("sync stage", "plain rsync"))))
             summarize(entry)
             result["trees"][name] = entry
             shutil.rmtree(str(tree))
+        if opts.big_output:
+            if not prepared:
+                cfg = config_mod.load(self.write_config("base", EXAMPLE), {}, {}, self.cwd)
+                t = time.monotonic()
+                self.prepare_base(cfg, [(self.big_tree(), BIG_GUEST_DIR)])
+                self.log("base image prepared in {:.1f}s".format(time.monotonic() - t))
+            result["big_output"] = self.big_output(opts.big_output, opts.runs)
+        result["load_after"] = os.getloadavg()
         result["seconds"] = time.monotonic() - bench_started
         return result
+
+    # -- host memory for a large guest output (issue 10 #17) ---------------------
+    def big_output(self, sizes, runs: int):
+        """`invoke test-vm` on a one-test suite whose test prints ``mb`` MB (lines of
+        BIG_LINE bytes) to stdout, ``runs`` times per size: wall time, the invoke process's
+        peak RSS and how many bytes came over SSH (the run record's suite-output.txt: the
+        `go test -json` events, larger than what the test printed)."""
+        import yaml
+
+        tree = self.big_tree()
+        data = yaml.safe_load((EXAMPLE / "vm.yaml").read_text())
+        data["project_dir"] = str(tree)
+        data["guest"]["dir"] = BIG_GUEST_DIR
+        data["vm"]["name_prefix"] = "vmtasks-bigout"
+        out = {}
+        for mb in sizes:
+            data["guest"]["env"] = {"BIG_MB": str(mb), "BIG_LINE": str(self.opts.big_line)}
+            cfg_path = self.root / "config-bigout-{}.yaml".format(mb)
+            cfg_path.write_text(yaml.safe_dump(data))
+            rows = []
+            for i in range(runs):
+                row = self.run_vmtasks(cfg_path)
+                record = Path(row["record"])
+                row["streamed_bytes"] = (record / "suite-output.txt").stat().st_size
+                rows.append(row)
+                self.log("  big output {} MB run {}: {:.2f}s, peak RSS {:.0f} MB (ru_maxrss {:.0f} MB), "
+                         "{:.0f} MB streamed, load {:.2f}".format(mb, i + 1, row["total"], row["peak_rss_mb"],
+                                                                  row["maxrss_mb"], row["streamed_bytes"] / 1e6,
+                                                                  os.getloadavg()[0]))
+                shutil.rmtree(str(record), ignore_errors=True)  # 200 MB of tmpfs each
+            out[str(mb)] = {"printed_mb": mb, "line_bytes": self.opts.big_line, "rows": rows,
+                            "median": {k: median(r[k] for r in rows)
+                                       for k in ("total", "peak_rss_mb", "maxrss_mb", "streamed_bytes", "suite", "cpu_s")}}
+        shutil.rmtree(str(tree))
+        return out
 
     def cleanup(self, signum=None):
         """Stop what is still running, remove every VM in our TART_HOME, remove the temp dir.
@@ -531,10 +728,18 @@ def summarize(entry) -> None:
         "sync": median(entry["sync_alone"]["sync stage"]),
         "rsync": median(entry["sync_alone"]["plain rsync"]),
         "sync/rsync": median(a / b for a, b in zip(entry["sync_alone"]["sync stage"], entry["sync_alone"]["plain rsync"])),
-        "stages": {k: median(v.get(k) for v, _ in pairs) for k in entry["vmtasks"][0]},
+        "peak_rss_mb": median(v["peak_rss_mb"] for v, _ in pairs),
+        "prepared": median(r["total"] for r in entry.get("prepared", [])),
+        "prepared_overhead": median(p["total"] - f["total"] for p, f in zip(entry.get("prepared", []),
+                                                                             entry["floor"])),
+        "prepared_stages": {k: median(r.get(k) for r in entry.get("prepared", []))
+                            for k in (entry.get("prepared") or [{}])[0] if k not in ROW_META},
+        "stages": {k: median(v.get(k) for v, _ in pairs) for k in entry["vmtasks"][0] if k not in ROW_META},
         "floor_phases": {k: median(f.get(k) for _, f in pairs) for k in entry["floor"][0]},
     }
 
+
+ROW_META = ("spawned", "ended", "record", "peak_rss_mb", "maxrss_mb", "cpu_s")  # not stages
 
 FLOOR_OF = {"clone": "clone", "boot": "boot", "ip+ssh": "ip+ssh", "key": "key", "sync": "sync",
             "suite": "suite", "teardown": "teardown", "total": "total"}
@@ -543,66 +748,82 @@ FLOOR_OF = {"clone": "clone", "boot": "boot", "ip+ssh": "ip+ssh", "key": "key", 
 def markdown(result) -> str:
     m = result["machine"]
     lines = ["vmtasks benchmark, {}: {} ({} cores), Linux {}, Python {}, {}; stand-in tart, no delays; "
-             "trees and VMs in {}; median of {} runs.".format(
+             "trees and VMs in {}; median of {} runs. Load average (1/5/15 min) {} before, {} after; "
+             "prepared images: {}.".format(
                  result["date"], m["cpu"], m["cores"], m["kernel"], m["python"], " ".join(m["rsync"].split()),
-                 result["tmp"], result["runs"]), ""]
-    lines += ["| tree | files | MB | `invoke test-vm` | floor | overhead | ratio | sync stage | plain rsync | sync / rsync "
-              "| (in the runs) |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for entry in result["trees"].values():
-        md = entry["median"]
-        lines.append("| {} | {} | {:.1f} | {:.2f} s | {:.2f} s | {:.2f} s | {:.2f}x | {:.3f} s | {:.3f} s | {:.2f}x "
-                     "| {:.2f}x |".format(
-                         entry["label"], entry["files"], entry["bytes"] / 1e6, md["total"], md["floor"], md["overhead"],
-                         md["ratio"], md["sync"], md["rsync"], md["sync/rsync"], md["sync/rsync in runs"]))
-    lines += ["", "Overhead and ratio: medians over the run pairs of `invoke test-vm` minus (and over) the floor. "
-              "Sync stage / plain rsync: the sync stage alone (`VmRun._sync`: `mkdir -p` over the run's SSH "
-              "connection, then `rsync -a --delete`) against `rsync -a` with the same ssh options, alternating "
-              "in one VM; (in the runs): the sync stage of the full runs over the floor's rsync."]
-    first = next(iter(result["trees"].values()))
-    lines += ["", "Per stage, {} tree (seconds, medians):".format(first["label"]), "",
-              "| stage | `invoke test-vm` | floor | difference |", "|---|--:|--:|--:|"]
-    stages, floor = first["median"]["stages"], first["median"]["floor_phases"]
-    order = ["start-up", "preflight", "sweep", "clone", "boot", "ip+ssh", "key", "setup", "sync", "suite",
-             "teardown", "between stages", "exit", "total"]
-    for name in order + [k for k in stages if k not in order]:
-        if name not in stages:
-            continue
-        f = floor.get(FLOOR_OF.get(name, ""), None)
-        v = stages[name]
-        lines.append("| {} | {:.3f} | {} | {:+.3f} |".format(
-            name, v, "{:.3f}".format(f) if f is not None else "-", v - (f or 0.0)))
-    lines += ["", "Python start-up (seconds, medians of {}):".format(len(next(iter(result["startup"].values())))), "",
-              "| command | seconds |", "|---|--:|"]
-    for label, times in result["startup"].items():
-        lines.append("| `{}` | {:.3f} |".format(label, median(times)))
+                 result["tmp"], result["runs"], "/".join("{:.2f}".format(x) for x in result["load_before"]),
+                 "/".join("{:.2f}".format(x) for x in result["load_after"]), result["prepared"]), ""]
+    if result["trees"]:
+        with_prepared = any(e["median"].get("prepared") is not None for e in result["trees"].values())
+        extra = " prepared | its overhead |" if with_prepared else ""
+        lines += ["| tree | files | MB | `invoke test-vm` | floor | overhead | ratio |" + extra +
+                  " sync stage | plain rsync | sync / rsync | (in the runs) | peak RSS |",
+                  "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|" if with_prepared else "") + "--:|--:|--:|--:|--:|"]
+        for entry in result["trees"].values():
+            md = entry["median"]
+            cells = ""
+            if with_prepared:
+                cells = " {:.2f} s | {:.2f} s |".format(md["prepared"], md["prepared_overhead"])
+            lines.append("| {} | {} | {:.1f} | {:.2f} s | {:.2f} s | {:.2f} s | {:.2f}x |{} {:.3f} s | {:.3f} s "
+                         "| {:.2f}x | {:.2f}x | {:.0f} MB |".format(
+                             entry["label"], entry["files"], entry["bytes"] / 1e6, md["total"], md["floor"],
+                             md["overhead"], md["ratio"], cells, md["sync"], md["rsync"], md["sync/rsync"],
+                             md["sync/rsync in runs"], md["peak_rss_mb"]))
+        if with_prepared:
+            lines += ["", "`invoke test-vm` here is `--no-prepared` (base image, setup steps); prepared: "
+                      "`invoke test-vm` cloning the image `invoke vm-prepare` built for the tree's config "
+                      "(medians {}).".format(", ".join("{}: vm-prepare {:.1f} s".format(
+                          e["label"], e["vm_prepare_seconds"]) for e in result["trees"].values()))]
+        lines += ["", "Overhead and ratio: medians over the run pairs of `invoke test-vm` minus (and over) the floor. "
+                  "Sync stage / plain rsync: the sync stage alone (`VmPipeline._sync`: `mkdir -p` over the run's SSH "
+                  "connection, then `rsync -a --delete`) against `rsync -a` with the same ssh options, alternating "
+                  "in one VM; (in the runs): the sync stage of the full runs over the floor's rsync. Peak RSS: the "
+                  "invoke process's VmHWM."]
+        first = next(iter(result["trees"].values()))
+        stages, floor = first["median"]["stages"], first["median"]["floor_phases"]
+        pstages = first["median"].get("prepared_stages") or {}
+        lines += ["", "Per stage, {} tree (seconds, medians):".format(first["label"]), "",
+                  "| stage | `invoke test-vm` | floor | difference |" + (" prepared |" if pstages else ""),
+                  "|---|--:|--:|--:|" + ("--:|" if pstages else "")]
+        order = ["start-up", "preflight", "sweep", "image", "clone", "boot", "ip+ssh", "key", "setup", "sync",
+                 "suite", "teardown", "between stages", "exit", "total"]
+        names = set(stages) | set(pstages)
+        for name in order + sorted(k for k in names if k not in order):
+            if name not in names:
+                continue
+            f = floor.get(FLOOR_OF.get(name, ""), None)
+            v = stages.get(name)
+            lines.append("| {} | {} | {} | {} |{}".format(
+                name, "{:.3f}".format(v) if v is not None else "-", "{:.3f}".format(f) if f is not None else "-",
+                "{:+.3f}".format((v or 0.0) - (f or 0.0)),
+                " {} |".format("{:.3f}".format(pstages[name]) if pstages.get(name) is not None else "-")
+                if pstages else ""))
+    if result["startup"]:
+        lines += ["", "Python start-up (seconds, medians of {}):".format(len(next(iter(result["startup"].values())))),
+                  "", "| command | seconds |", "|---|--:|"]
+        for label, times in result["startup"].items():
+            lines.append("| `{}` | {:.3f} |".format(label, median(times)))
+    if result["big_output"]:
+        lines += ["", "Host memory for a large guest output (issue 10 #17): one test printing N MB to stdout "
+                  "in {}-byte lines, through `invoke test-vm` (medians of {} runs):".format(
+                      next(iter(result["big_output"].values()))["line_bytes"], result["runs"]),
+                  "", "| printed | streamed over SSH (go test -json) | suite stage | `invoke test-vm` | CPU "
+                  "(user+sys) | peak RSS (VmHWM) | ru_maxrss (wait4) |", "|--:|--:|--:|--:|--:|--:|--:|"]
+        for entry in result["big_output"].values():
+            md = entry["median"]
+            lines.append("| {} MB | {:.0f} MB | {:.2f} s | {:.2f} s | {:.2f} s | {:.0f} MB | {:.0f} MB |".format(
+                entry["printed_mb"], md["streamed_bytes"] / 1e6, md["suite"], md["total"], md["cpu_s"],
+                md["peak_rss_mb"], md["maxrss_mb"]))
+        lines += ["", "Peak RSS: VmHWM of the invoke process, read every 50 ms while it runs; ru_maxrss: "
+                  "the kernel's figure from wait4 (the largest of it and the children it waited for); CPU: "
+                  "user+sys from wait4, the invoke process and its waited children (tart, rsync, ssh)."]
     lines += ["", "Whole benchmark: {:.0f} s.".format(result["seconds"])]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="pairs of runs per tree (default 5)")
-    parser.add_argument("--trees", default=",".join(TREES),
-                        help="comma list of {} (default: all)".format(", ".join(TREES)))
-    parser.add_argument("--out", default=str(REPO / ".vmtasks" / "bench"), help="where the results go")
-    parser.add_argument("--tmp", default=None,
-                        help="where trees, TART_HOME and VMs go (default: /dev/shm when it is a tmpfs with "
-                             "2 GB free, else the system temp dir)")
-    opts = parser.parse_args(argv)
-    opts.trees = [t.strip() for t in opts.trees.split(",") if t.strip()]
-    if opts.tmp is None and in_memory("/dev/shm", 2 << 30):
-        opts.tmp = "/dev/shm"
-    unknown = [t for t in opts.trees if t not in TREES]
-    if unknown or not opts.trees or opts.runs < 1:
-        parser.error("unknown tree(s): {}".format(", ".join(unknown)) if unknown else "nothing to run")
-    if os.geteuid() != 0:
-        print("bench: run as root (the tart stand-in needs namespaces and port 22)", file=sys.stderr)
-        return 2
-    missing = [t for t in ("rsync", "ssh", "go", "unshare") if shutil.which(t) is None]
-    if missing or not os.path.exists("/usr/sbin/sshd"):
-        print("bench: missing {} (bash scripts/setup.sh)".format(", ".join(missing) or "sshd"), file=sys.stderr)
-        return 2
-
+def run_guarded(bench) -> tuple:
+    """``bench.main()`` with clean-up on every way out (Ctrl-C, SIGTERM, SIGHUP, a failure):
+    returns (result, 0) or (None, exit code)."""
     signalled = []
 
     def interrupted(signum, _frame):
@@ -611,8 +832,7 @@ def main(argv=None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
-    bench = Bench(opts)
-    code, signum = 0, None
+    code, signum, result = 0, None, None
     try:
         result = bench.main()
     except (KeyboardInterrupt, Interrupted, Abort) as exc:
@@ -630,13 +850,53 @@ def main(argv=None) -> int:
         bench.cleanup(signum)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+    return result, code
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="pairs of runs per tree (default 5)")
+    parser.add_argument("--trees", default=",".join(TREES),
+                        help="comma list of {} (default: all; none: only --big-output)".format(", ".join(TREES)))
+    parser.add_argument("--out", default=str(REPO / ".vmtasks" / "bench"), help="where the results go")
+    parser.add_argument("--tmp", default=None,
+                        help="where trees, TART_HOME and VMs go (default: /dev/shm when it is a tmpfs with "
+                             "2 GB free, else /tmp/bench)")
+    parser.add_argument("--big-output", default="",
+                        help="comma list of MB: also run a one-test suite printing that much, for the host's "
+                             "peak memory (issue 10 #17), e.g. 0,50,200")
+    parser.add_argument("--big-line", type=int, default=BIG_LINE,
+                        help="bytes per line of the --big-output test (default {})".format(BIG_LINE))
+    opts = parser.parse_args(argv)
+    opts.trees = [t.strip() for t in opts.trees.split(",") if t.strip() and t.strip() != "none"]
+    try:
+        opts.big_output = [int(x) for x in opts.big_output.split(",") if x.strip()]
+    except ValueError:
+        parser.error("--big-output takes whole MB, e.g. 0,50,200")
+    if opts.tmp is None:
+        opts.tmp = "/dev/shm/bench" if in_memory("/dev/shm", 2 << 30) else "/tmp/bench"
+    os.makedirs(opts.tmp, exist_ok=True)
+    unknown = [t for t in opts.trees if t not in TREES]
+    if unknown or not (opts.trees or opts.big_output) or opts.runs < 1 or opts.big_line < 2:
+        parser.error("unknown tree(s): {}".format(", ".join(unknown)) if unknown else "nothing to run")
+    if os.geteuid() != 0:
+        print("bench: run as root (the tart stand-in needs namespaces and port 22)", file=sys.stderr)
+        return 2
+    missing = [t for t in ("rsync", "ssh", "go", "unshare") if shutil.which(t) is None]
+    if missing or not os.path.exists("/usr/sbin/sshd"):
+        print("bench: missing {} (bash scripts/setup.sh)".format(", ".join(missing) or "sshd"), file=sys.stderr)
+        return 2
+
+    result, code = run_guarded(Bench(opts))
     if code:
         return code
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # A memory-only run (--trees none) does not replace the tree table's latest.
+    prefix = "" if opts.trees else "big-"
+    stamp = prefix + time.strftime("%Y%m%d-%H%M%S")
     table = markdown(result)
-    for name in (stamp, "latest"):
+    for name in (stamp, prefix + "latest"):
         (out / (name + ".json")).write_text(json.dumps(result, indent=2) + "\n")
         (out / (name + ".md")).write_text(table)
     print(table)
