@@ -31,14 +31,16 @@ class ImagePlan:
     why: str  # why it must be (re)built: which input changed, or "no image yet"
 
 
-def image_plan(parts, listed=None) -> ImagePlan:
-    """The prepared image this config needs, and whether it exists."""
+def image_plan(parts, listed=None, bundle: Optional[bytes] = None) -> ImagePlan:
+    """The prepared image this config needs, and whether it exists. ``bundle``: the run's
+    tool bundle, when it has one already."""
     from .vm import tool_bundle
 
     cfg = parts.cfg
     tart = parts.tart
     identity = dict(images.base_identity(tart, cfg.vm.base), vm_cpu=cfg.vm.cpu, vm_memory=cfg.vm.memory)
-    inputs = images.image_inputs(identity, cfg.setup, cfg.prepare, images.bundle_digest(tool_bundle(cfg)))
+    digest_of_bundle = images.bundle_digest(bundle if bundle is not None else tool_bundle(cfg))
+    inputs = images.image_inputs(identity, cfg.setup, cfg.prepare, digest_of_bundle)
     digest = images.hash_inputs(inputs)
     prefix = cfg.vm.name_prefix
     listing = parts.backend.list_vms() if listed is None else listed

@@ -86,6 +86,8 @@ class Run:
         self.pipelines: List[VmPipeline] = []  # the VMs that run tests
         self.running: List[VmPipeline] = []  # the pipelines started last (tests, or an image build)
         self.image_name = ""
+        self._bundle: Optional[bytes] = None
+        self._bundle_lock = threading.Lock()
         self.expected: List[gotest.TestItem] = []
         self.listed = None
         self.bin_dir: Optional[Path] = None
@@ -212,6 +214,15 @@ class Run:
                                                          schedule.lower_bound([history.estimate(t.package, t.name)
                                                                                for t in order], self.vm_count)))
 
+    def tool_bundle(self) -> bytes:
+        """The guest-side tool bundle, built once per run (every VM and the image hash use it)."""
+        with self._bundle_lock:
+            if self._bundle is None:
+                from .vm import tool_bundle
+
+                self._bundle = tool_bundle(self.cfg)
+            return self._bundle
+
     # -- prepared images -------------------------------------------------------
     def _images_apply(self) -> bool:
         if self.backend.name != "tart" or self.request.prepared == "never":
@@ -221,7 +232,7 @@ class Run:
     def _image(self, ctx) -> None:
         from . import prepare
 
-        plan = prepare.image_plan(self.parts, self.listed)
+        plan = prepare.image_plan(self.parts, self.listed, bundle=self.tool_bundle())
         if plan.exists:
             if self.request.only_prepare:
                 ctx.stage_note = "up to date: " + plan.name
