@@ -106,3 +106,13 @@ def test_suite_argv_json_replaces_v():
     assert inner.suite_argv(cfg, "X", json_output=True) == [
         "go", "test", "-json", "-timeout", "45m", "-tags=e2e,vm", "-run", "X", "./test/e2e/..."]
     assert inner.suite_argv(cfg) == ["go", "test", "-v", "-timeout", "60m", "-tags=e2e,vm", "./test/e2e/..."]
+
+
+def test_a_test_regex_that_looks_like_a_flag_is_kept(tmp_path):
+    """`--test=-v` (or `-test.v`) is the user's regex: only the template's own -v is dropped
+    when JSON output is asked for."""
+    cfg = config.load(None, environ={}, cwd=tmp_path)
+    for regex in ("-v", "-test.v"):
+        argv = inner.suite_argv(cfg, regex, json_output=True)
+        assert argv[argv.index("-run") + 1] == regex, argv
+        assert argv.count("-v") == (1 if regex == "-v" else 0) and "-json" in argv
