@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import List
 
-from . import ssh
+from . import images, ssh
 from .errors import VmtasksError
 
 
@@ -22,6 +22,10 @@ def rows(parts) -> List[List[str]]:
         if not vm.name.startswith(prefix):
             continue
         lease = leases.get(vm.name)
+        image = images.parse_prepared(parts.cfg.vm.name_prefix, vm.name)
+        if image is not None:
+            out.append([vm.name, "-", "-", "prepared image" + (" (running)" if vm.running else ""), "-", "-"])
+            continue
         if lease is None:
             out.append([vm.name, "-", "-", "no lease" + (", running" if vm.running else ""), "-", "-"])
             continue
