@@ -21,6 +21,8 @@ from .proc import tail_file, which
 from .tart import INSTALL_HINT, Tart
 
 LIMIT_MESSAGE = "exceeds the system limit"
+RESTORING = "restoring VM state from a snapshot"  # what `tart run` prints when it tries a resume
+RESUMED = "resuming VM"  # ...and when the resume worked
 MACOS_VM_LIMIT = 2  # Apple's limit of running macOS guests per host
 STANDIN_HINT = "no Mac? the stand-in makes its base with: tart create {base}"
 
@@ -105,6 +107,8 @@ class TartMachine(Machine):
         self.ip: Optional[str] = None
         self.console_log: Optional[Path] = None
         self.exists = False  # a clone may have made it: teardown must try to delete
+        self.resume = False  # cloned from a suspended slot image: keep its MAC, resume it
+        self.boot_path = ""  # "resumed" / "cold boot" / "cold boot: saved state refused", for the record
 
     # -- create and boot ---------------------------------------------------
     def create(self, image: str, deadline: float, cancel: threading.Event, on_start=None) -> None:
@@ -117,6 +121,8 @@ class TartMachine(Machine):
             self.exists = True  # killed half-way: the name may exist, teardown deletes it
             raise
         self.exists = True
+        if self.resume:
+            return  # a saved state is tied to its MAC, CPU and memory: a `tart set` would void it
         self.tart.set(self.name, cpu=self.cfg.vm.cpu, memory=self.cfg.vm.memory,
                       random_mac=self.cfg.vm.random_mac)
 
@@ -141,6 +147,8 @@ class TartMachine(Machine):
                     if waited:
                         on_wait("")  # got a slot: the waiting note goes
                     self.boot_deadline = boot_deadline
+                    if not self.boot_path:
+                        self.boot_path = "resumed" if RESUMED in "\n".join(self.console_tail(40)) else "cold boot"
                     return
                 if time.monotonic() > boot_deadline:
                     raise StageError("boot", self.name, "no IP address after {:g}s".format(self.cfg.timeouts.boot),
@@ -148,6 +156,14 @@ class TartMachine(Machine):
                                      self.console_tail())
                 sleep_or_cancel(next(waits), cancel)
             console = "\n".join(self.console_tail(5))
+            if self.resume and RESTORING in console and self.proc.returncode != 0:
+                # The saved state was refused (a MAC or configuration change): `tart stop`
+                # drops it, a fresh MAC avoids the clone's old lease, and it boots cold.
+                self.tart.stop(self.name, timeout=30)
+                self.tart.set(self.name, random_mac=self.cfg.vm.random_mac)
+                self.resume = False
+                self.boot_path = "cold boot: the saved state was refused"
+                continue
             if LIMIT_MESSAGE in console and still_wanted is not None and not still_wanted():
                 raise NoLongerNeeded("no slot yet, and no test left for {}".format(self.name))
             if LIMIT_MESSAGE in console and time.monotonic() < slot_deadline:

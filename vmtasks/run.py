@@ -233,49 +233,63 @@ class Run:
         from . import prepare
 
         plan = prepare.image_plan(self.parts, self.listed, bundle=self.tool_bundle())
+        building = self.request.only_prepare or self.request.prepared == "build"
         if plan.exists:
             if self.request.only_prepare:
                 ctx.stage_note = "up to date: " + plan.name
             else:
                 self.image, self.skip_setup = plan.name, True
                 ctx.stage_note = "using {} (setup steps skipped)".format(plan.name)
-        elif self.request.only_prepare or self.request.prepared == "build":
-            self._build_image(plan)
+        if building:
+            made = self._build_image(plan)
+            if not plan.exists:
+                ctx.stage_note = "built " + plan.name
             if not self.request.only_prepare:
                 self.image, self.skip_setup = plan.name, True
-            ctx.stage_note = "built " + plan.name
-        else:
+            if made:
+                ctx.stage_note += "; suspended for resume: " + ", ".join(made)
+        elif not plan.exists:
             self.reporter.info("   no prepared image for this setup ({}): the VM runs the setup steps; "
                                "`invoke vm-prepare` builds one (or pass --prepare)".format(plan.why))
             ctx.stage_note = "none: plain path"
         ctx.stage_status = "ok"
         self.image_name = plan.name
 
-    def _build_image(self, plan) -> None:
-        from . import images
+    def _build_image(self, plan) -> List[str]:
+        """Under the image's lock: build it unless it exists (another run may have built it
+        while we waited), then its suspended slot copies. Returns the slot images made."""
+        from . import images, prepare
 
         prefix, state = self.cfg.vm.name_prefix, self.ledger.state_dir
         with images.BuildLock(state, plan.hash, image=plan.name, run_id=self.run_id, on_wait=self.reporter.info,
                               timeout=self.cfg.timeouts.prepare, cancel=self.cancel):
             listing = self.backend.list_vms()
-            if images.find_prepared(listing, prefix, plan.hash) is not None:
+            if images.find_prepared(listing, prefix, plan.hash) is None:
+                self._build_stopped_image(plan, listing)
+            elif not plan.exists:
                 self.reporter.info("   {} was built meanwhile by another run".format(plan.name))
-                return
-            # We hold the build lock: a VM under this build's name is a dead build's.
-            for vm in images.leftover_builds(listing, prefix):
-                if images.parse_building(prefix, vm.name).hash == plan.hash:
-                    self.backend.remove(vm.name, self.cfg.timeouts.teardown)
-                    self.ledger.remove(vm.name)
-            self.reporter.info("   building prepared image {}: {}".format(plan.name, plan.why))
-            builder = VmPipeline(self, plan.building, self.backend.machine(plan.building, self._owner(), self.cfg),
-                                 building=plan)
-            self.reporter.vm_added(plan.building)
-            self._start([builder])
-            self._wait_for_teardown([builder])
-            if self.cancel.is_set():
-                raise Cancelled("the run is stopping")
-            if builder.ctx.error is not None:
-                raise builder.ctx.error
+            slots = min(self.vm_count, self.backend.slots() or self.vm_count)
+            return prepare.build_suspended_slots(self, plan, slots)
+
+    def _build_stopped_image(self, plan, listing) -> None:
+        from . import images
+
+        prefix = self.cfg.vm.name_prefix
+        # We hold the build lock: a VM under this build's name is a dead build's.
+        for vm in images.leftover_builds(listing, prefix):
+            if images.parse_building(prefix, vm.name).hash == plan.hash:
+                self.backend.remove(vm.name, self.cfg.timeouts.teardown)
+                self.ledger.remove(vm.name)
+        self.reporter.info("   building prepared image {}: {}".format(plan.name, plan.why))
+        builder = VmPipeline(self, plan.building, self.backend.machine(plan.building, self._owner(), self.cfg),
+                             building=plan)
+        self.reporter.vm_added(plan.building)
+        self._start([builder])
+        self._wait_for_teardown([builder])
+        if self.cancel.is_set():
+            raise Cancelled("the run is stopping")
+        if builder.ctx.error is not None:
+            raise builder.ctx.error
 
     # -- the VMs ---------------------------------------------------------------
     def _owner(self) -> Owner:
@@ -289,8 +303,13 @@ class Run:
                 return
         names = ["{}-{}".format(self.cfg.vm.name_prefix, self.run_id)] if self.vm_count == 1 else \
             ["{}-{}-{}".format(self.cfg.vm.name_prefix, self.run_id, n + 1) for n in range(count)]
-        for name in names:
+        suspended = self._suspended_slots() if self.skip_setup else {}
+        for index, name in enumerate(names, 1):
             pipeline = VmPipeline(self, name, self.backend.machine(name, self._owner(), self.cfg))
+            if index in suspended:
+                # Slot N's saved state serves the run's N-th VM: one saved state per MAC.
+                pipeline.image = suspended[index]
+                pipeline.ctx.machine.resume = True
             self.pipelines.append(pipeline)
             self.reporter.vm_added(name)
         self.reporter.info("run {}: {} from {}{}".format(
@@ -302,6 +321,22 @@ class Run:
         self.running = pipelines
         for pipeline in pipelines:
             threading.Thread(target=pipeline.execute, name=pipeline.name, daemon=True).start()
+
+    def _suspended_slots(self):
+        """{slot: image} of the prepared image's suspended copies (vm-prepare makes them
+        where Tart can suspend)."""
+        from . import images
+
+        prefix = self.cfg.vm.name_prefix
+        plan = images.parse_prepared(prefix, self.image)
+        if plan is None or self.backend.name != "tart":
+            return {}
+        out = {}
+        for vm in self.backend.list_vms():
+            parsed = images.parse_prepared(prefix, vm.name)
+            if parsed is not None and parsed.hash == plan.hash and parsed.slot and vm.state == "suspended":
+                out[parsed.slot] = vm.name
+        return out
 
     def _in_teardown(self) -> bool:
         return bool(self.running) and all(p.tearing_down for p in self.running)

@@ -109,13 +109,25 @@ class Tart:
         if len(args) > 2:
             self._check(self._run(*args, timeout=60))
 
-    def run_argv(self, name: str) -> List[str]:
-        return self._argv("run", "--no-graphics", name)
+    def run_argv(self, name: str, suspendable: bool = False) -> List[str]:
+        # --suspendable only where we mean to suspend: it drops audio and entropy devices.
+        return self._argv("run", "--no-graphics", *(["--suspendable"] if suspendable else []), name)
 
-    def start(self, name: str, log: IO[bytes]) -> "subprocess.Popen[bytes]":
+    def start(self, name: str, log: IO[bytes], suspendable: bool = False) -> "subprocess.Popen[bytes]":
         """``tart run`` stays in the foreground until the VM stops: spawn it in its own
         session, its console captured to ``log``."""
-        return self.runner.spawn(self.run_argv(name), log)
+        return self.runner.spawn(self.run_argv(name, suspendable), log)
+
+    def suspend(self, name: str) -> bool:
+        """``tart suspend`` (macOS 14+, a VM run with --suspendable): asks the run to save
+        the VM's state and exit. False when this Tart cannot (exit 64: no such command) or
+        the VM is not running (exit 2); whether the state was saved, the run's exit and
+        ``tart get``'s State say."""
+        result = self._run("suspend", name, timeout=60)
+        if result.returncode in (EXIT_MISSING_OR_STATE, EXIT_USAGE):
+            return False
+        self._check(result)
+        return True
 
     def ip(self, name: str, timeout: float = 30, cancel=None) -> Optional[str]:
         """The VM's IPv4 address, or None while it has none yet (exit 1)."""

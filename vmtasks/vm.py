@@ -221,6 +221,9 @@ class VmPipeline:
         queue = self.run.queue if self.building is None else None
         ctx.machine.start(ctx.dir / "console.log", ctx.deadline, self.run.cancel, on_wait,
                           still_wanted=lambda: queue is None or not queue.exhausted())
+        path = getattr(ctx.machine, "boot_path", "")
+        if path and self.image != self.run.cfg.vm.base:
+            ctx.stage_note, ctx.stage_status = "{} ({})".format(path, self.image), "ok"
         address = ctx.machine.address()
         if address:
             ctx.lease = dataclasses.replace(ctx.lease, ip=address)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,8 +23,14 @@ SLOW_SETUP = ["sleep 1.5", "python3 -c 'import invoke' 2>/dev/null || PIP_BREAK_
               "install --user --quiet --disable-pip-version-check 'invoke>=2,<3'"]
 
 
-def images(world):
+def all_images(world):
+    """Prepared images, stopped ones and their suspended per-slot copies (`-sN`)."""
     return sorted(vm for vm in world.vms() if vm.startswith(PREFIX + "-prepared-"))
+
+
+def images(world):
+    """The stopped prepared images (one per hash)."""
+    return [vm for vm in all_images(world) if not re.search(r"-s\d+$", vm)]
 
 
 def builds(world):
@@ -37,7 +44,7 @@ def stage_seconds(record, name):
 @pytest.fixture
 def cleanup_images(world):
     yield
-    for vm in images(world) + builds(world):
+    for vm in all_images(world) + builds(world):
         world.tart("stop", vm)
         world.tart("delete", vm)
 
@@ -48,6 +55,7 @@ def test_prepare_once_then_runs_skip_setup_and_a_changed_step_rebuilds(world, cl
     assert built.code == 0, built.text
     assert "no prepared image built yet" in built.err, built.err
     assert len(images(world)) == 1 and builds(world) == []
+    assert all_images(world) == [images(world)[0], images(world)[0] + "-s1"]  # one VM: one suspended copy
     assert "DONE prepared image " + images(world)[0] in built.out
     again = world.invoke("vm-prepare", config=cfg)
     assert again.code == 0 and "up to date" in again.err, again.text
@@ -79,6 +87,7 @@ def test_prepare_once_then_runs_skip_setup_and_a_changed_step_rebuilds(world, cl
     swept = world.invoke("cleanup-orphans", "--prepared", config=cfg)
     assert swept.code == 0, swept.text
     assert images(world) == new
+    assert all(name.startswith(new[0]) for name in all_images(world)), all_images(world)
     world.assert_nothing_left()
 
 
@@ -126,3 +135,29 @@ def test_two_runs_needing_the_same_image_build_it_once(world, cleanup_images):
                for err in errs), errs
     assert len(images(world)) == 1
     world.assert_nothing_left()
+
+
+def test_suspended_slot_images_resume_and_a_refused_state_falls_back_to_a_cold_boot(world, cleanup_images):
+    """Where Tart can suspend, vm-prepare leaves one suspended copy per VM slot; a run's N-th
+    VM resumes slot N's copy (one saved state per MAC), gets this run's key after the resume,
+    and says which path it took; a refused saved state boots cold and still passes."""
+    cfg = world.write_config(setup=SLOW_SETUP, vms=2)
+    built = world.invoke("vm-prepare", config=cfg)
+    assert built.code == 0, built.text
+    slots = [name for name in all_images(world) if name.endswith(("-s1", "-s2"))]
+    assert len(slots) == 2, world.tart("list").stdout
+    states = json.loads(world.tart("list", "--format", "json").stdout)
+    assert {row["Name"]: row["State"] for row in states if row["Name"] in slots} == {s: "suspended" for s in slots}
+
+    run = world.invoke("test-vm-run", "--test=TestShellRC|TestDefaultsWrite", config=cfg)
+    assert run.code == 0, run.text
+    assert run.err.count("resumed (" + PREFIX + "-prepared-") == 2, run.err
+    world.assert_nothing_left()
+
+    refused = world.invoke("test-vm-run", "--test=TestShellRC", config=cfg, env={"TART_STANDIN_REFUSE_RESTORE": "1"})
+    assert refused.code == 0, refused.text
+    assert "cold boot: the saved state was refused" in refused.err, refused.err
+    world.assert_nothing_left()
+    # The slot images themselves are untouched by the runs that cloned them.
+    states = json.loads(world.tart("list", "--format", "json").stdout)
+    assert {row["Name"]: row["State"] for row in states if row["Name"] in slots} == {s: "suspended" for s in slots}
