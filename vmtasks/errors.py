@@ -135,10 +135,6 @@ class Interrupted(VmtasksError):
         super().__init__("interrupted by {}{}".format(name, where))
 
 
-class TeardownAbandoned(Interrupted):
-    """A second signal during teardown: stop cleaning up now, say what is left."""
-
-
 class NotInVm(VmtasksError):
     """An in-VM (destructive) task was started outside a throwaway VM."""
 

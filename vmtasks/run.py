@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from . import gotest, orphans, results
+from . import gotest, orphans, results, schedule
 from .backend import Cancelled, Owner
 from .errors import Interrupted, StageError, VmtasksError
 from .machine_tart import NoSlot
@@ -92,6 +92,7 @@ class Run:
         self.listed = None
         self.bin_dir: Optional[Path] = None
         self.guard = SignalGuard(self.cancel, in_teardown=self._in_teardown)
+        self.host_runner: Optional[StageRunner] = None
         self.ctx = RunContext()
         self.exit_code = 1
         self.notes: List[str] = []
@@ -199,20 +200,17 @@ class Run:
         framing = bool(packages) and gotest.supports_test2json_framing(
             self.runner, self.bin_dir / packages[0].binary, str(Path(self.cfg.project_dir) / packages[0].rel_dir))
         history = results.History.load(self.cfg.suite.durations)
-        from . import schedule
-
         ids = {schedule.TestId(i.package.import_path, i.name): i for i in items}
-        order = schedule.longest_first(list(ids), lambda t: history.estimate(t.package, t.name))
-        ordered = [ids[t] for t in order]
+        estimates = {t: history.estimate(t.package, t.name) for t in ids}
+        ordered = [ids[t] for t in schedule.longest_first(list(ids), estimates.get)]
         self.expected = ordered
         self.queue = TestQueue(ordered, suite, self.bin_dir, framing, guest_env_words(self.cfg))
-        total = sum(history.estimate(t.package, t.name) for t in order)
+        total = sum(estimates.values())
         ctx.stage_note = "{} tests in {} packages, ~{:.0f}s of work".format(len(ordered), len(packages), total)
         ctx.stage_status = "ok"
         self.reporter.info("   {} tests, longest first, over {} VMs (estimated {:.0f}s of work, "
                            "lower bound {:.0f}s)".format(len(ordered), self.vm_count, total,
-                                                         schedule.lower_bound([history.estimate(t.package, t.name)
-                                                                               for t in order], self.vm_count)))
+                                                         schedule.lower_bound(list(estimates.values()), self.vm_count)))
 
     def tool_bundle(self) -> bytes:
         """The guest-side tool bundle, built once per run (every VM and the image hash use it)."""
@@ -371,7 +369,7 @@ class Run:
     def _finish(self) -> int:
         interrupted = self.guard.received is not None
         if interrupted:
-            where = [r.interrupted_at for r in [getattr(self, "host_runner", None)] + [p.runner for p in self.pipelines]
+            where = [r.interrupted_at for r in [self.host_runner] + [p.runner for p in self.pipelines]
                      if r is not None and r.interrupted_at]
             self.reporter.error(Interrupted(self.guard.received, where[0] if where else "").render())
         if self.request.only_prepare:
@@ -385,7 +383,7 @@ class Run:
                 else:
                     self.reporter.error(error.render())
                     self.vm_errors.append(error.message)
-            if getattr(p.ctx, "teardown_failed", False):
+            if p.ctx.teardown_failed:
                 self.vm_errors.append("teardown of {} failed".format(p.name))
             for summary in p.ctx.summaries:
                 parts.append((p.name if self.vm_count > 1 else "", summary))

@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 
 from . import results, ssh, sync
 from .backend import Cancelled, Machine, NoLongerNeeded
-from .errors import Interrupted, StageError, TeardownAbandoned, VmtasksError, describe_unexpected
+from .errors import Interrupted, StageError, VmtasksError, describe_unexpected
 from .pipeline import Stage, StageRunner
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -437,8 +437,6 @@ class VmPipeline:
             if ctx.lease is not None:
                 self.run.ledger.release(self.name)
                 shutil.rmtree(ctx.lease.key_dir, ignore_errors=True)
-        except TeardownAbandoned:
-            raise
         except VmtasksError as exc:
             self.run.reporter.error("teardown of {} failed: {}".format(self.name, exc.message))
             self.run.reporter.error(self.leftovers())
