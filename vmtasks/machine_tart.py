@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 from . import ssh
 from .backend import Backend, Cancelled, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
-from .errors import CommandTimeout, PreflightError, StageError, TartError, VmtasksError
+from .errors import CommandTimeout, PreflightError, StageError, TartError
 from .proc import tail_file, which
 from .tart import INSTALL_HINT, Tart
 
@@ -289,7 +289,3 @@ KEY_SCRIPT = (
     'umask 077 && mkdir -p .ssh && printf "%s\\n" "$1" >> .ssh/authorized_keys '
     "&& chmod 700 .ssh && chmod 600 .ssh/authorized_keys"
 )
-
-
-def describe_error(exc: BaseException) -> str:
-    return exc.message if isinstance(exc, VmtasksError) else str(exc)

@@ -128,13 +128,6 @@ def _stop(proc: "subprocess.Popen[str]"):
     return "", ""
 
 
-def output_text(data) -> str:
-    """Output captured by a timed-out subprocess: bytes, str or None."""
-    if isinstance(data, bytes):
-        return data.decode("utf-8", errors="replace")
-    return data or ""
-
-
 def which(name: str, path: Optional[str] = None) -> Optional[str]:
     import shutil
 
