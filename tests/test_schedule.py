@@ -131,6 +131,27 @@ def test_shard_checks_k_and_n(k, n):
         shard([TestId(A, "TestA")], k, n, lambda t: 1.0)
 
 
+def test_more_shards_than_tests_builds_only_the_bins_it_needs():
+    rng = random.Random(7)
+    for size in (1, 3, 9):
+        tests, w = random_suite(rng, size)
+        for n in (size, size + 1, size + 5):
+            full = partition(tests, n, w)
+            assert [shard(tests, k, n, w) for k in range(1, n + 1)] == full
+    tests, w = random_suite(rng, 12)
+    # 10^9 shards: N bins would take gigabytes; only 12 are built
+    assert shard(tests, 1, 10 ** 9, w) == [longest_first(tests, w)[0]]
+    assert shard(tests, 13, 10 ** 9, w) == [] and shard(tests, 10 ** 9, 10 ** 9, w) == []
+
+
+@pytest.mark.parametrize("text,words", [("", "empty"), ("  ", "empty"), ("1/10000000000", "more than"),
+                                        ("1/" + "9" * 5000, "more than"), ("100001/100001", "more than")])
+def test_parse_shard_refuses_empty_and_huge(text, words):
+    with pytest.raises(ConfigError) as err:
+        parse_shard(text)
+    assert words in err.value.message and err.value.exit_code == 2 and len(err.value.message) < 200
+
+
 LIST_TEXT = """?   \texample.com/e2e/empty\t[no test files]
 TestO
 BenchmarkO

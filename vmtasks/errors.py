@@ -31,7 +31,10 @@ class VmtasksError(Exception):
 
 
 class ConfigError(VmtasksError):
-    """The configuration is invalid (raised before any VM exists)."""
+    """The configuration or the command line is invalid (raised before any VM exists).
+    Exit code 2, as for any usage error."""
+
+    exit_code = 2
 
 
 class PreflightError(VmtasksError):

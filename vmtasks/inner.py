@@ -88,9 +88,12 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
     tests = list_shard_candidates(suite, workdir, env)
     history = History.load(durations or cfg.suite.durations)
     estimate = lambda t: history.estimate(t.package, t.name)  # noqa: E731
-    mine = schedule.shard(sorted(tests), k, n, estimate)
+    mine = schedule.shard(tests, k, n, estimate)
     print("vmtasks: shard {}/{}: {} of {} tests (estimated {:.0f}s)".format(
         k, n, len(mine), len(tests), sum(estimate(t) for t in mine)), file=sys.stderr)
+    if n > len(tests):
+        print("vmtasks: {} shards for {} tests: shards {}..{} are empty and pass; fewer CI jobs would do".format(
+            n, len(tests), len(tests) + 1, n), file=sys.stderr)
     code = 0
     by_package = {}
     for t in mine:

@@ -149,14 +149,24 @@ def partition(tests: Iterable[TestId], n: int, estimate: Estimate) -> List[List[
 
 
 def shard(tests: Iterable[TestId], k: int, n: int, estimate: Estimate) -> List[TestId]:
-    """The ``k``-th (1-based) of ``n`` shards from :func:`partition`: what one CI job runs."""
+    """The ``k``-th (1-based) of ``n`` shards from :func:`partition`: what one CI job runs.
+
+    Only as many bins as there are tests are built, whatever ``n`` is: with more shards
+    than tests, :func:`partition` puts the j-th longest test alone in bin j (a bin past
+    the tests is never the least loaded while a test is left), so the shards past the
+    tests are empty and the others are the same as with all ``n`` bins."""
     _check_count(n)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError("shard {!r} of {} does not exist: K must be between 1 and {}".format(k, n, n),
                           "give --shard K/N with 1 <= K <= N, for example 1/{}".format(n))
-    return partition(tests, n, estimate)[k - 1]
+    unique = sorted(set(tests))
+    bins = min(n, len(unique))
+    if k > bins:
+        return []
+    return partition(unique, bins, estimate)[k - 1]
 
 
+MAX_SHARDS = 100000  # a CI matrix of more jobs than this is a typo, not a plan
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -164,13 +174,24 @@ def parse_shard(text: str) -> Tuple[int, int]:
     """``"2/3"`` -> ``(2, 3)``: shard K of N, checked (1 <= K <= N)."""
     m = _SHARD.match(text) if isinstance(text, str) else None
     if m is None:
-        raise ConfigError("--shard {!r} is not K/N".format(text),
+        if isinstance(text, str) and not text.strip():
+            raise ConfigError("--shard is empty: it would run the whole suite in every CI job",
+                              "give --shard K/N (is the CI matrix variable set?), or leave --shard out")
+        raise ConfigError("--shard {!r} is not K/N".format(_clip(text)),
                           "write it as K/N, for example --shard 1/2 (the first of two shards)")
-    k, n = int(m.group(1)), int(m.group(2))
+    # Compare lengths first: int() of thousands of digits is refused (or slow).
+    k, n = (int(g) if len(g.lstrip("0")) <= 9 else MAX_SHARDS + 1 for g in m.groups())
+    if n > MAX_SHARDS:
+        raise ConfigError("--shard {!r}: N (or K) is more than {} (a CI matrix that large is a typo)".format(
+            _clip(text), MAX_SHARDS), "give N as the number of CI jobs, for example --shard 1/4")
     if n < 1 or not 1 <= k <= n:
-        raise ConfigError("--shard {!r}: K must be between 1 and N, and N at least 1".format(text),
+        raise ConfigError("--shard {!r}: K must be between 1 and N, and N at least 1".format(_clip(text)),
                           "write K/N with 1 <= K <= N: N CI jobs get --shard 1/N ... --shard N/N")
     return k, n
+
+
+def _clip(text: Any) -> Any:
+    return text[:40] + "..." if isinstance(text, str) and len(text) > 40 else text
 
 
 def lower_bound(estimates: Iterable[float], n: int) -> float:

@@ -176,7 +176,7 @@ def _inner(test, json_output, shard, durations):
         inner.require_vm(os.environ)
         path, _ = config_mod.locate(None, os.environ, Path.cwd(), required=False)
         cfg = config_mod.load(path, os.environ)
-        if shard:
+        if shard is not None:
             code = inner.run_shard(cfg, test, json_output, shard, durations)
         else:
             code = inner.run_suite(cfg, test, json_output)

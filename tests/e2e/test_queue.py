@@ -147,3 +147,28 @@ def test_static_shards_cover_the_list_exactly_once(world):
     assert first and second
     assert sorted(first + second) == suite_list(), "the two shards must cover the suite exactly once"
     assert not set(first) & set(second)
+
+
+def inner_shard(world, shard: str):
+    """`invoke test-vm-inner --shard <shard>` as a CI job runs it; the finished process."""
+    data = yaml.safe_load((UNEVEN / "vm.yaml").read_text())
+    data["guest"]["dir"] = str(UNEVEN)
+    data["suite"]["durations"] = str(world.root / "durations.json")
+    cfg = world.root / "inner.json"
+    cfg.write_text(json.dumps(data))
+    env = dict(world.env, OPENBOOT_IN_VM="1", OPENBOOT_VM_CONFIG=str(cfg), UNEVEN_SCALE="0.01")
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(REPO), "test-vm-inner",
+                           "--shard", shard, "--json-output"], cwd=str(world.cwd), env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_shard_refuses_an_empty_or_huge_n_and_empty_shards_pass(world):
+    empty = inner_shard(world, "")  # an unset CI matrix variable
+    assert empty.returncode == 2 and "--shard is empty" in empty.stderr and '"Action"' not in empty.stdout
+    huge = inner_shard(world, "1/10000000000")
+    assert huge.returncode == 2 and "more than 100000" in huge.stderr
+    count = len(suite_list())
+    past = inner_shard(world, "{}/100000".format(count + 1))  # more jobs than tests: nothing to do, and it says so
+    assert past.returncode == 0, past.stderr
+    assert "0 of {} tests".format(count) in past.stderr and "are empty" in past.stderr
+    assert '"Action":"run"' not in past.stdout.replace(" ", "")
