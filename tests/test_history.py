@@ -131,3 +131,51 @@ def test_save_failure_is_a_state_error(tmp_path):
     assert "durations" in err.value.message and err.value.hint
     with pytest.raises(ValueError):
         History().save()
+
+
+def test_a_deeply_nested_file_is_not_a_crash_and_is_kept_aside(tmp_path):
+    """200 000 levels of nesting: the json parser recurses; the history never raises on content."""
+    path = tmp_path / "durations.json"
+    bad = "[" * 200000 + "]" * 200000
+    path.write_text(bad)
+    history = History.load(path)
+    assert len(history) == 0 and "RecursionError" in history.problem
+    note = History.update(path, run(TestResult(A, "TestBoot", "pass", 2.0)))
+    assert "moved to" in note and str(path) + ".corrupt" in note
+    assert (tmp_path / "durations.json.corrupt").read_text() == bad  # the bad copy is kept for a person
+    assert History.load(path).samples(A, "TestBoot") == [2.0] and History.load(path).problem == ""
+
+
+@pytest.mark.parametrize("content,words", [(b"\xff\xfe not utf-8", "not JSON"), (b"[1, 2]", "no \"tests\""),
+                                           (b"{\"tests\": [", "not JSON")])
+def test_a_corrupt_file_is_reported_not_silently_replaced(tmp_path, content, words):
+    path = tmp_path / "durations.json"
+    path.write_bytes(content)
+    note = History.update(path, run(TestResult(A, "TestBoot", "pass", 1.0)))
+    assert words in note and (tmp_path / "durations.json.corrupt").read_bytes() == content
+
+
+def test_a_missing_file_is_the_first_run_not_a_problem(tmp_path):
+    path = tmp_path / "new" / "durations.json"
+    assert History.update(path, run(TestResult(A, "TestBoot", "pass", 1.0))) == ""
+    assert History.load(path).samples(A, "TestBoot") == [1.0]
+
+
+def _updater(path: str, worker: int, count: int) -> None:
+    for i in range(count):
+        History.update(path, run(TestResult(A, "TestW%dN%d" % (worker, i), "pass", 1.0)))
+
+
+def test_concurrent_updates_lose_nothing(tmp_path):
+    """Several runs finishing at once each add their tests: every one is in the file after."""
+    import multiprocessing
+
+    path = str(tmp_path / "durations.json")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_updater, args=(path, w, 25)) for w in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(History.load(path)) == 6 * 25

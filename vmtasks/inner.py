@@ -87,6 +87,9 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
                            "check guest.dir in the config (the CI job's checkout)")
     tests = list_shard_candidates(suite, workdir, env)
     history = History.load(durations or cfg.suite.durations)
+    if history.problem:
+        print("vmtasks: durations file {} not used ({}): shards are cut as if no test had run before".format(
+            history.path, history.problem), file=sys.stderr)
     estimate = lambda t: history.estimate(t.package, t.name)  # noqa: E731
     mine = schedule.shard(tests, k, n, estimate)
     print("vmtasks: shard {}/{}: {} of {} tests (estimated {:.0f}s)".format(

@@ -472,9 +472,9 @@ class Run:
             if problem:
                 asked.append("--jsonfile: " + problem)
         try:
-            history = results.History.load(self.cfg.suite.durations)
-            history.record(summary)
-            history.save()
+            note = results.History.update(self.cfg.suite.durations, summary)
+            if note:
+                self.reporter.warn(note)
         except VmtasksError as exc:
             self.record.note_problem("durations", exc.message)
         return asked

@@ -27,6 +27,7 @@ KEEP = 10
 PERCENTILE = 0.85
 UNKNOWN = 1.0  # seconds, for a test when nothing at all is known
 VERSION = 2
+MAX_BYTES = 64 * 2 ** 20  # a durations file of 10 samples per test is far smaller
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -74,6 +75,7 @@ class History:
         self.keep = keep
         self._samples: Dict[str, List[float]] = {}
         self._median: Optional[float] = None
+        self.problem = ""  # why the file was not used (it exists but is not a durations file)
 
     @classmethod
     def load(cls, path: PathLike, keep: int = KEEP) -> "History":
@@ -84,12 +86,22 @@ class History:
         """
         history = cls(path, keep)
         try:
-            with open(os.fspath(path), "r", encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, ValueError):
+            with open(os.fspath(path), "rb") as fh:
+                raw = fh.read(MAX_BYTES + 1)
+        except OSError:
+            return history  # missing (the first run) or unreadable: start empty
+        if len(raw) > MAX_BYTES:
+            history.problem = "it is larger than {} MB".format(MAX_BYTES // 2 ** 20)
+            return history
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested too deep to parse
+            history.problem = "it is not JSON ({})".format(type(exc).__name__ if isinstance(exc, RecursionError)
+                                                           else str(exc).splitlines()[0][:120])
             return history
         tests = data.get("tests") if isinstance(data, dict) else None
         if not isinstance(tests, dict):
+            history.problem = "it has no \"tests\" table"
             return history
         for key, entry in tests.items():
             if not isinstance(key, str) or "::" not in key:
@@ -153,6 +165,33 @@ class History:
     def __len__(self) -> int:
         return len(self._samples)
 
+    @classmethod
+    def update(cls, path: PathLike, results: Union[Summary, Iterable[TestResult]], keep: int = KEEP) -> str:
+        """Add one run's durations to the file at ``path``, under a lock, and save it.
+
+        Two runs finishing at once (two checkouts, two users of one Mac) each load, add and
+        save while holding an exclusive ``flock`` on ``<path>.lock``, so neither update is
+        lost. A file that is there but is not a durations file is moved aside to
+        ``<path>.corrupt`` (kept for a person to look at) and a fresh one written; the
+        returned text says so ("" when all was well). Raises ``StateError`` when the file
+        cannot be written."""
+        target = os.fspath(path)
+        with _Locked(target + ".lock"):
+            history = cls.load(target, keep)
+            note = ""
+            if history.problem:
+                kept = target + ".corrupt"
+                try:
+                    os.replace(target, kept)
+                    note = "durations file {} was not usable ({}): moved to {} and started afresh".format(
+                        target, history.problem, kept)
+                except OSError as exc:
+                    note = "durations file {} was not usable ({}) and could not be moved aside ({}): " \
+                           "replaced".format(target, history.problem, exc.strerror or exc)
+            history.record(results)
+            history.save(target)
+        return note
+
     def save(self, path: Optional[PathLike] = None) -> None:
         """Write the history atomically to ``path`` (default: where it was loaded from)."""
         target = os.fspath(path) if path is not None else self.path
@@ -162,3 +201,31 @@ class History:
                 "tests": {k: [round(s, 6) for s in v] for k, v in sorted(self._samples.items())}}
         write_atomic(target, json.dumps(data, indent=1, sort_keys=True) + "\n", make_dirs=True)
         self.path = target
+
+
+class _Locked:
+    """An exclusive ``flock`` on ``path`` (created if missing) for a ``with`` block. Where
+    locking is not possible (no fcntl, a file system without locks) the block runs
+    unlocked: durations only steer the schedule, they are never worth failing a run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "_Locked":
+        try:
+            import fcntl
+
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
