@@ -99,7 +99,7 @@ def test_a_lease_with_unknown_fields_is_read(ledger):
     """Forward compatible: a newer version's extra field does not make a live VM look orphaned."""
     lease = lease_for(ledger, "p-new")
     data = json.loads(ledger.lease_path("p-new").read_text())
-    data.update(backend="tart", labels={"a": "b"})
+    data.update(region="eu", labels={"a": "b"})
     ledger.lease_path("p-new").write_text(json.dumps(data))
     assert ledger.read("p-new") == lease
     assert ledger.scan().unreadable == []
@@ -139,6 +139,38 @@ def test_full_disk_while_writing_the_lease_is_a_clear_error(tmp_path):
             ledger.write(ledger.new_lease("p-full", "full", keep=False, base="b"))
         assert "No space left" in err.value.message and "disk is full" in err.value.hint
         assert ledger.all() == {} and not list(ledger.leases_dir.iterdir())
+
+
+def test_full_disk_in_pre_flight_leaves_no_probe_file(tmp_path):
+    with mounted_tmpfs(tmp_path / "disk", "64k") as disk:
+        ledger = Ledger(disk / "state")
+        ledger.ensure()
+        fill_disk(disk)
+        with pytest.raises(StateError) as err:
+            ledger.ensure()
+        assert "disk is full" in err.value.hint
+        assert [p.name for p in ledger.leases_dir.iterdir()] == []  # no .write-test-<pid> left behind
+
+
+def test_full_disk_while_making_the_run_key_is_a_state_error(tmp_path):
+    from vmtasks import ssh
+
+    with mounted_tmpfs(tmp_path / "disk", "64k") as disk:
+        ledger = Ledger(disk / "state")
+        ledger.ensure()
+        fill_disk(disk)
+        with pytest.raises(StateError) as err:
+            ssh.generate_key(ledger.keys_dir / "vm-1", "vmtasks-test")
+        assert "run's SSH key" in err.value.message and "disk is full" in err.value.hint
+
+
+def test_a_lease_says_where_its_vm_lives_and_how_to_clean_it(tmp_path):
+    ledger = Ledger(tmp_path / "state", backend="orchard", cleanup="invoke cleanup-orphans --config /x/vm.yaml")
+    ledger.ensure()
+    lease = ledger.new_lease("p-9", "run9", keep=False, base="b")
+    ledger.write(lease)
+    read = Ledger(tmp_path / "state").read("p-9")
+    assert read.backend == "orchard" and read.cleanup.endswith("--config /x/vm.yaml")
 
 
 def test_read_only_state_dir_is_a_state_error(tmp_path):

@@ -20,7 +20,8 @@ class Parts:
         self.cfg = cfg
         self.reporter = reporter
         self.environ = os.environ if environ is None else environ
-        self.ledger = Ledger(state_dir(cfg, self.environ))
+        self.ledger = Ledger(state_dir(cfg, self.environ), backend=getattr(cfg, "backend", "tart"),
+                             cleanup=cleanup_command(cfg))
         self.records_root = Path(cfg.records.dir)
         self.record = None  # the run record commands are logged to, once a run has one
         self.runner = Runner(on_command=self._log_command)

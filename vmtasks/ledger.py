@@ -161,6 +161,8 @@ class Lease:
     base: str = ""
     ip: str = ""
     user: str = ""  # who started the run (vm-list: two users share one Mac)
+    backend: str = ""  # "tart" or "orchard": where the VM lives (older leases: unknown)
+    cleanup: str = ""  # the `invoke cleanup-orphans --config ...` line of the run's own config
 
     def owner_alive(self) -> bool:
         return process_alive(self.pid, self.pid_start, self.host)
@@ -178,7 +180,7 @@ class Lease:
         values = {k: v for k, v in data.items() if k in known}
         if not isinstance(values["pid"], int) or isinstance(values["pid"], bool):
             raise ValueError("field pid is not an integer: {!r}".format(values["pid"])[:200])
-        for name in ("vm", "run_id", "pid_start", "host", "key_dir", "base", "ip"):
+        for name in ("vm", "run_id", "pid_start", "host", "key_dir", "base", "ip", "user", "backend", "cleanup"):
             if name in values and not isinstance(values[name], str):
                 raise ValueError("field {} is not a string".format(name))
         if "created" in values and (isinstance(values["created"], bool)
@@ -229,8 +231,10 @@ def _state_error(what: str, path: Path, exc: OSError, hint: str = "") -> StateEr
 
 
 class Ledger:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, backend: str = "", cleanup: str = "") -> None:
         self.state_dir = Path(state_dir)
+        self.backend = backend  # written into new leases: a sweep from another config can judge them
+        self.cleanup = cleanup
         self.leases_dir = self.state_dir / "leases"
         self.keys_dir = self.state_dir / "keys"
         self.children_dir = self.state_dir / "children"
@@ -242,8 +246,13 @@ class Ledger:
             for d in (self.state_dir, self.leases_dir, self.keys_dir, self.children_dir):
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
             probe = self.leases_dir / ".write-test-{}".format(os.getpid())
-            probe.write_text("ok")
-            probe.unlink()
+            try:
+                probe.write_text("ok")
+            finally:
+                try:  # a full disk creates the file and then fails the write: never leave it
+                    probe.unlink()
+                except FileNotFoundError:
+                    pass
         except OSError as exc:
             hint = write_hint(exc) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STATE_DIR_HINT
             raise StateError("state directory {} is not writable: {}".format(
@@ -262,7 +271,8 @@ class Ledger:
         stamp = owner_stamp()
         return Lease(vm=vm, run_id=run_id, pid=stamp["pid"], pid_start=stamp["pid_start"],
                      host=stamp["host"], key_dir=str(self.key_dir_for(run_id)),
-                     keep=keep, created=time.time(), base=base, user=current_user())
+                     keep=keep, created=time.time(), base=base, user=current_user(),
+                     backend=self.backend, cleanup=self.cleanup)
 
     def write(self, lease: Lease) -> None:
         """Atomic and durable: a reader sees the old lease or the new one, never half of

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .errors import RemoteTimeout, SshError
+from .errors import RemoteTimeout, SshError, StateError
 
 SSH_PORT = 22
 
@@ -33,7 +33,18 @@ class RunKey:
 
 
 def generate_key(key_dir: Path, comment: str) -> RunKey:
-    """Generate an ED25519 key pair in-process (no ssh-keygen argv, no passphrase prompt)."""
+    """Generate an ED25519 key pair in-process (no ssh-keygen argv, no passphrase prompt).
+    A full or unwritable state dir is a ``StateError`` that says what to do."""
+    try:
+        return _generate_key(key_dir, comment)
+    except OSError as exc:
+        from .atomic import write_hint
+
+        raise StateError("cannot write the run's SSH key in {}: {}".format(key_dir, exc.strerror or exc),
+                         write_hint(exc)) from None
+
+
+def _generate_key(key_dir: Path, comment: str) -> RunKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
