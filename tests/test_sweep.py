@@ -369,3 +369,27 @@ def test_a_running_vm_leased_in_another_state_dir_survives_a_sweep(standin, tmp_
     finally:
         tart.stop(vm, timeout=10)
         run.wait(timeout=60)
+
+
+def test_dead_leases_under_another_prefix_are_removed_or_named(ledger):
+    """Two configs, one state dir (round-1 F5): the sweep of config "p" judges "q"'s leases too."""
+    lease_for(ledger, "q-dead", pid=dead_pid())  # its VM is listed here: removed
+    gone = lease_for(ledger, "q-gone", pid=dead_pid())  # its VM is gone from this backend
+    ledger.write(Lease(**dict(gone.__dict__, backend="tart")))
+    lease_for(ledger, "q-orch", pid=dead_pid())  # made on Orchard: not here, so only named
+    orch = ledger.read("q-orch")
+    ledger.write(Lease(**dict(orch.__dict__, backend="orchard", cleanup="invoke cleanup-orphans --config /q/vm.yaml")))
+    lease_for(ledger, "q-old", pid=dead_pid())  # an older lease that does not say where its VM was
+    lease_for(ledger, "q-live")  # alive: untouched and not even mentioned
+    lease_for(ledger, "q-kept", pid=dead_pid(), keep=True)
+    runner = listing(("q-dead", True), ("q-live", True), ("q-kept", False), ("r-nolease", False))
+    plan = sweep.plan(Tart(runner), ledger, "p", cleanup_command=CLEANUP)
+    assert kinds(plan) == [("lease", "q-gone"), ("vm", "q-dead")]
+    assert plan.kept == ["q-kept"] and plan.live == [] and plan.unleased == []
+    text = "\n".join(plan.notes())
+    assert "q-orch" in text and "on orchard" in text and "--config /q/vm.yaml" in text
+    assert "q-old" in text and "q-live" not in text and "r-nolease" not in text
+    assert sweep.apply(plan, Tart(runner), ledger) == []
+    assert [c[-1] for c in touched(runner)] == ["q-dead", "q-dead"]
+    assert sorted(ledger.all()) == ["q-kept", "q-live", "q-old", "q-orch"]
+    assert not Path(gone.key_dir).exists()

@@ -151,7 +151,8 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
     announced: Dict[str, Child] = {}
     while True:
         key_dirs = ledger.key_dirs()
-        vms = [vm for vm in (_list(tart) if listed is None else listed) if vm.name.startswith(prefix + "-")]
+        everything = _list(tart) if listed is None else list(listed)
+        vms = [vm for vm in everything if vm.name.startswith(prefix + "-")]
         scan = ledger.scan()
         # Judged once per pass: an owner dying mid-plan must not look alive to one rule
         # (its child not waited for) and dead to the next (its lease removed).
@@ -170,7 +171,45 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
         listed = None
     _decide(result, ledger, vms, scan, alive, key_dirs, pending, prefix, now,
             include_kept, kept_max_age, include_unleased, unleased_after, child_wait)
+    _decide_other_prefixes(result, ledger, everything, scan, prefix, getattr(tart, "name", "tart"),
+                           include_kept, kept_max_age, now)
     return result
+
+
+def _decide_other_prefixes(result: SweepPlan, ledger: Ledger, everything: Sequence, scan: Scan, prefix: str,
+                           backend: str, include_kept: bool, kept_max_age: Optional[float], now: float) -> None:
+    """Leases in this state dir under another config's prefix (two configs, one state dir).
+
+    The ledger proves these as well as our own: a dead owner's VM that this backend lists
+    is removed with its lease and key, whatever its prefix; a lease whose VM this backend
+    does not list is released only when the lease says it was made on this backend (the VM
+    is gone); otherwise (another backend, or an older lease that does not say) it is
+    reported with the command of the config that made it. Live owners and kept VMs (unless
+    asked) are left alone, as for our own prefix."""
+    listed = {vm.name for vm in everything}
+    for name, lease in sorted(scan.leases.items()):
+        if name.startswith(prefix + "-"):
+            continue
+        if lease.owner_alive():
+            continue  # another config's live run: not ours to judge, and nothing to say
+        child = ledger.child(name)
+        if child is not None and child.alive():
+            result.busy.append("{}: its dead run's child `{}` was still running".format(name, child.command()))
+            continue
+        cmd = lease.cleanup or "invoke cleanup-orphans --config <the config that made it>"
+        age = now - lease.created
+        if lease.keep and not (include_kept or (kept_max_age is not None and age > kept_max_age)):
+            if name in listed:
+                result.kept.append(name)
+            continue
+        if name in listed:
+            result.actions.append(Action("vm", name, "another config's VM, " + why_dead(lease)))
+        elif lease.backend == backend:
+            result.actions.append(Action("lease", name, "another config's lease, VM gone and " + why_dead(lease)))
+        else:
+            where = "on {}".format(lease.backend) if lease.backend else "on a backend the lease does not name"
+            result.problems.append("dead run's lease (not touched): {} of run {}, its VM is {}, not here; "
+                                   "remove it with: {}".format(name, lease.run_id, where, cmd))
 
 
 def _pending_children(ledger: Ledger, scan: Scan, alive: Dict[str, bool]) -> Dict[str, Child]:

@@ -141,6 +141,25 @@ def test_kill_9_then_cleanup_orphans(world):
     expect_clean(world, "kill-9-then-cleanup")
 
 
+def test_cleanup_orphans_of_one_config_removes_another_configs_dead_run(world):
+    """Two configs share one state dir (round-1 F5, round-2): a run of config B (its own prefix)
+    is killed; `cleanup-orphans` of config A proves it dead from the ledger and removes its VM,
+    key and lease, instead of saying "no orphans"."""
+    other = world.write_config("other.yaml", vm={"name_prefix": "vmtasks-other"},
+                               guest={"env": {"GOSUITE_SLEEP": "60"}})
+    proc = start_run(world, {}, other)
+    wait_for_line(proc, "-> suite")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    theirs = [vm for vm in world.vms() if vm.startswith("vmtasks-other-")]
+    assert len(theirs) == 1 and len(world.key_dirs()) == 1 and len(world.leases()) == 1
+    done = world.invoke("cleanup-orphans")  # config A: the example's, prefix vmtasks-example
+    assert done.code == 0, done.text
+    assert "removing vm " + theirs[0] in done.err and "another config's VM" in done.err, done.text
+    assert [vm for vm in world.vms() if vm.startswith("vmtasks-other-")] == []
+    assert world.key_dirs() == [] and world.leases() == []
+
+
 def test_second_ctrl_c_during_teardown_says_what_is_left(world):
     """Teardown is slowed by a slow `tart stop`; two more Ctrl-C abandon it, with a message
     naming the VM and how to remove it; the sweep then removes it."""
