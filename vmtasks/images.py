@@ -309,14 +309,25 @@ def record_path(state_dir: Union[str, "os.PathLike[str]"], name: str) -> Path:
 
 
 def save_record(state_dir: Union[str, "os.PathLike[str]"], name: str, inputs: Mapping[str, Any],
-                run_id: str = "") -> Dict[str, Any]:
+                run_id: str = "", config: str = "") -> Dict[str, Any]:
     """Store an image's inputs beside it (call once the image is complete, before or right
-    after the rename); returns the record."""
+    after the rename); returns the record. ``config``: the config file that made it (a
+    sweep of another config on this machine leaves the image to that one)."""
     record = {"name": name, "hash": hash_inputs(inputs), "inputs": dict(inputs),
-              "built_at": time.time(), "built_by": run_id}
+              "built_at": time.time(), "built_by": run_id, "config": config_identity(config)}
     _ensure_dir(images_dir(state_dir))
     write_atomic(record_path(state_dir, name), json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def config_identity(source: str) -> str:
+    """The absolute path of a config file as images record it ("" for built-in defaults)."""
+    if not source or source.startswith("<"):
+        return ""
+    try:
+        return str(Path(source).resolve())
+    except OSError:
+        return os.path.abspath(source)
 
 
 def load_record(state_dir: Union[str, "os.PathLike[str]"], name: str) -> Optional[Dict[str, Any]]:

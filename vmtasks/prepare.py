@@ -15,8 +15,11 @@ missing image build it once (the other waits, and says so).
 
 from __future__ import annotations
 
+import os
+import shlex
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import images
 from .backend import Cancelled
@@ -55,9 +58,17 @@ def image_plan(parts, listed=None, bundle: Optional[bytes] = None) -> ImagePlan:
                      inputs, exists, why)
 
 
-def stale(parts, listed=None) -> List[Any]:
-    """Prepared images of this prefix that no longer match the config (cleanup-orphans
-    --prepared removes them; every image of the current hash is kept)."""
+OTHER_CONFIG_MAX_AGE = 30 * 24 * 3600.0  # another config's image is stale after this (or --max-age)
+
+
+def stale(parts, listed=None, max_age: Optional[float] = None,
+          now: Optional[float] = None) -> Tuple[List[Tuple[Any, str]], List[str]]:
+    """Prepared images of this prefix that no config on this machine can use, each with
+    why, and notes on the ones kept. Every image of this config's current hash is kept; an
+    image whose record names another config file that still exists is that config's to
+    judge (two configs or two checkouts sharing a prefix) and is kept until it is older
+    than ``max_age`` (default :data:`OTHER_CONFIG_MAX_AGE`). An image with no record of its
+    config (built by an older vmtasks) is judged by this config's hash alone."""
     prefix = parts.cfg.vm.name_prefix
     listing = parts.backend.list_vms() if listed is None else listed
     try:
@@ -66,16 +77,38 @@ def stale(parts, listed=None) -> List[Any]:
         last = images.latest_record(parts.ledger.state_dir, prefix)
         current = last["hash"] if last else None
     if current is None:
-        return []
-    return images.stale_images(listing, prefix, current)
+        return [], []
+    now = time.time() if now is None else now
+    bound = OTHER_CONFIG_MAX_AGE if max_age is None else max_age
+    ours = images.config_identity(parts.cfg.source)
+    doomed: List[Tuple[Any, str]] = []
+    kept: List[str] = []
+    for vm in images.stale_images(listing, prefix, current):
+        record = images.load_record(parts.ledger.state_dir, vm.name) or {}
+        owner = record.get("config") if isinstance(record.get("config"), str) else ""
+        if not owner or owner == ours:
+            doomed.append((vm, "stale prepared image (this config now needs {})".format(current)))
+        elif not os.path.isfile(owner):
+            doomed.append((vm, "prepared image of config {}, which is gone".format(owner)))
+        else:
+            built = record.get("built_at")
+            age = now - built if isinstance(built, (int, float)) else None
+            if age is not None and age > bound:
+                doomed.append((vm, "prepared image of config {}, built {:.0f} days ago".format(owner, age / 86400)))
+            else:
+                kept.append("kept: {} was made by config {}, which may still use it; remove it with: "
+                            "invoke cleanup-orphans --prepared --config {}".format(vm.name, owner, shlex.quote(owner)))
+    return doomed, kept
 
 
-def clean(reporter, parts, dry_run: bool) -> int:
+def clean(reporter, parts, dry_run: bool, max_age: Optional[float] = None) -> int:
     """Remove stale prepared images and abandoned builds; 1 if one could not be removed."""
     prefix = parts.cfg.vm.name_prefix
     listing = parts.backend.list_vms()
-    doomed = [(vm, "stale prepared image") for vm in stale(parts, listing)]
+    doomed, kept = stale(parts, listing, max_age)
     doomed += [(vm, "abandoned build") for vm in images.abandoned_builds(listing, prefix, parts.ledger.state_dir)]
+    for line in kept:
+        reporter.info("  " + line)
     code = 0
     for vm, why in doomed:
         reporter.info("  {} {}: {}".format("would remove" if dry_run else "removing", vm.name, why))
@@ -121,7 +154,6 @@ def build_suspended_slots(run, plan: ImagePlan, count: int) -> List[str]:
     run's N-th VM. Each is booted from the stopped image (a fresh MAC), left to come up,
     suspended and renamed into place; nothing of a failed attempt is kept, and a host that
     cannot suspend just gets no slot images (runs boot cold). Returns the names made."""
-    import time
 
     from .machine_tart import sleep_or_cancel
 
@@ -157,7 +189,7 @@ def build_suspended_slots(run, plan: ImagePlan, count: int) -> List[str]:
                 raise StageError("prepare", temp, "suspending failed (`tart run` exited {}, state {})".format(
                     code, state), "runs boot the prepared image cold; see suspend-{}.log".format(slot))
             tart.rename(temp, final)
-            images.save_record(ledger.state_dir, final, plan.inputs, run.run_id)
+            images.save_record(ledger.state_dir, final, plan.inputs, run.run_id, config=cfg.source)
             made.append(final)
         except VmtasksError as exc:
             run.reporter.warn("no suspended image for slot {}: {}".format(slot, exc.message))

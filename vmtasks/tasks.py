@@ -204,9 +204,11 @@ def test_vm_inner_run(c, test=None, json_output=False, shard=None, durations=Non
 @task(help={
     "dry_run": "Show what would be removed, remove nothing.",
     "include_kept": "Also remove VMs kept on purpose (--keep) whose run has ended.",
-    "max_age": "Also remove kept VMs older than this many hours.",
+    "max_age": "Also remove kept VMs older than this many hours (with --prepared: also another config's "
+               "prepared images older than this).",
     "include_unleased": "Also remove stopped VMs with our prefix and no lease at all, whatever their age.",
-    "prepared": "Also remove prepared images that no longer match the config, and abandoned image builds.",
+    "prepared": "Also remove prepared images no config here can use (another existing config's image only "
+                "past --max-age, default 30 days), and abandoned image builds.",
     "config": COMMON_HELP["config"],
 })
 def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_unleased=False, prepared=False,
@@ -219,6 +221,8 @@ def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_
         cfg = _load(c, config)
         try:
             age = float(max_age) * 3600 if max_age is not None else None
+            if age is not None and not 0 <= age < float("inf"):
+                raise ValueError(max_age)
         except ValueError:
             raise ConfigError("--max-age must be a number of hours, got {!r}".format(max_age),
                               "for example --max-age=24") from None
@@ -230,7 +234,7 @@ def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_
         if prepared:
             from vmtasks import prepare
 
-            code = max(code, prepare.clean(reporter, parts, dry_run))
+            code = max(code, prepare.clean(reporter, parts, dry_run, max_age=age))
         return code
 
     _host_call(c, go)

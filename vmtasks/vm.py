@@ -302,7 +302,8 @@ class VmPipeline:
         ctx.machine.stop_cleanly(self.cfg.timeouts.teardown)
         self.run.parts.tart.rename(self.name, self.building.name)
         ctx.machine.sealed()
-        images.save_record(self.run.ledger.state_dir, self.building.name, self.building.inputs, self.run.run_id)
+        images.save_record(self.run.ledger.state_dir, self.building.name, self.building.inputs, self.run.run_id,
+                           config=self.cfg.source)
         ctx.exit_code = 0
         ctx.stage_note = "image " + self.building.name
 

@@ -161,3 +161,27 @@ def test_suspended_slot_images_resume_and_a_refused_state_falls_back_to_a_cold_b
     # The slot images themselves are untouched by the runs that cloned them.
     states = json.loads(world.tart("list", "--format", "json").stdout)
     assert {row["Name"]: row["State"] for row in states if row["Name"] in slots} == {s: "suspended" for s in slots}
+
+
+def test_prepared_clean_up_leaves_another_configs_image(world, cleanup_images):
+    """Two configs (two checkouts) share a prefix and a state dir: the sweep of one never
+    takes the other's prepared image as stale while that config exists and the image is young."""
+    a = world.write_config("a.yaml", setup=SLOW_SETUP)
+    b = world.write_config("b.yaml", setup=["sleep 1.4"] + SLOW_SETUP[1:])
+    assert world.invoke("vm-prepare", config=a).code == 0
+    a_image = images(world)
+    assert world.invoke("vm-prepare", config=b).code == 0
+    b_image = [name for name in images(world) if name not in a_image]
+    assert len(a_image) == 1 and len(b_image) == 1
+    swept = world.invoke("cleanup-orphans", "--prepared", config=b)
+    assert swept.code == 0, swept.text
+    assert images(world) == sorted(a_image + b_image), swept.text
+    assert "kept: " + a_image[0] in swept.err and str(a) in swept.err, swept.err
+    # Past --max-age it goes, and so does it once its config is gone.
+    dry = world.invoke("cleanup-orphans", "--prepared", "--max-age", "0", "--dry-run", config=b)
+    assert "would remove " + a_image[0] in dry.err, dry.text
+    a.unlink()
+    swept = world.invoke("cleanup-orphans", "--prepared", config=b)
+    assert swept.code == 0 and "which is gone" in swept.err, swept.text
+    assert images(world) == b_image
+    assert all(name.startswith(b_image[0]) for name in all_images(world)), all_images(world)
