@@ -10,6 +10,7 @@ from typing import List
 
 from . import images, ssh
 from .errors import VmtasksError
+from .visible import visible_line
 
 
 def rows(parts) -> List[List[str]]:
@@ -52,9 +53,11 @@ def _age(seconds: float) -> str:
 def show(reporter, parts) -> int:
     table = rows(parts)
     if not table:
-        print("no {}-* VMs".format(parts.cfg.vm.name_prefix))
+        print("no {}-* VMs".format(visible_line(parts.cfg.vm.name_prefix)))
         return 0
     header = ["VM", "RUN", "OWNER", "STATE", "AGE", "ADDRESS"]
+    # Names come from `tart list`, leases and records: anything a VM, a run or a guest wrote.
+    table = [[visible_line(cell) for cell in row] for row in table]
     widths = [max(len(r[i]) for r in table + [header]) for i in range(len(header))]
     for row in [header] + table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -32,3 +32,9 @@ def _shown(match: "re.Match[str]") -> str:
 def visible(text: str) -> str:
     """``text`` with every control character a terminal would act on made visible."""
     return _UNSAFE.sub(_shown, text)
+
+
+def visible_line(text: str) -> str:
+    """:func:`visible` for one line of a table or list (a VM name, a test name): newline and
+    tab are made visible too (``\\n``, ``\\t``), so a name cannot break the layout."""
+    return visible(text).replace("\n", "\\n").replace("\t", "\\t")

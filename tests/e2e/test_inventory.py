@@ -150,3 +150,19 @@ def test_vm_list_shows_a_running_run_as_live(world):
         os.killpg(proc.pid, 2)
         proc.wait(timeout=120)
     world.assert_nothing_left()
+
+
+def test_vm_list_shows_hostile_vm_names_as_text(world):
+    """A VM named with escape sequences (retitle the window, clear the screen) and a newline:
+    vm-list shows them as visible characters, on one row."""
+    hostile = PREFIX + "-\x1b]0;pwned\x07\x1b[2J\x9b31m\nTestFake"
+    made = world.tart("clone", "tahoe-base", hostile)
+    assert made.returncode == 0, made.stderr
+    try:
+        listed = world.invoke("vm-list")
+        assert listed.code == 0, listed.text
+        assert "\x1b" not in listed.out and "\x07" not in listed.out and "\x9b" not in listed.out
+        rows = _rows(listed.out)
+        assert list(rows) == [PREFIX + "-^[]0;pwned\\x07^[[2J\\x9b31m\\nTestFake"], listed.out
+    finally:
+        world.tart("delete", hostile)
