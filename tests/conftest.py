@@ -16,6 +16,15 @@ from vmtasks.proc import Result
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items):
+    """Everything under tests/e2e and tests/standin boots real guests: it is ``e2e``, so the
+    fast command (``pytest -m "not e2e"``) runs exactly the tests that boot nothing."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if ("e2e" in parts or "standin" in parts) and item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")

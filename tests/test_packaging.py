@@ -277,3 +277,12 @@ def test_wheel_holds_the_package_and_nothing_else(installed, tmp_path):
     assert source <= names, sorted(source - names)
     top = {n.split("/")[0] for n in names}
     assert not top & {"tests", "scripts", "examples", "config"}, sorted(top)
+
+
+def test_the_package_version_is_pyprojects():
+    import re
+
+    import vmtasks
+
+    declared = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert vmtasks.__version__ == declared

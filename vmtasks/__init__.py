@@ -5,4 +5,4 @@ run inside the guest (``config``, ``inner``, ``errors``, ``results``) must impor
 guest's Python 3.9 with only the standard library (and Invoke for ``tasks.py``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

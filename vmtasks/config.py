@@ -409,11 +409,6 @@ def _build(cls: type, values: Mapping[str, Any]) -> Any:
 # Reading files
 
 
-def read_file(path: Path) -> Dict[str, Any]:
-    """Parse a config file: JSON (what the guest gets) or YAML. Only the values."""
-    return _read(path)[0]
-
-
 def _read(path: Path) -> Tuple[Dict[str, Any], Dict[str, int]]:
     """``(values, lines)``: the file's top-level mapping and the line of each dotted key."""
     try:

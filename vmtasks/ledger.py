@@ -333,9 +333,6 @@ class Ledger:
         """The readable leases by VM name."""
         return self.scan().leases
 
-    def corrupt_leases(self) -> List[Path]:
-        return [u.path for u in self.scan().unreadable]
-
     def run_leases(self, run_id: str) -> List[Lease]:
         """The leases of one run (a run may own several VMs)."""
         return [lease for lease in self.all().values() if lease.run_id == run_id]

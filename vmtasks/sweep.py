@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from . import proc
 from .errors import StateError, VmtasksError
 from .ledger import GONE, ZOMBIE, Child, Ledger, Lease, Scan, Unreadable, probe_process
 
@@ -42,8 +41,6 @@ UNLEASED_AFTER = 24 * 3600.0
 CHILD_WAIT = 60.0  # a `tart clone` is an APFS copy-on-write clone: seconds, not minutes
 CHILD_GRACE = 5.0  # after SIGTERM, before SIGKILL
 
-# The runner's own timeout exception is not yet a VmtasksError everywhere: catch both.
-_EXPECTED = (VmtasksError,) if issubclass(proc.CommandTimeout, VmtasksError) else (VmtasksError, proc.CommandTimeout)
 
 
 @dataclass(frozen=True)
@@ -314,7 +311,7 @@ def apply(plan_: SweepPlan, tart, ledger: Ledger, stop_timeout: float = 30,
                 key_dir = ledger.keys_dir / action.name
                 if not ledger.key_dir_in_use(str(key_dir)):
                     ledger.remove_key_dir(key_dir)
-        except _EXPECTED as exc:
+        except VmtasksError as exc:
             errors.append("could not remove {} {}: {}; retry: {}".format(
                 action.kind, action.name, getattr(exc, "message", exc), plan_.cleanup_command))
     return errors

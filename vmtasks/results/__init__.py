@@ -20,11 +20,8 @@ from .model import (FAIL, INTERRUPTED, NOTRUN, PASS, SKIP, Counts, PackageError,
 from .rerun import go_quote_meta, rerun_regex
 from .stream import SuiteStream, TestEvent
 
-# The old name host.py still uses (load / record / save); drop once it says History.
-DurationStore = History
-
 __all__ = [
-    "Counts", "DURATIONS_PATH", "DurationStore", "FAIL", "History", "INTERRUPTED", "NOTRUN", "PASS",
+    "Counts", "DURATIONS_PATH", "FAIL", "History", "INTERRUPTED", "NOTRUN", "PASS",
     "PackageError", "PackageResult", "SKIP", "Summary", "SuiteStream", "TestEvent", "TestResult",
     "failed_tests", "format_duration", "go_quote_meta", "mark_not_run", "merge", "rerun_regex",
     "verdict_line", "write_junit",
