@@ -233,7 +233,7 @@ def is_image_name(prefix: str, name: str) -> bool:
 # A listing is what ``Tart.list()`` returns (VmInfo rows) or plain names.
 
 def _entry_name(entry: Any) -> str:
-    return entry if isinstance(entry, str) else str(getattr(entry, "name"))
+    return entry if isinstance(entry, str) else str(entry.name)
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,10 @@ class Runner:
                     pending_input = None  # communicate() already sent it
                     if cancel is not None and cancel.is_set():
                         out, err = _stop(proc)
-                        raise Cancelled("stopped `{}`: the run is stopping".format(" ".join(argv)))
+                        raise Cancelled("stopped `{}`: the run is stopping".format(" ".join(argv))) from None
                     if timeout is not None and time.monotonic() - started >= timeout:
                         out, err = _stop(proc)
-                        raise CommandTimeout(argv, timeout, (out or "") + (err or ""))
+                        raise CommandTimeout(argv, timeout, (out or "") + (err or "")) from None
         finally:
             if proc.returncode is None:
                 _stop(proc)

@@ -35,7 +35,8 @@ def _create_hint(root: Path, exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "the disk is full: free space (`df -h {}`) or set records.dir in the config elsewhere".format(root)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "{} is not writable: fix its permissions or set records.dir in the config to a writable directory".format(root)
+        return "{} is not writable: fix its permissions or set records.dir in the config to a writable " \
+               "directory".format(root)
     return "check records.dir in the config ({})".format(root)
 
 

@@ -122,7 +122,8 @@ def _int_flag(flag, value):
     except (TypeError, ValueError):
         from vmtasks.errors import ConfigError
 
-        raise ConfigError("{} must be a whole number, got {!r}".format(flag, value), "for example {}=2".format(flag))
+        raise ConfigError("{} must be a whole number, got {!r}".format(flag, value),
+                          "for example {}=2".format(flag)) from None
 
 
 SUITE_HELP = dict(COMMON_HELP)
@@ -182,7 +183,7 @@ def _inner(test, json_output, shard, durations):
             code = inner.run_suite(cfg, test, json_output)
     except VmtasksError as exc:
         print("error: " + exc.render(), file=sys.stderr)
-        raise Exit(code=exc.exit_code)
+        raise Exit(code=exc.exit_code) from None
     if code:
         raise Exit(code=code)
 
