@@ -139,24 +139,28 @@ def _all_subtests(test: TestView) -> Iterable[TestView]:
         yield from _all_subtests(sub)
 
 
-def _end(test: TestView) -> Optional[float]:
-    return None if test.started is None else test.started + (test.elapsed or 0.0)
+def _spans(tests: Iterable[TestView]) -> List[Tuple[float, float, TestView]]:
+    """``(start, end, test)`` of every test that has a start time, in start order."""
+    out = []
+    for test in tests:
+        if test.started is not None:
+            out.append((test.started, test.started + (test.elapsed or 0.0), test))
+    return sorted(out, key=lambda span: (span[0], span[2].name))
 
 
 def _busy_seconds(tests: Sequence[TestView]) -> float:
     """Seconds a VM was running at least one test (overlaps counted once)."""
-    spans = sorted((t.started, _end(t)) for t in tests if t.started is not None)
     busy = sum(t.elapsed or 0.0 for t in tests if t.started is None)
-    current_start, current_end = None, None
-    for start, end in spans:
-        if current_end is None or start > current_end:
-            if current_end is not None:
-                busy += current_end - current_start
-            current_start, current_end = start, end
+    current: Optional[Tuple[float, float]] = None
+    for start, end, _ in _spans(tests):
+        if current is None or start > current[1]:
+            if current is not None:
+                busy += current[1] - current[0]
+            current = (start, end)
         else:
-            current_end = max(current_end, end)
-    if current_end is not None:
-        busy += current_end - current_start
+            current = (current[0], max(current[1], end))
+    if current is not None:
+        busy += current[1] - current[0]
     return busy
 
 
@@ -176,21 +180,20 @@ class VmShare:
 def vm_shares(summary: SummaryView) -> List[VmShare]:
     """The per-VM balance of a run, in VM name order (tests with no VM are left out)."""
     tests = [t for t in summary.tests if getattr(t, "vm", "")]
-    timed = [t for t in tests if t.started is not None]
-    window_start = min((t.started for t in timed), default=None)
-    window_end = max((_end(t) for t in timed), default=None)
+    timed = _spans(tests)
+    window = (min(s for s, _, _ in timed), max(e for _, e, _ in timed)) if timed else None
     shares = []
     for vm in sorted({t.vm for t in tests}):
         mine = [t for t in tests if t.vm == vm]
         busy = _busy_seconds(mine)
-        starts = [t.started for t in mine if t.started is not None]
-        ends = [_end(t) for t in mine if t.started is not None]
-        idle = None
-        if window_start is not None:
-            idle = max(0.0, (window_end - window_start) - busy)
-        shares.append(VmShare(vm, len(mine), busy, idle,
-                              min(starts) - window_start if starts else None,
-                              max(ends) - window_start if ends else None))
+        spans = _spans(mine)
+        idle = first = last = None
+        if window is not None:
+            idle = max(0.0, (window[1] - window[0]) - busy)
+            if spans:
+                first = min(s for s, _, _ in spans) - window[0]
+                last = max(e for _, e, _ in spans) - window[0]
+        shares.append(VmShare(vm, len(mine), busy, idle, first, last))
     return shares
 
 
@@ -253,9 +256,9 @@ def _count_lines(tests: Sequence[TestView], errors: Mapping[str, str], seconds: 
                  (("pass", "passed"), ("fail", "failed"), ("skip", "skipped"), ("interrupted", "interrupted"))
                  if sub_counts[status] or status == "pass"]
         lines.append(_row("subtests", "{} ({})".format(len(subtests), ", ".join(parts))))
-    timed = [t for t in tests if t.started is not None]
+    timed = _spans(tests)
     if timed:
-        window = max(_end(t) for t in timed) - min(t.started for t in timed)
+        window = max(e for _, e, _ in timed) - min(s for s, _, _ in timed)
         lines.append(_row("suite time", format_seconds(window)))
     lines.append(_row("total time", format_seconds(seconds)))
     return lines
@@ -327,13 +330,12 @@ def timeline_text(summary: SummaryView) -> str:
     """Which VM ran which test and when, one test a line in start order (for the run
     record): start offset, elapsed, status, VM, package, name. Tests that never ran last."""
     tests = list(summary.tests)
-    starts = [t.started for t in tests if t.started is not None]
-    origin = min(starts) if starts else 0.0
-    ran = sorted((t for t in tests if t.started is not None), key=lambda t: (t.started, t.name))
+    ran = _spans(tests)
+    origin = ran[0][0] if ran else 0.0
     rows = []
-    for test in ran:
+    for start, _, test in ran:
         rows.append("{:>10}  {:>9}  {:<11}  {:<22}  {}  {}".format(
-            "+" + format_seconds(test.started - origin), format_seconds(test.elapsed),
+            "+" + format_seconds(start - origin), format_seconds(test.elapsed),
             STATUS_WORDS.get(test.status, test.status), visible(test.vm or "-"),
             visible(test.package), visible(test.name)))
     for test in (t for t in tests if t.started is None):
