@@ -280,7 +280,7 @@ def _decide_unleased(result: SweepPlan, ledger: Ledger, vms: Sequence, now: floa
     for vm in vms:
         created = getattr(vm, "created", None)
         known = isinstance(created, (int, float)) and created > 0
-        since = created if known else first_seen[vm.name]
+        since = float(created) if isinstance(created, (int, float)) and known else first_seen[vm.name]
         label = "created" if known else "first seen"
         age = now - since
         stopped = not vm.running and getattr(vm, "state", "stopped") == "stopped"

@@ -158,5 +158,5 @@ def write_junit(summary: Summary, target: Union[str, "os.PathLike[str]", IO[Any]
             except TypeError:  # a text stream that is not an io.TextIOBase
                 stream.write(data.decode("utf-8"))
         return totals
-    write_atomic(os.fspath(target), data, make_dirs=True)  # type: ignore[arg-type]
+    write_atomic(os.fspath(target), data, make_dirs=True)
     return totals
