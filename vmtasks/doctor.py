@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from . import orphans, prepare, sweep
+from . import hostchecks, orphans, prepare, sweep
 from .errors import VmtasksError
-from .machine_tart import MACOS_VM_LIMIT, TartBackend
+from .machine_tart import MACOS_VM_LIMIT, TartBackend, exec_hint
 from .proc import which
 from .tart import INSTALL_HINT, Tart
 
@@ -61,11 +61,13 @@ def checks(load_config: Callable, tart: Optional[Tart] = None) -> List[Check]:
     else:
         add(Check("host", "fail", "{} {} is not an Apple Silicon Mac".format(platform.system(), platform.machine()),
                   "run on an Apple Silicon Mac, or put scripts/ first on PATH for the stand-in"))
+    out += host_checks(version, mac)
     try:
         vms = tart.list()
     except VmtasksError as exc:
         add(Check("tart list", "fail", exc.message, exc.hint))
         return out
+    out.append(agent_user_check(tart, vms, cfg))
     base = next((vm for vm in vms if vm.name == cfg.vm.base), None)
     if base is None:
         add(Check("base image", "fail", "'{}' is not in `tart list`".format(cfg.vm.base),
@@ -106,6 +108,38 @@ def checks(load_config: Callable, tart: Optional[Tart] = None) -> List[Check]:
     except VmtasksError as exc:
         add(Check("state dir", "fail", exc.message, exc.hint))
     return out
+
+
+def host_checks(version: str, mac: bool) -> List[Check]:
+    """Tart's own version, and on a Mac the host conditions Tart needs (vmtasks/hostchecks.py)."""
+    out = [Check(*hostchecks.tart_version_check(version))]
+    if not mac:
+        out.append(Check("Mac-only", "ok", "skipped on {}: macOS version, DHCP lease time and lease file, "
+                         "Local Network privacy, login keychain (they matter on a Mac host only)".format(
+                             platform.system())))
+        return out
+    return out + [Check(*hostchecks.macos_check()), Check(*hostchecks.lease_check())]
+
+
+def agent_user_check(tart: Tart, vms, cfg) -> Check:
+    """The guest agent answers and runs as vm.user (the key goes into the agent user's home),
+    asked of a running VM of ours if there is one; doctor boots none."""
+    running = [vm.name for vm in vms if vm.running and vm.name.startswith(cfg.vm.name_prefix)]
+    if not running:
+        return Check("guest agent", "ok", "not checked: no running VM of ours to ask; test-vm checks it "
+                     "(`tart exec NAME whoami`) at its key stage")
+    try:
+        result = tart.exec(running[0], ["whoami"], timeout=30)
+    except VmtasksError as exc:
+        return Check("guest agent", "warn", "`tart exec {} whoami`: {}".format(running[0], exc.message), exc.hint)
+    if not result.ok:
+        return Check("guest agent", "warn", "`tart exec {} whoami` exited {}: {}".format(
+            running[0], result.returncode, (result.stderr or result.stdout).strip()[-200:]), exec_hint(result))
+    user = result.stdout.strip()
+    if user != cfg.vm.user:
+        return Check("guest agent", "fail", "the agent in {} runs as '{}' but vm.user is '{}'".format(
+            running[0], user, cfg.vm.user), "set vm.user: " + user)
+    return Check("guest agent", "ok", "answers in {} as {}".format(running[0], user))
 
 
 def backend_checks(parts) -> List[Check]:

@@ -22,7 +22,19 @@ from .tart import INSTALL_HINT, Tart
 
 LIMIT_MESSAGE = "exceeds the system limit"
 RESTORING = "restoring VM state from a snapshot"  # what `tart run` prints when it tries a resume
-RESUMED = "resuming VM"  # ...and when the resume worked
+RESUMED = "resuming VM"  # ...and when the restore worked (the start may still hit the VM limit)
+MAC_RESET = "Resetting VM to assign a new MAC address"  # a running VM has our MAC: state dropped, cold boot
+KEYCHAIN_LOCKED = ("Failed to generate keypair", "SecKeyCreateRandomKey",  # headless macOS 15 (tart docs/faq.md)
+                   "Interaction is not allowed with the Security Server")
+KEYCHAIN_HINT = ("unlock the login keychain first: security unlock-keychain login.keychain "
+                 "(a headless macOS 15 host or an SSH session starts with it locked)")
+PRIVACY_HINT = ("on a macOS 15 host, Local Network privacy may be blocking this terminal app from reaching VMs "
+                "(Terminal.app and SSH sessions are exempt): allow it in System Settings > Privacy & Security > "
+                "Local Network, or run from Terminal.app; otherwise check Remote Login in the base image")
+RESUME_SETTLE = 2.0  # after "resuming VM", how long the run must stay up before a lease is trusted
+AGENT_CONNECT_WAIT = 10.0  # `tart exec` tries the agent's control socket about this long before failing
+PRIVACY_PROBE_AFTER = 5.0  # port 22 failing this long: ask the agent whether the guest is up
+PRIVACY_GRACE = 5.0  # the agent answers but port 22 still fails this much later: blocked
 MACOS_VM_LIMIT = 2  # Apple's limit of running macOS guests per host
 STANDIN_HINT = "no Mac? the stand-in makes its base with: tart create {base}"
 
@@ -109,9 +121,11 @@ class TartMachine(Machine):
         self.exists = False  # a clone may have made it: teardown must try to delete
         self.resume = False  # cloned from a suspended slot image: keep its MAC, resume it
         self.boot_path = ""  # "resumed" / "cold boot" / "cold boot: saved state refused", for the record
+        self.image = ""  # what it was cloned from: a resume that hit the VM limit clones it again
 
     # -- create and boot ---------------------------------------------------
     def create(self, image: str, deadline: float, cancel: threading.Event, on_start=None) -> None:
+        self.image = image
         try:
             self.tart.clone(image, self.name, timeout=max(1.0, deadline - time.monotonic()), cancel=cancel,
                             on_start=on_start)
@@ -129,88 +143,185 @@ class TartMachine(Machine):
     def start(self, console_log: Path, deadline: float, cancel: threading.Event,
               on_wait: Callable[[str], None], still_wanted: Optional[Callable[[], bool]] = None) -> None:
         """``tart run`` in its own session (a Ctrl-C to our group must not power the VM
-        off under teardown). At the host's VM limit, retry until ``timeouts.slot_wait``."""
+        off under teardown). At the host's VM limit, retry until ``timeouts.slot_wait``.
+
+        ``tart ip`` reads the host's DHCP leases, not the VM (tart's Leases.swift): a clone of
+        a suspended slot image keeps the slot's MAC, so it answers with the slot's old lease
+        before the restore has finished, after a refused restore, at the VM limit, and while
+        another run's VM resumed from the same slot holds that address. So while resuming, an
+        address is trusted only once the console says how the restore went."""
         self.console_log = console_log
         poll = self.cfg.timeouts.poll
         slot_deadline = time.monotonic() + self.cfg.timeouts.slot_wait
         waited = False
         while True:
+            # The slot's old lease, answered before anything runs: after a MAC reset it is
+            # the address of the other VM that has our old MAC, never ours.
+            stale_ip = self.tart.ip(self.name, timeout=max(5, poll * 5), cancel=cancel) if self.resume else None
             # Each attempt gets a fresh console: a slot wait must not fill it with copies of
             # the limit line.
             with open(console_log, "wb") as log:
                 self.proc = self.tart.start(self.name, log)
             boot_deadline = time.monotonic() + self.cfg.timeouts.boot
             waits = backoff(poll)
+            resumed_at: Optional[float] = None
             while self.proc.poll() is None:
-                self.ip = self.tart.ip(self.name, timeout=max(5, poll * 5), cancel=cancel)
-                if self.ip:
+                console = "\n".join(self.console_tail(40))
+                self.check_keychain(console)
+                outcome = self.resume_outcome(console) if self.resume else "cold boot"
+                if outcome == "resumed" and resumed_at is None:
+                    resumed_at = time.monotonic()
+                self.ip = None
+                if outcome is not None:
+                    self.ip = self.tart.ip(self.name, timeout=max(5, poll * 5), cancel=cancel)
+                if self.ip and outcome == "mac reset" and self.ip == stale_ip:
+                    self.ip = None  # our old MAC's lease: the address of the VM that has it now
+                if self.ip and outcome == "resumed" and time.monotonic() - resumed_at < RESUME_SETTLE \
+                        and not ssh.sshd_banner(self.ip, timeout=0.5):
+                    self.ip = None  # the start after a restore can still fail at the VM limit
+                if self.ip and self.proc.poll() is None:
                     if waited:
                         on_wait("")  # got a slot: the waiting note goes
                     self.boot_deadline = boot_deadline
-                    if not self.boot_path:
-                        self.boot_path = "resumed" if RESUMED in "\n".join(self.console_tail(40)) else "cold boot"
+                    if not self.boot_path or outcome == "resumed":
+                        self.boot_path = {"resumed": "resumed",
+                                          "mac reset": "cold boot: another VM runs with the slot's MAC"}.get(
+                            outcome, self.boot_path or "cold boot")
                     return
                 if time.monotonic() > boot_deadline:
-                    raise StageError("boot", self.name, "no IP address after {:g}s".format(self.cfg.timeouts.boot),
-                                     "the VM console is in the run record; raise timeouts.boot if the guest is slow",
-                                     self.console_tail())
+                    why = ("no IP address after {:g}s".format(self.cfg.timeouts.boot) if outcome is not None else
+                           "`tart run` did not say within {:g}s whether the saved state restored".format(
+                               self.cfg.timeouts.boot))
+                    raise StageError("boot", self.name, why, self.boot_hint(), self.console_tail())
                 sleep_or_cancel(next(waits), cancel)
-            console = "\n".join(self.console_tail(5))
-            if self.resume and RESTORING in console and self.proc.returncode != 0:
-                # The saved state was refused (a MAC or configuration change): `tart stop`
-                # drops it, a fresh MAC avoids the clone's old lease, and it boots cold.
-                self.tart.stop(self.name, timeout=30)
-                self.tart.set(self.name, random_mac=self.cfg.vm.random_mac)
-                self.resume = False
-                self.boot_path = "cold boot: the saved state was refused"
-                continue
-            if LIMIT_MESSAGE in console and still_wanted is not None and not still_wanted():
-                raise NoLongerNeeded("no slot yet, and no test left for {}".format(self.name))
-            if LIMIT_MESSAGE in console and time.monotonic() < slot_deadline:
-                if not waited:
-                    on_wait("the host is at its limit of running VMs: waiting for a slot "
-                            "(up to {:g}s, timeouts.slot_wait)".format(self.cfg.timeouts.slot_wait))
-                waited = True
-                sleep_or_cancel(max(poll, 1.0) + secrets.randbelow(1000) / 1000, cancel)
-                continue
+            self.ip = None
+            console = "\n".join(self.console_tail(8))
+            self.check_keychain(console)
+            # The VM limit first: Tart prints both restore lines before the start that fails
+            # at the limit, so a resume at the limit also shows "restoring".
             if LIMIT_MESSAGE in console:
+                if self.resume and (self.tart.get(self.name) or {}).get("State") != "suspended":
+                    # The restore consumed the clone's saved state before the start failed: a
+                    # fresh clone of the slot image resumes on the next try.
+                    self.tart.clone(self.image, self.name, timeout=max(30.0, self.cfg.timeouts.clone),
+                                    cancel=cancel)
+                if still_wanted is not None and not still_wanted():
+                    raise NoLongerNeeded("no slot yet, and no test left for {}".format(self.name))
+                if time.monotonic() < slot_deadline:
+                    if not waited:
+                        on_wait("the host is at its limit of running VMs: waiting for a slot "
+                                "(up to {:g}s, timeouts.slot_wait)".format(self.cfg.timeouts.slot_wait))
+                    waited = True
+                    sleep_or_cancel(max(poll, 1.0) + secrets.randbelow(1000) / 1000, cancel)
+                    continue
                 raise NoSlot("boot", self.name, "no VM slot on this host within {:g}s (timeouts.slot_wait)".format(
                     self.cfg.timeouts.slot_wait), "other VMs hold the host's slots: wait for them or stop one "
                     "(`tart list`)", self.console_tail(3))
+            if self.resume and RESTORING in console and self.proc.returncode != 0:
+                # The saved state was refused (a MAC or configuration change): `tart stop`
+                # drops it, a fresh MAC avoids the slot's old lease, and it boots cold.
+                self.tart.stop(self.name, timeout=30)
+                self.tart.set(self.name, random_mac=True)
+                self.resume = False
+                self.boot_path = "cold boot: the saved state was refused"
+                continue
             raise StageError("boot", self.name, "`tart run` exited with code {} before the VM got an IP".format(
                 self.proc.returncode), "read the VM console in the run record", self.console_tail())
 
+    @staticmethod
+    def resume_outcome(console: str) -> Optional[str]:
+        """How a resume went, from ``tart run``'s output: "resumed", "mac reset" (another
+        running VM had the MAC: Tart gave this one a new MAC and dropped the state, so it boots
+        cold), or None while undecided (the restore is still running, or refused and exiting)."""
+        if MAC_RESET in console:
+            return "mac reset"
+        if RESUMED in console:
+            return "resumed"
+        return None
+
+    def check_keychain(self, console: str) -> None:
+        if any(text in console for text in KEYCHAIN_LOCKED):
+            raise StageError("boot", self.name, "`tart run` could not generate a key pair: the login keychain "
+                             "is locked", KEYCHAIN_HINT, self.console_tail())
+
+    def boot_hint(self) -> str:
+        from . import hostchecks
+
+        hint = "the VM console is in the run record; raise timeouts.boot if the guest is slow"
+        many = hostchecks.many_leases()
+        if many:
+            hint += "; " + many
+        return hint
+
     def wait_ssh(self, deadline: float, cancel: threading.Event) -> None:
         # An IP is not SSH ready: wait for sshd's banner on port 22. The boot deadline
-        # covers both.
+        # covers both. Port 22 still failing once the guest agent answers (the guest is up)
+        # means something between this host and the VM blocks it: on macOS 15, Local
+        # Network privacy. Say so then, not when the boot deadline runs out.
         deadline = getattr(self, "boot_deadline", deadline)
         waits = backoff(min(self.cfg.timeouts.poll, 0.2))
-        while not ssh.sshd_banner(self.ip, timeout=min(2.0, max(0.2, deadline - time.monotonic()))):
+        started = time.monotonic()
+        agent_up_at: Optional[float] = None
+        last_probe = 0.0
+        while True:
+            error = connect_error(self.ip, timeout=min(2.0, max(0.2, deadline - time.monotonic())))
+            if error is None:
+                return
             self.require_alive("ip+ssh")
+            now = time.monotonic()
+            if agent_up_at is None and now - started >= PRIVACY_PROBE_AFTER and now - last_probe >= PRIVACY_GRACE:
+                last_probe = now
+                try:
+                    probe = self.tart.exec(self.name, ["true"], timeout=AGENT_CONNECT_WAIT + 10, cancel=cancel)
+                    if probe.ok:
+                        agent_up_at = time.monotonic()
+                except CommandTimeout:
+                    pass
+            if agent_up_at is not None and time.monotonic() - agent_up_at >= PRIVACY_GRACE:
+                raise StageError("ip+ssh", self.name, "the VM is up (its guest agent answers) and `tart ip` gave {}, "
+                                 "but this host cannot connect to {}:22 ({})".format(self.ip, self.ip, error),
+                                 PRIVACY_HINT, self.console_tail())
             if time.monotonic() > deadline:
-                raise StageError("ip+ssh", self.name, "sshd on {}:22 did not answer within {:g}s".format(
-                    self.ip, self.cfg.timeouts.boot),
-                    "check Remote Login in the base image; on macOS 15 allow Local Network access for your terminal",
-                    self.console_tail())
+                raise StageError("ip+ssh", self.name, "sshd on {}:22 did not answer within {:g}s ({})".format(
+                    self.ip, self.cfg.timeouts.boot, error), PRIVACY_HINT, self.console_tail())
             sleep_or_cancel(next(waits), cancel)
 
     def install_key(self, public_line: str, deadline: float, cancel: threading.Event) -> None:
         # Keys go in through the guest agent, not SSH: the image has no authorized keys and a
         # local agent offering many keys would exhaust MaxAuthTries before any real one.
+        # The agent answers some seconds after boot, and each `tart exec` before that tries
+        # for about 10 s before it fails: its timeout must outlast that.
         argv = ["sh", "-c", KEY_SCRIPT, "vmtasks-key", public_line]
         waits = backoff(min(self.cfg.timeouts.poll, 0.5))
         while True:
             self.require_alive("key")
-            result = self.tart.exec(self.name, argv, timeout=max(5, self.cfg.timeouts.key), cancel=cancel)
+            try:
+                result = self.tart.exec(self.name, argv, timeout=max(AGENT_CONNECT_WAIT + 10, self.cfg.timeouts.key),
+                                        cancel=cancel)
+            except CommandTimeout as exc:
+                if time.monotonic() > deadline:
+                    raise StageError("key", self.name, "`tart exec` did not finish: {}".format(exc.message),
+                                     AGENT_HINT, self.console_tail()) from None
+                continue
             if result.ok:
+                self.check_agent_user(result.stdout)
                 return
             retryable = Tart.agent_not_ready(result) or result.returncode == 2
             if not retryable or time.monotonic() > deadline:
                 raise StageError("key", self.name, "`tart exec` exited {}: {}".format(
                     result.returncode, (result.stderr or result.stdout).strip()[-300:]),
-                    "is the Tart Guest Agent in the base image? (it is in Cirrus Labs images)",
-                    (result.stderr + result.stdout).splitlines()[-15:])
+                    exec_hint(result), (result.stderr + result.stdout).splitlines()[-15:])
             sleep_or_cancel(next(waits), cancel)
+
+    def check_agent_user(self, output: str) -> None:
+        """The key went into the home of the user the agent runs as; SSH logs in as vm.user."""
+        lines = output.strip().splitlines()
+        agent_user = lines[-1].strip() if lines else ""
+        if agent_user and agent_user != self.cfg.vm.user:
+            raise StageError("key", self.name, "the guest agent runs as '{}' but vm.user is '{}': the run's key "
+                             "went into {}'s home, so SSH as {} would fail".format(
+                                 agent_user, self.cfg.vm.user, agent_user, self.cfg.vm.user),
+                             "set vm.user: {} (the user the image logs in automatically)".format(agent_user))
 
     # -- SSH ---------------------------------------------------------------
     def open_socket(self, timeout: float) -> socket.socket:
@@ -267,7 +378,12 @@ class TartMachine(Machine):
         """For images: flush the guest's disks, then stop (``tart stop`` is a hard power-off)."""
         self.tart.stop(self.name, timeout=min(30, timeout))
         if self.proc is not None:
-            self.proc.wait(timeout=timeout)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise StageError("seal", self.name, "`tart run` did not exit within {:g}s of `tart stop` "
+                                 "(timeouts.teardown)".format(timeout), "raise timeouts.teardown; teardown "
+                                 "removes the VM", self.console_tail()) from None
 
     def sealed(self) -> None:
         """The VM was renamed into a prepared image: teardown must leave it alone."""
@@ -285,7 +401,32 @@ class NoSlot(StageError):
 
 
 KEY_SCRIPT = (
-    # Relative paths: `tart exec` runs in the guest user's home.
+    # Relative paths: `tart exec` runs in the guest user's home. Prints that user last.
     'umask 077 && mkdir -p .ssh && printf "%s\\n" "$1" >> .ssh/authorized_keys '
-    "&& chmod 700 .ssh && chmod 600 .ssh/authorized_keys"
+    "&& chmod 700 .ssh && chmod 600 .ssh/authorized_keys && id -un"
 )
+AGENT_HINT = ("the Tart Guest Agent did not answer: it is in Cirrus Labs images (a suspendable VM needs "
+              "Tart 2.27.1+); `tart exec` needs Tart 2.27+ on a macOS 14+ host (`invoke vm-doctor` checks both)")
+
+
+def exec_hint(result) -> str:
+    """What to do about a failed ``tart exec``, from what it said."""
+    text = (result.stderr + result.stdout).lower()
+    if result.returncode == 64 or "unknown" in text and "exec" in text:
+        return "this Tart has no `tart exec` (2.27+ has): brew upgrade cirruslabs/cli/tart"
+    if "macos 14" in text:
+        return "`tart exec` needs a macOS 14 (Sonoma) or newer host"
+    return AGENT_HINT
+
+
+def connect_error(host: str, timeout: float) -> Optional[str]:
+    """None when sshd answers on port 22 with its banner, else what went wrong (refused,
+    unreachable, timed out, no banner): the difference is what points at Local Network privacy."""
+    try:
+        with socket.create_connection((host, ssh.SSH_PORT), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            if sock.recv(4).startswith(b"SSH-"):
+                return None
+            return "no SSH banner"
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__

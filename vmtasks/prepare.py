@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -183,7 +184,14 @@ def build_suspended_slots(run, plan: ImagePlan, count: int) -> List[str]:
             if not tart.suspend(temp):
                 raise StageError("prepare", temp, "this Tart cannot suspend VMs (needs macOS 14+)",
                                  "runs boot the prepared image cold")
-            code = proc.wait(timeout=cfg.timeouts.teardown)
+            try:
+                code = proc.wait(timeout=cfg.timeouts.teardown)
+            except subprocess.TimeoutExpired:
+                # Saving a large VM's memory can outlast timeouts.teardown: no slot image
+                # then (the handler below stops and deletes the half-saved VM).
+                raise StageError("prepare", temp, "suspending took longer than {:g}s (timeouts.teardown)".format(
+                    cfg.timeouts.teardown), "raise timeouts.teardown for a VM with much memory; runs boot the "
+                    "prepared image cold meanwhile") from None
             state = (tart.get(temp) or {}).get("State")
             if code != 0 or state != "suspended":
                 raise StageError("prepare", temp, "suspending failed (`tart run` exited {}, state {})".format(

@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 
-from . import linux, storage
+from . import leases, linux, storage
 from .errors import (GenericError, TartError, UsageError, VMDoesNotExist, VMIsRunning,
                      VMNotRunning)
 
@@ -356,6 +356,17 @@ def cmd_delete(args):
 
 
 def resolve_ip(vm, resolver):
+    """Tart's resolvers (Commands/IP.swift). dhcp, the default: the host's lease table for
+    the MAC in config.json, whether or not the VM runs (MACAddressResolver/Leases.swift), so
+    a stopped VM or a clone of a suspended one answers with an old, unexpired lease. agent:
+    the running guest's agent (through the VM's control socket), once it is up. arp: the
+    host's ARP cache, which knows a running guest once it has booted."""
+    if resolver == "dhcp":
+        try:
+            mac = vm.read_config().get("macAddress")
+        except (OSError, ValueError):
+            return None
+        return leases.ip_for(mac) if mac else None
     state, _ = vm.read_runtime()
     if not state:
         return None

@@ -47,7 +47,18 @@ def cmd_exec(args):
     if not state:
         raise agent_error("connection refused (the VM is still starting)")
     if time.monotonic() < state["agent_at"]:
-        raise agent_error("connection refused (the guest agent is not up yet)")
+        # Tart's gRPC channel pool keeps trying to connect to the agent's control socket for
+        # a while (about 10 s) before it gives up: wait for the agent that long, no longer.
+        from .guest import knob_seconds
+
+        wait = knob_seconds("TART_STANDIN_AGENT_CONNECT_WAIT", 10.0)
+        give_up = time.monotonic() + wait
+        while time.monotonic() < min(state["agent_at"], give_up):
+            if not vm.running_pid():
+                raise VMNotRunning(args.name)
+            time.sleep(max(0.001, min(0.05, min(state["agent_at"], give_up) - time.monotonic())))
+        if time.monotonic() < state["agent_at"]:
+            raise agent_error("connection refused (the guest agent is not up yet)")
 
     init_pid = state["init_pid"]
     try:

@@ -26,10 +26,13 @@ import sys
 import time
 import traceback
 
-from . import linux, storage
+from . import leases, linux, storage
 from .errors import GenericError, TartError, UsageError, VMAlreadyRunning, VMDoesNotExist
 
 SSHD = "/usr/sbin/sshd"
+AGENT_DELAY_DEFAULT = 10.0
+KEYCHAIN_LOCKED = ("SecKeyCreateRandomKey_ios failed\nFailed to generate keypair (the login keychain is "
+                   "locked; Linux stand-in: TART_STANDIN_LOCKED_KEYCHAIN)")
 GUEST_PATH = "/bin:/usr/bin:/usr/sbin:/usr/local/bin:/opt/homebrew/bin"
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM, signal.SIGUSR1,
            signal.SIGUSR2)
@@ -176,15 +179,19 @@ def release_ip(ip, fd):
     os.close(fd)
 
 
-def allocate_ip(name):
-    """Pick 127.x.y.z for the VM (stable per name) and reserve it host-wide.
+def allocate_ip(name, mac=None):
+    """Pick 127.x.y.z for the VM and reserve it host-wide: the address of its MAC's
+    unexpired DHCP lease if it has one (bootpd hands a MAC back its leased address), else
+    one derived from the name that no other MAC holds a lease for.
 
     The reservation is an flock on <registry>/ips/<ip>, held by the returned fd,
     which the guest processes inherit: the address is free again once they are gone.
     """
     ips = os.path.join(registry_dir(), "ips")
     os.makedirs(ips, 0o755, exist_ok=True)
-    for ip in ip_candidates(name):
+    leased = leases.ip_for(mac) if mac else None
+    taken = leases.leased_to_others(mac) if mac else set()
+    for ip in ([leased] if leased else []) + [c for c in ip_candidates(name) if c not in taken]:
         fd = _lock_reservation(os.path.join(ips, ip))
         if fd is None:
             continue
@@ -476,7 +483,12 @@ def cmd_run(args, log):
     boot_delay = knob_seconds("TART_STANDIN_BOOT_DELAY", 0.0)
     resume_delay = knob_seconds("TART_STANDIN_RESUME_DELAY", 0.0)
     sshd_delay = knob_seconds("TART_STANDIN_SSHD_DELAY", 0.0)
-    agent_delay = knob_seconds("TART_STANDIN_AGENT_DELAY", 0.0)
+    # The Tart Guest Agent is a LaunchAgent of the auto-logged-in user: it answers about
+    # 10 s after the guest has booted (tart-cli.md); tests may shorten it.
+    agent_delay = knob_seconds("TART_STANDIN_AGENT_DELAY", AGENT_DELAY_DEFAULT)
+    lease_time = knob_seconds("TART_STANDIN_DHCP_LEASE_TIME", 86400.0)
+    network_denied = knob_flag("TART_STANDIN_LOCAL_NETWORK_DENIED")
+    locked_keychain = knob_flag("TART_STANDIN_LOCKED_KEYCHAIN")
     crash_after = knob_seconds("TART_STANDIN_CRASH_AFTER", None)
     stop_delay = knob_seconds("TART_STANDIN_STOP_DELAY", 0.0)
     max_vms = knob_int("TART_STANDIN_MAX_VMS", 2)
@@ -513,22 +525,28 @@ def cmd_run(args, log):
         if not linux.try_write_lock(cfg_fd):
             raise VMAlreadyRunning(name)
         # From here on "running"; never open+close our own config.json again.
-        if max_vms:
-            others = [o.name for o in storage.list_vms() if o.name != name and o.running_pid()]
-            if len(others) >= max_vms:
-                hint = " (other running VMs: %s)" % ", ".join(others) if others else ""
-                raise TartError("The number of VMs exceeds the system limit" + hint)
     finally:
         os.close(lock_fd)
 
+    if locked_keychain:
+        raise TartError(KEYCHAIN_LOCKED)
+    # Tart's Run.swift restores (printing both lines and deleting state.vzvmsave) and only
+    # then starts the VM, which is where Virtualization.framework refuses a VM over the
+    # host's limit: at the limit, a resume's output shows both restore lines, then the error,
+    # and the saved state is gone.
     resumed = restore_saved_state(vm, config, refuse_restore)
+    if max_vms:
+        others = [o.name for o in storage.list_vms() if o.name != name and o.running_pid()]
+        if len(others) >= max_vms:
+            hint = " (other running VMs: %s)" % ", ".join(others) if others else ""
+            raise TartError("The number of VMs exceeds the system limit" + hint)
 
     for sig in SIGNALS:
         signal.signal(sig, _raise_signal)
     outcome, detail, cpid, gpid, ip, ip_fd = "exited", None, None, None, None, None
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        ip, ip_fd = allocate_ip(name)
+        ip, ip_fd = allocate_ip(name, config.get("macAddress"))
         storage.remove_tree(vm.run_path)
         os.makedirs(vm.run_path, 0o755)
         write_guest_files(vm, ip, name)
@@ -543,6 +561,8 @@ def cmd_run(args, log):
         else:
             boot_at = t0 + boot_delay
             sshd_at, agent_at = boot_at + sshd_delay, boot_at + agent_delay
+        if network_denied:
+            sshd_at = float("inf")  # the host's connects to the guest are refused
         ctx = {
             "name": name,
             "home": vm.home_path,
@@ -589,7 +609,7 @@ def cmd_run(args, log):
             storage.atomic_write(vm.state_path, json.dumps(state, indent=2) + "\n")
             if crash_after is not None:
                 signal.setitimer(signal.ITIMER_REAL, max(0.001, state["crash_at"] - time.monotonic()))
-            _, status = os.waitpid(cpid, 0)
+            status = _wait_granting_lease(cpid, boot_at, name, config.get("macAddress"), ip, lease_time)
             cpid = None
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
@@ -649,6 +669,27 @@ def cmd_run(args, log):
     except OSError:
         pass
     return 1
+
+
+def _wait_granting_lease(cpid, boot_at, name, mac, ip, lease_time):
+    """Wait for C; once the guest has booted (or resumed), its DHCP client takes (or renews)
+    the lease of its MAC, which then outlives the run (see leases.py). Returns C's status."""
+    while True:
+        if time.monotonic() >= boot_at:
+            if mac:
+                try:
+                    leases.grant(name, mac, ip, lease_time)
+                except OSError as exc:
+                    sys.stderr.write("tart run (Linux stand-in): cannot write the DHCP lease: %s\n" % exc)
+            while True:
+                try:
+                    return os.waitpid(cpid, 0)[1]
+                except InterruptedError:
+                    continue
+        pid, status = os.waitpid(cpid, os.WNOHANG)
+        if pid:
+            return status
+        time.sleep(max(0.001, min(0.05, boot_at - time.monotonic())))
 
 
 # --- suspend / resume ------------------------------------------------------------------

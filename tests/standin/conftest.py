@@ -143,6 +143,9 @@ class Tart:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("TART_STANDIN_") and k != "SSH_AUTH_SOCK"}
         env["TART_HOME"] = str(self.home)
+        # The real agent answers about 10 s after boot (the stand-in's default); these tests
+        # of other things start it at once. Tests of the delay itself set or unset it.
+        env["TART_STANDIN_AGENT_DELAY"] = "0"
         env["PATH"] = str(SCRIPTS) + os.pathsep + env.get("PATH", "/usr/bin:/bin")
         self.env = env
         self.runs: List[Run] = []

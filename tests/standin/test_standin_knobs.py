@@ -15,13 +15,32 @@ AGENT_DOWN_PREFIX = "Failed to connect to the VM using its control socket: "
 AGENT_DOWN_SUFFIX = ", is the Tart Guest Agent running?\n"
 
 
+# `tart exec` tries the agent's socket about 10 s before failing (TART_STANDIN_AGENT_CONNECT_WAIT);
+# these checks want the failure at once.
+NO_CONNECT_WAIT = {"TART_STANDIN_AGENT_CONNECT_WAIT": "0"}
+
+
+def test_exec_waits_for_a_late_agent_then_gives_up_like_tart(tart, base):
+    """The agent answers 10 s after boot unless told otherwise; an exec meanwhile keeps trying
+    for the connect wait, then fails with Tart's agent error."""
+    run = tart.spawn_run(base, env={"TART_STANDIN_AGENT_DELAY": ""})  # the default, as real
+    tart.wait_running(run)
+    started = time.monotonic()
+    early = tart("exec", base, "true", env={"TART_STANDIN_AGENT_CONNECT_WAIT": "1"})
+    assert early.returncode == 1 and early.stderr.endswith(AGENT_DOWN_SUFFIX)
+    assert 0.9 <= time.monotonic() - started < 5
+    waited = tart("exec", base, "id", "-un", timeout=30)  # waits (up to 10 s) for the agent
+    assert (waited.returncode, waited.stdout) == (0, "admin\n"), waited.stderr
+    assert time.monotonic() - run.started >= 9.5
+
+
 def test_boot_delay_hides_the_ip_until_boot(tart, base):
     run = tart.spawn_run(base, env={"TART_STANDIN_BOOT_DELAY": "1"})
     tart.wait_running(run)
     early = tart("ip", base)
     # running, so Tart does not ask "is your VM running?"
     assert (early.returncode, early.stderr) == (1, "no IP address found\n")
-    exec_early = tart("exec", base, "true")
+    exec_early = tart("exec", base, "true", env=NO_CONNECT_WAIT)
     assert exec_early.returncode == 1 and exec_early.stderr.startswith(AGENT_DOWN_PREFIX)
     ip = tart("ip", "--wait", "5", base)
     assert ip.returncode == 0 and ip.stdout.strip().startswith("127.")
@@ -46,7 +65,7 @@ def test_agent_delay_fails_exec_with_tarts_message(tart, base):
     ip = tart.wait_ip(base)  # the default resolver does not need the agent...
     agent = tart("ip", "--resolver", "agent", base)  # ...the agent resolver does
     assert agent.returncode == 1
-    early = tart("exec", base, "true")
+    early = tart("exec", base, "true", env=NO_CONNECT_WAIT)
     assert early.returncode == 1
     assert early.stderr.startswith(AGENT_DOWN_PREFIX) and early.stderr.endswith(AGENT_DOWN_SUFFIX)
     assert wait_until(lambda: ssh_banner(ip), 5)
@@ -124,8 +143,12 @@ def test_invalid_knob_value_is_reported(tart, base):
 
 def test_run_dir_and_sshd_log_level_knobs(tart, base, tmp_path):
     registry = tmp_path / "registry"
-    run = tart.start(base, env={"TART_STANDIN_RUN_DIR": str(registry),
-                                "TART_STANDIN_SSHD_LOG_LEVEL": "QUIET"})
+    env = {"TART_STANDIN_RUN_DIR": str(registry), "TART_STANDIN_SSHD_LOG_LEVEL": "QUIET"}
+    run = tart.spawn_run(base, env=env)
+    tart.wait_running(run)
+    # The DHCP lease table lives in the registry directory too: `tart ip` must see the knob.
+    run.ip = tart.ok("ip", "--wait", "5", base, env=env).strip()
+    assert (registry / "dhcpd_leases").read_text().count("hw_address=1,") == 1
     reservation = registry / "ips" / run.ip
     assert json.loads(reservation.read_text())["name"] == base
     tart.ok("stop", base)
