@@ -1098,3 +1098,33 @@ def test_a_second_round_of_a_listed_test_still_counts():
     stream.feed(s)
     stream.close()
     assert [r.status for r in stream.summary().results] == ["pass", "fail"] and stream.forged == 0
+
+
+# --------------------------------------------------------------------------
+# the verdict and the exit code agree (issue 18 #2, #5)
+# --------------------------------------------------------------------------
+
+def test_a_failed_exit_without_a_failed_test_becomes_an_error_that_says_why():
+    from vmtasks.results import explain_exit
+
+    c = Clock()
+    stream = SuiteStream()
+    stream.feed("go: parsing $GOFLAGS: unknown flag -x\n")
+    stream.close()
+    summary = explain_exit(stream.summary(), 1, "the suite", package="(suite)")
+    assert not summary.exit_ok and summary.errors == 1
+    text = summary.package_errors[0].text
+    assert "the suite exited 1 but reported no failed test" in text and "unknown flag -x" in text
+    assert verdict_line(summary, 1) == "DONE 0 tests, 1 error in 1.0s"
+    # A failure the results already show, an exit 0, or no exit status at all: nothing added.
+    failed = parse(run_test(c, A, "TestBad", "fail", []))[1]
+    assert explain_exit(failed, 1, "x") is failed
+    passed = parse(run_test(c, A, "TestOk", "pass", []))[1]
+    assert explain_exit(passed, 0, "x") is passed and explain_exit(passed, -1, "x") is passed
+
+
+def test_a_run_stopped_before_any_test_says_interrupted():
+    assert verdict_line(Summary(), 2.1, "SIGHUP") == "DONE 0 tests, interrupted (SIGHUP) in 2.1s"
+    # A test that was running already says it: the count is enough.
+    stopped = Summary(results=[TestResult("p", "TestA", "interrupted")])
+    assert verdict_line(stopped, 1, "SIGINT") == "DONE 1 test, 1 interrupted in 1.0s"
