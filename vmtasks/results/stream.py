@@ -36,6 +36,14 @@ stay output. Run the suite with go 1.20 or later (or pass ``-test.v=test2json`` 
 piping a prebuilt test binary through ``go tool test2json``), and this stream inherits
 that protection.
 
+Where go cannot (a guest with go 1.19), ``SuiteStream(expected=...)`` limits the damage to
+the test that printed: given the tests the suite lists (its own ``-test.list``; for one
+queued test, that test alone), an event for any other test, or a result for a listed test
+that is not running, is kept as output of the test running at the time (with a
+``[vmtasks]`` note) and never counted. What it cannot undo: a test that forges its *own*
+result before its real one (the first one counts; the run's exit code still says whether
+the binary failed, and the caller makes the two agree).
+
 Bounded memory
 --------------
 The stream keeps no list of every line or chunk. Per test and per package it keeps the
