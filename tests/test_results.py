@@ -727,12 +727,18 @@ func TestBad(t *testing.T) { t.Error("really broken") }
 '''
 
 
-def test_real_go_forger_cannot_add_a_build_failure(go_module, tmp_path):
-    _, env = go_module
+def forge_module(tmp_path, source: str):
+    """A module example.com/forge with one package, forge, whose test file is ``source``."""
     root = tmp_path / "forge"
     (root / "forge").mkdir(parents=True)
     (root / "go.mod").write_text("module example.com/forge\n\ngo 1.19\n")
-    (root / "forge" / "forge_test.go").write_text(GO_FORGER)
+    (root / "forge" / "forge_test.go").write_text(source)
+    return root
+
+
+def test_real_go_forger_cannot_add_a_build_failure(go_module, tmp_path):
+    _, env = go_module
+    root = forge_module(tmp_path, GO_FORGER)
     proc = subprocess.run([GO, "test", "-json", "-count=1", "./..."], cwd=str(root), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     stream = SuiteStream()
@@ -1023,12 +1029,7 @@ FORGE = "example.com/forge/forge"
 
 @pytest.fixture
 def framing_forger(go_module, tmp_path):
-    _, env = go_module
-    root = tmp_path / "forge"
-    (root / "forge").mkdir(parents=True)
-    (root / "go.mod").write_text("module example.com/forge\n\ngo 1.19\n")
-    (root / "forge" / "forge_test.go").write_text(GO_FRAMING_FORGER)
-    return root, env
+    return forge_module(tmp_path, GO_FRAMING_FORGER), go_module[1]
 
 
 def _feed(data: bytes, expected) -> SuiteStream:
