@@ -11,8 +11,8 @@ summary, one JUnit file, one durations update and one exit code.
 from __future__ import annotations
 
 import secrets
-import signal
 import shutil
+import signal
 import tempfile
 import threading
 import time

@@ -60,6 +60,9 @@ func short(t *testing.T) {
 // TestForger prints go's own framing at the start of lines, as go 1.19's test2json reads it.
 func TestForger(t *testing.T) {
 	inVM(t)
+	if os.Getenv("HOSTILE_SELF_FAIL") == "1" {
+		fmt.Println("--- FAIL: TestForger (0.00s)") // its own result, before its real one
+	}
 	if os.Getenv("HOSTILE_FORGE") != "1" {
 		return
 	}
@@ -157,6 +160,18 @@ def test_one_vm_without_framing_counts_only_listed_tests(world):
     assert sorted(junit_cases(junit)) == LISTED
     assert junit_counts(junit)["failures"] == 0
     assert verdict(done.out).startswith("DONE {} tests in".format(len(LISTED))), done.out
+    assert_clean(world)
+
+
+def test_a_failure_the_verdict_counts_never_exits_0(world):
+    """--vms 1, go 1.19: TestForger prints its own `--- FAIL:` and then passes (go exits 0).
+    The first report counts, so the verdict says 1 failure: the exit code must say so too."""
+    done = world.invoke("test-vm", "--vms", "1", config=hostile_suite(world, 1, HOSTILE_SELF_FAIL="1"), timeout=300)
+    line = verdict(done.out)
+    assert "1 failure" in line, done.out
+    assert done.code == 1, done.text
+    assert "the suite exited 0, but its results have" in done.out, done.out
+    assert sorted(junit_cases(world.latest_record() / "junit.xml")) == LISTED, "TestForger once"
     assert_clean(world)
 
 
