@@ -176,8 +176,14 @@ def test_a_timed_out_test_command_can_kill_its_whole_process_group(tmp_path):
         assert all(state.startswith("Z") for state in alive), "the test's children outlived the kill"
         assert not (tmp_path / "running.pid").exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        import os
+        import signal
+
+        try:  # whatever the kill missed (a failing run) goes now
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
 
 
 def test_the_queued_command_notes_its_pid_only_when_asked(tmp_path):
