@@ -93,3 +93,102 @@ def test_the_queue_hands_each_test_out_once_across_threads(tmp_path):
         t.join()
     assert sorted(taken) == sorted(i.name for i in items) and len(taken) == len(set(taken))
     assert queue.exhausted() and queue.remaining() == []
+
+
+# -- issue 18: a listing line that cannot be a test; a hung test's process group ----------
+
+class ListingRunner:
+    """Answers every command with ``stdout``; records argv and env."""
+
+    def __init__(self, stdout: str) -> None:
+        self.stdout = stdout
+        self.calls = []
+
+    def run(self, argv, **kwargs):
+        from vmtasks.proc import Result
+
+        self.calls.append((list(argv), kwargs.get("env")))
+        return Result(list(argv), 0, self.stdout, "")
+
+
+@pytest.mark.parametrize("name,ok", [
+    ("TestA", True), ("TestÜber", True), ("Example_x", True), ("FuzzParse", True),
+    ("TestEvil\x00Name", False), ("TestEvil\x1b[2J", False), ("Test A", False), ("TestA/sub", False),
+    ("TestA\r", False), ("Benchmark", False), ("Helper", False),
+])
+def test_only_go_identifiers_are_test_names(name, ok):
+    assert gotest.valid_test_name(name) is ok
+
+
+def test_a_nul_in_a_binary_listing_is_left_out_with_a_note(tmp_path):
+    package = gotest.Package("example.com/x/e2e", ".", "x.test")
+    runner = ListingRunner("TestA\nTestEvil\x00Name\nTestB\nok  \texample.com/x/e2e\t0.01s\n")
+    notes = []
+    items = gotest.list_tests(runner, str(tmp_path), gotest.parse_suite("go test ./...", None), package, tmp_path,
+                              on_note=notes.append)
+    assert [i.name for i in items] == ["TestA", "TestB"]
+    assert len(notes) == 1 and "'TestEvil\\x00Name'" in notes[0] and "not a Go test name" in notes[0]
+
+
+def test_one_vm_listing_is_go_test_list_json_without_openboot_vars(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("OPENBOOT_IN_VM", "1")
+    lines = [{"Action": "output", "Package": "p/a", "Output": "TestA\n"},
+             {"Action": "output", "Package": "p/a", "Output": "TestEvil\x00Name\n"},
+             {"Action": "output", "Package": "p/a", "Output": "ok  \tp/a\t0.01s\n"},
+             {"Action": "output", "Package": "p/b", "Output": "TestB\n"},
+             {"Action": "output", "Package": "p/b", "Test": "TestX", "Output": "TestC\n"},
+             {"Action": "pass", "Package": "p/b"}]
+    runner = ListingRunner("".join(json.dumps(line) + "\n" for line in lines) + "noise\n")
+    notes = []
+    suite = gotest.parse_suite("go test -v -tags=e2e,vm -run 'TestA|TestB' ./...", None)
+    listed = gotest.list_suite(runner, str(tmp_path), suite, 60, on_note=notes.append)
+    assert listed == [("p/a", "TestA"), ("p/b", "TestB")]
+    assert len(notes) == 1 and "p/a" in notes[0]
+    argv, env = runner.calls[0]
+    assert argv == ["go", "test", "-list", "TestA|TestB", "-json", "-tags=e2e,vm", "./..."]
+    assert not any(k.startswith("OPENBOOT_") for k in env)
+
+
+def test_a_timed_out_test_command_can_kill_its_whole_process_group(tmp_path):
+    """sshd runs each command as a session leader: the PID the command notes is the process
+    group of the test binary and of whatever it started."""
+    import time
+
+    pid_file = shlex.quote(str(tmp_path / "running.pid"))
+    command = gotest.note_pid(pid_file) + "sleep 300 & exec sleep 301"
+    proc = subprocess.Popen(["sh", "-c", command], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "running.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        done = subprocess.run(["sh", "-c", gotest.kill_command(pid_file)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert proc.wait(timeout=10) == -9
+        for _ in range(50):  # SIGKILL is delivered at once; reaping the orphan may take a moment
+            alive = subprocess.run(["ps", "-o", "stat=", "-g", str(proc.pid)], capture_output=True,
+                                   text=True).stdout.split()
+            if all(state.startswith("Z") for state in alive):
+                break
+            time.sleep(0.1)
+        assert all(state.startswith("Z") for state in alive), "the test's children outlived the kill"
+        assert not (tmp_path / "running.pid").exists()
+    finally:
+        import os
+        import signal
+
+        try:  # whatever the kill missed (a failing run) goes now
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def test_the_queued_command_notes_its_pid_only_when_asked(tmp_path):
+    cfg = config.load(None, environ={}, cwd=tmp_path)
+    package = gotest.Package("p", ".", "p.test")
+    queue = TestQueue([gotest.TestItem(package, "TestA")], gotest.GoSuite((".",), (), (), None), tmp_path, True, [])
+    assert queue.command_for(cfg, queue.items[0]).startswith("cd ")
+    assert queue.command_for(cfg, queue.items[0], pid_file='"$HOME"/x.pid').startswith('echo $$ 2>/dev/null >"$HOME"/x.pid; cd ')

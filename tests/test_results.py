@@ -727,12 +727,18 @@ func TestBad(t *testing.T) { t.Error("really broken") }
 '''
 
 
-def test_real_go_forger_cannot_add_a_build_failure(go_module, tmp_path):
-    _, env = go_module
+def forge_module(tmp_path, source: str):
+    """A module example.com/forge with one package, forge, whose test file is ``source``."""
     root = tmp_path / "forge"
     (root / "forge").mkdir(parents=True)
     (root / "go.mod").write_text("module example.com/forge\n\ngo 1.19\n")
-    (root / "forge" / "forge_test.go").write_text(GO_FORGER)
+    (root / "forge" / "forge_test.go").write_text(source)
+    return root
+
+
+def test_real_go_forger_cannot_add_a_build_failure(go_module, tmp_path):
+    _, env = go_module
+    root = forge_module(tmp_path, GO_FORGER)
     proc = subprocess.run([GO, "test", "-json", "-count=1", "./..."], cwd=str(root), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     stream = SuiteStream()
@@ -999,3 +1005,127 @@ def test_merge_detects_a_test_reported_twice():
     both = merge([("vm-1", e), ("vm-2", e)])
     assert both.errors == 2 and [x.vm for x in both.package_errors] == ["vm-1", "vm-2"]
     assert verdict_line(both, 1) == "DONE 0 tests, 2 errors in 1.0s"
+
+
+# --------------------------------------------------------------------------
+# only listed tests count (issue 18 #1, #2): go before 1.20 has no framing
+# --------------------------------------------------------------------------
+
+GO_FRAMING_FORGER = r'''package forge
+import ("fmt"; "testing"; "time")
+func TestLongA(t *testing.T) { time.Sleep(20 * time.Millisecond) }
+func TestForger(t *testing.T) {
+	fmt.Println("--- FAIL: TestLongA (0.00s)")
+	fmt.Println("=== RUN   TestGhostA")
+	fmt.Println("--- PASS: TestGhostA (0.00s)")
+	fmt.Println("=== RUN   TestGhostB")
+	fmt.Println("--- FAIL: TestGhostB (0.00s)")
+	fmt.Println("--- FAIL: TestGhost (0.00s)")
+	fmt.Println("after the forgery")
+}
+'''
+FORGE = "example.com/forge/forge"
+
+
+@pytest.fixture
+def framing_forger(go_module, tmp_path):
+    return forge_module(tmp_path, GO_FRAMING_FORGER), go_module[1]
+
+
+def _feed(data: bytes, expected) -> SuiteStream:
+    stream = SuiteStream(expected=expected)
+    for i in range(0, len(data), 97):
+        stream.feed(data[i:i + 97])
+    stream.close()
+    return stream
+
+
+def test_real_queued_test_cannot_report_other_tests(framing_forger, tmp_path):
+    """As the queue runs one test: `go tool test2json` over the binary with -test.v (go 1.19
+    has no -test.v=test2json); the stream of TestForger counts TestForger alone."""
+    root, env = framing_forger
+    binary = tmp_path / "forge.test"
+    subprocess.run([GO, "test", "-c", "-o", str(binary), "./forge"], cwd=str(root), env=env, check=True, timeout=120)
+    proc = subprocess.run([GO, "tool", "test2json", "-t", "-p", FORGE, str(binary), "-test.v",
+                           "-test.paniconexit0", "-test.run=^TestForger$"], cwd=str(root / "forge"), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == 0
+    unfiltered = _feed(proc.stdout, None).summary()
+    if not any(r.name == "TestGhostA" for r in unfiltered.results):
+        pytest.skip("this go frames test2json output (>= 1.20): nothing to forge")
+    stream = _feed(proc.stdout, [(FORGE, "TestForger")])
+    summary = stream.summary()
+    assert [(r.name, r.status) for r in summary.results] == [("TestForger", "pass")], proc.stdout.decode()
+    assert summary.exit_ok and summary.failures == [] and stream.forged >= 4
+    out = summary.results[0].output
+    assert "--- FAIL: TestLongA" in out and "after the forgery" in out and "not counted" in out
+
+
+def test_real_go_test_json_counts_only_listed_tests(framing_forger):
+    """One VM: `go test -json` over the whole package; the host's listing decides what counts."""
+    root, env = framing_forger
+    proc = subprocess.run([GO, "test", "-json", "-count=1", "./..."], cwd=str(root), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == 0
+    summary = _feed(proc.stdout, [(FORGE, "TestForger"), (FORGE, "TestLongA")]).summary()
+    assert sorted((r.name, r.status) for r in summary.results) == [("TestForger", "pass"), ("TestLongA", "pass")]
+    assert summary.exit_ok and verdict_line(summary, 1).startswith("DONE 2 tests in")
+
+
+def test_a_listed_test_reported_before_it_runs_or_after_it_ended_is_output():
+    c = Clock()
+    s = run_test(c, A, "TestA", "pass", [])
+    s += ev(c, "run", A, "TestB") + ev(c, "output", A, "TestB", "=== RUN   TestB\n")
+    # TestB prints go's framing for TestA (finished) and TestC (not started yet)
+    s += ev(c, "run", A, "TestA") + ev(c, "output", A, "TestA", "=== RUN   TestA\n")
+    s += ev(c, "fail", A, "TestA", elapsed=0) + ev(c, "fail", A, "TestC", elapsed=0)
+    s += ev(c, "output", A, "TestB", "--- PASS: TestB (0.10s)\n") + ev(c, "pass", A, "TestB", elapsed=0.1)
+    s += run_test(c, A, "TestC", "pass", [])
+    s += ev(c, "pass", A, "", elapsed=1)
+    stream = SuiteStream(expected=[(A, "TestA"), (A, "TestB"), (A, "TestC")])
+    stream.feed(s)
+    stream.close()
+    summary = stream.summary()
+    assert [(r.name, r.status) for r in summary.results] == [("TestA", "pass"), ("TestB", "pass"), ("TestC", "pass")]
+    assert summary.exit_ok and stream.forged == 3
+    assert summary.results[1].output.count("not counted") == 3  # said in TestB's output
+
+
+def test_a_second_round_of_a_listed_test_still_counts():
+    # -count=2: the same test runs again once nothing else runs; that is go's, not forged
+    c = Clock()
+    s = run_test(c, A, "TestA", "pass", []) + run_test(c, A, "TestA", "fail", [])
+    stream = SuiteStream(expected=[(A, "TestA")])
+    stream.feed(s)
+    stream.close()
+    assert [r.status for r in stream.summary().results] == ["pass", "fail"] and stream.forged == 0
+
+
+# --------------------------------------------------------------------------
+# the verdict and the exit code agree (issue 18 #2, #5)
+# --------------------------------------------------------------------------
+
+def test_a_failed_exit_without_a_failed_test_becomes_an_error_that_says_why():
+    from vmtasks.results import explain_exit
+
+    c = Clock()
+    stream = SuiteStream()
+    stream.feed("go: parsing $GOFLAGS: unknown flag -x\n")
+    stream.close()
+    summary = explain_exit(stream.summary(), 1, "the suite", package="(suite)")
+    assert not summary.exit_ok and summary.errors == 1
+    text = summary.package_errors[0].text
+    assert "the suite exited 1 but reported no failed test" in text and "unknown flag -x" in text
+    assert verdict_line(summary, 1) == "DONE 0 tests, 1 error in 1.0s"
+    # A failure the results already show, an exit 0, or no exit status at all: nothing added.
+    failed = parse(run_test(c, A, "TestBad", "fail", []))[1]
+    assert explain_exit(failed, 1, "x") is failed
+    passed = parse(run_test(c, A, "TestOk", "pass", []))[1]
+    assert explain_exit(passed, 0, "x") is passed and explain_exit(passed, -1, "x") is passed
+
+
+def test_a_run_stopped_before_any_test_says_interrupted():
+    assert verdict_line(Summary(), 2.1, "SIGHUP") == "DONE 0 tests, interrupted (SIGHUP) in 2.1s"
+    # A test that was running already says it: the count is enough.
+    stopped = Summary(results=[TestResult("p", "TestA", "interrupted")])
+    assert verdict_line(stopped, 1, "SIGINT") == "DONE 1 test, 1 interrupted in 1.0s"

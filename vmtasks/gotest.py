@@ -10,6 +10,7 @@ destructive tests refuse without that variable anyway.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -27,6 +28,37 @@ TEST_VALUE_FLAGS = {"timeout", "run", "skip", "count", "parallel", "cpu", "shuff
 TEST_BOOL_FLAGS = {"v", "short", "failfast"}
 IGNORED_BOOL_FLAGS = {"json"}  # we ask for JSON ourselves
 RUNNABLE = re.compile(r"^(Test|Example|Fuzz)")
+
+
+def valid_test_name(name: str) -> bool:
+    """Could ``name`` be a top-level Go test? A Go identifier (letters, digits, ``_``)
+    starting with Test, Example or Fuzz. A listing line with a NUL, a control character, a
+    space or a ``/`` is something a TestMain printed, never a test: it must not become a
+    ``-test.run`` regex in a guest command line (a NUL broke the SSH session)."""
+    return bool(RUNNABLE.match(name)) and name.isidentifier() and name.isprintable()
+
+
+def split_listing(names) -> Tuple[List[str], List[str]]:
+    """``(tests, rejected)`` from the lines of a test listing: runnable names that are Go
+    identifiers, and runnable-looking lines that are not (shown with ``repr``)."""
+    tests: List[str] = []
+    rejected: List[str] = []
+    for line in names:
+        name = line.strip()
+        if not RUNNABLE.match(name):
+            continue
+        if valid_test_name(name):
+            tests.append(name)
+        else:
+            rejected.append(name)
+    return tests, rejected
+
+
+def rejected_note(package: str, rejected: Sequence[str]) -> str:
+    shown = ", ".join(repr(name) for name in list(rejected)[:5])
+    more = " and {} more".format(len(rejected) - 5) if len(rejected) > 5 else ""
+    return ("the listing of {} printed {}{}: not a Go test name (a control character, space or '/'); "
+            "ignored, the other tests run".format(package, shown, more))
 
 
 @dataclass(frozen=True)
@@ -146,8 +178,9 @@ def host_env() -> Dict[str, str]:
 
 
 def list_tests(runner, project_dir: str, suite: GoSuite, package: Package, bin_dir: Path,
-               timeout: float = 120, cancel=None) -> List[TestItem]:
-    """The package's top-level tests matching the regex, as its binary lists them."""
+               timeout: float = 120, cancel=None, on_note=None) -> List[TestItem]:
+    """The package's top-level tests matching the regex, as its binary lists them.
+    Lines that cannot be a Go test name are left out, and ``on_note(text)`` says so."""
     top = top_level_pattern(suite.run_regex)
     argv = [str(bin_dir / package.binary), "-test.list", top]
     done = runner.run(argv, timeout=timeout, cwd=str(Path(project_dir) / package.rel_dir), env=host_env(),
@@ -157,7 +190,49 @@ def list_tests(runner, project_dir: str, suite: GoSuite, package: Package, bin_d
             package.import_path, done.returncode),
             "a TestMain that fails without OPENBOOT_IN_VM=1 cannot be listed on the host; run with --vms 1",
             (done.stderr + done.stdout).splitlines()[-15:])
-    return [TestItem(package, line.strip()) for line in done.stdout.splitlines() if RUNNABLE.match(line.strip())]
+    names, rejected = split_listing(done.stdout.splitlines())
+    if rejected and on_note is not None:
+        on_note(rejected_note(package.import_path, rejected))
+    return [TestItem(package, name) for name in names]
+
+
+def list_suite(runner, project_dir: str, suite: GoSuite, timeout: float, cancel=None,
+               on_note=None) -> List[Tuple[str, str]]:
+    """Every selected top-level test as ``(package, name)``, from one ``go test -list -json``
+    on the host (each binary's own ``-test.list``; run without ``OPENBOOT_*``, so nothing
+    destructive runs). For a one-VM run: only these tests count in its results. Raises
+    :class:`StageError` when go cannot list them."""
+    argv = ["go", "test", "-list", top_level_pattern(suite.run_regex), "-json"] + list(suite.build_flags) + \
+        list(suite.packages)
+    done = runner.run(argv, timeout=timeout, cwd=project_dir, env=host_env(), cancel=cancel)
+    if not done.ok:
+        raise StageError("list", "host", "`go test -list` exited {}".format(done.returncode),
+                         "a TestMain that fails without OPENBOOT_IN_VM=1 cannot be listed on the host",
+                         (done.stderr + done.stdout).splitlines()[-15:])
+    out: List[Tuple[str, str]] = []
+    seen = set()
+    rejected: Dict[str, List[str]] = {}
+    for line in done.stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(event, dict) or event.get("Action") != "output":
+            continue
+        package, text = event.get("Package"), event.get("Output")
+        if not isinstance(package, str) or not isinstance(text, str) or "Test" in event:
+            continue
+        names, bad = split_listing([text])
+        for name in names:
+            if (package, name) not in seen:
+                seen.add((package, name))
+                out.append((package, name))
+        if bad:
+            rejected.setdefault(package, []).extend(bad)
+    for package, bad in rejected.items():
+        if on_note is not None:
+            on_note(rejected_note(package, bad))
+    return out
 
 
 def supports_test2json_framing(runner, binary: Path, cwd: str) -> bool:
@@ -188,12 +263,29 @@ def top_level_pattern(regex: Optional[str]) -> str:
     return top or ".*"
 
 
-def test_command(cfg, item: TestItem, suite: GoSuite, guest_bin: str, framing: bool, env_words: Sequence[str]) -> str:
-    """The shell command that runs one test in the guest, speaking `go test -json`."""
+def note_pid(pid_file: str) -> str:
+    """A guest shell prefix that writes the command's PID to ``pid_file`` (a shell word).
+
+    sshd starts each command in a new session, so that PID is also the process group of
+    everything the command starts (test2json, the test binary, their children):
+    :func:`kill_command` stops them all when a deadline runs out."""
+    return "echo $$ 2>/dev/null >{}; ".format(pid_file)  # never stops the command itself
+
+
+def kill_command(pid_file: str) -> str:
+    """Guest shell: kill the process group whose leader wrote ``pid_file``, then forget it."""
+    return 'pid=$(cat {0} 2>/dev/null); rm -f {0}; [ -n "$pid" ] && kill -KILL -"$pid"'.format(pid_file)
+
+
+def test_command(cfg, item: TestItem, suite: GoSuite, guest_bin: str, framing: bool, env_words: Sequence[str],
+                 pid_file: Optional[str] = None) -> str:
+    """The shell command that runs one test in the guest, speaking `go test -json`
+    (``pid_file``: see :func:`note_pid`)."""
     _, sub = split_regex(suite.run_regex)
     run = "^" + re.escape(item.name) + "$" + ("/" + sub if sub else "")
     workdir = cfg.guest.dir.rstrip("/") + ("" if item.package.rel_dir == "." else "/" + item.package.rel_dir)
-    words = ["cd", shlex.quote(workdir), "&&", "exec", "env"] + list(env_words)
+    words = ([note_pid(pid_file).rstrip()] if pid_file else []) + ["cd", shlex.quote(workdir), "&&", "exec", "env"] + \
+        list(env_words)
     words += [shlex.quote(w) for w in shlex.split(cfg.guest.command_prefix)]
     words += ["go", "tool", "test2json", "-t", "-p", shlex.quote(item.package.import_path),
               guest_bin + "/" + shlex.quote(item.package.binary),

@@ -133,6 +133,6 @@ def list_shard_candidates(suite, workdir: str, env: Mapping[str, str]):
             package = words[1]
             out += [schedule.TestId(package, name) for name in pending]
             pending = []
-        elif gotest.RUNNABLE.match(line.strip()):
+        elif gotest.valid_test_name(line.strip()):
             pending.append(line.strip())
     return out

@@ -70,8 +70,9 @@ class TestQueue:
     def guest_bin_dir(cfg) -> str:
         return GUEST_BIN_DIR
 
-    def command_for(self, cfg, item: TestItem) -> str:
-        return gotest.test_command(cfg, item, self.suite, '"$HOME"/' + GUEST_BIN_DIR, self.framing, self.env_words)
+    def command_for(self, cfg, item: TestItem, pid_file: Optional[str] = None) -> str:
+        return gotest.test_command(cfg, item, self.suite, '"$HOME"/' + GUEST_BIN_DIR, self.framing, self.env_words,
+                                   pid_file=pid_file)
 
     def command_for_display(self, cfg) -> str:
         if self.items:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import signal
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import gotest, orphans, results, schedule
 from .backend import Cancelled, Owner
@@ -89,6 +90,7 @@ class Run:
         self._bundle: Optional[bytes] = None
         self._bundle_lock = threading.Lock()
         self.expected: List[gotest.TestItem] = []
+        self.listed_tests: Optional[List[Tuple[str, str]]] = None  # one VM: the tests that count
         self.listed = None
         self.bin_dir: Optional[Path] = None
         self.guard = SignalGuard(self.cancel, in_teardown=self._in_teardown)
@@ -117,6 +119,10 @@ class Run:
                   self._compile, "build", lambda ctx: ["go list ...; go test -c -o <bin>/<pkg>.test ...; "
                                                        "<pkg>.test -test.list <regex>"],
                   enabled=lambda ctx: self.vm_count > 1 and not self.request.only_prepare),
+            Stage("list", "list the suite's tests on the host (`go test -list`, never destructive): only they "
+                  "count, whatever a test prints", self._list, "build",
+                  lambda ctx: ["go test -list <regex> -json <build flags> <packages>"],
+                  enabled=lambda ctx: self.vm_count == 1 and not self.request.only_prepare),
         ]
 
     def plan(self) -> List[str]:
@@ -196,7 +202,7 @@ class Run:
         for package in packages:
             gotest.compile_package(self.runner, self.cfg.project_dir, suite, package, self.bin_dir, left(), self.cancel)
             items += gotest.list_tests(self.runner, self.cfg.project_dir, suite, package, self.bin_dir,
-                                       cancel=self.cancel)
+                                       cancel=self.cancel, on_note=self._listing_note)
         framing = bool(packages) and gotest.supports_test2json_framing(
             self.runner, self.bin_dir / packages[0].binary, str(Path(self.cfg.project_dir) / packages[0].rel_dir))
         history = results.History.load(self.cfg.suite.durations)
@@ -211,6 +217,36 @@ class Run:
         self.reporter.info("   {} tests, longest first, over {} VMs (estimated {:.0f}s of work, "
                            "lower bound {:.0f}s)".format(len(ordered), self.vm_count, total,
                                                          schedule.lower_bound(list(estimates.values()), self.vm_count)))
+
+    def _list(self, ctx) -> None:
+        """One VM: the suite's own listing decides which of go's test events count (go before
+        1.20 turns a test's printed `--- FAIL: TestX` into an event for TestX). Best effort:
+        a suite the host cannot list runs as before, and the run says so."""
+        try:
+            suite = gotest.parse_suite(self.cfg.suite.all, self.request.test)
+            listed = gotest.list_suite(self.runner, self.cfg.project_dir, suite,
+                                       max(1.0, ctx.deadline - time.monotonic()), self.cancel,
+                                       on_note=self._listing_note)
+        except (Cancelled, Interrupted):
+            raise
+        except VmtasksError as exc:
+            listed, why = [], exc.message
+        else:
+            if not listed:  # nothing matches: the suite will say "no test ran"
+                ctx.stage_status, ctx.stage_note = "ok", "no test listed"
+                return
+        if not listed:
+            note = "the suite's tests could not be listed on the host ({}): every test go reports counts".format(why)
+            self.reporter.warn(note)
+            self.notes.append(note)
+            ctx.stage_status, ctx.stage_note = "ok", "not listed: every reported test counts"
+            return
+        self.listed_tests = listed
+        ctx.stage_status, ctx.stage_note = "ok", "{} tests".format(len(listed))
+
+    def _listing_note(self, text: str) -> None:
+        self.reporter.warn(text)
+        self.notes.append(text)
 
     def tool_bundle(self) -> bytes:
         """The guest-side tool bundle, built once per run (every VM and the image hash use it)."""
@@ -405,7 +441,8 @@ class Run:
                            failed_tests=results.failed_tests(summary) if summary is not None else [],
                            test=self.request.test, interrupted=interrupted)
         seconds = self.record.total_seconds()
-        verdict = results.verdict_line(summary, seconds) if summary is not None else \
+        stopped_by = signal.Signals(self.guard.received).name if interrupted else ""
+        verdict = results.verdict_line(summary, seconds, stopped_by) if summary is not None else \
             "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
         view = SummaryView(summary) if summary is not None else None
         extra = self.notes + ([self.record.incomplete()] if self.record.incomplete() else [])
@@ -442,6 +479,10 @@ class Run:
                 self.notes.append("no test ran: check the --test regex (exit {}; --allow-no-tests to accept)"
                                   .format(EXIT_NO_TESTS))
                 return EXIT_NO_TESTS
+            if code == 0 and summary is not None and not summary.exit_ok:
+                # The verdict and the exit code agree: a failure the results count fails the run.
+                self.notes.append("the suite exited 0, but its results have {}: exit 1".format(summary.headline()))
+                return 1
             return code
         if summary is None or summary.total == 0:
             if self.request.allow_no_tests and not self.pipelines:

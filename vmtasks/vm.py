@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional
 
-from . import results, ssh, sync
+from . import gotest, results, ssh, sync
 from .backend import Cancelled, Machine, NoLongerNeeded
-from .errors import Interrupted, StageError, VmtasksError, describe_unexpected
+from .errors import Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
 from .pipeline import Stage, StageRunner
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -54,6 +54,22 @@ def guest_env_words(cfg) -> List[str]:
 
 def tool_path(cfg) -> str:
     return '"$HOME"/' + shlex.quote(cfg.guest.tool_dir)
+
+
+def running_pid_file(cfg) -> str:
+    """Where the guest command running the suite or a test notes its process group."""
+    return tool_path(cfg) + "/running.pid"
+
+
+class TestTimedOut(VmtasksError):
+    """A suite or test command outlived its deadline and was killed; the VM is fine.
+    Raised and caught inside this module (the queue goes on; the suite stage fails)."""
+
+    __test__ = False
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, "raise the timeout in the config if the test is just slow")
+        self.reason = reason
 
 
 def inner_command(cfg, test: Optional[str], json_output: bool = True) -> str:
@@ -355,17 +371,28 @@ class VmPipeline:
 
     def _suite(self, ctx: VmContext) -> None:
         """Single-VM mode: the whole suite (or the --test regex) as one `go test -json`."""
-        command = inner_command(self.cfg, self.run.request.test, True)
-        ctx.exit_code = self._stream_command(ctx, command, self.cfg.timeouts.suite)
+        command = gotest.note_pid(running_pid_file(self.cfg)) + inner_command(self.cfg, self.run.request.test, True)
+        try:
+            ctx.exit_code = self._stream_command(ctx, command, "suite", expected=self.run.listed_tests)
+        except TestTimedOut as exc:
+            raise StageError("suite", self.name, exc.reason + "; the suite was stopped in the guest",
+                             "raise timeouts.suite in the config if the suite is just slow") from None
         if ctx.exit_code != 0:
             ctx.stage_status = "failed"
 
-    def _stream_command(self, ctx: VmContext, command: str, timeout: float, label: str = "") -> int:
-        """Run a `go test -json`-speaking command, parse its events live, keep its summary."""
+    def _stream_command(self, ctx: VmContext, command: str, timeout_key: str, expected=None, label: str = "") -> int:
+        """Run a `go test -json`-speaking command, parse its events live, keep its summary.
+
+        ``expected``: the ``(package, name)`` tests whose events count (see SuiteStream).
+        When ``timeouts.<timeout_key>`` runs out, the command's processes in the guest are
+        killed, what was running fails as timed out, and :class:`TestTimedOut` says so: the
+        VM itself is fine. A broken session is a lost VM (StageError)."""
+        timeout = getattr(self.cfg.timeouts, timeout_key)
         raw = self.run.record.open_stream("suite-output.txt", self.record_key)
         stream = results.SuiteStream(on_event=lambda event: self.run.on_test_event(self.name, event),
-                                     on_output=self._raw)
+                                     on_output=self._raw, expected=expected)
         reason = None
+        code = -1
         try:
             def on_output(text: str) -> None:
                 raw.write(text)
@@ -376,6 +403,10 @@ class VmPipeline:
             except (Cancelled, Interrupted):
                 reason = "interrupted"
                 raise
+            except RemoteTimeout:
+                reason = "timeouts.{} ({:g}s) ran out{}".format(timeout_key, timeout, " for " + label if label else "")
+                self._kill_running(ctx, reason)
+                raise TestTimedOut(reason) from None
             except VmtasksError as exc:
                 reason = self._lost_reason(exc.message)
                 raise StageError(self.runner.current, self.name, reason, "see the VM console in the run record",
@@ -384,11 +415,32 @@ class VmPipeline:
                 reason = self._lost_reason("the SSH session ended without an exit status")
                 raise StageError(self.runner.current, self.name, reason,
                                  "see the VM console in the run record", ctx.machine.console_tail())
-            return result.exit_code
+            code = result.exit_code
+            return code
         finally:
             raw.close()
             stream.close(reason)
-            ctx.summaries.append(stream.summary())
+            summary = stream.summary()
+            if reason is None and code > 0:
+                # The verdict and the exit code agree: a failure no test reported is an error.
+                summary = results.explain_exit(summary, code, "the test {}".format(label) if label else "the suite",
+                                               package=expected[0][0] if label and expected else "(suite)")
+            ctx.summaries.append(summary)
+
+    def _kill_running(self, ctx: VmContext, reason: str) -> None:
+        """Kill the timed-out command's process group in the guest (it ignores a closed
+        channel: nothing reads its output, but a hung test writes nothing). A VM that cannot
+        even do that is lost."""
+        self.run.reporter.warn("{}: {}: killing it in the guest".format(self.name, reason))
+        try:
+            result = self.remote(gotest.kill_command(running_pid_file(self.cfg)), min(30.0, self.cfg.timeouts.teardown))
+        except VmtasksError as exc:
+            lost = self._lost_reason("{}, and then {}".format(reason, exc.message))
+            raise StageError(self.runner.current, self.name, lost, "see the VM console in the run record",
+                             ctx.machine.console_tail()) from None
+        if result.exit_code != 0:
+            self.run.reporter.warn("{}: the kill exited {} (the command may have ended meanwhile)".format(
+                self.name, result.exit_code))
 
     def _lost_reason(self, what: str) -> str:
         self.ctx.lost = True
@@ -397,15 +449,21 @@ class VmPipeline:
         return "VM lost: {} (lost connection, or the guest crashed?)".format(what)
 
     def _tests(self, ctx: VmContext) -> None:
-        """Queue mode: run one test at a time from the shared queue until it is empty."""
+        """Queue mode: run one test at a time from the shared queue until it is empty. A test
+        that outlives timeouts.test is killed and failed; the VM takes the next one."""
         queue = self.run.queue
+        pid_file = running_pid_file(self.cfg)
         while not self.run.cancel.is_set():
             item = queue.take(self.name)
             if item is None:
                 break
             started = time.monotonic()
             try:
-                code = self._stream_command(ctx, queue.command_for(self.cfg, item), self.cfg.timeouts.test)
+                # Only this test and its subtests count: whatever else go reports, a test printed.
+                code = self._stream_command(ctx, queue.command_for(self.cfg, item, pid_file=pid_file), "test",
+                                            expected=[item.key], label=item.name)
+            except TestTimedOut:
+                code = 1
             finally:
                 ctx.busy += time.monotonic() - started
                 ctx.tests_run += 1

@@ -16,13 +16,14 @@ from .history import DEFAULT_PATH as DURATIONS_PATH
 from .history import History
 from .junit import write_junit
 from .model import (FAIL, INTERRUPTED, NOTRUN, PASS, SKIP, Counts, PackageError, PackageResult, Summary,
-                    TestResult, failed_tests, format_duration, mark_not_run, merge, verdict_line)
+                    TestResult, explain_exit, failed_tests, format_duration, mark_not_run, merge,
+                    verdict_line)
 from .rerun import go_quote_meta, rerun_regex
 from .stream import SuiteStream, TestEvent
 
 __all__ = [
     "Counts", "DURATIONS_PATH", "FAIL", "History", "INTERRUPTED", "NOTRUN", "PASS",
     "PackageError", "PackageResult", "SKIP", "Summary", "SuiteStream", "TestEvent", "TestResult",
-    "failed_tests", "format_duration", "go_quote_meta", "mark_not_run", "merge", "rerun_regex",
+    "explain_exit", "failed_tests", "format_duration", "go_quote_meta", "mark_not_run", "merge", "rerun_regex",
     "verdict_line", "write_junit",
 ]

@@ -272,13 +272,15 @@ def _verdict_seconds(seconds: float) -> str:
     return "%.1fs" % s if s < 59.95 else format_duration(s)
 
 
-def verdict_line(summary: Summary, seconds: float) -> str:
+def verdict_line(summary: Summary, seconds: float, stopped_by: str = "") -> str:
     """The run's last line, in gotestsum's style.
 
     ``DONE 101 tests, 3 skipped, 2 failures, 1 error in 12.3s``, with ``, 2 interrupted``
     and ``, 4 not run`` when non-zero, ``DONE 0 tests in 0.0s`` when nothing ran. Tests,
     skips and failures count subtests too (as gotestsum does); errors are package errors;
     ``seconds`` is the wall time to show (the caller's clock: suite or whole run).
+    ``stopped_by`` names the signal that stopped the run: a run stopped when no test was
+    running says ``, interrupted (SIGHUP)``, never a plain ``DONE 0 tests``.
     """
     tests = skipped = failures = interrupted = 0
     for r in summary.all_results():
@@ -302,6 +304,8 @@ def verdict_line(summary: Summary, seconds: float) -> str:
         parts.append("%d interrupted" % interrupted)
     if summary.not_run:
         parts.append("%d not run" % len(summary.not_run))
+    if stopped_by and not interrupted:
+        parts.append("interrupted (%s)" % stopped_by)
     return ", ".join(parts) + " in " + _verdict_seconds(seconds)
 
 
@@ -388,6 +392,29 @@ def merge(parts: Sequence[Tuple[str, Summary]]) -> Summary:
                    elapsed=elapsed, raw_output=raw, raw_lines=raw_lines,
                    started=min(starts) if starts else None, finished=max(ends) if ends else None,
                    duplicates=sorted(duplicates))
+
+
+def explain_exit(summary: Summary, exit_code: int, command: str, package: str = "") -> Summary:
+    """A copy of ``summary`` whose verdict agrees with ``exit_code``, the exit status of the
+    ``command`` that produced it.
+
+    A command that exited non-zero while its results show no failed test, no package error
+    and no interrupted test failed somewhere the results cannot see (``TestMain`` exiting 1
+    after the tests, ``go vet``, a crash between tests, a tool error): that becomes a package
+    error of ``package`` that says so, with the last raw lines, so the verdict, the JUnit
+    file and the exit code agree. An exit status of 0 (or a negative one: none) changes
+    nothing here; a failed test with exit 0 is the caller's to judge (:attr:`exit_ok`).
+    """
+    if exit_code <= 0 or summary.failures or summary.package_errors or summary.interrupted or \
+            any(r.status == FAIL for r in summary.results):
+        return summary
+    text = "[vmtasks] {} exited {} but reported no failed test: the failure is outside any test " \
+           "(TestMain, a crash between tests, or go itself); see its output in the run record.\n".format(
+               command, exit_code)
+    if summary.raw_output:
+        text += "[vmtasks] its last lines that were not test events:\n" + \
+            "".join(line + "\n" for line in summary.raw_output[-10:])
+    return replace(summary, package_errors=list(summary.package_errors) + [PackageError(package, text)])
 
 
 def mark_not_run(summary: Summary, expected: Iterable[Tuple[str, str]]) -> Summary:

@@ -36,6 +36,14 @@ stay output. Run the suite with go 1.20 or later (or pass ``-test.v=test2json`` 
 piping a prebuilt test binary through ``go tool test2json``), and this stream inherits
 that protection.
 
+Where go cannot (a guest with go 1.19), ``SuiteStream(expected=...)`` limits the damage to
+the test that printed: given the tests the suite lists (its own ``-test.list``; for one
+queued test, that test alone), an event for any other test, or a result for a listed test
+that is not running, is kept as output of the test running at the time (with a
+``[vmtasks]`` note) and never counted. What it cannot undo: a test that forges its *own*
+result before its real one (the first one counts; the run's exit code still says whether
+the binary failed, and the caller makes the two agree).
+
 Bounded memory
 --------------
 The stream keeps no list of every line or chunk. Per test and per package it keeps the
@@ -60,7 +68,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 from .model import (FAIL, INTERRUPTED, PASS, RUNNING, SKIP, PackageError, PackageResult, Counts,
                     Summary, TestResult)
@@ -305,8 +313,16 @@ class SuiteStream:
     """
 
     def __init__(self, on_event: Optional[Callable[[TestEvent], Any]] = None,
-                 on_output: Optional[Callable[[str], Any]] = None) -> None:
+                 on_output: Optional[Callable[[str], Any]] = None,
+                 expected: Optional[Iterable[Tuple[str, str]]] = None) -> None:
         self._on_event = on_event
+        # ``expected``: the ``(package, name)`` top-level tests this stream may report (the
+        # suite's own listing; for one queued test, that test alone). An event for any other
+        # test, or for one of these that has not started, is something a test printed (go
+        # before 1.20 cannot tell): it is kept as output of the test running, never counted.
+        # None: every test go reports counts.
+        self._expected = None if expected is None else {(p, n) for p, n in expected}
+        self.forged = 0  # such events seen
         # ``on_output(text)``: each piece of the tests' own output, decoded from its event
         # (or a raw line go printed outside JSON), for --verbose. Parsed once, here.
         self._on_output = on_output
@@ -563,6 +579,9 @@ class SuiteStream:
                 self._package_verdict(pkg, action, _as_seconds(ev.get("Elapsed")), t)
             return
         pkg.ran = True
+        if self._expected is not None and not self._believable(pkg, test, action):
+            self._forged(pkg, test, action, output)
+            return
         if action in ("run", "cont", PASS, FAIL, SKIP, "bench"):
             pkg.tests += 1
         if action == "run":
@@ -581,6 +600,47 @@ class SuiteStream:
             self._finish(pkg, test, status, _as_seconds(ev.get("Elapsed")), t)
         # "start" with a test, "pause", "attr" and actions added by later go versions
         # carry nothing we track.
+
+    def _believable(self, pkg: _Package, test: str, action: str) -> bool:
+        """Could go have sent this test event, given the tests the suite lists?"""
+        if not self._listed(pkg, test):
+            return False
+        if "/" in test or (pkg.name, test) in self._active:
+            return True
+        if action in (PASS, FAIL, SKIP, "bench"):
+            # go reports a result only for a test it started: a report for one that is not
+            # running was printed by another test (before its real run, or after it ended).
+            return False
+        if action in ("run", "cont"):
+            # A test that already finished starts again only in a new round (-count), when
+            # no other test is running; otherwise another test printed its "=== RUN".
+            done = self._last.get((pkg.name, test))
+            busy = any(n.package == pkg.name and n.parent is None for n in self._active.values())
+            return done is None or not busy
+        return True
+
+    def _forged(self, pkg: _Package, test: str, action: str, output: str) -> None:
+        """A test event no test of the suite can have caused: keep its text as output of the
+        test running now (test2json sends the printed line itself as an ``output`` event)."""
+        running = [n for n in self._active.values() if n.package == pkg.name]
+        node = max(running, key=lambda n: n.seq) if running else None
+        if action == "output":
+            if node is None:
+                pkg.add(output)
+            else:
+                self._append(node, output)
+            return
+        self.forged += 1
+        note = "[vmtasks] go reported %s %r, which %s: not counted (a test printed go's framing?)\n" % (
+            action, test, "the suite does not list" if not self._listed(pkg, test) else "was not running")
+        if node is None:
+            pkg.add(note)
+        else:
+            self._append(node, note)
+
+    def _listed(self, pkg: _Package, test: str) -> bool:
+        root = test.split("/", 1)[0]
+        return (pkg.name, root) in self._expected or ("", root) in self._expected  # type: ignore[operator]
 
     def _package_verdict(self, pkg: _Package, action: str, elapsed: Optional[float], t: Optional[float]) -> None:
         """The package's own pass/fail/skip event."""
