@@ -1124,6 +1124,20 @@ def test_a_failed_exit_without_a_failed_test_becomes_an_error_that_says_why():
     assert explain_exit(passed, 0, "x") is passed and explain_exit(passed, -1, "x") is passed
 
 
+def test_a_command_that_exits_before_any_test_gets_go_s_last_line_as_its_reason():
+    from vmtasks.results import no_test_reason
+
+    c = Clock()
+    stream = SuiteStream()
+    stream.feed("pattern ./x/...: directory prefix x does not contain main module\n\n")
+    stream.close()
+    assert no_test_reason(stream.summary(), 1) == \
+        "exited 1 before any test: pattern ./x/...: directory prefix x does not contain main module"
+    assert no_test_reason(Summary(), 2) == "exited 2 before any test (no output)"
+    passed = parse(run_test(c, A, "TestOk", "pass", []))[1]
+    assert no_test_reason(passed, 1) == "" and no_test_reason(Summary(), 0) == ""
+
+
 def test_a_run_stopped_before_any_test_says_interrupted():
     assert verdict_line(Summary(), 2.1, "SIGHUP") == "DONE 0 tests, interrupted (SIGHUP) in 2.1s"
     # A test that was running already says it: the count is enough.

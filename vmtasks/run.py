@@ -230,7 +230,8 @@ class Run:
         except (Cancelled, Interrupted):
             raise
         except VmtasksError as exc:
-            listed, why = [], exc.message
+            # go's own last line says why (a wrong module root, a build error): show it.
+            listed, why = [], exc.message + ("; go said: " + exc.tail[-1].strip() if getattr(exc, "tail", None) else "")
         else:
             if not listed:  # nothing matches: the suite will say "no test ran"
                 ctx.stage_status, ctx.stage_note = "ok", "no test listed"

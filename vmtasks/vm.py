@@ -379,6 +379,7 @@ class VmPipeline:
                              "raise timeouts.suite in the config if the suite is just slow") from None
         if ctx.exit_code != 0:
             ctx.stage_status = "failed"
+            ctx.stage_note = results.no_test_reason(ctx.summaries[-1], ctx.exit_code) if ctx.summaries else ""
 
     def _stream_command(self, ctx: VmContext, command: str, timeout_key: str, expected=None, label: str = "") -> int:
         """Run a `go test -json`-speaking command, parse its events live, keep its summary.

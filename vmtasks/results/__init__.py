@@ -16,7 +16,7 @@ from .history import DEFAULT_PATH as DURATIONS_PATH
 from .history import History
 from .junit import write_junit
 from .model import (FAIL, INTERRUPTED, NOTRUN, PASS, SKIP, Counts, PackageError, PackageResult, Summary,
-                    TestResult, explain_exit, failed_tests, format_duration, mark_not_run, merge,
+                    TestResult, explain_exit, failed_tests, format_duration, mark_not_run, merge, no_test_reason,
                     verdict_line)
 from .rerun import go_quote_meta, rerun_regex
 from .stream import SuiteStream, TestEvent
@@ -24,6 +24,7 @@ from .stream import SuiteStream, TestEvent
 __all__ = [
     "Counts", "DURATIONS_PATH", "FAIL", "History", "INTERRUPTED", "NOTRUN", "PASS",
     "PackageError", "PackageResult", "SKIP", "Summary", "SuiteStream", "TestEvent", "TestResult",
-    "explain_exit", "failed_tests", "format_duration", "go_quote_meta", "mark_not_run", "merge", "rerun_regex",
+    "explain_exit", "failed_tests", "format_duration", "go_quote_meta", "mark_not_run", "merge", "no_test_reason",
+    "rerun_regex",
     "verdict_line", "write_junit",
 ]

@@ -417,6 +417,19 @@ def explain_exit(summary: Summary, exit_code: int, command: str, package: str = 
     return replace(summary, package_errors=list(summary.package_errors) + [PackageError(package, text)])
 
 
+def no_test_reason(summary: Summary, exit_code: int, limit: int = 300) -> str:
+    """One line for a command that exited non-zero before any test event: its exit status and
+    its last line that was not an event (go's own reason: a wrong module root, a package that
+    does not build). "" when a test reported, or the exit was 0."""
+    if exit_code <= 0 or summary.results:
+        return ""
+    last = next((line.strip() for line in reversed(summary.raw_output) if line.strip()), "")
+    last = last.replace("\t", " ").replace("\r", " ")
+    if len(last) > limit:
+        last = last[: limit - 3] + "..."
+    return "exited {} before any test{}".format(exit_code, ": " + last if last else " (no output)")
+
+
 def mark_not_run(summary: Summary, expected: Iterable[Tuple[str, str]]) -> Summary:
     """A copy of ``summary`` where every expected top-level test nobody reported is ``notrun``.
 
