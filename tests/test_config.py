@@ -35,17 +35,26 @@ def load_error(path, environ=None, **kwargs) -> ConfigError:
 # --- defaults and layering ------------------------------------------------------------
 
 
-def test_builtin_defaults_are_openboots(tmp_path):
+def test_builtin_defaults_are_neutral_and_openboots_settings_are_in_its_config(tmp_path):
     cfg = config.load(None, environ={}, cwd=tmp_path)
     assert cfg.vm.base == "tahoe-base"
     assert cfg.vm.user == "admin"
-    assert cfg.vm.name_prefix == "openboot-ephemeral"
-    assert cfg.guest.dir == "/Users/admin/openboot"
+    assert cfg.vm.name_prefix == "vmtasks"
+    assert cfg.guest.dir == "/Users/admin/project"
+    assert cfg.setup == [config.INSTALL_INVOKE] and "openboot" not in cfg.to_json()
+    assert "mise" not in cfg.to_json() and "/opt/homebrew" not in cfg.to_json()
     assert cfg.timeouts.boot == 60
     assert cfg.sync.excludes == ["/.git/objects", "/coverage.out", "/coverage.html"]
-    assert cfg.suite.all == "go test -v -timeout 60m -tags=e2e,vm ./test/e2e/..."
+    assert cfg.suite.all == "go test -v -timeout 60m ./..."
     assert "-run {test}" in cfg.suite.one and "-timeout 45m" in cfg.suite.one
     assert cfg.project_dir == str(tmp_path.resolve())
+    # openboot keeps its own settings, explicitly, in this repository's config/vm.yaml.
+    repo = Path(__file__).resolve().parents[1]
+    ob = config.load(repo / "config" / "vm.yaml", environ={}, cwd=tmp_path)
+    assert ob.vm.name_prefix == "openboot-ephemeral" and ob.guest.dir == "/Users/admin/openboot"
+    assert ob.suite.all == "go test -v -timeout 60m -tags=e2e,vm ./test/e2e/..."
+    assert ob.setup[0] == "/opt/homebrew/bin/mise install go@latest"
+    assert ob.project_dir == str(repo)
 
 
 def test_new_keys_defaults(tmp_path):
@@ -304,11 +313,54 @@ def test_missing_project_dir_is_found_by_check_host_paths(tmp_path):
     cfg = config.load(path, environ={"OPENBOOT_VM_PROJECT": "gone"}, cwd=tmp_path)
     with pytest.raises(ConfigError, match="environment variable OPENBOOT_VM_PROJECT"):
         config.check_host_paths(cfg)
-    config.check_host_paths(config.load(None, environ={}, cwd=tmp_path))  # cwd exists
+    cfg = config.load(path, environ={"VMTASKS_VM_PROJECT": "gone"}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match="environment variable VMTASKS_VM_PROJECT"):
+        config.check_host_paths(cfg)
+    (tmp_path / "go.mod").write_text("module m\n")
+    config.check_host_paths(config.load(None, environ={}, cwd=tmp_path))  # cwd exists, with go.mod
+
+
+def test_a_project_dir_without_go_mod_or_the_suite_s_directory_is_refused_at_pre_flight(tmp_path):
+    """go would exit before any test in the VM (`directory prefix ... does not contain main
+    module`): say so on the host, before any VM exists, with exit 2."""
+    (tmp_path / "mod" / "test" / "e2e").mkdir(parents=True)
+    (tmp_path / "mod" / "go.mod").write_text("module m\n")
+    path = write(tmp_path / "mod", "project_dir: ../test\nsuite:\n  all: go test ./e2e/...\n"
+                 "  one: go test -run {test} ./e2e/...\n", "config/vm.yaml")
+    with pytest.raises(ConfigError) as err:
+        config.check_host_paths(config.load(path, environ={}, cwd=tmp_path))
+    assert err.value.exit_code == 2
+    assert "{}:1: 'project_dir' = {} has no go.mod".format(path, tmp_path.resolve() / "mod" / "test") \
+        in err.value.message
+    assert "the nearest go.mod is in {}".format(tmp_path.resolve() / "mod") in err.value.message
+    assert "vm-init" in err.value.hint
+    path.write_text("suite:\n  all: go test ./tests/e2e/...\n  one: go test -run {test} ./tests/e2e/...\n")
+    with pytest.raises(ConfigError, match=r"vm.yaml:2: the suite's package pattern ./tests/e2e/... names"):
+        config.check_host_paths(config.load(path, environ={}, cwd=tmp_path))
+    path.write_text("suite:\n  all: go test ./test/e2e/...\n  one: go test -run {test} ./test/e2e/...\n")
+    config.check_host_paths(config.load(path, environ={}, cwd=tmp_path))
+
+
+def test_project_dir_left_unset_is_the_module_root_of_a_config_in_config_dir(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    path = write(repo, "vm:\n  name_prefix: x\n", "config/vm.yaml")
+    # No go.mod anywhere in the repository: a config in config/ belongs to the repository root.
+    assert config.load(path, environ={}, cwd=tmp_path).project_dir == str(repo.resolve())
+    (repo / "go.mod").write_text("module m\n")
+    assert config.load(path, environ={}, cwd=tmp_path).project_dir == str(repo.resolve())
+    # A nested module's own config (tools/e2e/vm.yaml, with tools/e2e/go.mod) is that module.
+    nested = write(repo / "tools" / "e2e", "{}\n", "vm.yaml")
+    (repo / "tools" / "e2e" / "go.mod").write_text("module n\n")
+    assert config.load(nested, environ={}, cwd=tmp_path).project_dir == str((repo / "tools" / "e2e").resolve())
+    # Said explicitly, it stays what it says (openboot's config/vm.yaml: `project_dir: ..`).
+    path.write_text("project_dir: .\n")
+    assert config.load(path, environ={}, cwd=tmp_path).project_dir == str((repo / "config").resolve())
 
 
 def test_orchard_ca_cert_checked_with_orchard_backend(tmp_path):
     path = write(tmp_path, "backend: orchard\norchard:\n  url: https://o\n  ca_cert: ca.pem\n")
+    (tmp_path / "go.mod").write_text("module m\n")
     cfg = config.load(path, environ={}, cwd=Path("/"))
     assert cfg.orchard.ca_cert == str(tmp_path.resolve() / "ca.pem")
     with pytest.raises(ConfigError, match=r"vm.yaml:4: 'orchard.ca_cert'"):
@@ -489,8 +541,8 @@ def test_nothing_found_is_an_error_that_says_where_it_looked(tmp_path):
         config.locate(None, {}, tmp_path, project_root=root)
     message = err.value.message
     assert str(root / "config" / "vm.yaml") in message and str(root / "vm.yaml") in message
-    assert str(tmp_path / "config" / "vm.yaml") in message and "OPENBOOT_VM_CONFIG" in message
-    assert "--config" in err.value.hint
+    assert str(tmp_path / "config" / "vm.yaml") in message and "VMTASKS_VM_CONFIG" in message
+    assert "--config" in err.value.hint and "invoke vm-init" in err.value.hint
     assert config.locate(None, {}, tmp_path, project_root=root, required=False) == (None, {})
 
 
@@ -609,3 +661,41 @@ def test_repo_configs_are_valid():
     assert openboot.vms == 2 and openboot.project_dir == str(REPO)
     assert openboot.records.dir == str(REPO / ".vmtasks" / "runs")
     assert openboot.suite.durations == str(REPO / ".vmtasks" / "durations.json")
+
+
+# --- issue 23: VMTASKS_* names, OPENBOOT_* aliases -------------------------------------
+
+
+def test_vmtasks_variables_and_their_openboot_aliases(tmp_path):
+    path = write(tmp_path, "vm:\n  base: from-file\n")
+    assert config.load(path, environ={"VMTASKS_VM_BASE": "new"}, cwd=tmp_path).vm.base == "new"
+    assert config.load(path, environ={"OPENBOOT_VM_BASE": "old"}, cwd=tmp_path).vm.base == "old"
+    same = config.load(path, environ={"VMTASKS_VM_KEEP": "1", "OPENBOOT_VM_KEEP": "1"}, cwd=tmp_path)
+    assert same.keep == "always" and same.origin("keep") == "environment variable VMTASKS_VM_KEEP"
+    err = load_error(path, environ={"VMTASKS_VM_BASE": "a", "OPENBOOT_VM_BASE": "b"})
+    assert "VMTASKS_VM_BASE = 'a' and OPENBOOT_VM_BASE = 'b' disagree" in err.message
+    assert "unset OPENBOOT_VM_BASE" in err.hint
+    assert "did you mean 'VMTASKS_VM_BASE'" in load_error(path, environ={"VMTASKS_VM_BSE": "x"}).message
+    assert "did you mean 'OPENBOOT_VM_BASE'" in load_error(path, environ={"OPENBOOT_VM_BSE": "x"}).message
+    assert config.test_from_env({"VMTASKS_VM_TEST": "TestA"}) == "TestA"
+    assert config.test_from_env({"OPENBOOT_VM_TEST": "TestB"}) == "TestB"
+    with pytest.raises(ConfigError, match="disagree"):
+        config.test_from_env({"VMTASKS_VM_TEST": "TestA", "OPENBOOT_VM_TEST": "TestB"})
+    other = write(tmp_path, "{}\n", "other.yaml")
+    for name in ("VMTASKS_VM_CONFIG", "OPENBOOT_VM_CONFIG"):
+        assert config.locate(None, {name: str(other)}, tmp_path)[0] == other
+
+
+def test_the_in_vm_guard_takes_either_name_and_refuses_when_they_disagree():
+    from vmtasks import inner
+    from vmtasks.errors import NotInVm
+
+    inner.require_vm({"VMTASKS_IN_VM": "1"})
+    inner.require_vm({"OPENBOOT_IN_VM": "1"})
+    inner.require_vm({"VMTASKS_IN_VM": "1", "OPENBOOT_IN_VM": "1"})
+    for environ in ({}, {"VMTASKS_IN_VM": "0"}, {"VMTASKS_IN_VM": "1", "OPENBOOT_IN_VM": "0"}):
+        with pytest.raises(NotInVm) as err:
+            inner.require_vm(environ)
+        assert err.value.exit_code == 2
+    with pytest.raises(NotInVm, match="VMTASKS_IN_VM = '1' and OPENBOOT_IN_VM = '0' disagree"):
+        inner.require_vm({"VMTASKS_IN_VM": "1", "OPENBOOT_IN_VM": "0"})

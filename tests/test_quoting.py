@@ -88,7 +88,7 @@ def test_inner_refuses_without_in_vm(guest):
     result = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(tool), "test-vm-inner"],
                             cwd=str(home), env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert "OPENBOOT_IN_VM=1 is not set" in result.stderr
+    assert "VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM=1) is not set" in result.stderr
     assert not out.exists(), "the suite ran although it must refuse"
 
 
@@ -98,11 +98,14 @@ def test_guest_env_is_only_what_config_lists(tmp_path):
     assert "'GOFLAGS=-count=1 $(x)'" in command
     words = shlex.split(command)
     assignments = words[words.index("env") + 1:words.index(cfg.guest.python)]
-    assert [a.split("=", 1)[0] for a in assignments] == ["CI", "OPENBOOT_IN_VM", "GOFLAGS", "OPENBOOT_VM_CONFIG"]
+    assert [a.split("=", 1)[0] for a in assignments] == ["CI", "VMTASKS_IN_VM", "OPENBOOT_IN_VM", "GOFLAGS",
+                                                           "OPENBOOT_VM_CONFIG"]
 
 
 def test_suite_argv_json_replaces_v():
-    cfg = config.Config()
+    cfg = config.Config(suite=config.SuiteSettings(all="go test -v -timeout 60m -tags=e2e,vm ./test/e2e/...",
+                                                   one="go test -v -timeout 45m -tags=e2e,vm -run {test} "
+                                                       "./test/e2e/..."))
     assert inner.suite_argv(cfg, "X", json_output=True) == [
         "go", "test", "-json", "-timeout", "45m", "-tags=e2e,vm", "-run", "X", "./test/e2e/..."]
     assert inner.suite_argv(cfg) == ["go", "test", "-v", "-timeout", "60m", "-tags=e2e,vm", "./test/e2e/..."]

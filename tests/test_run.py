@@ -16,7 +16,7 @@ from vmtasks.run import Run, RunRequest
 from vmtasks.tart import Tart
 from vmtasks.vm import VmPipeline
 
-VM = "openboot-ephemeral-r1"
+VM = "vmtasks-r1"
 
 
 class SpawningRunner(FakeRunner):
@@ -36,6 +36,7 @@ class SpawningRunner(FakeRunner):
 
 def make_run(tmp_path, runner, quiet=True, **overrides) -> Run:
     (tmp_path / "project").mkdir(exist_ok=True)
+    (tmp_path / "project" / "go.mod").write_text("module example.com/p\n")
     path = tmp_path / "vm.yaml"
     path.write_text("project_dir: project\n")
     values = dict({"timeouts.poll": 0.05, "prepared": False}, **overrides)

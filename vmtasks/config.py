@@ -2,11 +2,13 @@
 
 Layers, lowest first: built-in defaults < Invoke's config (the ``vmtasks:`` section of
 ``invoke.yaml``, ``invoke -f``, or the collection's ``configure``) < the config file
-(``config/vm.yaml``) < ``OPENBOOT_VM_*`` environment < task flags. Everything is validated
-once, here, so a typo is an error before any VM exists, and every error names the layer
-the bad value came from: ``config/vm.yaml:12``, ``environment variable OPENBOOT_VM_KEEP``,
-``flag --boot-timeout``. The result is a frozen dataclass tree with absolute host paths,
-each relative path resolved against the directory of the file that wrote it.
+(``config/vm.yaml``) < ``VMTASKS_VM_*`` environment (``OPENBOOT_VM_*`` are aliases) < task
+flags. Everything is validated once, here, so a typo is an error before any VM exists, and
+every error names the layer the bad value came from: ``config/vm.yaml:12``, ``environment
+variable VMTASKS_VM_KEEP``, ``flag --boot-timeout``. The result is a frozen dataclass tree
+with absolute host paths, each relative path resolved against the directory of the file that
+wrote it. ``project_dir`` left unset is the Go module the config belongs to (see
+:func:`default_project_dir`).
 
 This module is imported inside the guest (Python 3.9, no PyYAML): the host hands the guest
 the resolved config as JSON, which needs only the standard library. YAML goes through
@@ -31,7 +33,9 @@ from .errors import ConfigError
 
 KEEP_CHOICES = ("never", "on-failure", "always")
 BACKENDS = ("tart", "orchard")
-ENV_PREFIX = "OPENBOOT_VM_"
+ENV_PREFIX = "VMTASKS_VM_"
+# openboot's names, kept: every VMTASKS_<x> variable is also read as OPENBOOT_<x>.
+ALIAS_PREFIX = "OPENBOOT_"
 DEFAULT_CONFIG = Path("config") / "vm.yaml"
 MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: anything longer is a typo, and never "no deadline"
 MAX_VMS = 100
@@ -44,10 +48,15 @@ _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _INTERNAL = ("source", "origins")
 
 
+# The one guest step every project needs: Invoke runs the in-VM task (skipped when the image has it).
+INSTALL_INVOKE = ("python3 -c 'import invoke' 2>/dev/null || python3 -m pip install --user --quiet "
+                  "--disable-pip-version-check 'invoke>=2,<3'")
+
+
 @dataclass(frozen=True)
 class VmSettings:
     base: str = "tahoe-base"
-    name_prefix: str = "openboot-ephemeral"
+    name_prefix: str = "vmtasks"
     user: str = "admin"
     cpu: Optional[int] = None
     memory: Optional[int] = None
@@ -56,7 +65,7 @@ class VmSettings:
 
 @dataclass(frozen=True)
 class GuestSettings:
-    dir: str = "/Users/admin/openboot"
+    dir: str = "/Users/admin/project"
     python: str = "python3"
     command_prefix: str = ""
     env: Dict[str, str] = field(default_factory=dict)
@@ -73,8 +82,8 @@ class SyncSettings:
 
 @dataclass(frozen=True)
 class SuiteSettings:
-    all: str = "go test -v -timeout 60m -tags=e2e,vm ./test/e2e/..."
-    one: str = "go test -v -timeout 45m -tags=e2e,vm -run {test} ./test/e2e/..."
+    all: str = "go test -v -timeout 60m ./..."
+    one: str = "go test -v -timeout 45m -run {test} ./..."
     durations: str = ".vmtasks/durations.json"  # per-test durations the sharding reads
 
 
@@ -124,11 +133,7 @@ class Config:
     project_dir: str = "."
     build: List[str] = field(default_factory=list)
     setup: List[str] = field(
-        default_factory=lambda: [
-            "/opt/homebrew/bin/mise install go@latest",
-            "/opt/homebrew/bin/mise use -g go@latest",
-            "python3 -m pip install --user --quiet --disable-pip-version-check 'invoke>=2,<3'",
-        ]
+        default_factory=lambda: [INSTALL_INVOKE]
     )
     prepare: List[str] = field(default_factory=list)
     prepared: bool = True
@@ -165,24 +170,47 @@ class Config:
 
 # Environment knobs, old and new. Values are parsed by the same validator as the file.
 ENV_KEYS = {
-    "OPENBOOT_VM_BASE": "vm.base",
-    "OPENBOOT_VM_KEEP": "keep",
-    "OPENBOOT_VM_PREFIX": "vm.name_prefix",
-    "OPENBOOT_VM_BOOT_TIMEOUT": "timeouts.boot",
-    "OPENBOOT_VM_PROJECT": "project_dir",
-    "OPENBOOT_VM_STATE_DIR": "state_dir",
-    "OPENBOOT_VM_VMS": "vms",
-    "OPENBOOT_VM_BACKEND": "backend",
+    "VMTASKS_VM_BASE": "vm.base",
+    "VMTASKS_VM_KEEP": "keep",
+    "VMTASKS_VM_PREFIX": "vm.name_prefix",
+    "VMTASKS_VM_BOOT_TIMEOUT": "timeouts.boot",
+    "VMTASKS_VM_PROJECT": "project_dir",
+    "VMTASKS_VM_STATE_DIR": "state_dir",
+    "VMTASKS_VM_VMS": "vms",
+    "VMTASKS_VM_BACKEND": "backend",
 }
 # The task flags that set config keys, for messages (a caller may pass its own mapping).
 FLAG_NAMES = {"vm.base": "--base", "keep": "--keep", "timeouts.boot": "--boot-timeout"}
 # Read by locate, not a config key.
-ENV_CONFIG_PATH = "OPENBOOT_VM_CONFIG"
+ENV_CONFIG_PATH = "VMTASKS_VM_CONFIG"
 # The test regex is part of the run request, not the config: read by test_from_env.
-ENV_TEST = "OPENBOOT_VM_TEST"
+ENV_TEST = "VMTASKS_VM_TEST"
 # The Orchard CLI's own variable: fills orchard.url when no layer sets it.
 ENV_ORCHARD_URL = "ORCHARD_URL"
 # Host paths, resolved to absolute paths against the directory of the layer that set them.
+
+
+def alias_of(name: str) -> str:
+    """The openboot name of a ``VMTASKS_*`` variable (``VMTASKS_VM_BASE`` -> ``OPENBOOT_VM_BASE``)."""
+    return ALIAS_PREFIX + name[len("VMTASKS_"):]
+
+
+def env_lookup(environ: Mapping[str, str], name: str) -> Tuple[Optional[str], str]:
+    """``(value, the variable that set it)`` for ``VMTASKS_*`` variable ``name`` or its
+    ``OPENBOOT_*`` alias; ``(None, name)`` when neither is set. Both set to different
+    values is an error: which one wins would be a guess."""
+    alias = alias_of(name)
+    new, old = environ.get(name), environ.get(alias)
+    if new is not None and old is not None and new != old:
+        raise ConfigError("environment variables {} = {} and {} = {} disagree (they are the same setting)".format(
+            name, excerpt(new), alias, excerpt(old)), "unset {} (the old name) or give both the same value".format(alias))
+    if new is not None:
+        return new, name
+    if old is not None:
+        return old, alias
+    return None, name
+
+
 PATH_KEYS = ("project_dir", "state_dir", "records.dir", "suite.durations", "orchard.ca_cert")
 
 _repr = reprlib.Repr()
@@ -231,7 +259,7 @@ def _file_layer(path: Path, data: Mapping[str, Any], lines: Mapping[str, int]) -
 
 
 def _env_layer_for(environ: Mapping[str, str], cwd: Path) -> _Layer:
-    names = {key: name for name, key in ENV_KEYS.items()}
+    names = {key: env_lookup(environ, name)[1] for name, key in ENV_KEYS.items()}
     return _Layer("environment", _nest(env_layer(environ)), cwd,
                   lambda key: "environment variable " + names.get(key, key),
                   lambda key: "change or unset " + names.get(key, key))
@@ -416,7 +444,7 @@ def _read(path: Path) -> Tuple[Dict[str, Any], Dict[str, int]]:
             raw = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError("cannot read config file {}: {}".format(path, exc.strerror or exc),
-                          "check the path given with --config or OPENBOOT_VM_CONFIG") from None
+                          "check the path given with --config or VMTASKS_VM_CONFIG") from None
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError("config file {} is larger than {} KiB; that is not a config".format(
             path, MAX_FILE_BYTES // 1024), "point --config at the vmtasks YAML file")
@@ -455,18 +483,24 @@ def _read(path: Path) -> Tuple[Dict[str, Any], Dict[str, int]]:
 
 
 def env_layer(environ: Mapping[str, str]) -> Dict[str, Any]:
-    """The ``OPENBOOT_VM_*`` variables as dotted config keys; a misspelt one is an error."""
+    """The ``VMTASKS_VM_*`` variables (or their ``OPENBOOT_VM_*`` aliases) as dotted config
+    keys; a misspelt one is an error, and so are a name and its alias that disagree."""
     dotted: Dict[str, Any] = {}
-    known = sorted(list(ENV_KEYS) + [ENV_CONFIG_PATH, ENV_TEST])
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG_PATH, ENV_TEST):
+    canonical = list(ENV_KEYS) + [ENV_CONFIG_PATH, ENV_TEST]
+    for name in environ:
+        for prefix in (ENV_PREFIX, alias_of(ENV_PREFIX)):
+            if not name.startswith(prefix):
+                continue
+            known = sorted(canonical if prefix == ENV_PREFIX else [alias_of(n) for n in canonical])
+            if name not in known:
+                raise ConfigError(
+                    "unknown environment variable {}{}".format(_clip(name), _did_you_mean(name, known)),
+                    "unset it, or use one of: " + ", ".join(known),
+                )
+    for name, key in ENV_KEYS.items():
+        value, _ = env_lookup(environ, name)
+        if value is None:
             continue
-        if name not in ENV_KEYS:
-            raise ConfigError(
-                "unknown environment variable {}{}".format(_clip(name), _did_you_mean(name, known)),
-                "unset it, or use one of: " + ", ".join(known),
-            )
-        key = ENV_KEYS[name]
         if key == "keep":
             value = keep_from_env(value)
         dotted[key] = value
@@ -474,7 +508,7 @@ def env_layer(environ: Mapping[str, str]) -> Dict[str, Any]:
 
 
 def keep_from_env(value: str) -> str:
-    """``OPENBOOT_VM_KEEP=1`` meant "keep" in the old driver; the new names work too."""
+    """``VMTASKS_VM_KEEP=1`` (``OPENBOOT_VM_KEEP=1``) meant "keep" in the old driver; the new names work too."""
     v = value.strip().lower()
     if v in ("1", "true", "yes", "on"):
         return "always"
@@ -484,15 +518,16 @@ def keep_from_env(value: str) -> str:
 
 
 def test_from_env(environ: Mapping[str, str]) -> Optional[str]:
-    """The go test -run regex from ``OPENBOOT_VM_TEST``, or None (unset or empty: all tests).
+    """The go test -run regex from ``VMTASKS_VM_TEST`` (or ``OPENBOOT_VM_TEST``), or None
+    (unset or empty: all tests).
 
     Part of the run request, not the config. A value of only blanks is an error rather than
     "run everything", which is not what whoever set it meant."""
-    value = environ.get(ENV_TEST)
+    value, name = env_lookup(environ, ENV_TEST)
     if value is None or value == "":
         return None
     if not value.strip():
-        raise ConfigError("environment variable {} is blank: {}".format(ENV_TEST, excerpt(value)),
+        raise ConfigError("environment variable {} is blank: {}".format(name, excerpt(value)),
                           "unset it to run the whole suite, or set a go test -run regex")
     return value
 
@@ -560,7 +595,7 @@ def locate(
     """``(config file or None, Invoke layer)``: where the settings are.
 
     Looks, in order, at: the task's ``--config``; Invoke's own ``-f FILE`` when FILE is a
-    vmtasks config; ``OPENBOOT_VM_CONFIG``; Invoke's ``vmtasks.config`` (relative to
+    vmtasks config; ``VMTASKS_VM_CONFIG`` (or ``OPENBOOT_VM_CONFIG``); Invoke's ``vmtasks.config`` (relative to
     ``project_root``, the directory of the tasks.py Invoke loaded); ``config/vm.yaml`` and
     ``vm.yaml`` in ``project_root``; ``config/vm.yaml`` in ``cwd``. The Invoke layer is the
     ``vmtasks`` section without ``config``. Nothing found is an error unless
@@ -588,8 +623,9 @@ def locate(
         return path, _section_layer(section)
     if runtime_is_ours:
         return runtime_config, _section_layer(section)
-    if environ.get(ENV_CONFIG_PATH):
-        return _explicit(environ[ENV_CONFIG_PATH], cwd, ENV_CONFIG_PATH), _section_layer(section)
+    from_env, env_name = env_lookup(environ, ENV_CONFIG_PATH)
+    if from_env:
+        return _explicit(from_env, cwd, env_name), _section_layer(section)
     root = project_root if project_root is not None else cwd
     from_invoke = section.get("config")
     if from_invoke:
@@ -609,8 +645,9 @@ def locate(
     looked = ["--config (not given)", "{} (not set)".format(ENV_CONFIG_PATH),
               "Invoke config vmtasks.config (not set)"] + [str(c) for c in dict.fromkeys(candidates)]
     raise ConfigError("no vmtasks config found; looked at: " + "; ".join(looked),
-                      "pass --config PATH, set {}, or put config/vm.yaml beside tasks.py "
-                      "(refusing to guess: built-in defaults would sync {})".format(ENV_CONFIG_PATH, cwd))
+                      "run `invoke vm-init` to write one for this repository, pass --config PATH, set {}, "
+                      "or put config/vm.yaml beside tasks.py (refusing to guess: built-in defaults would "
+                      "sync {})".format(ENV_CONFIG_PATH, cwd))
 
 
 def _section_layer(section: Mapping[str, Any]) -> Dict[str, Any]:
@@ -618,7 +655,7 @@ def _section_layer(section: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def find_config_file(explicit: Optional[str], environ: Mapping[str, str], cwd: Path) -> Optional[Path]:
-    """The config file from --config, OPENBOOT_VM_CONFIG or ./config/vm.yaml, or None."""
+    """The config file from --config, VMTASKS_VM_CONFIG or ./config/vm.yaml, or None."""
     return locate(explicit, environ, cwd, required=False)[0]
 
 
@@ -716,7 +753,9 @@ def load(
     default_base = path.parent if path is not None else (project_root if project_root is not None else cwd)
     for key in PATH_KEYS:
         value = _get(values, key)
-        if value is None:
+        if value is None and key == "project_dir" and path is not None:
+            value = str(default_project_dir(path.parent))
+        elif value is None:
             value = _get(dataclasses.asdict(Config()), key)
         if value == "" and key != "project_dir":
             continue  # "" means unset (state_dir: the default state dir; no CA cert)
@@ -729,6 +768,23 @@ def load(
     labels = {key: layer.where(key) for key, layer in origins.items()}
     cfg = dataclasses.replace(cfg, source=str(path) if path else "<built-in defaults>", origins=labels)
     return _check(cfg, origins)
+
+
+GO_ROOT_FILES = ("go.mod", "go.work")
+
+
+def default_project_dir(config_dir: Path) -> Path:
+    """The project a config file belongs to when it does not say: the nearest directory, from
+    the file's own upwards, with a ``go.mod`` (or ``go.work``), not leaving the repository
+    (a directory with ``.git`` is the last one looked at); else, for a file in ``config/``,
+    that directory's parent (the repository root); else the file's directory."""
+    start = config_dir.resolve()
+    for directory in [start] + list(start.parents):
+        if any((directory / name).is_file() for name in GO_ROOT_FILES):
+            return directory
+        if (directory / ".git").exists():
+            break
+    return start.parent if start.name == "config" else start
 
 
 def _absolute(value: str, base: Path) -> str:
@@ -785,7 +841,7 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
     if cfg.keep not in KEEP_CHOICES:
         raise fail("keep", "'keep' must be one of {}, got {}{}".format(
             ", ".join(KEEP_CHOICES), excerpt(cfg.keep), _did_you_mean(cfg.keep, list(KEEP_CHOICES))),
-            "use never, on-failure or always (OPENBOOT_VM_KEEP=1 means always)")
+            "use never, on-failure or always (VMTASKS_VM_KEEP=1 means always)")
     if cfg.backend not in BACKENDS:
         raise fail("backend", "'backend' must be one of {}, got {}{}".format(
             ", ".join(BACKENDS), excerpt(cfg.backend), _did_you_mean(cfg.backend, list(BACKENDS))),
@@ -874,7 +930,39 @@ def check_host_paths(cfg: Config) -> None:
         raise ConfigError("{}: 'project_dir' = {} {}".format(cfg.origin("project_dir"), _clip(str(project)), what),
                           "fix project_dir there (a relative path in a file is relative to that file's "
                           "directory; from the environment or a flag, to the current directory)")
+    _check_go_module(cfg, project)
     if cfg.backend == "orchard" and cfg.orchard.ca_cert and not Path(cfg.orchard.ca_cert).is_file():
         raise ConfigError("{}: 'orchard.ca_cert' = {} does not exist".format(
             cfg.origin("orchard.ca_cert"), _clip(cfg.orchard.ca_cert)),
             "fix orchard.ca_cert there (a relative path in a file is relative to that file's directory)")
+
+
+def _check_go_module(cfg: Config, project: Path) -> None:
+    """A ``go test`` suite runs in the synced copy of project_dir: go needs the module's
+    ``go.mod`` (or a ``go.work``) right there, and the directories the suite's ``./dir/...``
+    patterns name. Without them go exits before any test (``directory prefix ... does not
+    contain main module``), after a VM was booted for nothing."""
+    from . import gotest
+
+    try:
+        suite = gotest.parse_suite(cfg.suite.all, None)
+    except ConfigError:
+        return  # not a plain `go test` command: nothing to check here
+    fix = ("set project_dir to the Go module's root (the directory with go.mod; a relative path in a file "
+           "is relative to that file's directory), or run `invoke vm-init` there to write a config")
+    if not any((project / name).is_file() for name in GO_ROOT_FILES):
+        above = next((d for d in project.parents if (d / "go.mod").is_file()), None)
+        where = "; the nearest go.mod is in {}".format(_clip(str(above))) if above else ""
+        raise ConfigError("{}: 'project_dir' = {} has no go.mod (nor go.work): `{}` would fail in the VM before "
+                          "any test{}".format(cfg.origin("project_dir"), _clip(str(project)), cfg.suite.all, where),
+                          fix)
+    for pattern in suite.packages:
+        if not pattern.startswith("./") and pattern != ".":
+            continue
+        rel = pattern[:-len("/...")] if pattern.endswith("/...") else pattern
+        if not (project / rel).is_dir():
+            raise ConfigError("{}: the suite's package pattern {} names {}, which is not a directory of "
+                              "project_dir {}".format(cfg.origin("suite.all"), pattern, _clip(str(project / rel)),
+                                                      _clip(str(project))),
+                              "fix suite.all (and suite.one), or project_dir; `go list {}` in project_dir "
+                              "lists what it matches".format(pattern))

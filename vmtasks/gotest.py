@@ -4,8 +4,8 @@ test binary per package, and the command that runs one test from it in a guest.
 The tests are listed by the suite itself (the compiled binary's ``-test.list``), never by a
 hand-written list, so a new test cannot be missed. Listing runs the binary on the host
 (host and guest share GOOS/GOARCH on an Apple Silicon Mac, and on Linux with the stand-in)
-with ``OPENBOOT_IN_VM`` removed from its environment: ``-test.list`` runs no test, and the
-destructive tests refuse without that variable anyway.
+with ``VMTASKS_IN_VM`` and ``OPENBOOT_IN_VM`` removed from its environment: ``-test.list`` runs
+no test, and the destructive tests refuse without that variable anyway.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def compile_package(runner, project_dir: str, suite: GoSuite, package: Package, 
 
 def host_env() -> Dict[str, str]:
     """The environment for running a test binary on the host: never destructive."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBOOT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBOOT_") and k != "VMTASKS_IN_VM"}
     return env
 
 
@@ -188,7 +188,7 @@ def list_tests(runner, project_dir: str, suite: GoSuite, package: Package, bin_d
     if not done.ok:
         raise StageError("compile", "host", "listing the tests of {} exited {}".format(
             package.import_path, done.returncode),
-            "a TestMain that fails without OPENBOOT_IN_VM=1 cannot be listed on the host; run with --vms 1",
+            "a TestMain that fails without VMTASKS_IN_VM=1 cannot be listed on the host; run with --vms 1",
             (done.stderr + done.stdout).splitlines()[-15:])
     names, rejected = split_listing(done.stdout.splitlines())
     if rejected and on_note is not None:
@@ -199,7 +199,7 @@ def list_tests(runner, project_dir: str, suite: GoSuite, package: Package, bin_d
 def list_suite(runner, project_dir: str, suite: GoSuite, timeout: float, cancel=None,
                on_note=None) -> List[Tuple[str, str]]:
     """Every selected top-level test as ``(package, name)``, from one ``go test -list -json``
-    on the host (each binary's own ``-test.list``; run without ``OPENBOOT_*``, so nothing
+    on the host (each binary's own ``-test.list``; run without ``OPENBOOT_*`` or ``VMTASKS_IN_VM``, so nothing
     destructive runs). For a one-VM run: only these tests count in its results. Raises
     :class:`StageError` when go cannot list them."""
     argv = ["go", "test", "-list", top_level_pattern(suite.run_regex), "-json"] + list(suite.build_flags) + \
@@ -207,7 +207,7 @@ def list_suite(runner, project_dir: str, suite: GoSuite, timeout: float, cancel=
     done = runner.run(argv, timeout=timeout, cwd=project_dir, env=host_env(), cancel=cancel)
     if not done.ok:
         raise StageError("list", "host", "`go test -list` exited {}".format(done.returncode),
-                         "a TestMain that fails without OPENBOOT_IN_VM=1 cannot be listed on the host",
+                         "a TestMain that fails without VMTASKS_IN_VM=1 cannot be listed on the host",
                          (done.stderr + done.stdout).splitlines()[-15:])
     out: List[Tuple[str, str]] = []
     seen = set()

@@ -15,15 +15,22 @@ from typing import List, Mapping, Optional
 from .config import Config
 from .errors import NotInVm, VmtasksError
 
-IN_VM_VAR = "OPENBOOT_IN_VM"
+IN_VM_VAR = "VMTASKS_IN_VM"  # the host sets it, and its alias OPENBOOT_IN_VM, in the guest
 
 
 def require_vm(environ: Mapping[str, str]) -> None:
-    """Refuse unless OPENBOOT_IN_VM=1: the suite is destructive to the machine it runs on."""
-    if environ.get(IN_VM_VAR) != "1":
+    """Refuse unless VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM=1): the suite is destructive to the
+    machine it runs on. Both set and disagreeing is an error too: one of them is wrong."""
+    from .config import alias_of, env_lookup
+
+    try:
+        value, name = env_lookup(environ, IN_VM_VAR)
+    except VmtasksError as exc:
+        raise NotInVm("refusing to run the destructive suite: " + exc.message, exc.hint) from None
+    if value != "1":
         raise NotInVm(
-            "refusing to run the destructive suite here: {}=1 is not set, so this is not a "
-            "throwaway VM and nothing was run".format(IN_VM_VAR),
+            "refusing to run the destructive suite here: {}=1 (or {}=1) is not set, so this is not a "
+            "throwaway VM and nothing was run".format(IN_VM_VAR, alias_of(IN_VM_VAR)),
             "on your machine run `invoke test-vm` (or `invoke test-vm-run --test=X`); it runs "
             "this task inside a fresh VM",
         )

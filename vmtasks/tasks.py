@@ -14,11 +14,11 @@ import sys
 from invoke import Collection, Exit, task
 
 COMMON_HELP = {
-    "config": "vmtasks config file (default: config/vm.yaml beside tasks.py; env OPENBOOT_VM_CONFIG; "
+    "config": "vmtasks config file (default: config/vm.yaml beside tasks.py; env VMTASKS_VM_CONFIG; "
               "or `vmtasks: {config: PATH}` in invoke.yaml).",
     "keep": "Keep the VM: never, on-failure or always; a bare --keep means always "
-            "(env OPENBOOT_VM_KEEP=1 means always).",
-    "base": "Base image to clone (env OPENBOOT_VM_BASE; default from config, tahoe-base).",
+            "(env VMTASKS_VM_KEEP=1 means always).",
+    "base": "Base image to clone (env VMTASKS_VM_BASE; default from config, tahoe-base).",
     "dry_run": "Print the plan (stages, commands, resolved config) and create nothing.",
     "quiet": "Only stage failures, failing tests and the summary.",
     "verbose": "Also stream the raw test output, and show tracebacks of unexpected errors.",
@@ -133,7 +133,7 @@ SUITE_HELP = dict(COMMON_HELP)
 def test_vm(c, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
             boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
             allow_no_tests=False, prepare=False, no_prepared=False):
-    """Run the whole e2e suite in fresh throwaway VMs (env OPENBOOT_VM_TEST limits it)."""
+    """Run the whole e2e suite in fresh throwaway VMs (env VMTASKS_VM_TEST limits it)."""
     _suite(c, None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
            junitfile, jsonfile, allow_no_tests, prepare, no_prepared)
 
@@ -190,13 +190,13 @@ def _inner(test, json_output, shard, durations):
 
 @task(help=INNER_HELP)
 def test_vm_inner(c, json_output=False, shard=None, durations=None):
-    """[inside the VM] Run the whole suite here; refuses unless OPENBOOT_IN_VM=1."""
+    """[inside the VM] Run the whole suite here; refuses unless VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM=1)."""
     _inner(None, json_output, shard, durations)
 
 
 @task(help=dict(INNER_HELP, test="The go test -run regex (required)."))
 def test_vm_inner_run(c, test=None, json_output=False, shard=None, durations=None):
-    """[inside the VM] Run the tests matching --test here; refuses unless OPENBOOT_IN_VM=1."""
+    """[inside the VM] Run the tests matching --test here; refuses unless VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM)."""
     if not test:
         raise Exit("test-vm-inner-run: --test is empty; pass a go test -run regex", code=2)
     _inner(test, json_output, shard, durations)

@@ -46,8 +46,9 @@ def tool_bundle(cfg) -> bytes:
 
 
 def guest_env_words(cfg) -> List[str]:
-    """``env`` assignments for anything run in the guest: CI, OPENBOOT_IN_VM, guest.env."""
-    env = {"CI": "true", "OPENBOOT_IN_VM": "1"}
+    """``env`` assignments for anything run in the guest: CI, VMTASKS_IN_VM (and openboot's
+    OPENBOOT_IN_VM), guest.env."""
+    env = {"CI": "true", "VMTASKS_IN_VM": "1", "OPENBOOT_IN_VM": "1"}
     env.update(cfg.guest.env)
     return [shlex.quote("{}={}".format(k, v)) for k, v in env.items()]
 
