@@ -296,5 +296,35 @@ def vm_login(c, target, config=None):
     _host_call(c, go)
 
 
+@task(help={"config": "Where to write the config (default: config/vm.yaml beside tasks.py); an existing "
+                      "file is never overwritten."})
+def vm_init(c, config=None):
+    """Write a commented config for this Go module (suite, tags and prefix found with go list)."""
+    from pathlib import Path
+
+    from vmtasks import adopt
+    from vmtasks import config as config_mod
+
+    def go(reporter):
+        root, _, _ = config_mod.invoke_context_info(c)
+        written = adopt.init(Path.cwd(), Path(config) if config else None, project_root=root)
+        reporter.close()
+        suite = written.suite
+        flag = "" if config is None else " --config {}".format(written.path)
+        lines = ["wrote {}".format(written.path),
+                 "  module:  {} (project_dir)".format(written.root),
+                 "  suite:   {}{}".format(suite.pattern, " with tags " + ",".join(suite.tags) if suite.tags else ""),
+                 "  prefix:  {} (VM names)".format(written.prefix)]
+        lines += ["  note:    " + note for note in suite.notes]
+        lines += ["next: read it, then",
+                  "  invoke vm-doctor{}        # is this machine ready?".format(flag),
+                  "  invoke test-vm --dry-run{} # the plan, nothing created".format(flag),
+                  "  invoke test-vm{}          # the suite in a throwaway VM".format(flag)]
+        print("\n".join(lines))
+        return 0
+
+    _host_call(c, go)
+
+
 ns = Collection(test_vm, test_vm_run, test_vm_inner, test_vm_inner_run, cleanup_orphans, build, vm_doctor,
-                vm_list, vm_login, vm_prepare)
+                vm_list, vm_login, vm_prepare, vm_init)

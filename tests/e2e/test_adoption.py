@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from .conftest import EXAMPLE
+from .conftest import EXAMPLE, REPO
 
 
 def _outer_module(tmp_path):
@@ -45,3 +48,94 @@ def test_a_suite_that_dies_before_its_first_test_shows_go_s_reason(world, tmp_pa
         # The queue compiles on the host first: the stage fails there with go's lines.
         assert re.search(r"stage 'compile' failed on the host(.|\n)*" + reason, done.err), done.err
     world.assert_nothing_left()
+
+
+# ---------------------------------------------------------------------------------------
+# From pip install to a green run in a new Go module (the README's "Use it in your project")
+
+NEW_TEST = '''//go:build e2e
+
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// Destructive: writes into the home. The host sets both guard variables in the guest.
+func TestWritesHome(t *testing.T) {
+	if os.Getenv("VMTASKS_IN_VM") != "1" || os.Getenv("OPENBOOT_IN_VM") != "1" {
+		t.Fatalf("not in a throwaway VM: VMTASKS_IN_VM=%q OPENBOOT_IN_VM=%q",
+			os.Getenv("VMTASKS_IN_VM"), os.Getenv("OPENBOOT_IN_VM"))
+	}
+	home, _ := os.UserHomeDir()
+	if err := os.WriteFile(filepath.Join(home, ".newproj-was-here"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+'''
+
+UNIT_TEST = '''package newproj
+
+import "testing"
+
+func TestUnit(t *testing.T) {}
+'''
+
+
+def _install_vmtasks(dest: Path) -> Path:
+    """``pip install`` of this checkout (what a user does), into ``--target`` so the test
+    touches no environment; the dependencies are the system's (test_packaging checks that
+    they are declared). Built from a copy: a build leaves nothing in the worktree."""
+    source = dest / "src"
+    source.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(str(REPO / name), str(source / name))
+    shutil.copytree(str(REPO / "vmtasks"), str(source / "vmtasks"), ignore=shutil.ignore_patterns("__pycache__"))
+    target = dest / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                           "--no-deps", "--target", str(target), str(source)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return target
+
+
+@pytest.mark.e2e
+def test_a_new_go_module_gets_from_pip_install_to_a_green_test_vm_through_vm_init(world, tmp_path):
+    site = _install_vmtasks(tmp_path / "pip")
+    project = tmp_path / "newproj"  # outside this repository, a git repository of its own
+    (project / "test" / "e2e").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(project)], check=True, timeout=60)
+    (project / "go.mod").write_text("module example.com/newproj\n\ngo 1.19\n")
+    (project / "unit_test.go").write_text(UNIT_TEST)
+    (project / "test" / "e2e" / "e2e_test.go").write_text(NEW_TEST)
+    # The README's steps: a two-line tasks.py, `python -m invoke vm-init`, `python -m invoke test-vm`.
+    (project / "tasks.py").write_text("from vmtasks.tasks import ns  # noqa: F401\n")
+    env = {k: v for k, v in world.env.items() if not k.startswith(("INVOKE_", "VMTASKS_VM_"))}
+    env["PYTHONPATH"] = str(site)
+
+    def invoke(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=str(project), env=env,
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+    where = subprocess.run([sys.executable, "-c", "import vmtasks; print(vmtasks.__file__)"], env=env,
+                           cwd=str(project), capture_output=True, text=True, timeout=60).stdout
+    assert where.startswith(str(site)), where  # the installed copy, not this checkout
+
+    init = invoke("vm-init")
+    assert init.returncode == 0, init.stdout + init.stderr
+    config = project / "config" / "vm.yaml"
+    assert "wrote {}".format(config) in init.stdout
+    text = config.read_text()
+    assert "-tags=e2e ./test/e2e/..." in text and "name_prefix: newproj-vmtasks" in text, text
+    assert "openboot" not in text.lower()
+    again = invoke("vm-init")
+    assert again.returncode == 2 and "already exists" in again.stderr and config.read_text() == text
+
+    run = invoke("test-vm")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"^DONE 1 test in ", run.stdout.splitlines()[-1]), run.stdout
+    assert "newproj-vmtasks-" in run.stderr
+    assert not [vm for vm in world.vms() if vm.startswith("newproj-vmtasks-")], "VM left behind"
+    assert (project / ".vmtasks" / "runs" / "latest" / "junit.xml").is_file()
