@@ -81,7 +81,9 @@ class StageRunner:
                                     exc.output.splitlines()[-15:] if exc.output else None) from None
         except VmtasksError as exc:
             status = "failed"
-            raise self._stage_error(stage, exc.message, exc.hint or stage.hint) from None
+            err = self._stage_error(stage, exc.message, exc.hint or stage.hint)
+            err.exit_code = exc.exit_code  # a config error found in a stage is still exit 2
+            raise err from None
         except Exception as exc:  # a bug or an untranslated library error: keep its traceback
             status = "failed"
             text = traceback.format_exc()

@@ -473,7 +473,8 @@ class Run:
         pipeline_codes = [p.ctx.exit_code for p in self.pipelines if p.ctx.error is None]
         if self.vm_errors:
             return next((p.ctx.error.exit_code for p in self.pipelines
-                         if p.ctx.error is not None and not isinstance(p.ctx.error, NoSlot)), 1) or 1
+                         if p.ctx.error is not None and not isinstance(p.ctx.error, NoSlot)),
+                        self.exit_code) or 1  # a run-level error's own code (a config error: 2)
         if self.vm_count == 1 and self.pipelines:
             code = self.pipelines[0].ctx.exit_code
             if code == 0 and summary is not None and summary.total == 0 and not self.request.allow_no_tests:

@@ -5,11 +5,13 @@ User-level checks: real ``invoke`` processes, piped, through the Linux stand-in 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
@@ -139,3 +141,42 @@ def test_a_new_go_module_gets_from_pip_install_to_a_green_test_vm_through_vm_ini
     assert "newproj-vmtasks-" in run.stderr
     assert not [vm for vm in world.vms() if vm.startswith("newproj-vmtasks-")], "VM left behind"
     assert (project / ".vmtasks" / "runs" / "latest" / "junit.xml").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# Which project: no VM needed
+
+
+def _adopter(root: Path, config_text: str) -> Dict[str, str]:
+    (root / "config").mkdir(parents=True)
+    (root / "go.mod").write_text("module example.com/adopter\n")
+    (root / "tasks.py").write_text("from vmtasks.tasks import ns  # noqa: F401\n")
+    (root / "config" / "vm.yaml").write_text(config_text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBOOT_", "INVOKE_", "VMTASKS_VM_"))}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _invoke(root: Path, env: Dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=str(root), env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_a_config_in_config_dir_without_project_dir_syncs_the_repository_root(tmp_path):
+    root = tmp_path / "adopter"
+    env = _adopter(root, "vm:\n  name_prefix: adopter\n")
+    done = _invoke(root / "config", env, "test-vm", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "  project: {}\n".format(root.resolve()) in done.stdout, done.stdout
+
+
+def test_a_project_dir_without_go_mod_is_refused_before_any_vm(tmp_path):
+    root = tmp_path / "adopter"
+    env = _adopter(root, "project_dir: .\n")  # config/ itself: no go.mod there
+    env["PATH"] = "/usr/bin:/bin"  # no tart: the refusal comes first
+    done = _invoke(root, env, "test-vm")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert "config/vm.yaml:1: 'project_dir' = {} has no go.mod".format(root.resolve() / "config") in done.stderr
+    assert "the nearest go.mod is in {}".format(root.resolve()) in done.stderr
+    assert "vm-init" in done.stderr
