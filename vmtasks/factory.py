@@ -78,7 +78,7 @@ class Parts:
 
 
 def state_dir(cfg, environ: Mapping[str, str]) -> Path:
-    """The per-user state dir (leases, keys): config `state_dir` (env OPENBOOT_VM_STATE_DIR),
+    """The per-user state dir (leases, keys): config `state_dir` (env VMTASKS_VM_STATE_DIR),
     else VMTASKS_STATE_DIR, else $XDG_STATE_HOME/vmtasks, else ~/.local/state/vmtasks."""
     if cfg.state_dir:
         return Path(cfg.state_dir).expanduser()
@@ -95,9 +95,15 @@ def make_backend(cfg, tart=None):
     return TartBackend(tart, poll=cfg.timeouts.poll, slot_wait=cfg.timeouts.slot_wait)
 
 
-def cleanup_command(cfg) -> str:
-    """``invoke cleanup-orphans`` with the config that was used: works when pasted anywhere."""
-    command = "invoke cleanup-orphans"
+def task_command(cfg, task: str) -> str:
+    """``invoke <task ...> --config <the config that was used>``: works when pasted anywhere
+    (at the repository root without --config it would find another config, or none)."""
+    command = "invoke " + task
     if cfg.source and not cfg.source.startswith("<"):
         command += " --config " + shlex.quote(str(Path(cfg.source).resolve()))
     return command
+
+
+def cleanup_command(cfg) -> str:
+    """``invoke cleanup-orphans`` with the config that was used: works when pasted anywhere."""
+    return task_command(cfg, "cleanup-orphans")

@@ -10,6 +10,7 @@ from typing import List
 
 from . import images, ssh
 from .errors import VmtasksError
+from .factory import task_command
 from .visible import visible_line
 
 
@@ -66,18 +67,52 @@ def show(reporter, parts) -> int:
 
 def login_argv(parts, target: str) -> List[str]:
     """The ssh command line into a kept (or live) VM, by VM name or run id."""
+    return _login(parts, target)[0]
+
+
+def login_banner(parts, target: str) -> List[str]:
+    """What vm-login says before the session: the run and VM, where the synced tree is, and
+    the line that reruns the run's failed test in there with the guard set (the suite's
+    destructive tests refuse without it)."""
+    import json
+
+    from .inner import suite_argv
+    from .results import rerun_regex
+
+    lease = _login(parts, target)[1]
+    cfg = parts.cfg
+    try:
+        result = json.loads((parts.records_root / lease.run_id / "result.json").read_text())
+        failed = [n for n in result.get("failed_tests") or [] if isinstance(n, str) and n and "/" not in n]
+    except (OSError, ValueError, AttributeError):
+        failed = []
+    regex = rerun_regex(failed) if failed else "TestName"
+    argv = suite_argv(cfg, regex)
+    prefix = shlex.split(cfg.guest.command_prefix) if cfg.guest.command_prefix else []
+    command = "cd {} && VMTASKS_IN_VM=1 OPENBOOT_IN_VM=1 {}".format(
+        shlex.quote(cfg.guest.dir), " ".join(shlex.quote(w) for w in prefix + argv))
+    what = "rerun its failed test{} ({})".format("s" if len(failed) > 1 else "", ", ".join(failed)) if failed \
+        else "run a test (no failed test on record for this run)"
+    return ["vm-login: VM {} of run {}, {}@{}".format(lease.vm, lease.run_id, cfg.vm.user, lease.ip),
+            "  synced tree: {}".format(cfg.guest.dir),
+            "  {} inside, with the guard set:".format(what),
+            "    " + command,
+            "  when done: exit, then remove it: {} --include-kept".format(parts.cleanup_command)]
+
+
+def _login(parts, target: str):
     leases = parts.ledger.all()
     matches = [lease for name, lease in leases.items() if target in (name, lease.run_id)]
     if not matches:
         raise VmtasksError("no VM or run {!r} in the ledger {}".format(target, parts.ledger.leases_dir),
-                           "see `invoke vm-list` for the VMs you can log in to")
+                           "see `{}` for the VMs you can log in to".format(task_command(parts.cfg, "vm-list")))
     if len(matches) > 1:
         raise VmtasksError("run {} has {} VMs: {}".format(target, len(matches), ", ".join(m.vm for m in matches)),
-                           "name one VM: invoke vm-login " + shlex.quote(matches[0].vm))
+                           "name one VM: " + task_command(parts.cfg, "vm-login " + shlex.quote(matches[0].vm)))
     lease = matches[0]
     key_dir = Path(lease.key_dir)
     if not lease.ip or not (key_dir / "id_ed25519").is_file():
         raise VmtasksError("VM {} has no address or key on record (its run may still be booting, or "
                            "its key was removed)".format(lease.vm), "run with --keep=always to keep a VM to log in to")
     key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
-    return ["ssh"] + ssh.ssh_options(key) + [parts.cfg.vm.user + "@" + lease.ip]
+    return ["ssh"] + ssh.ssh_options(key) + [parts.cfg.vm.user + "@" + lease.ip], lease

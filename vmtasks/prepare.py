@@ -131,7 +131,10 @@ def doctor_checks(parts, listing) -> List[tuple]:
     prefix = parts.cfg.vm.name_prefix
     found = images.prepared_images(listing, prefix)
     if not found:
-        return [("prepared", "ok", "no prepared images (`invoke vm-prepare` builds one)", "")]
+        from .factory import task_command
+
+        return [("prepared", "ok", "no prepared images (`{}` builds one)".format(
+            task_command(parts.cfg, "vm-prepare")), "")]
     try:
         current = image_plan(parts, listing).hash
     except Exception:  # noqa: BLE001

@@ -556,13 +556,18 @@ class Reporter:
                 self._print(*(Text(self._prefix(state) + visible(line.rstrip("\r"))) for line in complete))
 
     # -- messages ----------------------------------------------------------
-    def vm_kept(self, vm: str, attach_cmd: str, cleanup_cmd: str) -> None:
-        """``vm`` is kept: how to attach and how to remove it, each command on one line."""
+    def vm_kept(self, vm: str, attach_cmd: str, cleanup_cmd: str, login_cmd: str = "",
+                sweep_cmd: str = "invoke cleanup-orphans --include-kept") -> None:
+        """``vm`` is kept: how to log in, attach and remove it, each command on one line
+        (the tasks' lines name the config, so they work wherever they are pasted)."""
         with self._lock:
-            self._print(Text("kept VM {}".format(visible(vm)), style="bold"),
-                        Text("  attach:   " + visible(attach_cmd)),
-                        Text("  clean up: " + visible(cleanup_cmd)),
-                        Text("            (or: invoke cleanup-orphans --include-kept)"))
+            lines = [Text("kept VM {}".format(visible(vm)), style="bold")]
+            if login_cmd:
+                lines.append(Text("  log in:   " + visible(login_cmd)))
+            lines += [Text("  attach:   " + visible(attach_cmd)),
+                      Text("  clean up: " + visible(cleanup_cmd)),
+                      Text("            (or: {})".format(visible(sweep_cmd)))]
+            self._print(*lines)
 
     def info(self, text: str) -> None:
         """A progress message (not shown with ``quiet``)."""

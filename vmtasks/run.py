@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 from . import gotest, orphans, results, schedule
 from .backend import Cancelled, Owner
 from .errors import Interrupted, StageError, VmtasksError
+from .factory import task_command
 from .machine_tart import NoSlot
 from .pipeline import Stage, StageRunner, plan_lines
 from .queue import TestQueue
@@ -285,7 +286,8 @@ class Run:
                 ctx.stage_note += "; suspended for resume: " + ", ".join(made)
         elif not plan.exists:
             self.reporter.info("   no prepared image for this setup ({}): the VM runs the setup steps; "
-                               "`invoke vm-prepare` builds one (or pass --prepare)".format(plan.why))
+                               "`{}` builds one (or pass --prepare)".format(
+                                   plan.why, task_command(self.cfg, "vm-prepare")))
             ctx.stage_note = "none: plain path"
         ctx.stage_status = "ok"
         self.image_name = plan.name

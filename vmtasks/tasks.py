@@ -290,6 +290,8 @@ def vm_login(c, target, config=None):
     def go(reporter):
         parts = factory.Parts(_load(c, config), reporter)
         argv = inventory.login_argv(parts, target)
+        for line in inventory.login_banner(parts, target):
+            reporter.info(line)
         reporter.close()
         os.execvp(argv[0], argv)
 

@@ -510,7 +510,10 @@ class VmPipeline:
         self.run.ledger.write(ctx.lease)
         target = ctx.machine.ssh_target()
         attach = ssh.attach_command(target.host, self.cfg.vm.user, ctx.key, target.proxy_command)
-        self.run.reporter.vm_kept(self.name, attach, self.remove_command())
+        from .factory import task_command
+
+        self.run.reporter.vm_kept(self.name, attach, self.remove_command(), sweep_cmd=self.run.cleanup_command +
+                                  " --include-kept", login_cmd=task_command(self.cfg, "vm-login " + self.name))
 
     def remove_command(self) -> str:
         """Paste-able: removes the VM, its key dir and its lease."""

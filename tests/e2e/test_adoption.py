@@ -180,3 +180,45 @@ def test_a_project_dir_without_go_mod_is_refused_before_any_vm(tmp_path):
     assert "config/vm.yaml:1: 'project_dir' = {} has no go.mod".format(root.resolve() / "config") in done.stderr
     assert "the nearest go.mod is in {}".format(root.resolve()) in done.stderr
     assert "vm-init" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Printed commands name the config; vm-login says where you are and how to rerun
+
+
+def _shell_line(text: str, label: str) -> str:
+    m = re.search(r"^\s*{}\s*(invoke .*?)\)?$".format(re.escape(label)), text, re.M)
+    assert m, "no {!r} line in:\n{}".format(label, text)
+    return m.group(1)
+
+
+@pytest.mark.e2e
+def test_a_kept_vm_s_commands_work_pasted_at_the_repository_root(world):
+    cfg = world.write_config(name="fail.yaml", guest={"env": {"GOSUITE_FAIL": "1"}})
+    done = world.invoke("test-vm-run", "--test=TestExampleFailure", "--keep=always", config=cfg)
+    assert done.code == 1, done.text
+    login = _shell_line(done.err, "log in:")
+    sweep = _shell_line(done.err, "(or:")
+    for line in (login, sweep):
+        assert "--config {}".format(cfg.resolve()) in line, line
+    assert done.err.index("log in:") < done.err.index("attach:")
+    # Pasted where a user stands: this repository's root, whose own config/vm.yaml is openboot's.
+    env = dict(world.env, PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m"] + login.split()
+    session = subprocess.run(argv, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=120,
+                             input="echo in-the-vm-$((6 * 7))\nexit\n")
+    assert "in-the-vm-42" in session.stdout, session.stdout + session.stderr
+    banner = session.stderr
+    assert re.search(r"vm-login: VM vmtasks-example-\S+ of run \S+, admin@", banner), banner
+    assert "synced tree: /Users/admin/gosuite" in banner
+    rerun = re.search(r"^\s+(cd /Users/admin/gosuite && VMTASKS_IN_VM=1 OPENBOOT_IN_VM=1 go test .*)$", banner, re.M)
+    assert rerun and "-run '^(TestExampleFailure)$'" in rerun.group(1), banner
+    assert "rerun its failed test (TestExampleFailure)" in banner
+    # The banner's line, run in the VM, runs that test with the guard set.
+    inside = subprocess.run(argv, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300,
+                            input=rerun.group(1) + "\nexit\n")
+    assert "=== RUN   TestExampleFailure" in inside.stdout and "destructive: set" not in inside.stdout, inside.stdout
+    removed = subprocess.run([sys.executable, "-m"] + sweep.split(), cwd=str(REPO), env=env, capture_output=True,
+                             text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    world.assert_nothing_left()
