@@ -38,14 +38,27 @@ def sweep(reporter, parts, dry_run: bool = False, include_kept: bool = False,
     if not quiet or plan.actions or plan.unreadable:
         for line in lines:
             reporter.info("  " + line)
-    if dry_run:
-        return 0
-    errors = rules.apply(plan, parts.backend, parts.ledger, stop_timeout=min(30, parts.cfg.timeouts.teardown))
+    errors = [] if dry_run else rules.apply(plan, parts.backend, parts.ledger,
+                                            stop_timeout=min(30, parts.cfg.timeouts.teardown))
     for error in errors:
         reporter.error(error)
-    if not quiet and not plan.actions and not lines:
-        reporter.info("no orphans on {}".format(socket.gethostname()))
+    if not quiet:
+        reporter.info(count_line(plan, listing, parts.cfg.vm.name_prefix, dry_run, len(errors)))
     return 1 if errors else 0
+
+
+def count_line(plan, listing, prefix: str, dry_run: bool, failed: int = 0) -> str:
+    """The sweep's last line, never silent: what it did, out of how many VMs it checked."""
+    checked = sum(1 for vm in listing if vm.name.startswith(prefix + "-"))
+    where = "checked {} VM{} with prefix {} on {}".format(checked, "" if checked == 1 else "s", prefix,
+                                                          socket.gethostname())
+    removable = [a for a in plan.actions if a.kind != "child"]
+    if not plan.actions:
+        return "nothing to remove ({})".format(where)
+    if dry_run:
+        return "would remove {} ({}; dry run: nothing removed)".format(len(removable), where)
+    done = len(removable) - failed
+    return "removed {} of {} ({})".format(max(done, 0), len(removable), where)
 
 
 # --- Orchard (issue 14): VMs without a lease here are judged by their owner records ---------

@@ -221,4 +221,15 @@ def test_a_kept_vm_s_commands_work_pasted_at_the_repository_root(world):
     removed = subprocess.run([sys.executable, "-m"] + sweep.split(), cwd=str(REPO), env=env, capture_output=True,
                              text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert re.search(r"^removed [1-9]\d* of [1-9]\d* \(checked 1 VM with prefix vmtasks-example on ", removed.stderr,
+                     re.M), removed.stderr
     world.assert_nothing_left()
+
+
+@pytest.mark.e2e
+def test_cleanup_orphans_with_nothing_to_do_says_what_it_checked(world):
+    for args in ((), ("--dry-run",)):
+        done = world.invoke("cleanup-orphans", *args)
+        assert done.code == 0, done.text
+        assert re.search(r"^nothing to remove \(checked 0 VMs with prefix vmtasks-example on \S+\)$",
+                         done.err, re.M), done.text
