@@ -233,3 +233,27 @@ def test_cleanup_orphans_with_nothing_to_do_says_what_it_checked(world):
         assert done.code == 0, done.text
         assert re.search(r"^nothing to remove \(checked 0 VMs with prefix vmtasks-example on \S+\)$",
                          done.err, re.M), done.text
+
+
+@pytest.mark.e2e
+def test_vm_doctor_checks_what_the_run_needs_not_only_the_host(world, tmp_path):
+    ok = world.invoke("vm-doctor")
+    assert ok.code == 0, ok.text
+    assert re.search(r"^ok\s+project\s+{} \(project_dir, from ".format(re.escape(str(EXAMPLE))), ok.err, re.M), ok.err
+    assert re.search(r"^ok\s+suite\s+`go list -tags=e2e,vm ./test/e2e/...` in project_dir: 1 package", ok.err, re.M)
+    # A config that passes pre-flight but fails 0.4 s into a run: doctor says so first.
+    project = _outer_module(tmp_path)
+    cfg = world.write_config(name="outer.yaml", project_dir=str(project), build=["no-such-tool --make"],
+                             suite={"all": "go test -v -tags=e2e,vm ./sub/test/e2e/...",
+                                    "one": "go test -v -tags=e2e,vm -run {test} ./sub/test/e2e/..."})
+    bad = world.invoke("vm-doctor", config=cfg)
+    assert bad.code == 1, bad.text
+    assert re.search(r"^fail\s+suite\s+.*directory prefix sub/test/e2e does not contain main module", bad.err, re.M)
+    assert re.search(r"^fail\s+build\s+`no-such-tool` is not on PATH", bad.err, re.M), bad.err
+    assert re.search(r"^\d+ checks, 2 failed$", bad.err, re.M), bad.err
+    # No go on the host: a queue cannot run; one VM can (without the host's listing).
+    nogo = dict(PATH=":".join(p for p in world.env["PATH"].split(":") if not (Path(p) / "go").exists()))
+    queue = world.invoke("vm-doctor", config=world.write_config(name="q.yaml", vms=2), env=nogo)
+    assert re.search(r"^fail\s+go\s+not on PATH on the host", queue.err, re.M) and queue.code == 1, queue.text
+    one = world.invoke("vm-doctor", env=nogo)
+    assert re.search(r"^warn\s+go\s+not on PATH on the host", one.err, re.M), one.text
