@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import ConfigError, StageError
+from .errors import ConfigError, StageError, VmtasksError
 
 # go test's own flags that take a value, and where each goes.
 BUILD_VALUE_FLAGS = {"tags", "ldflags", "gcflags", "asmflags", "mod", "modfile", "overlay", "pkgdir",
@@ -293,3 +293,21 @@ def test_command(cfg, item: TestItem, suite: GoSuite, guest_bin: str, framing: b
               shlex.quote("-test.run=" + run)]
     words += [shlex.quote(f) for f in suite.test_flags]
     return " ".join(words)
+
+
+def no_match_note(runner, project_dir: str, suite_all: str, regex: str, timeout: float, cancel=None) -> str:
+    """What to say when ``regex`` matches none of the suite's tests: the nearest names, from
+    the whole listing (best effort: the listing of every test may fail where the regex's
+    did not)."""
+    import difflib
+
+    try:
+        every = list_suite(runner, project_dir, parse_suite(suite_all, None), timeout, cancel)
+    except VmtasksError:
+        every = []
+    names = sorted({name for _, name in every})
+    if not names:
+        return "no test matches -run {!r}".format(regex)
+    near = difflib.get_close_matches(regex, names, n=3, cutoff=0.5) or names[:3]
+    return "no test matches -run {!r}; the suite has {} test{}, the nearest: {}".format(
+        regex, len(names), "" if len(names) == 1 else "s", ", ".join(near))

@@ -92,6 +92,7 @@ class Run:
         self._bundle_lock = threading.Lock()
         self.expected: List[gotest.TestItem] = []
         self.listed_tests: Optional[List[Tuple[str, str]]] = None  # one VM: the tests that count
+        self.no_test_matched = False  # one VM: the host's listing matched nothing, so no VM boots
         self.listed = None
         self.bin_dir: Optional[Path] = None
         self.guard = SignalGuard(self.cancel, in_teardown=self._in_teardown)
@@ -153,7 +154,7 @@ class Run:
         with self.guard:
             try:
                 self._run_level()
-                if not self.cancel.is_set() and not self.request.only_prepare:
+                if not self.cancel.is_set() and not self.request.only_prepare and not self.no_test_matched:
                     self._vms()
             except (Interrupted, Cancelled):
                 pass
@@ -234,8 +235,13 @@ class Run:
             # go's own last line says why (a wrong module root, a build error): show it.
             listed, why = [], exc.message + ("; go said: " + exc.tail[-1].strip() if getattr(exc, "tail", None) else "")
         else:
-            if not listed:  # nothing matches: the suite will say "no test ran"
-                ctx.stage_status, ctx.stage_note = "ok", "no test listed"
+            if not listed:  # nothing matches: say so now, with the nearest names, and boot no VM
+                self.no_test_matched = bool(self.request.test)
+                if self.no_test_matched:
+                    self.notes.append(gotest.no_match_note(self.runner, self.cfg.project_dir, self.cfg.suite.all,
+                                                           self.request.test, max(1.0, ctx.deadline - time.monotonic()),
+                                                           self.cancel))
+                ctx.stage_status, ctx.stage_note = "ok", "no test listed" + (": no VM booted" * self.no_test_matched)
                 return
         if not listed:
             note = "the suite's tests could not be listed on the host ({}): every test go reports counts".format(why)
@@ -447,6 +453,8 @@ class Run:
         stopped_by = signal.Signals(self.guard.received).name if interrupted else ""
         verdict = results.verdict_line(summary, seconds, stopped_by) if summary is not None else \
             "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
+        if self.no_test_matched and summary is None and not interrupted:
+            verdict = results.verdict_line(results.Summary(), seconds).replace(" in ", ", no test matched in ", 1)
         view = SummaryView(summary) if summary is not None else None
         extra = self.notes + ([self.record.incomplete()] if self.record.incomplete() else [])
         if self.request.rerun_source:

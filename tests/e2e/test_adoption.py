@@ -257,3 +257,16 @@ def test_vm_doctor_checks_what_the_run_needs_not_only_the_host(world, tmp_path):
     assert re.search(r"^fail\s+go\s+not on PATH on the host", queue.err, re.M) and queue.code == 1, queue.text
     one = world.invoke("vm-doctor", env=nogo)
     assert re.search(r"^warn\s+go\s+not on PATH on the host", one.err, re.M), one.text
+
+
+@pytest.mark.e2e
+def test_a_regex_that_matches_nothing_fails_fast_with_one_vm(world):
+    done = world.invoke("test-vm-run", "--test=TestShelRC")
+    assert done.code == 5, done.text
+    assert "no test matches -run 'TestShelRC'" in done.text and "the nearest: TestShellRC" in done.text, done.text
+    assert "-> clone" not in done.err and "-> boot" not in done.err, "a VM was booted to find out"
+    assert "no test listed: no VM booted" in done.err, done.err
+    assert re.match(r"DONE 0 tests, no test matched in [0-9.]+s$", done.out.splitlines()[-1]), done.out
+    allowed = world.invoke("test-vm-run", "--test=TestShelRC", "--allow-no-tests")
+    assert allowed.code == 0, allowed.text
+    assert world.vms() == [v for v in world.vms() if not v.startswith("vmtasks-example-")]
