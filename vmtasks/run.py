@@ -448,6 +448,8 @@ class Run:
         self.record.finish(vms=[p.name for p in self.pipelines], exit_code=code,
                            kept=[p.name for p in self.pipelines if p.ctx.kept],
                            failed_tests=results.failed_tests(summary) if summary is not None else [],
+                           tests_run=summary.total if summary is not None else 0,
+                           unfinished_tests=_unfinished(summary),
                            test=self.request.test, interrupted=interrupted)
         seconds = self.record.total_seconds()
         stopped_by = signal.Signals(self.guard.received).name if interrupted else ""
@@ -531,3 +533,11 @@ class Run:
         except VmtasksError as exc:
             self.record.note_problem("durations", exc.message)
         return asked
+
+
+def _unfinished(summary) -> List[str]:
+    """Top-level tests a run listed but did not finish (interrupted, not run): what
+    --rerun-failed offers after an interrupted run."""
+    if summary is None:
+        return []
+    return [r.name for r in summary.results if "/" not in r.name and r.status in (results.INTERRUPTED, results.NOTRUN)]

@@ -94,7 +94,12 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
         chosen = test if test is not None else config_mod.test_from_env(os.environ)
         source = ""
         if rerun_failed:
-            chosen, source = rerun.failed_regex(parts.records_root)
+            choice = rerun.choose(parts.records_root)
+            for note in choice.notes:
+                reporter.info(note)
+            if choice.regex is None:
+                return 0  # nothing to rerun is not a failure: the notes say why
+            chosen, source = choice.regex, choice.source
             reporter.info("rerunning the tests that failed in {}: {}".format(source, chosen))
         if prepare and no_prepared:
             from vmtasks.errors import ConfigError

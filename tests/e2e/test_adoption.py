@@ -15,7 +15,7 @@ from typing import Dict
 
 import pytest
 
-from .conftest import EXAMPLE, REPO
+from .conftest import EXAMPLE, REPO, junit_cases
 
 
 def _outer_module(tmp_path):
@@ -270,3 +270,26 @@ def test_a_regex_that_matches_nothing_fails_fast_with_one_vm(world):
     allowed = world.invoke("test-vm-run", "--test=TestShelRC", "--allow-no-tests")
     assert allowed.code == 0, allowed.text
     assert world.vms() == [v for v in world.vms() if not v.startswith("vmtasks-example-")]
+
+
+@pytest.mark.e2e
+def test_rerun_failed_skips_runs_that_ran_no_test_and_exits_0_with_nothing_to_rerun(world):
+    failing = world.write_config(name="fail.yaml", guest={"env": {"GOSUITE_FAIL": "1"}})
+    first = world.invoke("test-vm-run", "--test=TestExampleFailure|TestShellRC", config=failing)
+    assert first.code == 1, first.text
+    failed_run = world.latest_record().name
+    broken = world.write_config(name="broken.yaml", build=["false"])  # same records directory
+    second = world.invoke("test-vm", config=broken)
+    assert second.code == 1, second.text
+    broken_run = world.latest_record().name
+    ok = world.write_config(name="ok.yaml")
+    again = world.invoke("test-vm", "--rerun-failed", config=ok)
+    assert "skipped run {}: it ran no test (exit 1)".format(broken_run) in again.err, again.text
+    assert "rerunning the tests that failed in run {}".format(failed_run) in again.err, again.text
+    assert again.code == 0, again.text  # TestExampleFailure passes without GOSUITE_FAIL
+    assert junit_cases(world.latest_record() / "junit.xml") == ["TestExampleFailure"]
+    nothing = world.invoke("test-vm", "--rerun-failed", config=ok)
+    assert nothing.code == 0, nothing.text
+    assert re.search(r"nothing to rerun: run \S+ \(.*\) had no failed test", nothing.err), nothing.text
+    assert "-> clone" not in nothing.err
+    world.assert_nothing_left()
