@@ -295,6 +295,19 @@ def test_live_rows_compute_elapsed_at_each_refresh():
     assert reporter.live_rows()[0].endswith("running: TestC, TestD, TestE +1")
 
 
+def test_queue_rows_show_counts_and_the_running_test_against_its_deadline():
+    now = [0.0]
+    reporter = Reporter(stderr=io.StringIO(), stdout=io.StringIO(), env={}, clock=lambda: now[0], vms=2)
+    reporter.vm_added("openboot-vm-1", label="vm1")
+    reporter.stage_started("openboot-vm-1", "tests", None)
+    reporter.test_started("openboot-vm-1", "TestA", 2700)
+    now[0] = 4
+    reporter.test_finished("openboot-vm-1", "TestA", "pass", 4)
+    reporter.test_started("openboot-vm-1", "TestB", 2700)
+    now[0] = 16
+    assert reporter.live_rows() == ["vm1  tests 16s  passed 1  failed 0  skipped 0  running: TestB 12s / 45m"]
+
+
 def test_live_rows_for_several_vms_name_them():
     now = [0.0]
     reporter = Reporter(stderr=io.StringIO(), stdout=io.StringIO(), env={}, clock=lambda: now[0], vms=2)

@@ -376,6 +376,12 @@ class _Vm:
     counts: Dict[str, int] = field(default_factory=lambda: {"pass": 0, "fail": 0, "skip": 0})
     running: List[str] = field(default_factory=list)
     raw_partial: str = ""
+    test_started: float = 0.0  # when the newest running test started (the queue's per-test clock)
+    test_deadline: Optional[float] = None  # a queued test's own deadline (timeouts.test)
+
+
+# The stages that run tests: one VM's `suite`, the queue's `tests`. Their rows show the counts.
+TEST_STAGES = ("suite", "tests")
 
 
 class _Row(NamedTuple):
@@ -391,6 +397,8 @@ class _Row(NamedTuple):
     last: str
     counts: Tuple[int, int, int]
     running: Tuple[str, ...]
+    test_started: float = 0.0
+    test_deadline: Optional[float] = None
 
 
 class Reporter:
@@ -452,7 +460,7 @@ class Reporter:
             state = self._vm(vm)
             state.stage, state.started, state.deadline = stage, self._clock(), deadline_seconds
             state.waiting = ""
-            if stage != "suite":
+            if stage not in TEST_STAGES:
                 state.running = []
             self._start_live()
             if not self.live_mode and not self.quiet:
@@ -505,11 +513,13 @@ class Reporter:
             self._publish()
 
     # -- tests -------------------------------------------------------------
-    def test_started(self, vm: str, name: str) -> None:
-        """A top-level test started on ``vm`` (it shows in the VM's row until it finishes)."""
+    def test_started(self, vm: str, name: str, deadline_seconds: Optional[float] = None) -> None:
+        """A top-level test started on ``vm`` (it shows in the VM's row until it finishes).
+        ``deadline_seconds``: the test's own deadline (a queued test), shown with its clock."""
         with self._lock:
             state = self._vm(vm)
             state.running.append(visible(name))
+            state.test_started, state.test_deadline = self._clock(), deadline_seconds
             self._publish()
 
     def test_finished(self, vm: str, name: str, status: str, seconds: float, output: str = "") -> None:
@@ -674,7 +684,8 @@ class Reporter:
         so it reads this immutable snapshot and never takes ours."""
         self._rows = tuple(
             _Row(s.label if self._label_vms else "", s.spinner, s.stage, s.started, s.deadline,
-                 s.waiting, s.last, (s.counts["pass"], s.counts["fail"], s.counts["skip"]), tuple(s.running))
+                 s.waiting, s.last, (s.counts["pass"], s.counts["fail"], s.counts["skip"]), tuple(s.running),
+                 s.test_started, s.test_deadline)
             for s in self._vms.values() if s.stage or s.waiting or (s.vm and self._label_vms))
 
     def live_rows(self) -> List[str]:
@@ -693,7 +704,7 @@ class Reporter:
                 if row.deadline:
                     clock += " / " + format_clock(row.deadline)
                 text.append("{} {}".format(_title(row.stage), clock))
-                if row.stage == "suite":
+                if row.stage in TEST_STAGES:
                     passed, failed, skipped = row.counts
                     text.append("  passed {}".format(passed), style="green")
                     text.append("  failed {}".format(failed), style="red" if failed else "")
@@ -701,6 +712,9 @@ class Reporter:
                     if row.running:
                         more = len(row.running) - RUNNING_SHOWN
                         names = ", ".join(row.running[:RUNNING_SHOWN]) + (" +{}".format(more) if more > 0 else "")
+                        if row.test_deadline and len(row.running) == 1:
+                            names += " {} / {}".format(format_clock(now - row.test_started),
+                                                       format_clock(row.test_deadline))
                         text.append("  running: " + names, style="cyan")
             else:
                 text.append(row.last or "not started", style="dim")

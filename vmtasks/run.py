@@ -354,9 +354,11 @@ class Run:
                 pipeline.image = suspended[index]
                 pipeline.ctx.machine.resume = True
             self.pipelines.append(pipeline)
-            self.reporter.vm_added(name)
+            self.reporter.vm_added(name, label="vm{}".format(index) if len(names) > 1 else "")
+        # Lines and rows say vm1, vm2: the full names once, here.
         self.reporter.info("run {}: {} from {}{}".format(
-            self.run_id, ", ".join(names), self.image,
+            self.run_id, ", ".join(names) if len(names) == 1 else
+            ", ".join("vm{} = {}".format(i, n) for i, n in enumerate(names, 1)), self.image,
             ", test regex {!r}".format(self.request.test) if self.request.test else ""))
         self._start(self.pipelines)
 
@@ -407,7 +409,8 @@ class Run:
         if event.kind in ("pass", "fail", "skip", "interrupted") and not event.subtest:
             self.reporter.test_finished(vm, event.test, event.kind, event.elapsed, event.output)
         elif event.kind == "run" and not event.subtest:
-            self.reporter.test_started(vm, event.test)
+            # A queued test has its own deadline (timeouts.test): its row shows it.
+            self.reporter.test_started(vm, event.test, self.cfg.timeouts.test if self.queue is not None else None)
         elif event.kind == "package-fail":
             self.reporter.package_failed(vm, event.package, event.output)
 

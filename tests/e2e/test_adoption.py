@@ -293,3 +293,28 @@ def test_rerun_failed_skips_runs_that_ran_no_test_and_exits_0_with_nothing_to_re
     assert re.search(r"nothing to rerun: run \S+ \(.*\) had no failed test", nothing.err), nothing.text
     assert "-> clone" not in nothing.err
     world.assert_nothing_left()
+
+
+@pytest.mark.e2e
+def test_queue_live_rows_show_counts_and_the_running_test_with_its_deadline(world):
+    from .test_user_flows import ANSI, _drain, _spawn_pty
+
+    cfg = world.write_config(name="uneven.yaml", project_dir=str(REPO / "examples" / "uneven"), vms=2,
+                             vm={"name_prefix": "vmtasks-example"}, guest={"dir": "/Users/admin/uneven",
+                                                                            "env": {"UNEVEN_SCALE": "0.4"}},
+                             suite={"all": "go test -v -timeout 10m -tags=e2e,vm ./test/e2e/...",
+                                    "one": "go test -v -timeout 10m -tags=e2e,vm -run {test} ./test/e2e/..."},
+                             timeouts={"boot": 60, "poll": 0.2, "test": 600})
+    pexpect, child, log = _spawn_pty(world, ["test-vm"], {}, cfg)
+    _drain(pexpect, child, 300)
+    child.close()
+    screen = ANSI.sub("", log.getvalue())
+    assert child.exitstatus == 0, screen[-3000:]
+    rows = re.findall(r"vm[12]  tests \d+s\s+passed \d+\s+failed \d+\s+skipped \d+\s+running: Test\w+ \d+s / 10m",
+                      screen)
+    assert rows, screen[-3000:]
+    # Short labels on lines and rows; the full names once.
+    names = re.search(r"vm1 = (vmtasks-example-\S+-1), vm2 = (vmtasks-example-\S+-2) from ", screen)
+    assert names, screen[:3000]
+    assert re.search(r"\[vm[12]\]\s+PASS Test\w+", screen)
+    world.assert_nothing_left()
