@@ -318,3 +318,45 @@ def test_queue_live_rows_show_counts_and_the_running_test_with_its_deadline(worl
     assert names, screen[:3000]
     assert re.search(r"\[vm[12]\]\s+PASS Test\w+", screen)
     world.assert_nothing_left()
+
+
+MAIN_TEST = '''//go:build e2e
+
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"testing"
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv("VMTASKS_IN_VM") == "1" {
+		fmt.Println("fixture setup failed: no such device /dev/vmtasks-fixture")
+		os.Exit(3)
+	}
+	os.Exit(m.Run())
+}
+
+func TestOne(t *testing.T) {}
+
+func TestTwo(t *testing.T) {}
+'''
+
+
+@pytest.mark.e2e
+def test_a_queued_test_binary_that_exits_before_any_event_shows_its_last_lines(world, tmp_path):
+    project = tmp_path / "mainfail"
+    (project / "e2e").mkdir(parents=True)
+    (project / "go.mod").write_text("module example.com/mainfail\n\ngo 1.19\n")
+    (project / "e2e" / "main_test.go").write_text(MAIN_TEST)
+    cfg = world.write_config(name="main.yaml", project_dir=str(project), vms=2,
+                             suite={"all": "go test -v -tags=e2e ./e2e/...",
+                                    "one": "go test -v -tags=e2e -run {test} ./e2e/..."})
+    done = world.invoke("test-vm", config=cfg)
+    assert done.code == 1, done.text
+    assert "Traceback" not in done.text
+    reason = "fixture setup failed: no such device /dev/vmtasks-fixture"
+    assert reason in done.err, done.err  # on the terminal as it happens, not only in the record
+    assert reason in done.out[done.out.index("e2e results"):], done.out
+    world.assert_nothing_left()
