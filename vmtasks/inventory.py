@@ -3,10 +3,11 @@ the way Test Kitchen has ``list`` and ``login``."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 from . import images, ssh
 from .errors import VmtasksError
@@ -51,8 +52,31 @@ def _age(seconds: float) -> str:
     return "{:.1f}d".format(seconds / 86400)
 
 
+# A run's VM (<prefix>-<YYYYMMDD-HHMMSS-hhhh>[-N]) or a prepared image or build, of any prefix.
+_OURS_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9][A-Za-z0-9._-]*?)-(?:\d{8}-\d{6}-[0-9a-f]{4}(?:-\d+)?|"
+                      r"(?:prepared|building)-[0-9a-f]{12}(?:-s\d+)?)$")
+
+
+def other_prefixes(parts, listing=None) -> Dict[str, int]:
+    """Other vmtasks prefixes (other configs) with VMs on this host, and how many each."""
+    mine = parts.cfg.vm.name_prefix
+    counts: Dict[str, int] = {}
+    for vm in parts.backend.list_vms() if listing is None else listing:
+        m = _OURS_RE.match(vm.name)
+        if m and m.group("prefix") != mine:
+            counts[m.group("prefix")] = counts.get(m.group("prefix"), 0) + 1
+    return counts
+
+
 def show(reporter, parts) -> int:
     table = rows(parts)
+    others = other_prefixes(parts)
+    if others:
+        listed = ", ".join("{} ({} VM{})".format(visible_line(p), n, "" if n == 1 else "s")
+                           for p, n in sorted(others.items()))
+        reporter.info("other vmtasks prefixes have VMs on this host: {}; see them with their own config "
+                      "(invoke vm-list --config THEIR.yaml) or VMTASKS_VM_PREFIX=PREFIX {}".format(
+                          listed, task_command(parts.cfg, "vm-list")))
     if not table:
         print("no {}-* VMs".format(visible_line(parts.cfg.vm.name_prefix)))
         return 0

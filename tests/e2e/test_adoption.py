@@ -218,6 +218,11 @@ def test_a_kept_vm_s_commands_work_pasted_at_the_repository_root(world):
     inside = subprocess.run(argv, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300,
                             input=rerun.group(1) + "\nexit\n")
     assert "=== RUN   TestExampleFailure" in inside.stdout and "destructive: set" not in inside.stdout, inside.stdout
+    # Another config's vm-list is not silent about this VM: it names the prefix and how to see it.
+    other = world.invoke("vm-list", config=world.write_config(name="other.yaml", vm={"name_prefix": "other-prefix"}))
+    assert other.code == 0 and "no other-prefix-* VMs" in other.out, other.text
+    assert "other vmtasks prefixes have VMs on this host: vmtasks-example (1 VM)" in other.err, other.text
+    assert "VMTASKS_VM_PREFIX=PREFIX invoke vm-list --config " in other.err, other.text
     removed = subprocess.run([sys.executable, "-m"] + sweep.split(), cwd=str(REPO), env=env, capture_output=True,
                              text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert removed.returncode == 0, removed.stdout + removed.stderr
