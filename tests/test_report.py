@@ -193,7 +193,7 @@ def test_summary_goes_to_stdout_and_equals_the_record(tmp_path):
     lines = text.splitlines()
     assert lines[-1] == "DONE 5 tests in 42.0s", "the verdict is the last line"
     assert lines[-3:-1] == ["record: /records/r1", "junit: /records/r1/junit.xml"]
-    for row in ("tests        5", "passed       2", "failed       1", "skipped      0", "interrupted  1",
+    for row in ("tests        5 (+ 2 subtests = 7, the verdict's count)", "passed       2", "failed       1", "skipped      0", "interrupted  1",
                 "not run      1", "errors       1 (package or build)", "subtests     2 (1 passed, 1 failed)",
                 "suite time   10.00s", "total time   42.00s"):
         assert row in lines, row
@@ -208,6 +208,20 @@ def test_summary_lists_failures_interrupted_not_run_and_errors_apart():
     assert "FAIL: TestCut" not in text
     assert "--- NOT RUN: TestNever" in text
     assert "--- ERROR package example.com/broken\n    broken.go:3: undefined: x" in text
+
+
+def test_many_not_run_tests_fold_into_one_line_and_the_vm_table_stays_aligned():
+    names = ["TestN%02d" % i for i in range(23)]
+    long_vm = "openboot-ephemeral-20261205-060351-5ccd-1"
+    tests = [FakeTest("TestRan", "pass", 1.0, vm=long_vm, started=1.0),
+             FakeTest("TestAlso", "pass", 1.0, vm="vm-2", started=1.0)] + [FakeTest(n, "notrun", 0) for n in names]
+    text = Reporter(stderr=io.StringIO(), stdout=io.StringIO(), env={}).render_summary_text(
+        FakeSummary(tests), 5, "v")
+    assert text.count("--- NOT RUN") == 1, text
+    assert "--- NOT RUN: 23 tests: " + ", ".join(names[:10]) + " +13 more (all in junit.xml)" in text
+    table = text[text.index("per VM"):].splitlines()[:3]
+    columns = {line.index(" 1 ") for line in table[1:]}
+    assert len(columns) == 1 and table[0].index("tests") + len("tests") == columns.pop() + 2, table
 
 
 def test_failures_name_their_package_when_there_are_several():

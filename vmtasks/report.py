@@ -41,7 +41,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from .visible import visible
+from .visible import visible, visible_line
 
 
 STAGE_TITLES = {
@@ -197,6 +197,9 @@ def vm_shares(summary: SummaryView) -> List[VmShare]:
     return shares
 
 
+NOT_RUN_SHOWN = 10  # more not-run tests than this fold into one line
+
+
 def _status_counts(tests: Iterable[TestView]) -> Dict[str, int]:
     counts = {status: 0 for status in STATUS_WORDS}
     for test in tests:
@@ -237,8 +240,12 @@ def _row(what: str, value: str, style: str = "") -> Text:
 
 def _count_lines(tests: Sequence[TestView], errors: Mapping[str, str], seconds: float) -> List[Text]:
     counts = _status_counts(tests)
+    subtests = [sub for test in tests for sub in _all_subtests(test)]
+    # One count on screen: the verdict counts subtests too (as gotestsum does), so say so here.
+    total = str(len(tests)) if not subtests else "{} (+ {} subtests = {}, the verdict's count)".format(
+        len(tests), len(subtests), len(tests) + len(subtests))
     lines = [Text("e2e results", style="bold"),
-             _row("tests", str(len(tests))),
+             _row("tests", total),
              _row("passed", str(counts["pass"]), "green" if counts["pass"] else ""),
              _row("failed", str(counts["fail"]), "bold red" if counts["fail"] else ""),
              _row("skipped", str(counts["skip"]))]
@@ -249,7 +256,6 @@ def _count_lines(tests: Sequence[TestView], errors: Mapping[str, str], seconds: 
         lines.append(_row("not run", str(counts["notrun"]), "bold red"))
     if errors:
         lines.append(_row("errors", "{} (package or build)".format(len(errors)), "bold red"))
-    subtests = [sub for test in tests for sub in _all_subtests(test)]
     if subtests:
         sub_counts = _status_counts(subtests)
         parts = ["{} {}".format(sub_counts[status], word) for status, word in
@@ -265,15 +271,18 @@ def _count_lines(tests: Sequence[TestView], errors: Mapping[str, str], seconds: 
 
 
 def _vm_lines(summary: SummaryView) -> List[Text]:
-    lines = [Text(""), Text("{:<24} {:>5}  {:>9}  {:>9}  {}".format(
-        "per VM", "tests", "busy", "idle", "first start .. last end"), style="bold")]
-    for share in vm_shares(summary):
+    shares = vm_shares(summary)
+    # As wide as the longest VM name: the columns stay aligned whatever the names are.
+    width = max([22] + [len(visible_line(share.vm)) for share in shares])
+    lines = [Text(""), Text("{:<{w}} {:>5}  {:>9}  {:>9}  {}".format(
+        "per VM", "tests", "busy", "idle", "first start .. last end", w=width + 2), style="bold")]
+    for share in shares:
         span = "-"
         if share.first is not None:
             span = "+{} .. +{}".format(format_seconds(share.first), format_seconds(share.last))
-        lines.append(Text("  {:<22} {:>5}  {:>9}  {:>9}  {}".format(
-            visible(share.vm), share.tests, format_seconds(share.busy),
-            "-" if share.idle is None else format_seconds(share.idle), span)))
+        lines.append(Text("  {:<{w}} {:>5}  {:>9}  {:>9}  {}".format(
+            visible_line(share.vm), share.tests, format_seconds(share.busy),
+            "-" if share.idle is None else format_seconds(share.idle), span, w=width)))
     return lines
 
 
@@ -318,8 +327,13 @@ def _problem_lines(tests: Sequence[TestView], errors: Mapping[str, str], several
                 if sub.status == status:
                     lines.append(Text("    --- {}: {} ({})".format(
                         STATUS_WORDS[status], visible(sub.name), format_seconds(sub.elapsed)), style=style))
-    for test in (t for t in tests if t.status == "notrun"):
-        lines.append(Text("--- NOT RUN: {}".format(visible(test.name)), style="bold red"))
+    not_run = [visible_line(t.name) for t in tests if t.status == "notrun"]
+    if len(not_run) > NOT_RUN_SHOWN:
+        # Many not run (no VM left): one line, not a screenful.
+        lines.append(Text("--- NOT RUN: {} tests: {} +{} more (all in junit.xml)".format(
+            len(not_run), ", ".join(not_run[:NOT_RUN_SHOWN]), len(not_run) - NOT_RUN_SHOWN), style="bold red"))
+    else:
+        lines += [Text("--- NOT RUN: {}".format(name), style="bold red") for name in not_run]
     for package, output in errors.items():
         lines.append(Text("--- ERROR package {}".format(visible(package)), style="bold red"))
         lines += _indented(output, "    ", output_lines)

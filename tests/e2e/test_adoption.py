@@ -322,6 +322,10 @@ def test_queue_live_rows_show_counts_and_the_running_test_with_its_deadline(worl
     names = re.search(r"vm1 = (vmtasks-example-\S+-1), vm2 = (vmtasks-example-\S+-2) from ", screen)
     assert names, screen[:3000]
     assert re.search(r"\[vm[12]\]\s+PASS Test\w+", screen)
+    # One test count on screen: the table's row says the verdict's number too.
+    row = re.search(r"^tests\s+(\d+) \(\+ (\d+) subtests = (\d+), the verdict's count\)", screen, re.M)
+    verdict = re.search(r"^DONE (\d+) tests", screen, re.M)
+    assert row and verdict and int(row.group(3)) == int(row.group(1)) + int(row.group(2)) == int(verdict.group(1))
     world.assert_nothing_left()
 
 
