@@ -1,6 +1,6 @@
 """Shared fixtures. Autouse isolation: HOME, ~/.ssh, TART_HOME, the ledger's state dir and
-the OPENBOOT_VM_* knobs are the test's own, so a developer's real setup never leaks into a
-test and a test never touches it."""
+the VMTASKS_VM_* (and OPENBOOT_VM_*) knobs are the test's own, so a developer's real setup
+never leaks into a test and a test never touches it."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     for name in list(os.environ):
-        if name.startswith("OPENBOOT_VM_") or name == "OPENBOOT_IN_VM" or name.startswith("TART_STANDIN_"):
+        if name.startswith(("OPENBOOT_VM_", "VMTASKS_VM_", "TART_STANDIN_")) or name in ("OPENBOOT_IN_VM",
+                                                                                        "VMTASKS_IN_VM"):
             monkeypatch.delenv(name, raising=False)
     return home
 

@@ -130,7 +130,8 @@ class Env:
             d.mkdir(parents=True, exist_ok=True)
         self.env: Dict[str, str] = {
             k: v for k, v in os.environ.items()
-            if not (k.startswith("OPENBOOT_") or k.startswith("TART_STANDIN_") or k == "SSH_AUTH_SOCK")
+            if not (k.startswith(("OPENBOOT_", "VMTASKS_VM_", "TART_STANDIN_")) or k in ("SSH_AUTH_SOCK",
+                                                                                          "VMTASKS_IN_VM"))
         }
         self.env.update(HOME=str(self.home), TART_HOME=str(tart_home), VMTASKS_STATE_DIR=str(self.state),
                         PATH=str(SCRIPTS) + os.pathsep + os.environ["PATH"], CI="true")
