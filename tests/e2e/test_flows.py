@@ -108,10 +108,10 @@ def test_hostile_test_name_is_never_interpreted(world):
 def test_inner_task_refuses_on_the_host(world):
     done = world.invoke("test-vm-inner")
     assert done.code != 0
-    assert "OPENBOOT_IN_VM=1 is not set" in done.err and "nothing was run" in done.err
+    assert "VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM=1) is not set" in done.err and "nothing was run" in done.err
     assert not (world.home / ".gosuite-ran").exists()
     done = world.invoke("test-vm-inner-run", "--test=TestShellRC")
-    assert done.code != 0 and "OPENBOOT_IN_VM=1 is not set" in done.err
+    assert done.code != 0 and "VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM=1) is not set" in done.err
 
 
 def test_dry_run_creates_nothing(world):
