@@ -578,8 +578,22 @@ def give_image_account(worker, local, password_hash):
                 os.kill(pid, signal.SIGHUP)
             except OSError:
                 pass
-        if listeners:
-            time.sleep(0.2)  # let it re-execute and listen again before the login attempt
+        # Before the login attempt, let it re-execute and listen again: it retitles itself
+        # ("sshd: ... [listener]") once it listens.
+        time.sleep(0.05)
+        deadline = time.monotonic() + 3
+        while listeners and time.monotonic() < deadline:
+            listeners = [pid for pid in listeners if not _cmdline(pid).startswith((b"sshd: ", b"?"))]
+            time.sleep(0.02)
+
+
+def _cmdline(pid):
+    """The process's argv joined by NULs; b"?" when it is gone."""
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b"?"
 
 
 def _sshd_listeners(config):
@@ -588,11 +602,7 @@ def _sshd_listeners(config):
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as fh:
-                argv = fh.read().split(b"\0")
-        except OSError:
-            continue
+        argv = _cmdline(entry).split(b"\0")
         # The listener retitles itself "sshd: /usr/sbin/sshd -D -e -f CONFIG [listener] ...";
         # a connection's child re-executes with -R (then becomes "sshd: admin [priv]").
         text = b" ".join(argv)
