@@ -697,7 +697,7 @@ class OrchardBackend(Backend):
                 if vm.get("status") == "failed":
                     message = vm.get("status_message", "")
                     raise PreflightError(
-                        "the probe VM of image {!r} failed on Orchard worker {} ({}): {}".format(
+                        "image {!r} cannot be started on Orchard worker {} ({}): {}".format(
                             image, vm.get("worker") or "?", self.client.url, message),
                         image_hint(image, message))
                 if fleet_full and vm.get("status") == "pending" and not vm.get("worker"):
