@@ -17,8 +17,10 @@ Where things live on the VM resource, and why:
   VM from an orphan.
 - The key goes in at creation (the startup script appends it to ``authorized_keys``), because
   Orchard runs the script itself as soon as the VM boots: no second round trip. Orchard's
-  worker runs it over SSH as the VM's ``username`` with its ``password`` (default admin/admin,
-  as on Cirrus Labs' images); the exec endpoint would need the same login.
+  worker runs it over SSH with password authentication as the VM's ``username`` and
+  ``password``, and substitutes admin/admin only when both are empty: so a VM carries
+  ``vm.user`` *and* ``vm.password``, or neither (``OrchardBackend.credentials``). The exec
+  endpoint would need the same login.
 """
 
 from __future__ import annotations
