@@ -600,7 +600,7 @@ class _ProbeClient:
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.workers = [{"name": "w1", "last_seen": now, "resources": {"org.cirruslabs.tart-vms": 2}}]
 
-    def request(self, method, path, body=None, query=None, timeout=None):
+    def request(self, method, path, body=None, query=None, timeout=None, parse=True):
         if path in ("/", "controller/info"):
             return 200, {"version": "test"}
         if path == "workers":
