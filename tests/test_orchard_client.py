@@ -184,3 +184,21 @@ def test_root_answering_html_is_fine_and_each_port_forward_status_is_explained(c
             controller.port_forward("vm-1", 60000 + status, wait=3, open_timeout=5)
         assert err.value.status == status and needle in err.value.message, err.value.message
         assert "HTTP {}".format(status) in err.value.message
+
+
+def test_the_proxy_command_explains_a_tunnel_closed_at_once(tmp_path):
+    """OpenSSH alone would only say "Connection closed by remote host"."""
+    import subprocess
+    import sys
+
+    from websockets.sync.server import serve
+
+    with serve(lambda ws: None, "127.0.0.1", 0) as server:  # accepts, then closes at once
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        env = {"ORCHARD_URL": "http://127.0.0.1:%d" % server.socket.getsockname()[1], "PATH": "/usr/bin:/bin",
+               "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent)}
+        done = subprocess.run([sys.executable, "-m", "vmtasks.orchard_proxy", "vm-1", "22"], env=env,
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.PIPE)
+        server.shutdown()
+    assert done.returncode == 1, done.stderr
+    assert CLOSED_AT_ONCE.format(port=22, vm="vm-1") in done.stderr

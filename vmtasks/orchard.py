@@ -346,7 +346,10 @@ class OrchardClient:
         sock = getattr(ws, "socket", None)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small SSH packets must not wait for delayed ACKs (see ssh.nodelay_socket).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # already closed (an upgrade closed at once): the caller's first recv says so
         return ws
 
 
