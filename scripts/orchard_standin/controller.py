@@ -20,6 +20,10 @@ import uuid
 TART = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "tart")
 TART_VMS = "org.cirruslabs.tart-vms"
 LOCAL_PREFIX = "orchard-"
+# crypt(3) SHA-512 of "admin" (`openssl passwd -6 -salt orchardstandin admin`): the password
+# of Cirrus Labs images' admin account, which the worker's startup-script login uses.
+ADMIN_HASH = ("$6$orchardstandin$P3XPkfbTMTFQEgA9a0UdliNYaT2jLy60oskucT3z4UA/"
+              "cKEb/khYggDxsrysYKEW7yafrHJrvkXbVsMgHAlyT1")
 
 
 def rfc3339(epoch):
@@ -529,9 +533,12 @@ class Controller:
 
     def image_password_hash(self):
         if not hasattr(self, "_password_hash"):
-            done = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=self.settings.image_password,
-                                  capture_output=True, text=True, check=True)
-            self._password_hash = done.stdout.strip()
+            if self.settings.image_password == "admin":
+                self._password_hash = ADMIN_HASH
+            else:  # --image-password: `openssl passwd` (Python's crypt module is gone in 3.13)
+                done = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=self.settings.image_password,
+                                      capture_output=True, text=True, check=True)
+                self._password_hash = done.stdout.strip()
         return self._password_hash
 
     def ip_of(self, uid):
