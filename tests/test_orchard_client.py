@@ -80,7 +80,8 @@ def test_the_image_probe_logs_in_the_same_way_and_fails_preflight_when_it_cannot
         def request(self, method, path, body=None, query=None, timeout=None, parse=True):
             self.calls.append((method, path, body))
             if path == "workers":
-                return 200, [{"name": "w", "last_seen": "2999-01-01T00:00:00Z", "resources": {"org.cirruslabs.tart-vms": 2}}]
+                return 200, [{"name": "w", "last_seen": "2999-01-01T00:00:00Z",
+                              "resources": {"org.cirruslabs.tart-vms": 2}}]
             if path.endswith("/events"):
                 return 200, [{"payload": PROBE_RAN}] if self.ok else []
             if method == "GET" and path.startswith("vms/"):
