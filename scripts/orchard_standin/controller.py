@@ -485,7 +485,7 @@ class Controller:
             for raw in lines:  # events as the script prints, as Orchard streams them
                 self.add_event(uid, raw.decode(errors="replace").rstrip("\n"))
             code = channel.recv_exit_status()
-        except (paramiko.SSHException, OSError) as exc:
+        except (paramiko.SSHException, OSError, EOFError) as exc:
             self._fail_script(uid, "%r" % (exc,))
             return
         finally:
@@ -521,7 +521,7 @@ class Controller:
                 client.close()
                 error = ("SSH handshake with %s failed: ssh: handshake failed: ssh: unable to authenticate, "
                          "attempted methods [none password], no supported methods remain" % addr)
-            except (OSError, paramiko.SSHException) as exc:
+            except (OSError, EOFError, paramiko.SSHException) as exc:
                 client.close()
                 error = "failed to dial %s: dial tcp %s: %s" % (addr, addr, getattr(exc, "strerror", None) or exc)
             errors.append(error)
