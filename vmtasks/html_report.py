@@ -81,10 +81,10 @@ def tests_data(summary, verdict: str = "") -> Dict[str, Any]:
 def write_for_run(record, summary, verdict: str) -> str:
     """At the end of a run: ``tests.json`` (when there are results) and ``report.html`` in
     the record. Never raises: returns the line the summary shows, ``report: <path>`` or
-    why the report is missing."""
+    why the report is missing ("" when the run made no record)."""
     try:
         if not record.created:
-            return "report not written: the run record was not created"
+            return ""  # nothing to draw from (the summary already says the record is missing)
         data = tests_data(summary, verdict) if summary is not None else \
             {"version": TESTS_VERSION, "verdict": verdict, "tests": [], "package_errors": []}
         record.write_text(TESTS_NAME, json.dumps(data, indent=1, default=str))
@@ -195,7 +195,8 @@ def load_record(run_dir: Path) -> Dict[str, Any]:
         data = {"tests": _junit_tests(run_dir / "junit.xml"), "package_errors": [], "verdict": ""}
     tests = [t for t in data.get("tests", []) if isinstance(t, dict) and isinstance(t.get("name"), str)]
     return {
-        "dir": run_dir, "run_id": str(result.get("run_id") or run_dir.name) if isinstance(result, dict) else run_dir.name,
+        "dir": run_dir,
+        "run_id": str(result.get("run_id") or run_dir.name) if isinstance(result, dict) else run_dir.name,
         "result": result if isinstance(result, dict) else {},
         "stages": [s for s in stages if isinstance(s, dict) and _number(s.get("started")) is not None
                    and _number(s.get("seconds")) is not None] if isinstance(stages, list) else [],
@@ -270,7 +271,10 @@ def _links(run_dir: Path, test: Dict[str, Any]) -> List[Dict[str, str]]:
 def _record_files(run_dir: Path) -> List[Dict[str, str]]:
     wanted = ("summary.txt", "junit.xml", "timeline.txt", "stages.json", "result.json", TESTS_NAME,
               "commands.log", "errors.log", "config.json")
-    return [{"href": "./" + quote(n), "text": n} for n in wanted if (run_dir / n).is_file()]
+    # summary.txt and timeline.txt are written just after the report, at the end of a run.
+    ended = (run_dir / "result.json").is_file()
+    return [{"href": "./" + quote(n), "text": n} for n in wanted
+            if (run_dir / n).is_file() or (ended and n == "summary.txt")]
 
 
 def _stage_key(stage: Dict[str, Any]) -> Tuple[int, str]:
@@ -323,7 +327,7 @@ def build_view(run_dir: Path, history_dirs: Optional[Iterable[Path]] = None) -> 
         mine = sorted((t for t in tests if (t.get("vm") or "") == lane_vm and _number(t.get("started")) is not None),
                       key=lambda t: t["started"])
         busy_until = None
-        for index, t in enumerate(mine):
+        for t in mine:
             start, elapsed = float(t["started"]), max(0.0, _number(t.get("elapsed")) or 0.0)
             if busy_until is not None and start - busy_until >= IDLE_MIN:
                 idle.append(dict(pos(busy_until, start - busy_until), seconds=secs(start - busy_until)))
@@ -470,7 +474,8 @@ def _trend(records: List[Dict[str, Any]], current: str) -> Dict[str, Any]:
         if wall is None:
             continue
         failed = rec["result"].get("failed_tests")
-        failures = len(failed) if isinstance(failed, list) else sum(1 for t in rec["tests"] if t.get("status") == "fail")
+        failures = len(failed) if isinstance(failed, list) else \
+            sum(1 for t in rec["tests"] if t.get("status") == "fail")
         points.append((rec["run_id"], wall, failures, rec["result"].get("exit_code")))
     if not points:
         return {"bars": [], "width": 0, "height": 0}
