@@ -319,7 +319,8 @@ def build_view(run_dir: Path, history_dirs: Optional[Iterable[Path]] = None) -> 
         lane_stages = []
         for s in sorted((s for s in stages if str(s.get("vm") or "") == lane_vm), key=lambda s: s["started"]):
             name = str(s.get("stage"))
-            lane_stages.append(dict(pos(float(s["started"]), float(s["seconds"])), name=visible_line(name),
+            where = pos(float(s["started"]), float(s["seconds"]))
+            lane_stages.append(dict(where, name=visible_line(name), wide=float(where["width"]) >= 6,
                                     css=_css_word(name), status=_css_word(str(s.get("status"))),
                                     status_text=visible_line(str(s.get("status"))),
                                     at=secs(float(s["started"]) - origin), seconds=secs(float(s["seconds"]))))
@@ -339,6 +340,7 @@ def build_view(run_dir: Path, history_dirs: Optional[Iterable[Path]] = None) -> 
                    if (t.get("vm") or "") == lane_vm)
         failed_stage = any(s["status"] == "failed" for s in lane_stages)
         lanes.append({"vm": visible_line(lane_vm) if lane_vm else "host", "kind": "vm" if lane_vm else "host",
+                      "label": _lane_label(lane_vm, rec["run_id"]),
                       "stages": lane_stages, "bars": bars, "idle": idle, "lost": lost, "failed": failed_stage,
                       "tests": len([t for t in tests if (t.get("vm") or "") == lane_vm])})
     untimed = [_bar(t, None, "") for t in tests if _number(t.get("started")) is None]
@@ -388,6 +390,14 @@ def _fallback_verdict(result: Dict[str, Any]) -> str:
         return "interrupted"
     code = result.get("exit_code")
     return "exit {}".format(code) if code is not None else "the run did not finish"
+
+
+def _lane_label(vm: str, run_id: str) -> str:
+    """A VM's short name in its lane (``VM 2`` for ``<prefix>-<run id>-2``); the full name is beside it."""
+    if not vm:
+        return "host"
+    tail = vm.split(run_id, 1)[1].strip("-") if run_id and run_id in vm else ""
+    return "VM " + visible_line(tail) if tail else visible_line(vm)
 
 
 def _css_word(text: str) -> str:
