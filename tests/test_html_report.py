@@ -154,6 +154,16 @@ def test_an_interrupted_run(tmp_path):
     assert any("interrupted" in t for t in page.text)
 
 
+def test_a_lost_vm_is_marked(tmp_path):
+    lost = TestResult("p", "TestCut", FAIL, 1.0, output="[vmtasks] VM lost: the guest stopped\n", started=3.2,
+                      unreported=True)
+    record = a_run(tmp_path / "runs", tests=[("vm-1", lost), ("vm-2", TestResult("p", "TestOk", PASS, 1.0,
+                                                                                  started=3.4))])
+    page = page_of(record)
+    assert [a["data-vm"] for _, a in page.with_class("lost") if "lane" in a["class"]] == ["vm-1"]
+    assert [a["data-test"] for _, a in page.with_class("bar") if "lost" in a["class"].split()] == ["TestCut"]
+
+
 def test_flaky_is_drawn_when_a_record_says_so(tmp_path):
     record = a_run(tmp_path / "runs")
     data = json.loads((record.dir / "tests.json").read_text())

@@ -336,8 +336,7 @@ def build_view(run_dir: Path, history_dirs: Optional[Iterable[Path]] = None) -> 
             bars.append(_bar(t, pos(start, elapsed), secs(start - origin)))
         if lane_vm == "" and not lane_stages and not bars:
             continue
-        lost = any(t.get("unreported") and "lost" in str(t.get("output", "")) for t in tests
-                   if (t.get("vm") or "") == lane_vm)
+        lost = any(_lost(t) for t in tests if (t.get("vm") or "") == lane_vm)
         failed_stage = any(s["status"] == "failed" for s in lane_stages)
         lanes.append({"vm": visible_line(lane_vm) if lane_vm else "host", "kind": "vm" if lane_vm else "host",
                       "label": _lane_label(lane_vm, rec["run_id"]),
@@ -404,11 +403,16 @@ def _css_word(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower())[:30] or "x"
 
 
+def _lost(t: Dict[str, Any]) -> bool:
+    """A test its VM took down with it (vmtasks/vm.py ends its stream with "VM lost: ...")."""
+    return bool(t.get("unreported")) and t.get("status") == "fail" and "VM lost" in str(t.get("output") or "")
+
+
 def _bar(t: Dict[str, Any], where: Optional[Dict[str, str]], at: str) -> Dict[str, Any]:
     css, label = _verdict(str(t.get("status")))
     bar = {"name": visible_line(str(t.get("name"))), "package": visible_line(str(t.get("package") or "")),
            "vm": visible_line(str(t.get("vm") or "")), "css": css, "label": label, "at": at,
-           "seconds": secs(_number(t.get("elapsed"))), "lost": bool(t.get("unreported")) and t.get("status") == "fail",
+           "seconds": secs(_number(t.get("elapsed"))), "lost": _lost(t),
            "retried": int(t.get("attempts") or 1) > 1, "anchor": "t{}".format(t.get("_index", 0)),
            "problem": t.get("status") in PROBLEM_ORDER}
     if where is not None:
