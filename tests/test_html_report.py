@@ -252,3 +252,29 @@ def test_a_large_run_stays_small(tmp_path):
     assert time.monotonic() - start < 30
     assert (record.dir / "report.html").stat().st_size < 2 * 2 ** 20
     assert len(page_of(record).with_class("bar")) == 500
+
+
+def test_vm_report_task_writes_prints_opens_and_names_the_runs_there_are(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "project").mkdir()
+    (tmp_path / "vm.yaml").write_text("project_dir: project\n")
+    record = a_run(tmp_path / ".vmtasks" / "runs", "20261205-110000-abcd")
+    (record.dir / "report.html").unlink()
+    opened = tmp_path / "opened.txt"
+    browser = "{} -c \"import sys; open({!r}, 'w').write(sys.argv[1])\" %s".format(sys.executable, str(opened))
+
+    def vm_report(*args):
+        return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(repo), "vm-report", *args,
+                               "--config", str(tmp_path / "vm.yaml")], cwd=str(tmp_path), capture_output=True,
+                              text=True, timeout=60, env=dict(__import__("os").environ, BROWSER=browser))
+
+    done = vm_report("--open")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(record.dir / "report.html") and (record.dir / "report.html").is_file()
+    assert opened.read_text() == (record.dir / "report.html").as_uri()
+    done = vm_report("--run", "20250101")
+    assert done.returncode == 2
+    assert "no run '20250101' in {}; runs recorded: 20261205-110000-abcd".format(record.root) in done.stderr
