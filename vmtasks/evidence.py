@@ -19,6 +19,8 @@ Neither half raises for what the guest sends or holds; problems come back as not
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import difflib
 import fnmatch
 import glob
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 SMALL_FILE = 64 * 1024  # files up to this size are compared by content hash, larger by size+mtime
 MAX_ENTRIES = 200000  # a snapshot stops here (and says so): a home is not a file server
@@ -122,7 +124,7 @@ def run_bounded(command: str, timeout: float, max_bytes: int, cwd: Optional[str]
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                note = "did not finish within {:g}s: stopped".format(timeout)
+                note = "did not finish within {:.1f}s: stopped".format(timeout)
                 break
             ready, _, _ = select.select([fd], [], [], min(left, 0.2))
             if not ready:
@@ -239,14 +241,20 @@ def _arcname(path: str, home: str) -> str:
 def pack(artifacts: Sequence[str], commands: Mapping[str, str], out: IO[bytes], *, home: str,
          max_bytes: int, timeout: float) -> None:
     """Write a tar stream of the artifact files and command outputs to ``out``, at most
-    ``max_bytes`` of content in all (what did not fit is named in ``NOTES.txt``), commands
-    bounded by ``timeout`` each. Links are not followed (a link is noted, not packed)."""
+    ``max_bytes`` of content in all (what did not fit is named in ``NOTES.txt``), the
+    commands within ``timeout`` seconds together. Links are not followed (a link is noted,
+    not packed)."""
     notes: List[str] = []
     budget = max_bytes
+    deadline = time.monotonic() + timeout
     tar = tarfile.open(fileobj=out, mode="w|")
     try:
         for name, command in commands.items():
-            data, note = run_bounded(command, timeout, max(0, budget), cwd=home)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                notes.append("collect {}: not run, the collection's {:g}s were used up".format(name, timeout))
+                continue
+            data, note = run_bounded(command, left, max(0, budget), cwd=home)
             budget -= len(data)
             _add(tar, "collect/" + _safe_part(name) + ".txt", data)
             if note:
@@ -402,6 +410,89 @@ def _write_new(dest: str, rel: str, data: bytes) -> str:
         os.close(dir_fd)
 
 
+class _Base64Writer(io.RawIOBase):
+    """A write-only stream that passes base64 text on (76-character lines), 57 bytes a line."""
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        super().__init__()
+        self.sink = sink
+        self.pending = b""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.pending += bytes(data)
+        whole = len(self.pending) - len(self.pending) % 57
+        if whole:
+            self.sink.write(base64.encodebytes(self.pending[:whole]))
+            self.pending = self.pending[whole:]
+        return len(data)
+
+    def flush(self) -> None:
+        if self.pending and not self.closed:
+            self.sink.write(base64.encodebytes(self.pending))
+            self.pending = b""
+        self.sink.flush()
+
+
+# --- on the host: over SSH ---------------------------------------------------------------------
+
+def pack_command(python: str, tool_dir: str, env_words: Sequence[str], artifacts: Sequence[str],
+                 commands: Mapping[str, str], max_bytes: int, timeout: float) -> str:
+    """The guest command line that prints the evidence as base64 text. ``tool_dir``: a shell
+    expression (``"$HOME"/.vmtasks/tool``); every other word is quoted here."""
+    import shlex
+
+    words = ["env"] + list(env_words) + ["PYTHONPATH=" + tool_dir, shlex.quote(python), "-m", "vmtasks.evidence",
+                                         "pack", "--base64", "--max-bytes", str(int(max_bytes)),
+                                         "--timeout", "{:g}".format(timeout)]
+    for pattern in artifacts:
+        words.append(shlex.quote("--artifact=" + pattern))
+    for name, command in commands.items():
+        words.append(shlex.quote("--command={}={}".format(name, command)))
+    return " ".join(words)
+
+
+def fetch(remote: Callable[..., Any], command: str, dest: str, max_bytes: int,
+          timeout: float) -> Tuple[List[str], List[str]]:
+    """Run ``command`` (from :func:`pack_command`) through ``remote(command, timeout,
+    on_output=...)`` and unpack what it prints into ``dest``; ``(files, notes)``. Never
+    raises for the guest, the connection or the disk: each is a note. Memory stays bounded:
+    the text goes to a temporary file, then is decoded and unpacked from disk."""
+    import tempfile
+
+    from .errors import VmtasksError
+
+    notes: List[str] = []
+    limit = max_bytes * 4 // 3 + 64 * 1024 + MAX_NOTES * 2  # base64 of the cap, the tar headers, the notes
+    with tempfile.TemporaryFile("w+b") as text, tempfile.TemporaryFile("w+b") as raw:
+        received = [0]
+
+        def on_output(chunk: str) -> None:
+            received[0] += len(chunk)
+            if received[0] <= limit:
+                text.write(chunk.encode("ascii", "replace"))
+
+        try:
+            result = remote(command, timeout, on_output=on_output)
+            code = getattr(result, "exit_code", result)
+            if code not in (0, None):
+                notes.append("the guest's collection exited {}".format(code))
+        except VmtasksError as exc:
+            notes.append("collection stopped: {}".format(exc.message))
+        if received[0] > limit:
+            notes.append("the guest sent more than the size cap allows: the rest was dropped")
+        text.seek(0)
+        try:
+            base64.decode(text, raw)
+        except (ValueError, binascii.Error) as exc:
+            notes.append("the evidence did not decode: {}".format(exc))
+        raw.seek(0)
+        files, more = unpack(raw, dest, max_bytes)
+    return files, notes + more
+
+
 # --- the guest's command line ------------------------------------------------------------------
 
 def _pairs(items: Iterable[str]) -> Dict[str, str]:
@@ -420,6 +511,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_pack.add_argument("--command", action="append", default=[], help="NAME=COMMAND")
     p_pack.add_argument("--max-bytes", type=int, required=True)
     p_pack.add_argument("--timeout", type=float, required=True)
+    p_pack.add_argument("--base64", action="store_true", help="the tar as base64 text (an SSH channel read as text)")
     p_snap = sub.add_parser("snapshot", help="record the home's state (and probes) as JSON in a file")
     p_snap.add_argument("out")
     p_snap.add_argument("--exclude", action="append", default=[])
@@ -431,9 +523,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     home = os.path.expanduser("~")
     if args.what == "pack":
-        pack(args.artifact, _pairs(args.command), sys.stdout.buffer, home=home, max_bytes=args.max_bytes,
-             timeout=args.timeout)
-        sys.stdout.buffer.flush()
+        sink: Any = _Base64Writer(sys.stdout.buffer) if args.base64 else sys.stdout.buffer
+        pack(args.artifact, _pairs(args.command), sink, home=home, max_bytes=args.max_bytes, timeout=args.timeout)
+        sink.flush()
         return 0
     if args.what == "snapshot":
         state = snapshot(home, args.exclude)
