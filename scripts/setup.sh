@@ -17,6 +17,10 @@ else
   # The stand-in's guests run the in-VM task on the system python3 and install Invoke
   # there with pip, as the macOS base image does.
   /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+  # The report's browser checks (tests/e2e/test_report_html.py, scripts/bench_report.py):
+  # Debian's Chromium and its WebDriver, driven by Selenium (requirements.txt).
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     # We need the sshd binary for the stand-in's guests, not a host sshd: a host sshd on

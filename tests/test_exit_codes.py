@@ -42,6 +42,8 @@ CONFIG_CASES = [
     ("guest-dir-home", "guest:\n  dir: /Users/admin\n", "guest user's home"),
     ("unknown-key", "timeuots:\n  boot: 5\n", "did you mean 'timeouts'"),
     ("bad-orchard-url", "backend: orchard\norchard:\n  url: ftp://controller\n", "http"),
+    ("broken-orchard-url", "backend: orchard\norchard:\n  url: 'http://[::1'\n", "not a valid URL"),
+    ("orchard-url-control-char", "backend: orchard\norchard:\n  url: \"http://ctl\\x07:6120\"\n", "orchard.url"),
     ("syntax", "vm: [\n", "vm.yaml"),
     ("vms-zero-in-file", "vms: 0\n", "vms"),
 ]

@@ -377,7 +377,8 @@ class StandinVm:
     def wait_agent(self, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            result = self.tart.exec(self.name, ["true"], timeout=10)
+            # `tart exec` tries the agent about 10 s before it fails (the stand-in as Tart)
+            result = self.tart.exec(self.name, ["true"], timeout=30)
             if result.ok:
                 return
             assert self.proc.poll() is None, self.output

@@ -600,7 +600,7 @@ class _ProbeClient:
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.workers = [{"name": "w1", "last_seen": now, "resources": {"org.cirruslabs.tart-vms": 2}}]
 
-    def request(self, method, path, body=None, query=None, timeout=None):
+    def request(self, method, path, body=None, query=None, timeout=None, parse=True):
         if path in ("/", "controller/info"):
             return 200, {"version": "test"}
         if path == "workers":
@@ -614,6 +614,9 @@ class _ProbeClient:
                                           status_message="" if ok else "failed to clone the VM: no such image")
             return 200, self.vms[body["name"]]
         name = path.split("/", 1)[1]
+        if name.endswith("/events"):  # the probe's script said it ran once the VM runs
+            vm = self.vms[name[:-len("/events")]]
+            return 200, [{"payload": "vmtasks: probe ran"}] if vm["status"] == "running" else []
         if method == "DELETE":
             self.vms.pop(name, None)
             return 200, None

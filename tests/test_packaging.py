@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TWO_LINES = '"""This repository\'s tasks: the vmtasks collection."""\nfrom vmtasks.tasks import ns  # noqa: F401\n'
 TASKS = {"test-vm", "test-vm-run", "test-vm-inner", "test-vm-inner-run", "cleanup-orphans", "build",
-         "vm-doctor", "vm-list", "vm-login", "vm-prepare", "vm-init"}
+         "vm-doctor", "vm-list", "vm-login", "vm-prepare", "vm-report", "vm-init"}
 
 
 def _clean_env(**extra: str) -> Dict[str, str]:
@@ -160,6 +160,9 @@ def test_plain_install_declares_its_dependencies(installed, tmp_path):
     done = installed.py(tmp_path, "import vmtasks.tasks, vmtasks.run, vmtasks.report, vmtasks.ssh, "
                                   "vmtasks.config, vmtasks.yamlsafe, vmtasks.orchard, vmtasks.results")
     assert done.returncode == 0, done.stderr
+    # The report's template is installed with the package (package data) and Jinja2 with it.
+    done = installed.py(tmp_path, "import vmtasks.html_report as h; h._environment().get_template('report.html.j2')")
+    assert done.returncode == 0, done.stderr
     # Test tools are a separate group: `pip install .[test]`, not runtime requirements.
     meta = installed.py(tmp_path, "import importlib.metadata as m, json; print(json.dumps(m.requires('vmtasks')))")
     requires = json.loads(meta.stdout)
@@ -275,6 +278,7 @@ def test_wheel_holds_the_package_and_nothing_else(installed, tmp_path):
     source = {"vmtasks/" + p.relative_to(installed.checkout / "vmtasks").as_posix()
               for p in (installed.checkout / "vmtasks").rglob("*.py")}
     assert source <= names, sorted(source - names)
+    assert "vmtasks/templates/report.html.j2" in names, "the report's template is package data"
     top = {n.split("/")[0] for n in names}
     assert not top & {"tests", "scripts", "examples", "config"}, sorted(top)
 

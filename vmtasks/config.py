@@ -25,6 +25,8 @@ import os
 import posixpath
 import re
 import reprlib
+import unicodedata
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -46,6 +48,9 @@ _REL_PATH_RE = re.compile(r"^[A-Za-z0-9._@+-][A-Za-z0-9._@+/-]*$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _INTERNAL = ("source", "origins")
+# Values no message, record or plan may show: errors about them never quote the value, and
+# Config.to_dict() leaves them out (a config loaded from that dict gets the default).
+SECRET_KEYS = ("vm.password",)
 
 
 # The one guest step every project needs: Invoke runs the in-VM task (skipped when the image has it).
@@ -58,6 +63,10 @@ class VmSettings:
     base: str = "tahoe-base"
     name_prefix: str = "vmtasks"
     user: str = "admin"
+    # The guest account's password. Only Orchard uses it: its worker runs the startup script
+    # (which installs the run's key) over SSH with password authentication. Never printed,
+    # never in records, plans or the config shipped to the guest (see SECRET_KEYS).
+    password: str = field(default="admin", repr=False)
     cpu: Optional[int] = None
     memory: Optional[int] = None
     random_mac: bool = True
@@ -162,6 +171,9 @@ class Config:
         data = dataclasses.asdict(self)
         for name in _INTERNAL:
             data.pop(name)
+        for key in SECRET_KEYS:
+            section, name = key.split(".")
+            data[section].pop(name)
         return data
 
     def to_json(self) -> str:
@@ -310,8 +322,9 @@ def _coerce(path: str, value: Any, annotation: str, layer: _Layer) -> Any:
     base = annotation[len("Optional["):-1] if optional else annotation
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError("{}: '{}' must be {}, got {}".format(where, path, expected, excerpt(value)),
-                           layer.fix(path))
+        got = "a {} (not shown)".format(type(value).__name__) if path in SECRET_KEYS else excerpt(value)
+        return ConfigError("{}: '{}' must be {}, got {}".format(where, path, expected, got),
+                           layer.fix(path) + (" (quote it in YAML)" if path in SECRET_KEYS else ""))
 
     if base == "bool":
         if isinstance(value, bool):
@@ -831,6 +844,7 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
             raise fail(key, "'{}' = {} may contain only letters, digits, '.', '_' and '-'".format(
                 key, excerpt(required[key])),
                 "choose a plain name (it becomes part of VM names and SSH logins)")
+    _check_password(cfg, fail)
     tool_dir = _check_tool_dir(cfg, fail)
     guest = dataclasses.replace(cfg.guest, tool_dir=tool_dir)
     guest = dataclasses.replace(guest, dir=_check_guest_dir(cfg.guest.dir, tool_dir, cfg.vm.user, fail))
@@ -866,6 +880,19 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
                        "one rsync pattern per entry")
     _check_orchard(cfg, fail)
     return cfg
+
+
+def _check_password(cfg: Config, fail: Callable[..., ConfigError]) -> None:
+    """vm.password is never quoted back. Empty means "send no credentials", which Orchard's
+    worker turns into admin/admin only when the user is empty too: so only for user admin."""
+    if any(unicodedata.category(c) == "Cc" for c in cfg.vm.password):
+        raise fail("vm.password", "'vm.password' contains a control character (value not shown)",
+                   "use the guest account's password as plain text")
+    if cfg.backend == "orchard" and not cfg.vm.password and cfg.vm.user != "admin":
+        raise fail("vm.password", "'vm.password' is empty but 'vm.user' is {}: Orchard's worker would log in "
+                   "as {} with an empty password to run the startup script, and fail the VM".format(
+                       excerpt(cfg.vm.user), excerpt(cfg.vm.user)),
+                   "set vm.password to that account's password in the image")
 
 
 def _check_guest_dir(raw: str, tool_dir: str, user: str, fail: Callable[..., ConfigError]) -> str:
@@ -906,11 +933,34 @@ def _check_tool_dir(cfg: Config, fail: Callable[..., ConfigError]) -> str:
     return normal
 
 
+def orchard_url_problem(url: str) -> str:
+    """Why ``url`` cannot be an Orchard controller's base URL, or "" when it can. Checked
+    whole at load, so nothing later (urllib, http.client, websockets) meets a URL it rejects."""
+    if any(c.isspace() or unicodedata.category(c) == "Cc" for c in url):
+        return "contains whitespace or a control character"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError as exc:
+        return "is not a valid URL ({})".format(exc)
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "has no host name"
+    if "@" in parts.netloc:
+        return "must not carry credentials (user:token@host); the service account goes in {} and {}".format(
+            "ORCHARD_SERVICE_ACCOUNT_NAME", "ORCHARD_SERVICE_ACCOUNT_TOKEN")
+    if "?" in url or "#" in url:
+        return "must not have a query or fragment (only scheme, host, port and an optional API prefix)"
+    return ""
+
+
 def _check_orchard(cfg: Config, fail: Callable[..., ConfigError]) -> None:
     o = cfg.orchard
-    if o.url and not re.match(r"^https?://[^\s/]+", o.url):
-        raise fail("orchard.url", "'orchard.url' must be an http:// or https:// URL, got {}".format(excerpt(o.url)),
-                   "for example https://orchard.example.com:6120")
+    problem = orchard_url_problem(o.url) if o.url else ""
+    if problem:
+        raise fail("orchard.url", "'orchard.url' {}, got {}".format(problem, excerpt(o.url)),
+                   "write the controller's base URL, for example https://orchard.example.com:6120")
     if not _IMAGE_RE.match(o.image):
         raise fail("orchard.image", "'orchard.image' must be an image name or OCI reference, got {}".format(
             excerpt(o.image)), "for example ghcr.io/cirruslabs/macos-tahoe-base:latest")

@@ -17,8 +17,10 @@ Where things live on the VM resource, and why:
   VM from an orphan.
 - The key goes in at creation (the startup script appends it to ``authorized_keys``), because
   Orchard runs the script itself as soon as the VM boots: no second round trip. Orchard's
-  worker runs it over SSH as the VM's ``username`` with its ``password`` (default admin/admin,
-  as on Cirrus Labs' images); the exec endpoint would need the same login.
+  worker runs it over SSH with password authentication as the VM's ``username`` and
+  ``password``, and substitutes admin/admin only when both are empty: so a VM carries
+  ``vm.user`` *and* ``vm.password``, or neither (``OrchardBackend.credentials``). The exec
+  endpoint would need the same login.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .backend import Backend, Cancelled, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
+from .config import excerpt, orchard_url_problem
 from .errors import BackendError, ConfigError, PreflightError, SshError
 
 ENV_URL = "ORCHARD_URL"
@@ -76,11 +79,22 @@ CREDENTIALS_HINT = ("set {} and {} to a service account of this controller (or u
 # Orchard 0.55's source answers 408 when the VM does not run within `wait`, and real
 # controllers have been seen answering 500.
 NOT_READY = (408, 500, 502, 503, 504)
+# What a port-forward's error status means (internal/controller/api_vms_portforward.go).
+PORT_FORWARD_STATUS = {
+    408: "the VM was not running within the port-forward's wait of {wait}s",
+    500: "the worker could not connect to the guest's port {port} within {wait}s (nothing listens there yet?)",
+    503: "the controller could not reach the VM's worker",
+}
+# Under Orchard's RPC v1 (`orchard dev`) a worker that cannot connect to the guest's port
+# leaves the controller an upgraded WebSocket that it closes at once.
+CLOSED_AT_ONCE = ("the port-forward to port {port} of VM {vm} was accepted and closed at once: the worker "
+                  "could not connect to the guest's port (Orchard RPC v1, as under `orchard dev`)")
 # Images a probe VM has started on a controller, and when (in the state dir): a run skips the
 # probe for an image seen within PROBE_TTL. Only successes are kept, so a missing image is
 # always caught before any VM; one removed from the workers since fails at its VMs' start,
 # with the same hint.
 PROBE_CACHE = "orchard-images.json"
+PROBE_RAN = "vmtasks: probe ran"
 PROBE_TTL = 6 * 3600.0
 WAIT_REMINDER = 15.0  # seconds between "still pending" lines for the same queue position
 
@@ -120,6 +134,7 @@ def backend_from_config(cfg) -> "OrchardBackend":
                              context=cfg.orchard.context or None)
     return OrchardBackend(settings, image=cfg.orchard.image or cfg.vm.base, cpu=cfg.orchard.cpu,
                           memory=cfg.orchard.memory, prefix=cfg.vm.name_prefix, user=cfg.vm.user,
+                          password=cfg.vm.password,
                           poll=min(cfg.timeouts.poll, 0.5),
                           probe_cache=state_dir(cfg, os.environ) / PROBE_CACHE)
 
@@ -174,10 +189,11 @@ def load_settings(url: Optional[str] = None, ca_cert: Optional[str] = None, cont
         raise ConfigError("no Orchard controller URL: {} is not set, orchard.url is empty and there is no "
                           "context file at {}".format(ENV_URL, path),
                           "export {}=https://controller:6120 (and the service account variables)".format(ENV_URL))
-    scheme = urllib.parse.urlsplit(final_url).scheme
-    if scheme not in ("http", "https"):
-        raise ConfigError("Orchard URL {!r} must start with http:// or https://".format(final_url),
-                          "fix {} or orchard.url".format(ENV_URL))
+    problem = orchard_url_problem(final_url)
+    if problem:
+        raise ConfigError("the Orchard URL from {} {}, got {}".format(
+            sources[-1] if sources else "?", problem, excerpt(final_url)),
+            "write the controller's base URL there, for example https://orchard.example.com:6120")
     if ca_cert and not Path(ca_cert).is_file():
         raise ConfigError("orchard.ca_cert {} does not exist".format(ca_cert),
                           "point it at the controller's CA certificate (PEM)")
@@ -189,6 +205,10 @@ def settings_from_proxy_env(env=None) -> OrchardSettings:
     env = os.environ if env is None else env
     if not env.get(ENV_URL):
         raise ConfigError("{} is not set".format(ENV_URL), "the ProxyCommand needs the run's environment")
+    problem = orchard_url_problem(env[ENV_URL])
+    if problem:
+        raise ConfigError("{} {}, got {}".format(ENV_URL, problem, excerpt(env[ENV_URL])),
+                          "the ProxyCommand needs the run's environment")
     return OrchardSettings(env[ENV_URL], env.get(ENV_NAME, ""), env.get(ENV_TOKEN, ""),
                            env.get(ENV_CA_CERT) or None, env.get(ENV_PINNED_CERT) or None)
 
@@ -242,8 +262,10 @@ class OrchardClient:
         return url + ("?" + urllib.parse.urlencode(query) if query else "")
 
     def request(self, method: str, path: str, body=None, query: Optional[Dict[str, str]] = None,
-                timeout: Optional[float] = None):
-        """(status, decoded JSON or None). 2xx only; HTTP errors raise OrchardHTTPError."""
+                timeout: Optional[float] = None, parse: bool = True):
+        """(status, decoded JSON or None). 2xx only; HTTP errors raise OrchardHTTPError.
+        ``parse=False``: the body is not read as JSON (``GET /v1/`` answers Swagger's HTML page
+        on a controller started with docs on, as `orchard dev` does)."""
         data = None if body is None else json.dumps(body).encode()
         headers = self._headers()
         if data is not None:
@@ -253,6 +275,8 @@ class OrchardClient:
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout, context=self._ssl) as resp:
                 raw = resp.read()
+                if not parse:
+                    return resp.status, None
                 return resp.status, (json.loads(raw) if raw.strip() else None)
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc.code, exc.read(), where) from None
@@ -310,13 +334,22 @@ class OrchardClient:
             ws = connect(url, **options)
         except InvalidStatus as exc:
             status = exc.response.status_code
-            raise self._http_error(status, bytes(exc.response.body or b""), "GET " + http) from None
+            error = self._http_error(status, bytes(exc.response.body or b""), "GET " + http)
+            why = PORT_FORWARD_STATUS.get(status)
+            if why:
+                error = OrchardHTTPError(status, "port {} of VM {} through {}: {} (HTTP {}{})".format(
+                    port, vm, self.url, why.format(wait=wait, port=port), status,
+                    ": " + error.detail if error.detail else ""), error.hint, error.detail)
+            raise error from None
         except (InvalidHandshake, OSError, TimeoutError) as exc:
             raise self._transport_error(exc, "GET " + http) from None
         sock = getattr(ws, "socket", None)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small SSH packets must not wait for delayed ACKs (see ssh.nodelay_socket).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # already closed (an upgrade closed at once): the caller's first recv says so
         return ws
 
 
@@ -478,7 +511,8 @@ class OrchardBackend(Backend):
     ``settings`` from ``load_settings``; ``image`` (an OCI reference or a name local to every
     worker), ``cpu`` and ``memory`` (MB) go into every VM; ``prefix`` names the image probe;
     ``labels`` are Orchard scheduling labels (only workers offering all of them take the VMs);
-    ``user`` is the guest's SSH user (Orchard's ``username``). ``poll`` paces every wait;
+    ``user`` is the guest's SSH user (Orchard's ``username``) and ``password`` its password
+    (Orchard's worker logs in with both to run the startup script; never printed). ``poll`` paces every wait;
     ``worker_offline_after`` is when a silent worker stops counting; ``probe_image`` makes
     ``preflight`` check the image with a probe VM, waiting at most ``probe_timeout``;
     ``probe_cache``: a JSON file remembering images already seen to start (see PROBE_CACHE).
@@ -488,7 +522,8 @@ class OrchardBackend(Backend):
 
     def __init__(self, settings: OrchardSettings, image: str, cpu: Optional[int] = None,
                  memory: Optional[int] = None, prefix: str = "vmtasks", labels: Optional[Dict[str, str]] = None,
-                 *, user: str = "admin", client: Optional[OrchardClient] = None, poll: float = 0.5, worker_offline_after: float = 180.0,
+                 *, user: str = "admin", password: str = "admin", client: Optional[OrchardClient] = None,
+                 poll: float = 0.5, worker_offline_after: float = 180.0,
                  probe_image: bool = True, probe_timeout: float = 60.0,
                  probe_cache: Optional[Path] = None) -> None:
         self.settings = settings
@@ -498,13 +533,27 @@ class OrchardBackend(Backend):
         self.memory = memory
         self.prefix = prefix
         self.labels = dict(labels or {})
+        if not password and user != "admin":
+            raise ConfigError("Orchard VMs for user {!r} need its password: with none, Orchard's worker logs in "
+                              "with an empty password and fails the VM".format(user),
+                              "set vm.password to that account's password in the image")
         self.user = user
+        self._password = password
         self.poll = poll
         self.worker_offline_after = worker_offline_after
         self.probe_image = probe_image
         self.probe_timeout = probe_timeout
         self.probe_cache = probe_cache
         self._capacity: Optional[int] = None
+
+    def credentials(self) -> Dict[str, str]:
+        """The VM's ``username`` and ``password`` fields. Orchard's worker runs the startup script
+        over SSH with password authentication and substitutes admin/admin only when *both* are
+        empty (internal/worker/vmmanager/base/base.go): a username alone fails the VM. So both,
+        or (no password, user admin) neither."""
+        if not self._password:
+            return {}
+        return {"username": self.user, "password": self._password}
 
     def describe(self) -> str:
         who = " as {}".format(self.settings.service_account) if self.settings.service_account else ""
@@ -518,7 +567,7 @@ class OrchardBackend(Backend):
         leaves the probe pending: then the image is not checked (the run queues anyway)."""
         c = self.client
         try:
-            c.request("GET", "/")  # no credentials needed, but wrong ones get a 401 here
+            c.request("GET", "/", parse=False)  # any 2xx; no credentials needed, wrong ones get a 401
             c.request("GET", "controller/info")
         except OrchardHTTPError as exc:
             raise PreflightError(exc.message, exc.hint or "check {} is an Orchard controller".format(c.url)) from None
@@ -553,7 +602,7 @@ class OrchardBackend(Backend):
         return [self._listed(vm) for vm in vms]
 
     def _probe_key(self, image: str) -> str:
-        return "{} {}".format(self.client.url, image)
+        return "{} {} {}".format(self.client.url, image, self.user)
 
     def _read_probe_cache(self) -> Dict[str, float]:
         try:
@@ -589,7 +638,7 @@ class OrchardBackend(Backend):
         c = self.client
         refused = None
         try:
-            c.request("GET", "/")
+            c.request("GET", "/", parse=False)
         except OrchardHTTPError as exc:
             if exc.status != 401:
                 return [("orchard controller", "fail", exc.message, exc.hint)]
@@ -618,7 +667,8 @@ class OrchardBackend(Backend):
         return out
 
     def _probe(self, image: str, fleet_full: bool = False) -> bool:
-        """Create and delete one probe VM; True once it ran (the image exists on its worker),
+        """Create and delete one probe VM; True once its startup script ran (the image exists on
+        its worker, and the worker logged in with the run's vm.user / vm.password),
         False when it could not be judged (``fleet_full`` and the probe is not scheduled, or
         not running within probe_timeout); PreflightError when it failed. With free slots an
         unscheduled probe is waited for: Orchard's scheduler runs every few seconds."""
@@ -631,8 +681,11 @@ class OrchardBackend(Backend):
         owner = Owner("preflight", socket.gethostname(), getpass.getuser(), os.getpid(),
                       process_start_time(os.getpid()) or "")
         env = {var: env_value(getattr(owner, key)) for key, var in OWNER_ENV.items()}
+        # The run's VMs' credentials and a script that says it ran: the probe fails the way they
+        # would (a missing image, or a login the worker cannot make), before any of them exists.
         body = {"name": name, "image": image, "headless": True, "restart_policy": "Never",
-                "startup_script": {"script_content": "true", "env": env}}
+                "startup_script": {"script_content": "echo '{}'".format(PROBE_RAN), "env": env},
+                **self.credentials()}
         if self.labels:
             body["labels"] = self.labels
         try:
@@ -644,7 +697,7 @@ class OrchardBackend(Backend):
             deadline = time.monotonic() + self.probe_timeout
             while time.monotonic() < deadline:
                 _, vm = self.client.request("GET", "vms/" + urllib.parse.quote(name, safe=""))
-                if vm.get("status") == "running":
+                if vm.get("status") == "running" and self._probe_ran(name):
                     return True
                 if vm.get("status") == "failed":
                     message = vm.get("status_message", "")
@@ -664,6 +717,11 @@ class OrchardBackend(Backend):
                     raise
             except BackendError:
                 pass
+
+    def _probe_ran(self, name: str) -> bool:
+        """The probe's startup script has run: the worker logged in to the guest."""
+        _, events = self.client.request("GET", "vms/{}/events".format(urllib.parse.quote(name, safe="")))
+        return any(str(e.get("payload", "")).strip() == PROBE_RAN for e in events or [])
 
     def slots(self) -> Optional[int]:
         return self._capacity
@@ -687,23 +745,54 @@ class OrchardBackend(Backend):
         return OrchardMachine(self, name, owner, public_key=public_key, state_dir=state_dir)
 
     def remove(self, name: str, timeout: float) -> None:
-        delete_vm(self.client, name)
+        delete_vm(self.client, name, timeout)
 
 
-def delete_vm(client: OrchardClient, name: str) -> bool:
-    """DELETE the VM; False when it did not exist. The worker tears it down in the background."""
-    try:
-        client.request("DELETE", "vms/" + urllib.parse.quote(name, safe=""))
-        return True
-    except OrchardHTTPError as exc:
-        if exc.status == 404:
-            return False
-        raise BackendError("could not delete VM {} on the Orchard controller at {}: {}".format(
-            name, client.url, exc.message), exc.hint or "delete it by hand: orchard delete vm " + name) from None
+def delete_vm(client: OrchardClient, name: str, timeout: float = 0.0, max_wait: float = 5.0) -> bool:
+    """DELETE the VM; False when it did not exist. The worker tears it down in the background.
+    A controller that cannot be reached or answers 408/5xx (restarting, overloaded) is asked
+    again, backing off up to ``max_wait`` seconds between attempts, until ``timeout`` runs out:
+    one lost request must not leave the VM running on its worker."""
+    from .machine_tart import backoff
+
+    deadline = time.monotonic() + timeout
+    waits = backoff(max_wait, first=0.2)
+    attempts = 0
+    while True:
+        attempts += 1
+        remaining = deadline - time.monotonic()
+        try:
+            client.request("DELETE", "vms/" + urllib.parse.quote(name, safe=""),
+                           timeout=max(1.0, min(30.0, remaining)))
+            return True
+        except OrchardHTTPError as exc:
+            if exc.status == 404:
+                return False
+            error = exc
+            if exc.status not in NOT_READY:
+                break  # refused (401, 403, ...): asking again changes nothing
+        except BackendError as exc:  # unreachable: a restart, a network blip
+            error = exc
+        if time.monotonic() + 0.2 >= deadline:
+            break
+        time.sleep(max(0.0, min(next(waits), deadline - time.monotonic())))
+    raise BackendError("could not delete VM {} on the Orchard controller at {} ({} attempt{} in {:.0f}s): {}".format(
+        name, client.url, attempts, "" if attempts == 1 else "s", max(0.0, timeout), error.message),
+        error.hint or "delete it by hand once the controller answers: orchard delete vm {} "
+        "(or invoke cleanup-orphans)".format(name)) from None
+
+
+def _without_secrets(vm: dict) -> dict:
+    """A VM resource as we keep it: Orchard returns its ``password``, which we never hold."""
+    return {k: v for k, v in vm.items() if k != "password"} if isinstance(vm, dict) else {}
 
 
 def image_hint(image: str, status_message: str) -> str:
     text = status_message.lower()
+    if "unable to authenticate" in text or "ssh connection" in text:
+        return ("Orchard's worker could not log in to the guest to run the startup script: set vm.user and "
+                "vm.password to an account of image {} that may log in over SSH with a password "
+                "(Cirrus Labs images: admin/admin)".format(image))
     if "clone" in text or "pull" in text or "does not exist" in text:
         return ("make image {0} available on every worker (`tart pull {0}` there, or `tart clone` a local "
                 "base of that name), or fix orchard.image".format(image))
@@ -752,8 +841,8 @@ class OrchardMachine(Machine):
         if self.state_dir and env_value(self.state_dir) == self.state_dir:
             env[STATE_DIR_ENV] = self.state_dir
         body = {"name": self.name, "image": image or self.backend.image, "headless": True,
-                "username": self.backend.user, "restart_policy": "Never",
-                "startup_script": {"script_content": KEY_SCRIPT, "env": env}}
+                "restart_policy": "Never", "startup_script": {"script_content": KEY_SCRIPT, "env": env},
+                **self.backend.credentials()}
         if self.backend.cpu:
             body["cpu"] = int(self.backend.cpu)
         if self.backend.memory:
@@ -761,7 +850,9 @@ class OrchardMachine(Machine):
         if self.backend.labels:
             body["labels"] = self.backend.labels
         try:
-            _, self.last = self.client.request("POST", "vms", body, timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+            _, created = self.client.request("POST", "vms", body,
+                                             timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+            self.last = _without_secrets(created or {})
         except OrchardHTTPError as exc:
             if exc.status == 409:
                 raise BackendError("a VM named {} already exists on the Orchard controller at {}".format(
@@ -831,6 +922,8 @@ class OrchardMachine(Machine):
 
     def wait_ssh(self, deadline: float, cancel: threading.Event) -> None:
         """Return once the tunnel carries an SSH banner from the guest's sshd."""
+        from websockets.exceptions import ConnectionClosed
+
         last = ""
         while True:
             if cancel.is_set():
@@ -848,6 +941,8 @@ class OrchardMachine(Machine):
                     if isinstance(banner, bytes) and banner.startswith(b"SSH-"):
                         return
                     last = "unexpected first bytes {!r}".format(banner[:20])
+                except ConnectionClosed:
+                    last = CLOSED_AT_ONCE.format(port=22, vm=self.name)
                 finally:
                     ws.close()
             except OrchardHTTPError as exc:
@@ -919,7 +1014,7 @@ class OrchardMachine(Machine):
                     self.name, self.client.url),
                     "someone deleted it (orchard delete vm, cleanup-orphans from another host?)") from None
             raise
-        self.last = vm or {}
+        self.last = _without_secrets(vm or {})
         return self.last
 
     def alive(self) -> bool:
@@ -965,7 +1060,7 @@ class OrchardMachine(Machine):
             pass
 
     def destroy(self, timeout: float) -> None:
-        delete_vm(self.client, self.name)
+        delete_vm(self.client, self.name, timeout)
 
     def remove_by_hand(self) -> str:
         return ('curl -fsS -X DELETE -u "${}:${}" {}'.format(

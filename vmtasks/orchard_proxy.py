@@ -19,7 +19,7 @@ def main(argv) -> int:
         print("usage: python3 -m vmtasks.orchard_proxy VM PORT", file=sys.stderr)
         return 2
     from .errors import VmtasksError
-    from .orchard import OrchardClient, send_until_eof, settings_from_proxy_env
+    from .orchard import CLOSED_AT_ONCE, OrchardClient, send_until_eof, settings_from_proxy_env
 
     vm, port = argv[0], int(argv[1])
     try:
@@ -31,13 +31,18 @@ def main(argv) -> int:
 
     # stdin -> tunnel in a thread; tunnel -> stdout here. Either breaking ends the stream for ssh.
     threading.Thread(target=send_until_eof, args=(lambda: os.read(0, 65536), ws), daemon=True).start()
+    received = False
     try:
         for message in ws:
             data = message if isinstance(message, bytes) else message.encode()
+            received = received or bool(data)
             while data:
                 data = data[os.write(1, data):]
     except Exception:
         pass
+    if not received:  # not even sshd's banner: ssh alone would only say "Connection closed"
+        print("orchard_proxy: " + CLOSED_AT_ONCE.format(port=port, vm=vm), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -464,6 +464,9 @@ class Run:
         extra = self.notes + ([self.record.incomplete()] if self.record.incomplete() else [])
         if self.request.rerun_source:
             extra.append("rerun of the failed tests of " + self.request.rerun_source)
+        from .html_report import write_for_run
+
+        extra += filter(None, [write_for_run(self.record, summary, verdict)])  # never raises: "report: <path>"
         text = self.reporter.run_done(view, seconds, verdict, str(self.record.dir), extra)
         self.record.write_text("summary.txt", text)
         if view is not None and self.vm_count > 1:

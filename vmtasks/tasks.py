@@ -303,6 +303,29 @@ def vm_login(c, target, config=None):
     _host_call(c, go)
 
 
+# Invoke has no optional positional arguments, so the run is `--run ID` (or `-r ID`).
+@task(help={"run": "A run id (or a unique start of one, or a record's path), e.g. --run 20261205-0612; "
+                   "default: the latest run of this config.",
+            "open": "Also open the report in the default browser.",
+            "config": COMMON_HELP["config"]})
+def vm_report(c, run=None, open=False, config=None):
+    """Write a run's report.html (timeline, failures first, where the time went) and print its path."""
+    from vmtasks import factory, html_report
+
+    def go(reporter):
+        run_dir = html_report.find_run(factory.Parts(_load(c, config), reporter).records_root, run)
+        path = html_report.write_report(run_dir)
+        reporter.close()
+        print(path)
+        if open:
+            import webbrowser
+
+            webbrowser.open(path.resolve().as_uri())
+        return 0
+
+    _host_call(c, go)
+
+
 @task(help={"config": "Where to write the config (default: config/vm.yaml beside tasks.py); an existing "
                       "file is never overwritten."})
 def vm_init(c, config=None):
@@ -334,4 +357,4 @@ def vm_init(c, config=None):
 
 
 ns = Collection(test_vm, test_vm_run, test_vm_inner, test_vm_inner_run, cleanup_orphans, build, vm_doctor,
-                vm_list, vm_login, vm_prepare, vm_init)
+                vm_list, vm_login, vm_prepare, vm_report, vm_init)

@@ -19,6 +19,15 @@ from . import VERSION
 from .controller import log
 
 
+# What `GET /v1/` answers with Swagger on (the real one loads swagger-ui from a CDN).
+SWAGGER_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>API documentation</title></head>
+<body><div id="swagger-ui"></div>
+<script>window.onload = function () { SwaggerUIBundle({url: "/v1/openapi.yaml", dom_id: "#swagger-ui"}); };</script>
+</body></html>
+"""
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -61,6 +70,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_html(self, page):
+        body = page.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _account(self):
         """None: no credentials; False: wrong ones; else the account name."""
         header = self.headers.get("Authorization", "")
@@ -85,14 +102,17 @@ class Handler(BaseHTTPRequestHandler):
         account = self._account()
         if account is False:
             return self._send(401)  # wrong credentials: the middleware answers before any route
+        c = self.server.controller
         if parts == [] and method == "GET":
+            if c.settings.dev:  # Swagger UI, as `orchard dev` serves it (api.go: enableSwaggerDocs)
+                return self._send_html(SWAGGER_PAGE)
             return self._send(200)
         if self.server.auth and account is None:
             return self._send(401)
-        c = self.server.controller
         if parts == ["controller", "info"] and method == "GET":
-            return self._send(200, {"version": VERSION, "commit": "standin",
-                                    "capabilities": ["rpc-v1", "vm-state-endpoint"]})
+            # api_controller.go: rpc-v2 unless disabled (`orchard dev` leaves it off)
+            capabilities = ["rpc-v1", "vm-state-endpoint"] + ([] if c.settings.dev else ["rpc-v2"])
+            return self._send(200, {"version": VERSION, "commit": "standin", "capabilities": capabilities})
         if parts == ["workers"] and method == "GET":
             with c.lock:
                 return self._send(200, [c.render_worker(n) for n in c.workers])
@@ -158,12 +178,13 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(404, {"message": "not found"})
 
     def _wait_running(self, name, default_wait):
-        """Orchard's waitForVM: 404 missing, 417 failed, and (here) 503 when not running in time."""
+        """Orchard's waitForVM (api_vms_portforward.go): 404 missing, 417 failed, 408 when not
+        running within ``wait``."""
         c = self.server.controller
         wait = self.query.get("wait", default_wait)
         if not wait.isdigit():
             return None, (400, None)
-        deadline = time.monotonic() + int(wait)
+        deadline = self.deadline = time.monotonic() + int(wait)
         while True:
             vm = c.get(name)
             if vm is None:
@@ -173,7 +194,7 @@ class Handler(BaseHTTPRequestHandler):
             if vm["status"] == "running" and c.ip_of(vm["uid"]):
                 return vm, None
             if time.monotonic() >= deadline:
-                return None, (503, {"message": "VM is not running on '%s' worker" % vm["worker"]})
+                return None, (408, {"message": "VM is not running on '%s' worker" % vm["worker"]})
             time.sleep(0.05)
 
     def _port_forward(self, name):
@@ -185,23 +206,28 @@ class Handler(BaseHTTPRequestHandler):
         if error:
             return self._send(*error)
         worker = c.workers[vm["worker"]]
-        wait = int(self.query.get("wait", "10"))
-        deadline = time.monotonic() + wait
-        # The worker dials the guest before the controller accepts the WebSocket, retrying
-        # until the wait runs out: a port nobody listens on yet is an HTTP error, not a
-        # WebSocket that closes at once.
+        # One `wait` covers both the VM reaching running and the worker's connection
+        # (api_vms_portforward.go). RPC v2: the worker dials the guest and reports a failure;
+        # the controller asks again every second until the wait runs out, then answers 500
+        # with no body. RPC v1 (`orchard dev`): the worker's stream is accepted whatever
+        # happens, so a failed dial is an upgraded WebSocket closed at once.
+        guest = None
         while True:
             if not worker.online():
-                return self._send(503, {"message": "failed to establish connection with the worker"})
+                return self._send(503)  # errPortForwardRequest: the worker cannot be notified
             try:
                 guest = socket.create_connection((c.ip_of(vm["uid"]), int(port)), timeout=2)
                 break
             except OSError as exc:
-                if time.monotonic() >= deadline:
-                    return self._send(503, {"message": "failed to connect to the VM's port %s: %s" % (port, exc)})
-                time.sleep(0.1)
-        guest.settimeout(None)
-        guest.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                log("port-forwarding failed: failed to connect to the VM: %s" % exc)
+                if c.settings.dev:
+                    break
+                if time.monotonic() + 1 >= self.deadline:
+                    return self._send(500)
+                time.sleep(1)
+        if guest is not None:
+            guest.settimeout(None)
+            guest.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         from websockets.server import ServerProtocol
 
         proto = ServerProtocol(max_size=None)
@@ -218,8 +244,13 @@ class Handler(BaseHTTPRequestHandler):
         for data in proto.data_to_send():
             client.sendall(data)
         self.close_connection = True
-        if response.status_code != 101:
-            guest.close()
+        if response.status_code != 101 or guest is None:
+            if guest is not None:
+                guest.close()
+            try:
+                client.shutdown(socket.SHUT_RDWR)  # RPC v1's failed dial: CloseNow, no close frame
+            except OSError:
+                pass
             return
         worker.tunnels.add(client)
         worker.tunnels.add(guest)

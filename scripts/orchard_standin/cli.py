@@ -28,6 +28,12 @@ def _parser():
     run.add_argument("--start-delay", type=float, default=0.0,
                      help="seconds a worker waits before cloning (a slow pull)")
     run.add_argument("--worker-label", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--dev", action="store_true",
+                     help="as `orchard dev`: no auth, Swagger's HTML at /v1/, RPC v1 port-forwards")
+    run.add_argument("--image-password", default="admin",
+                     help="the password of the images' admin account (Cirrus Labs images: admin)")
+    run.add_argument("--ssh-retry-delay", type=float, default=0.1,
+                     help="seconds before the startup script's 2nd SSH login attempt, doubling (retry-go: 0.1)")
     run.add_argument("--tls-cert")
     run.add_argument("--tls-key")
     standin = sub.add_parser("standin").add_subparsers(dest="command", required=True)
@@ -62,12 +68,13 @@ def main(argv):
                         scheduler_interval=args.scheduler_interval,
                         worker_offline_timeout=args.worker_offline_timeout,
                         fail_start=args.fail_start + _env_list("ORCHARD_STANDIN_FAIL_START"),
-                        start_delay=args.start_delay, worker_labels=labels)
+                        start_delay=args.start_delay, worker_labels=labels, dev=args.dev,
+                        image_password=args.image_password, ssh_retry_delay=args.ssh_retry_delay)
     controller = Controller(settings, accounts)
     from .api import serve
 
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-    server = serve(controller, host or "127.0.0.1", int(port), auth=not args.insecure_no_auth, tls=tls)
+    server = serve(controller, host or "127.0.0.1", int(port), auth=not (args.insecure_no_auth or args.dev), tls=tls)
     url = "%s://%s:%d" % ("https" if tls else "http", host or "127.0.0.1", server.server_address[1])
     info = os.path.join(settings.data, "controller.json")
     with open(info + ".tmp", "w") as fh:

@@ -10,6 +10,7 @@ import datetime
 import fnmatch
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,10 @@ import uuid
 TART = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "tart")
 TART_VMS = "org.cirruslabs.tart-vms"
 LOCAL_PREFIX = "orchard-"
+# crypt(3) SHA-512 of "admin" (`openssl passwd -6 -salt orchardstandin admin`): the password
+# of Cirrus Labs images' admin account, which the worker's startup-script login uses.
+ADMIN_HASH = ("$6$orchardstandin$P3XPkfbTMTFQEgA9a0UdliNYaT2jLy60oskucT3z4UA/"
+              "cKEb/khYggDxsrysYKEW7yafrHJrvkXbVsMgHAlyT1")
 
 
 def rfc3339(epoch):
@@ -37,7 +42,8 @@ class Settings:
     """Knobs of one controller run (flags of `controller run`, see README)."""
 
     def __init__(self, data, workers=2, slots=2, scheduler_interval=0.5, worker_offline_timeout=5.0,
-                 fail_start=(), start_delay=0.0, worker_labels=None):
+                 fail_start=(), start_delay=0.0, worker_labels=None, dev=False, image_password="admin",
+                 ssh_retry_delay=0.1):
         self.data = data
         self.workers = workers
         self.slots = slots
@@ -46,6 +52,9 @@ class Settings:
         self.fail_start = list(fail_start)
         self.start_delay = start_delay
         self.worker_labels = worker_labels or {}
+        self.dev = dev  # `orchard dev`: no auth, Swagger at /v1/, RPC v1 port-forwards
+        self.image_password = image_password  # the images' admin password (Cirrus Labs: admin)
+        self.ssh_retry_delay = ssh_retry_delay  # retry-go's first delay before a new SSH attempt
 
 
 class StartFailed(Exception):
@@ -444,43 +453,169 @@ class Controller:
         worker.tart("delete", local, timeout=60)
 
     def _startup_script(self, worker, vm):
-        """As Orchard's worker does: `set -e`, the env as exports, the script, fed to a login
-        shell; every output line becomes a log_line event; a failure fails the VM."""
+        """As Orchard's worker does (internal/worker/vmmanager/base/base.go, Shell/RunScript):
+        log in to the guest's port 22 over SSH with *password* authentication as the VM's
+        username/password (admin/admin only when both are empty), retrying the login as
+        retry-go does; a shell gets `set -e`, the env as exports, the script and `exit` on its
+        stdin; every output line becomes a log_line event; any failure fails the VM."""
+        import paramiko
+
         script = vm["startup_script"]
+        user, password = vm.get("username") or "", vm.get("password") or ""
+        if not user and not password:
+            user = password = "admin"
         text = "set -e\n"
         for key, value in (script.get("env") or {}).items():
             text += 'export %s="%s"\n' % (key, value)
         text += script.get("script_content", "") + "\nexit\n"
-        uid, local = vm["uid"], vm["localName"]
-        deadline = time.monotonic() + 60
-        while self.alive(uid):
-            proc = subprocess.Popen([TART, "exec", "-i", local, "/bin/bash", "-l"], env=worker.env(),
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-            try:
-                proc.stdin.write(text)
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            agent_down = False
-            for line in proc.stdout:  # events as the script prints, as Orchard streams them
-                if "is the Tart Guest Agent running?" in line:
-                    agent_down = True
-                else:
-                    self.add_event(uid, line.rstrip("\n"))
-            proc.wait()
-            if proc.returncode == 1 and agent_down and time.monotonic() < deadline:
-                time.sleep(0.05)  # the guest is still booting: try again
-                continue
-            if proc.returncode != 0:
-                self.update(uid, status="failed",
-                            status_message="failed to run startup script: Process exited with status %d"
-                                           % proc.returncode)
+        uid = vm["uid"]
+        try:
+            client = self._ssh_login(worker, vm, user, password)
+        except _LoginFailed as exc:
+            self._fail_script(uid, "failed to establish SSH connection: %s" % exc)
             return
+        if client is None:
+            return  # deleted meanwhile
+        try:
+            channel = client.get_transport().open_session()
+            channel.invoke_shell()  # a shell, no PTY: sshd makes it a login shell
+            channel.sendall(text.encode())
+            channel.shutdown_write()
+            lines = channel.makefile("rb")
+            for raw in lines:  # events as the script prints, as Orchard streams them
+                self.add_event(uid, raw.decode(errors="replace").rstrip("\n"))
+            code = channel.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self._fail_script(uid, "%r" % (exc,))
+            return
+        finally:
+            client.close()
+        if code != 0:
+            self._fail_script(uid, "Process exited with status %d" % code)
+
+    def _fail_script(self, uid, why):
+        # base.go: fmt.Errorf("%w: failed to run startup script: %v", ErrVMFailed, err)
+        self.update(uid, status="failed", status_message="VM failed: failed to run startup script: " + why)
+
+    def _ssh_login(self, worker, vm, user, password):
+        """A logged-in paramiko client, or None once the VM is gone. retry-go's defaults:
+        10 attempts, exponential backoff from --ssh-retry-delay (0.1 s) plus jitter; each
+        failed attempt is an event, and the error lists them all."""
+        import random
+
+        import paramiko
+
+        uid, errors = vm["uid"], []
+        for attempt in range(10):
+            if not self.alive(uid):
+                return None
+            give_image_account(worker, vm["localName"], self.image_password_hash())
+            addr = "%s:22" % self.ip_of(uid)
+            client = paramiko.SSHClient()
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # Orchard accepts any host key
+            try:
+                client.connect(self.ip_of(uid), 22, username=user, password=password, timeout=5,
+                               allow_agent=False, look_for_keys=False, auth_timeout=10, banner_timeout=10)
+                return client
+            except paramiko.AuthenticationException:
+                client.close()
+                error = ("SSH handshake with %s failed: ssh: handshake failed: ssh: unable to authenticate, "
+                         "attempted methods [none password], no supported methods remain" % addr)
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                client.close()
+                error = "failed to dial %s: dial tcp %s: %s" % (addr, addr, getattr(exc, "strerror", None) or exc)
+            errors.append(error)
+            self.add_event(uid, "attempt %d to establish SSH connection failed: %s" % (attempt, error))
+            if attempt < 9:
+                time.sleep(self.settings.ssh_retry_delay * (2 ** attempt)
+                           + random.uniform(0, self.settings.ssh_retry_delay))
+        raise _LoginFailed("All attempts fail:\n" + "\n".join("#%d: %s" % (i + 1, e) for i, e in enumerate(errors)))
+
+    def image_password_hash(self):
+        if not hasattr(self, "_password_hash"):
+            if self.settings.image_password == "admin":
+                self._password_hash = ADMIN_HASH
+            else:  # --image-password: `openssl passwd` (Python's crypt module is gone in 3.13)
+                done = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=self.settings.image_password,
+                                      capture_output=True, text=True, check=True)
+                self._password_hash = done.stdout.strip()
+        return self._password_hash
 
     def ip_of(self, uid):
         with self.lock:
             return self.ips.get(uid)
+
+
+class _LoginFailed(Exception):
+    """Every SSH login attempt of the startup script failed."""
+
+
+def give_image_account(worker, local, password_hash):
+    """Make the guest what a Cirrus Labs image is: user admin with a password (admin unless
+    --image-password) and sshd taking passwords. The Tart stand-in's guests take keys only, so
+    the worker writes the hash into the guest's /etc/shadow (bind-mounted from the VM's run
+    dir: rewritten in place, same inode), turns PasswordAuthentication on in its sshd_config
+    and sends the guest's sshd SIGHUP (sshd re-executes itself and re-reads it). Idempotent:
+    called before every login attempt, as `tart run` writes these files when it starts."""
+    run = os.path.join(worker.tart_home, "vms", local, "standin", "run")
+    shadow, config = os.path.join(run, "shadow"), os.path.join(run, "sshd_config")
+    changed = False
+    try:
+        with open(shadow, "r+") as fh:
+            lines = fh.read().splitlines()
+            fixed = [("admin:" + password_hash + ":" + line.split(":", 2)[2]) if line.startswith("admin:") else line
+                     for line in lines]
+            if fixed != lines:
+                fh.seek(0)
+                fh.truncate()
+                fh.write("\n".join(fixed) + "\n")
+        with open(config, "r+") as fh:
+            text = fh.read()
+            if "PasswordAuthentication no" in text:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(text.replace("PasswordAuthentication no", "PasswordAuthentication yes"))
+                changed = True
+    except OSError:
+        return  # not started yet, or gone: the next attempt tries again
+    if changed:
+        listeners = _sshd_listeners(config)
+        for pid in listeners:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except OSError:
+                pass
+        # Before the login attempt, let it re-execute and listen again: it retitles itself
+        # ("sshd: ... [listener]") once it listens.
+        time.sleep(0.05)
+        deadline = time.monotonic() + 3
+        while listeners and time.monotonic() < deadline:
+            listeners = [pid for pid in listeners if not _cmdline(pid).startswith((b"sshd: ", b"?"))]
+            time.sleep(0.02)
+
+
+def _cmdline(pid):
+    """The process's argv joined by NULs; b"?" when it is gone."""
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b"?"
+
+
+def _sshd_listeners(config):
+    """PIDs (as this host sees them) of sshd processes started with ``-f config``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        argv = _cmdline(entry).split(b"\0")
+        # The listener retitles itself "sshd: /usr/sbin/sshd -D -e -f CONFIG [listener] ...";
+        # a connection's child re-executes with -R (then becomes "sshd: admin [priv]").
+        text = b" ".join(argv)
+        if text.startswith((b"sshd: ", b"/usr/sbin/sshd")) and config.encode() in text and b"-R" not in argv:
+            found.append(int(entry))
+    return found
 
 
 def _last_line(text):

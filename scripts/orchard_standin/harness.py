@@ -22,6 +22,14 @@ ORCHARD = os.path.join(SCRIPTS, "orchard")
 TART = os.path.join(SCRIPTS, "tart")
 
 
+def _decoded(raw):
+    """JSON, or the text itself (Swagger's HTML page at /v1/ under --dev), or None when empty."""
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
 class Fleet:
     def __init__(self, root, workers=2, base="tahoe-base", account=("vmtasks", "s3cret"), args=(), tls=None):
         """``tls``: (cert, key) PEM paths to serve https; the harness trusts ``cert``."""
@@ -121,11 +129,13 @@ class Fleet:
 
     def env(self):
         """The environment a client needs (ORCHARD_URL and the service account)."""
+        if not self.account:  # --dev: no accounts
+            return {"ORCHARD_URL": self.url}
         return {"ORCHARD_URL": self.url, "ORCHARD_SERVICE_ACCOUNT_NAME": self.account[0],
                 "ORCHARD_SERVICE_ACCOUNT_TOKEN": self.account[1]}
 
     def api(self, method, path, body=None, auth=True, timeout=30):
-        """(status, decoded JSON or None); ``auth``: True (the fleet's account), None, or (name, token)."""
+        """(status, decoded JSON, text or None); ``auth``: True (the fleet's account), None, or (name, token)."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + "/v1/" + path, data=data, method=method)
         pair = self.account if auth is True else auth
@@ -141,14 +151,9 @@ class Fleet:
             context.check_hostname = False  # the harness trusts exactly that certificate
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if raw.strip() else None
+                return resp.status, _decoded(resp.read())
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                return exc.code, json.loads(raw) if raw.strip() else None
-            except ValueError:
-                return exc.code, raw.decode(errors="replace")
+            return exc.code, _decoded(exc.read())
 
     def vm(self, name):
         status, vm = self.api("GET", "vms/" + name)

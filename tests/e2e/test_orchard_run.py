@@ -34,6 +34,11 @@ UNEVEN = REPO / "examples" / "uneven"
 UNEVEN_SUBTEST_DIR = "mkdir -p ~/.uneven-ran/TestWithSubtests"
 
 
+def EXAMPLE_VM(**keys) -> dict:  # noqa: N802 - reads as the section it returns
+    """The example config's `vm:` section with ``keys`` set."""
+    return dict(yaml.safe_load((EXAMPLE / "vm.yaml").read_text())["vm"], **keys)
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     f = Fleet(tmp_path_factory.mktemp("orchard"), workers=2,
@@ -59,8 +64,8 @@ class Client:
             d.mkdir(parents=True, exist_ok=True)
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("OPENBOOT_", "TART_STANDIN_", "ORCHARD_")) and k != "SSH_AUTH_SOCK"}
-        self.env.update(HOME=str(self.home), VMTASKS_STATE_DIR=str(self.state), CI="true",
-                        ORCHARD_SERVICE_ACCOUNT_NAME=fleet.account[0], ORCHARD_SERVICE_ACCOUNT_TOKEN=fleet.account[1])
+        self.env.update(HOME=str(self.home), VMTASKS_STATE_DIR=str(self.state), CI="true")
+        self.env.update({k: v for k, v in fleet.env().items() if k != "ORCHARD_URL"})  # the account, if any
 
     def config(self, project: Path = EXAMPLE, name: str = "vm.yaml", url: Optional[str] = None,
                guest_env: Optional[Dict[str, str]] = None, **sections) -> Path:
@@ -150,7 +155,7 @@ def test_a_green_and_a_red_run_of_the_example_suite(client, fleet):
     code, text = client.invoke("test-vm", config=client.config())
     assert code == 0, text
     stages = [s["stage"] for s in json.loads((client.record() / "stages.json").read_text())]
-    assert stages[:3] == ["preflight", "sweep", "clone"] and stages[-1] == "teardown", stages
+    assert stages[:4] == ["preflight", "sweep", "list", "clone"] and stages[-1] == "teardown", stages
     assert sorted(junit_cases(client.record() / "junit.xml")) == suite_list(EXAMPLE)
     assert "orchard: " in (client.record() / "console.log").read_text()  # the VM's status changes
     client.assert_nothing_left()
@@ -325,3 +330,50 @@ def test_vm_doctor_checks_the_controller(client, fleet):
     code, text = client.invoke("vm-doctor", config=client.config(), env={"ORCHARD_SERVICE_ACCOUNT_TOKEN": "wrong"})
     assert code == 1, text
     assert "fail  orchard credentials" in text and "ORCHARD_SERVICE_ACCOUNT_TOKEN" in text, text
+
+
+# --- issue 17: the worker's password login, `orchard dev`; issue 18: teardown through a restart -------------
+
+
+def test_orchard_dev_passes_preflight_and_the_startup_script_logs_in_with_vm_password(tmp_path):
+    """`orchard dev` (no auth, Swagger's HTML at /v1/, RPC v1): a wrong vm.password fails the
+    pre-flight probe before any run VM, never showing it; the default config (admin/admin, as
+    Cirrus Labs' images) passes pre-flight despite the HTML and gives a green run."""
+    fleet = Fleet(tmp_path / "orchard", workers=1, account=None,
+                  args=["--dev", "--ssh-retry-delay", "0.02", "--scheduler-interval", "0.2"])
+    fleet.start()
+    try:
+        client = Client(tmp_path / "client", fleet)  # no service account: `orchard dev` has none
+        code, text = client.invoke("test-vm", config=client.config(vm=EXAMPLE_VM(password="wrong-pw-3")))
+        assert code == 1, text
+        assert "stage 'preflight' failed" in text and "unable to authenticate" in text, text
+        assert "vm.password" in text and "wrong-pw-3" not in text, text
+        scheduled = [line for line in fleet.log().splitlines() if "scheduled VM" in line]
+        assert len(scheduled) == 1 and "scheduled VM vmtasks-example-probe-" in scheduled[0], scheduled
+
+        code, text = client.invoke("test-vm", config=client.config(name="default.yaml"))
+        assert code == 0, text
+        client.assert_nothing_left()
+        for path in (client.root / ".vmtasks").rglob("*"):  # the records never hold a password
+            if path.is_file():
+                assert b"wrong-pw-3" not in path.read_bytes(), path
+    finally:
+        fleet.down()
+
+
+def test_a_controller_restart_during_the_suite_leaves_no_vm_running(client, fleet):
+    """Issue 18: the controller dies mid-suite (tunnel cut, the run fails) and comes back a few
+    seconds later; teardown's DELETE is retried until it answers, so the guest goes too."""
+    proc = client.start("test-vm", config=client.config(guest_env={"GOSUITE_SLEEP": "60"}))
+    try:
+        wait_until("the suite", lambda: in_suite(client), proc=proc)
+        fleet.stop(kill=True)
+        time.sleep(8)  # teardown's first DELETEs meet a dead controller
+        fleet.start()
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, out
+    assert "teardown of" not in out, out  # it did not fail
+    client.assert_nothing_left()

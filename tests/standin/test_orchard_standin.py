@@ -20,7 +20,8 @@ pytestmark = pytest.mark.standin
 
 @pytest.fixture(scope="module")
 def shared_fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("orchard"), workers=2, args=["--scheduler-interval", "0.2"])
+    f = Fleet(tmp_path_factory.mktemp("orchard"), workers=2,
+              args=["--scheduler-interval", "0.2", "--ssh-retry-delay", "0.02"])
     f.start()
     yield f
     f.down()
@@ -150,16 +151,17 @@ def test_port_forward_codes_and_ssh_banner(fleet):
     assert code == 101 and banner.startswith(b"SSH-2.0-")
     assert _ws_status(fleet, "pf/port-forward?port=0")[0] == 400
     started = time.monotonic()
-    assert _ws_status(fleet, "pf/port-forward?port=2222&wait=1")[0] == 503  # nothing listens
+    # RPC v2 (the default): the worker cannot connect, the wait runs out: 500 with no body
+    assert _ws_status(fleet, "pf/port-forward?port=2222&wait=1")[0] == 500
     assert time.monotonic() - started < 5
 
 
-def test_pending_vm_port_forward_503_after_wait(tmp_path):
+def test_pending_vm_port_forward_408_after_wait(tmp_path):
     f = Fleet(tmp_path / "orchard", workers=1, args=["--worker-slots", "0"])
     f.start()
     try:
         assert f.api("POST", "vms", vm_body("w"))[0] == 200
-        assert _ws_status(f, "w/port-forward?port=22&wait=1")[0] == 503
+        assert _ws_status(f, "w/port-forward?port=22&wait=1")[0] == 408
         assert f.vm("w")["status"] == "pending"
     finally:
         f.down()
@@ -203,3 +205,66 @@ def test_controller_restart_keeps_running_vms(fleet):
     while time.monotonic() < deadline and len(fleet.guests()) != 1:
         time.sleep(0.1)
     assert [g[1] for g in fleet.guests()] == [before["localName"]]
+
+
+def _wait_events(fleet, name, done, timeout=40):
+    deadline = time.monotonic() + timeout
+    while True:
+        payloads = [e["payload"] for e in fleet.api("GET", "vms/%s/events" % name)[1] or []]
+        vm = fleet.vm(name)
+        if done(payloads) or vm["status"] == "failed" or time.monotonic() > deadline:
+            return vm, payloads
+        time.sleep(0.1)
+
+
+def test_the_startup_script_logs_in_over_ssh_with_the_vms_username_and_password(fleet):
+    """base.go: password authentication as username/password; admin/admin only when both are
+    empty. A username with no password (what vmtasks sent before vm.password) fails the VM."""
+    script = {"script_content": "id -un", "env": {}}
+    for name, extra in (("both", {"username": "admin", "password": "admin"}), ("neither", {})):
+        assert fleet.api("POST", "vms", vm_body(name, startup_script=script, **extra))[0] == 200
+    for name, extra in (("nopass", {"username": "admin"}), ("wrong", {"username": "admin", "password": "x"})):
+        assert fleet.api("POST", "vms", vm_body(name, startup_script=script, **extra))[0] == 200
+    for name in ("both", "neither"):
+        vm, payloads = _wait_events(fleet, name, lambda p: "admin" in p)
+        assert vm["status"] == "running" and payloads[-1] == "admin", (vm, payloads)
+    for name in ("nopass", "wrong"):
+        vm = fleet.wait_status(name, ("failed",), timeout=40)
+        message = vm["status_message"]
+        assert message.startswith("VM failed: failed to run startup script: failed to establish SSH connection: "
+                                  "All attempts fail:\n#1: SSH handshake with "), message
+        assert "unable to authenticate, attempted methods [none password]" in message and "#10: " in message
+        payloads = [e["payload"] for e in fleet.api("GET", "vms/%s/events" % name)[1]]
+        assert len(payloads) == 10 and payloads[0].startswith("attempt 0 to establish SSH connection failed: ")
+    deadline = time.monotonic() + 30  # the failed ones' guests are stopped and deleted
+    while time.monotonic() < deadline and len(fleet.guests()) > 2:
+        time.sleep(0.1)
+    assert sorted(g[1].split("-")[1] for g in fleet.guests()) == ["both", "neither"]
+
+
+def test_image_password_knob_and_dev_mode(tmp_path):
+    """--image-password: the images' admin password; --dev: `orchard dev` (no auth, Swagger's
+    HTML at /v1/, RPC v1: a port nobody listens on is an upgrade closed at once)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    f = Fleet(tmp_path / "orchard", workers=1, account=None,
+              args=["--dev", "--image-password", "pw-1", "--ssh-retry-delay", "0.02", "--scheduler-interval", "0.2"])
+    f.start()
+    try:
+        status, page = f.api("GET", "", auth=None)
+        assert status == 200 and page.lstrip().startswith("<!DOCTYPE html>")
+        assert "rpc-v2" not in f.api("GET", "controller/info", auth=None)[1]["capabilities"]
+        assert f.api("GET", "vms", auth=("who", "wrong"))[0] == 401  # the middleware still checks given ones
+        script = {"script_content": "id -un", "env": {}}
+        assert f.api("POST", "vms", vm_body("ok", startup_script=script, username="admin", password="pw-1"),
+                     auth=None)[0] == 200
+        assert f.api("POST", "vms", vm_body("default", startup_script=script), auth=None)[0] == 200
+        vm, payloads = _wait_events(f, "ok", lambda p: "admin" in p)
+        assert vm["status"] == "running" and payloads[-1] == "admin", (vm, payloads)
+        assert "unable to authenticate" in f.wait_status("default", ("failed",), timeout=40)["status_message"]
+        with connect("ws" + f.url[4:] + "/v1/vms/ok/port-forward?port=2222&wait=1", open_timeout=15) as ws:
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+    finally:
+        f.down()

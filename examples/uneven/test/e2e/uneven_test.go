@@ -3,7 +3,8 @@
 // An uneven sample suite for the test queue and its benchmark: a few long tests and many
 // short ones, the total several times the longest. Each test sleeps for its share of
 // UNEVEN_SCALE seconds (default 1), leaves a mark in ~/.uneven-ran (so the host can check
-// that every test ran exactly once), and refuses outside a throwaway VM.
+// that every test ran exactly once), and refuses outside a throwaway VM. UNEVEN_FAIL=TestX
+// makes that test fail, printing UNEVEN_FAIL_SAYS.
 package e2e
 
 import (
@@ -42,7 +43,8 @@ func work(t *testing.T, units float64) {
 	f.Close()
 	time.Sleep(time.Duration(units * scale * float64(time.Second)))
 	if os.Getenv("UNEVEN_FAIL") == t.Name() {
-		t.Fatalf("asked to fail (UNEVEN_FAIL=%s)", t.Name())
+		// UNEVEN_FAIL_SAYS: what the failing test prints (the report's hostile-output check).
+		t.Fatalf("asked to fail (UNEVEN_FAIL=%s)%s", t.Name(), os.Getenv("UNEVEN_FAIL_SAYS"))
 	}
 }
 
