@@ -193,7 +193,8 @@ def test_summary_goes_to_stdout_and_equals_the_record(tmp_path):
     lines = text.splitlines()
     assert lines[-1] == "DONE 5 tests in 42.0s", "the verdict is the last line"
     assert lines[-3:-1] == ["record: /records/r1", "junit: /records/r1/junit.xml"]
-    for row in ("tests        5 (+ 2 subtests = 7, the verdict's count)", "passed       2", "failed       1", "skipped      0", "interrupted  1",
+    for row in ("tests        5 (+ 2 subtests = 7, the verdict's count)", "passed       2", "failed       1",
+                "skipped      0", "interrupted  1",
                 "not run      1", "errors       1 (package or build)", "subtests     2 (1 passed, 1 failed)",
                 "suite time   10.00s", "total time   42.00s"):
         assert row in lines, row

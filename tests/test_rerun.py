@@ -38,5 +38,6 @@ def test_nothing_to_rerun_is_a_note_not_an_error(tmp_path):
     record(only_empty, "20261201-000001-aaaa", failed_tests=[], tests_run=0, exit_code=1)
     choice = rerun.choose(only_empty)
     assert choice.regex is None and choice.notes[-1].startswith("nothing to rerun: no run in")
-    with pytest.raises(ConfigError, match="no finished run recorded"):
-        rerun.choose(tmp_path / "none")
+    with pytest.raises(ConfigError, match="no finished run recorded") as err:
+        rerun.choose(tmp_path / "none", "invoke test-vm --config /x/vm.yaml")
+    assert err.value.hint == "run `invoke test-vm --config /x/vm.yaml` first"

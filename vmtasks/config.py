@@ -215,7 +215,8 @@ def env_lookup(environ: Mapping[str, str], name: str) -> Tuple[Optional[str], st
     new, old = environ.get(name), environ.get(alias)
     if new is not None and old is not None and new != old:
         raise ConfigError("environment variables {} = {} and {} = {} disagree (they are the same setting)".format(
-            name, excerpt(new), alias, excerpt(old)), "unset {} (the old name) or give both the same value".format(alias))
+            name, excerpt(new), alias, excerpt(old)),
+            "unset {} (the old name) or give both the same value".format(alias))
     if new is not None:
         return new, name
     if old is not None:

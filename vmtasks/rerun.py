@@ -32,8 +32,9 @@ def _top_level(names) -> List[str]:
     return [n for n in names or [] if isinstance(n, str) and n and "/" not in n]
 
 
-def choose(records_root: Path) -> RerunChoice:
-    """What to rerun: the failed tests of the newest run that ran tests and finished."""
+def choose(records_root: Path, run_command: str = "invoke test-vm") -> RerunChoice:
+    """What to rerun: the failed tests of the newest run that ran tests and finished.
+    ``run_command``: the command that makes a first run (it names the config)."""
     from .results import rerun_regex
 
     notes: List[str] = []
@@ -64,7 +65,7 @@ def choose(records_root: Path) -> RerunChoice:
         return RerunChoice(rerun_regex(failed), source, notes)
     if not found_any:
         raise ConfigError("--rerun-failed: no finished run recorded in {}".format(records_root),
-                          "run `invoke test-vm` first")
+                          "run `{}` first".format(run_command))
     notes.append("nothing to rerun: no run in {} ran tests to the end".format(records_root))
     return RerunChoice(None, "", notes)
 

@@ -94,7 +94,7 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
         chosen = test if test is not None else config_mod.test_from_env(os.environ)
         source = ""
         if rerun_failed:
-            choice = rerun.choose(parts.records_root)
+            choice = rerun.choose(parts.records_root, factory.task_command(cfg, "test-vm"))
             for note in choice.notes:
                 reporter.info(note)
             if choice.regex is None:
