@@ -699,3 +699,30 @@ def test_the_in_vm_guard_takes_either_name_and_refuses_when_they_disagree():
         assert err.value.exit_code == 2
     with pytest.raises(NotInVm, match="VMTASKS_IN_VM = '1' and OPENBOOT_IN_VM = '0' disagree"):
         inner.require_vm({"VMTASKS_IN_VM": "1", "OPENBOOT_IN_VM": "0"})
+
+
+def test_evidence_settings_load_and_are_checked(tmp_path):
+    cfg = config.load(write(tmp_path, "artifacts: ['~/Library/Logs/openboot/*.log', '~/.zshrc']\n"
+                                      "collect:\n  brew: brew list --versions\nartifacts_max_mb: 5\n"
+                                      "timeouts:\n  collect: 30\nsuite:\n  changes: true\n"
+                                      "changes:\n  exclude: ['Library/Logs/*']\n  probes:\n    crontab: crontab -l\n"),
+                      environ={}, cwd=tmp_path)
+    assert cfg.artifacts == ["~/Library/Logs/openboot/*.log", "~/.zshrc"] and cfg.collect == {"brew": "brew list --versions"}
+    assert cfg.artifacts_max_mb == 5 and cfg.timeouts.collect == 30 and cfg.suite.changes
+    assert cfg.changes.exclude == ["Library/Logs/*"] and cfg.changes.probes == {"crontab": "crontab -l"}
+    defaults = config.load(write(tmp_path, "keep: never\n"), environ={}, cwd=tmp_path)
+    assert defaults.artifacts == [] and defaults.collect == {} and defaults.artifacts_max_mb == 50
+    assert not defaults.suite.changes
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("artifacts: ['']\n", "'artifacts' has an empty pattern"),
+    ("artifacts: [\"~/a\\x1b[2J\"]\n", "control character"),
+    ("collect:\n  brew: ''\n", "'collect.brew' is an empty command"),
+    ("collect:\n  'two words': x\n", "invalid variable name"),
+    ("artifacts_max_mb: 0\n", "between 1 and 10240"),
+    ("changes:\n  probes:\n    d: '   '\n", "'changes.probes.d' is an empty command"),
+])
+def test_evidence_settings_refuse_nonsense(tmp_path, text, needle):
+    err = load_error(write(tmp_path, text))
+    assert needle in err.message and err.exit_code == 2

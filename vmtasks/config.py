@@ -94,6 +94,7 @@ class SuiteSettings:
     all: str = "go test -v -timeout 60m ./..."
     one: str = "go test -v -timeout 45m -run {test} ./..."
     durations: str = ".vmtasks/durations.json"  # per-test durations the sharding reads
+    changes: bool = False  # record what each test changed on the machine (changes/<test>.txt)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Timeouts:
     suite: float = 4500
     test: float = 2700
     teardown: float = 120
+    collect: float = 120  # a failed test's artifacts and collect commands, together
     slot_wait: float = 1800
     poll: float = 1.0
 
@@ -130,6 +132,14 @@ class OrchardSettings:
     image: str = ""  # "" means vm.base; resolved at load
     cpu: Optional[int] = None
     memory: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class ChangesSettings:
+    """What ``suite.changes`` compares before and after each test, besides the home's files."""
+
+    exclude: List[str] = field(default_factory=list)  # globs relative to the home, e.g. "Library/Logs/*"
+    probes: Dict[str, str] = field(default_factory=dict)  # name: guest command whose output is diffed
 
 
 @dataclass(frozen=True)
@@ -158,6 +168,11 @@ class Config:
     records: RecordSettings = field(default_factory=RecordSettings)
     orchard: OrchardSettings = field(default_factory=OrchardSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
+    # Evidence of a failure, copied out of the VM before anything else touches it.
+    artifacts: List[str] = field(default_factory=list)  # guest paths and globs, ~ allowed
+    collect: Dict[str, str] = field(default_factory=dict)  # name: guest command whose output is kept
+    artifacts_max_mb: int = 50  # per failed test (and attempt)
+    changes: ChangesSettings = field(default_factory=ChangesSettings)
     source: str = "<built-in defaults>"
     # Dotted key -> the layer its value came from ("config/vm.yaml:12"), for later messages.
     origins: Dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -879,6 +894,19 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
         if not exclude or "\n" in exclude:
             raise fail("sync.excludes", "'sync.excludes' has an empty or multi-line pattern",
                        "one rsync pattern per entry")
+    for key, patterns in (("artifacts", cfg.artifacts), ("changes.exclude", cfg.changes.exclude)):
+        for pattern in patterns:
+            if not pattern.strip() or any(unicodedata.category(c) == "Cc" for c in pattern):
+                raise fail(key, "'{}' has an empty pattern or one with a control character: {}".format(
+                    key, excerpt(pattern)), "one guest path or glob per entry, e.g. ~/Library/Logs/*.log")
+    for key, commands in (("collect", cfg.collect), ("changes.probes", cfg.changes.probes)):
+        for name, command in commands.items():
+            if not command.strip():
+                raise fail(key, "'{}.{}' is an empty command".format(key, name),
+                           "give a guest command, e.g. brew: brew list --versions")
+    if not 1 <= cfg.artifacts_max_mb <= 10240:
+        raise fail("artifacts_max_mb", "'artifacts_max_mb' must be between 1 and 10240 (MB per failed test), "
+                   "got {}".format(cfg.artifacts_max_mb))
     _check_orchard(cfg, fail)
     return cfg
 
