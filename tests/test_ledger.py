@@ -212,7 +212,10 @@ def test_one_run_many_vms_share_a_key_dir_until_the_last_release(ledger):
 
 
 def test_remove_by_hand_command_removes_vm_key_and_lease_when_pasted(ledger, tmp_path):
-    """The printed line, run by a shell as is (a fake `tart` records what it is asked)."""
+    """The printed line (the machine's removal + the ledger's forget, as a kept VM's
+    teardown prints it), run by a shell as is (a fake `tart` records what it is asked)."""
+    from vmtasks.machine_tart import remove_command
+
     lease = lease_for(ledger, "p-kept it", keep=True)
     ledger.note_child("p-kept it", os.getpid(), ["x"])
     bin_dir = tmp_path / "bin"
@@ -220,7 +223,7 @@ def test_remove_by_hand_command_removes_vm_key_and_lease_when_pasted(ledger, tmp
     log = tmp_path / "tart.log"
     (bin_dir / "tart").write_text("#!/bin/sh\necho \"$@\" >> {}\n".format(log))
     (bin_dir / "tart").chmod(0o755)
-    line = ledger.remove_by_hand_command("p-kept it", lease.key_dir)
+    line = remove_command("p-kept it") + "; " + ledger.forget_command("p-kept it", lease.key_dir)
     subprocess.run(["sh", "-c", line], check=True, env=dict(os.environ, PATH=str(bin_dir) + ":/usr/bin:/bin"))
     assert log.read_text().splitlines() == ["stop p-kept it", "delete p-kept it"]
     assert not os.path.exists(lease.key_dir) and ledger.all() == {} and ledger.child("p-kept it") is None

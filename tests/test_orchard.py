@@ -468,6 +468,14 @@ class _FakeOrchard:
     def remove(self, name, timeout):
         self.removed.append(name)
 
+    def stop_command(self, name):
+        return ""
+
+    def judge_unleased(self, name, labels, include_kept):  # as OrchardBackend: by the VM's owner record
+        from vmtasks.orchard import OrchardBackend
+
+        return OrchardBackend.judge_unleased(self, name, labels, include_kept)
+
 
 class _Reporter:
     def __init__(self):

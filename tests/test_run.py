@@ -41,7 +41,7 @@ def make_run(tmp_path, runner, quiet=True, **overrides) -> Run:
     values = dict({"timeouts.poll": 0.05, "prepared": False}, **overrides)
     cfg = config.load(path, environ={}, overrides=values, cwd=tmp_path)
     parts = factory.Parts(cfg, Reporter(quiet=quiet), environ={"VMTASKS_STATE_DIR": str(tmp_path / "state")},
-                          tart=Tart(runner))
+                          driver=Tart(runner))
     parts.backend.preflight = lambda image: []  # no PATH checks in unit tests
     parts.ledger.ensure()
     return Run(parts, RunRequest(), run_id="r1")
@@ -122,6 +122,12 @@ class FakeMachine:
 
     def address(self):
         return "10.0.0.9"
+
+    def plan(self, step, image="", into=""):
+        return ["fake {}".format(step)]
+
+    def boot_note(self):
+        return ""
 
 
 VM_STAGES = ["clone", "boot", "ip+ssh", "key", "setup", "sync", "suite"]

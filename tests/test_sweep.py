@@ -187,6 +187,11 @@ def test_one_run_with_two_vms_is_removed_whole(ledger):
 class FakeBackend:
     """A ``backend.Backend`` as the sweep uses it: ``list_vms`` and ``remove``."""
 
+    name = "fake"
+
+    def stop_command(self, name):
+        return ""
+
     def __init__(self, vms):
         self.vms = {vm.name: vm for vm in vms}
         self.removed = []

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import FakeRunner, fail, ok, tart_list_json
-from vmtasks.errors import TartError
+from vmtasks.tart import TartError
 from vmtasks.tart import Tart
 
 

@@ -32,7 +32,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from .errors import ConfigError
 
 KEEP_CHOICES = ("never", "on-failure", "always")
-BACKENDS = ("tart", "orchard")
+# The `backend` choices, each with the module that builds it (``backend_from_config``):
+# the one place outside the backends that names them.
+BACKEND_MODULES = {"tart": "machine_tart", "orchard": "orchard"}
+BACKENDS = tuple(BACKEND_MODULES)
 ENV_PREFIX = "OPENBOOT_VM_"
 DEFAULT_CONFIG = Path("config") / "vm.yaml"
 MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: anything longer is a typo, and never "no deadline"

@@ -56,19 +56,6 @@ class CommandFailed(VmtasksError):
     """A host command could not be started (not found, permission denied)."""
 
 
-class TartError(VmtasksError):
-    """A ``tart`` command failed."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, stderr: str, hint: str = "") -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stderr = stderr
-        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
-        super().__init__(
-            "`{}` exited {}: {}".format(" ".join(self.argv), returncode, detail[:500]), hint
-        )
-
-
 class SshError(VmtasksError):
     """The SSH connection to a guest could not be opened or was lost."""
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 from . import images, ssh
 from .errors import VmtasksError
@@ -64,8 +65,18 @@ def show(reporter, parts) -> int:
     return 0
 
 
-def login_argv(parts, target: str) -> List[str]:
-    """The ssh command line into a kept (or live) VM, by VM name or run id."""
+@dataclass(frozen=True)
+class Login:
+    """``ssh`` into a VM: its argv, and what its environment needs on top of ours (a
+    ProxyCommand's credentials, never in argv)."""
+
+    argv: List[str]
+    env: Dict[str, str]
+
+
+def login(parts, target: str) -> Login:
+    """The ssh command line into a kept (or live) VM, by VM name or run id. The VM's
+    backend says how to reach it (``Machine.login_target``)."""
     leases = parts.ledger.all()
     matches = [lease for name, lease in leases.items() if target in (name, lease.run_id)]
     if not matches:
@@ -80,4 +91,7 @@ def login_argv(parts, target: str) -> List[str]:
         raise VmtasksError("VM {} has no address or key on record (its run may still be booting, or "
                            "its key was removed)".format(lease.vm), "run with --keep=always to keep a VM to log in to")
     key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
-    return ["ssh"] + ssh.ssh_options(key) + [parts.cfg.vm.user + "@" + lease.ip]
+    machine = parts.backend.machine(lease.vm, parts.owner(lease.run_id), parts.cfg)
+    where = machine.login_target(lease.ip)
+    return Login(["ssh"] + ssh.ssh_options(key, proxy_command=where.proxy_command) +
+                 [parts.cfg.vm.user + "@" + where.host], dict(where.env))

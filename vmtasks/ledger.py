@@ -388,12 +388,6 @@ class Ledger:
         parts.append("rm -f " + " ".join(shlex.quote(str(p)) for p in (self.lease_path(vm), self._child_path(vm))))
         return "; ".join(parts)
 
-    def remove_by_hand_command(self, vm: str, key_dir: str = "", tart: str = "tart") -> str:
-        """``tart stop``, ``tart delete``, then the lease and key dir: pasted as is, it
-        removes everything a kept or left-behind VM holds."""
-        q = shlex.quote(vm)
-        return "{t} stop {q}; {t} delete {q}; {rest}".format(t=tart, q=q, rest=self.forget_command(vm, key_dir))
-
     # -- in-flight children -------------------------------------------------
     def _child_path(self, vm: str) -> Path:
         return self.children_dir / (vm + ".json")

@@ -14,11 +14,14 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import shlex
+
 from . import ssh
-from .backend import Backend, Cancelled, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
-from .errors import CommandTimeout, PreflightError, StageError, TartError
+from .backend import (Backend, Cancelled, Check, ListedVm, Machine, NoLongerNeeded, NoSlot, Owner, PreparedImages,
+                      ResumableMachine, SealableMachine, SshTarget)
+from .errors import CommandTimeout, PreflightError, StageError
 from .proc import tail_file, which
-from .tart import INSTALL_HINT, Tart
+from .tart import INSTALL_HINT, Tart, TartError
 
 LIMIT_MESSAGE = "exceeds the system limit"
 RESTORING = "restoring VM state from a snapshot"  # what `tart run` prints when it tries a resume
@@ -57,7 +60,12 @@ def is_standin(version: str) -> bool:
     return "standin" in version.replace("-", "").lower()
 
 
-class TartBackend(Backend):
+def backend_from_config(cfg, runner=None, driver: Optional[Tart] = None) -> "TartBackend":
+    """``driver``: a ``Tart`` to use (tests: one with a fake runner); else one on ``runner``."""
+    return TartBackend(driver or Tart(runner), poll=cfg.timeouts.poll, slot_wait=cfg.timeouts.slot_wait)
+
+
+class TartBackend(Backend, PreparedImages):
     name = "tart"
 
     def __init__(self, tart: Optional[Tart] = None, poll: float = 1.0, slot_wait: float = 1800) -> None:
@@ -109,8 +117,38 @@ class TartBackend(Backend):
     def slots(self) -> Optional[int]:
         return MACOS_VM_LIMIT
 
+    def stop_command(self, name: str) -> str:
+        return self.tart.stop_command(name)
 
-class TartMachine(Machine):
+    def doctor(self, parts) -> List[Check]:
+        from . import hostchecks
+
+        return hostchecks.tart_checks(parts)
+
+    # -- prepared images (vmtasks/prepare.py, vmtasks/images.py) ------------------------------
+    def image_identity(self, base: str):
+        from . import tart_images
+
+        return tart_images.base_identity(self.tart, base)
+
+    def image_disk_gb(self, name: str) -> Optional[float]:
+        from . import tart_images
+
+        use = tart_images.disk_use(self.tart, name)
+        return use.total_gb if use is not None else None
+
+    def build_suspended_slots(self, services, plan, count: int) -> List[str]:
+        from . import tart_images
+
+        return tart_images.build_suspended_slots(services, self.tart, plan, count)
+
+
+def remove_command(name: str) -> str:
+    """The paste-able removal of one Tart VM (stop, then delete)."""
+    return Tart().remove_command(name)
+
+
+class TartMachine(Machine, SealableMachine, ResumableMachine):
     def __init__(self, tart: Tart, name: str, cfg) -> None:
         self.tart = tart
         self.name = name
@@ -128,7 +166,8 @@ class TartMachine(Machine):
         self.image = image
         try:
             self.tart.clone(image, self.name, timeout=max(1.0, deadline - time.monotonic()), cancel=cancel,
-                            on_start=on_start)
+                            on_start=None if on_start is None else
+                            lambda pid: on_start(pid, ["tart", "clone", image, self.name]))
         except TartError:
             raise  # tart clone builds in a temporary place: a failed clone made nothing
         except (CommandTimeout, Cancelled):
@@ -333,6 +372,25 @@ class TartMachine(Machine):
     def address(self) -> str:
         return self.ip or ""
 
+    def login_target(self, recorded_address: str) -> SshTarget:
+        return SshTarget(self.ip or recorded_address)
+
+    def boot_note(self) -> str:
+        return self.boot_path
+
+    def resume_saved_state(self) -> None:
+        self.resume = True
+
+    def plan(self, step: str, image: str = "", into: str = "") -> List[str]:
+        q, name = shlex.quote, shlex.quote(self.name)
+        return {
+            "create": ["tart clone {} {}".format(q(image), name)],
+            "start": ["tart run --no-graphics {}  &".format(name), "tart ip {}".format(name)],
+            "install_key": ["tart exec {} sh -c '<append run key to ~/.ssh/authorized_keys>'".format(name)],
+            "seal": ["tart stop {}; tart rename {} {}".format(name, name, q(into or "<image>"))],
+            "destroy": [self.tart.remove_command(self.name)],
+        }.get(step, [])
+
     # -- state ---------------------------------------------------------------
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -374,8 +432,15 @@ class TartMachine(Machine):
                 self.tart.stop(self.name, timeout=10)
                 time.sleep(0.5)
 
+    def seal(self, image: str, timeout: float) -> None:
+        """Stop (the caller flushed the guest's disks: ``tart stop`` is a hard power-off),
+        rename into ``image``; teardown then leaves it alone."""
+        self.stop_cleanly(timeout)
+        self.tart.rename(self.name, image)
+        self.sealed()
+
     def stop_cleanly(self, timeout: float) -> None:
-        """For images: flush the guest's disks, then stop (``tart stop`` is a hard power-off)."""
+        """For images: stop, and wait for ``tart run`` to exit."""
         self.tart.stop(self.name, timeout=min(30, timeout))
         if self.proc is not None:
             try:
@@ -391,13 +456,7 @@ class TartMachine(Machine):
         self.proc = None
 
     def remove_by_hand(self) -> str:
-        import shlex
-
-        return "tart stop {0}; tart delete {0}".format(shlex.quote(self.name))
-
-
-class NoSlot(StageError):
-    """No host VM slot within timeouts.slot_wait: the VM's tests go to the others."""
+        return self.tart.remove_command(self.name)
 
 
 KEY_SCRIPT = (

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .backend import Backend, Cancelled, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
+from .backend import Backend, Cancelled, Check, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
 from .config import excerpt, orchard_url_problem
 from .errors import BackendError, ConfigError, PreflightError, SshError
 
@@ -126,15 +126,16 @@ def context_file_path(env=None) -> Path:
     return Path(home) / ".orchard" / "orchard.yml"
 
 
-def backend_from_config(cfg) -> "OrchardBackend":
-    """The Orchard backend for a loaded config (``backend: orchard``; ``orchard.*`` keys)."""
+def backend_from_config(cfg, runner=None, driver: Optional["OrchardClient"] = None) -> "OrchardBackend":
+    """The Orchard backend for a loaded config (``backend: orchard``; ``orchard.*`` keys).
+    ``runner``: unused (no local commands); ``driver``: an ``OrchardClient`` to use."""
     from .factory import state_dir
 
     settings = load_settings(url=cfg.orchard.url or None, ca_cert=cfg.orchard.ca_cert or None,
                              context=cfg.orchard.context or None)
     return OrchardBackend(settings, image=cfg.orchard.image or cfg.vm.base, cpu=cfg.orchard.cpu,
                           memory=cfg.orchard.memory, prefix=cfg.vm.name_prefix, user=cfg.vm.user,
-                          password=cfg.vm.password,
+                          password=cfg.vm.password, client=driver,
                           poll=min(cfg.timeouts.poll, 0.5),
                           probe_cache=state_dir(cfg, os.environ) / PROBE_CACHE)
 
@@ -628,9 +629,12 @@ class OrchardBackend(Backend):
         except OSError:
             pass  # only a cache: the next run probes again
 
-    def doctor(self) -> List[Tuple[str, str, str, str]]:
+    def doctor(self, parts=None) -> List[Check]:
         """vm-doctor's checks for this backend."""
-        return self.health()
+        return [Check(*row) for row in self.health()]
+
+    def judge_unleased(self, name: str, labels: Dict[str, str], include_kept: bool) -> Tuple[str, str]:
+        return judge_unleased(name, labels, include_kept)
 
     def health(self) -> List[Tuple[str, str, str, str]]:
         """vm-doctor's checks of the controller, each ``(name, "ok"|"warn"|"fail", detail, hint)``:
@@ -1065,6 +1069,17 @@ class OrchardMachine(Machine):
     def remove_by_hand(self) -> str:
         return ('curl -fsS -X DELETE -u "${}:${}" {}'.format(
             ENV_NAME, ENV_TOKEN, shlex.quote(self.client.endpoint(self._path))))
+
+    def plan(self, step: str, image: str = "", into: str = "") -> List[str]:
+        vm = self.client.endpoint("vms/") + self.name  # as written: the plan's "<vm>" stays readable
+        return {
+            "create": ["POST {} (image {}, the run's key and owner in the startup script)".format(
+                self.client.endpoint("vms"), image or self.backend.image)],
+            "start": ["GET {} until status: running (pending: the fleet's queue)".format(vm)],
+            "install_key": ["GET {}/events until the startup script says {!r}; SSH through the "
+                            "controller's port-forward".format(vm, KEY_INSTALLED)],
+            "destroy": ["DELETE {}".format(vm)],
+        }.get(step, [])
 
     def address(self) -> str:
         worker = self.last.get("worker")

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import gotest, orphans, results, schedule
-from .backend import Cancelled, Owner
+from .backend import Cancelled, NoSlot, Owner, PreparedImages, ResumableMachine
 from .errors import Interrupted, StageError, VmtasksError
-from .machine_tart import NoSlot
 from .pipeline import Stage, StageRunner, plan_lines
 from .queue import TestQueue
 from .signals import SignalGuard
@@ -134,8 +133,8 @@ class Run:
         lines += plan_lines(self.run_stages(), self.ctx, self.cfg)
         if self.vm_count > 1:
             self.queue = TestQueue([], gotest.GoSuite((), (), (), self.request.test), Path("<bin>"), True, [])
-        example = VmPipeline(self, "{}-{}".format(self.cfg.vm.name_prefix, self.run_id),
-                             self.backend.machine("<vm>", self._owner(), self.cfg))
+        name = "{}-{}".format(self.cfg.vm.name_prefix, self.run_id)
+        example = VmPipeline(self, name, self.backend.machine(name, self._owner(), self.cfg))
         if self.vm_count > 1:
             lines.append("  then, for each of the {} VMs ({}-{}-<n>), in its own thread:".format(
                 self.vm_count, self.cfg.vm.name_prefix, self.run_id))
@@ -259,7 +258,7 @@ class Run:
 
     # -- prepared images -------------------------------------------------------
     def _images_apply(self) -> bool:
-        if self.backend.name != "tart" or self.request.prepared == "never":
+        if not isinstance(self.backend, PreparedImages) or self.request.prepared == "never":
             return False
         return self.request.only_prepare or self.request.prepared == "build" or self.cfg.prepared
 
@@ -292,7 +291,7 @@ class Run:
     def _build_image(self, plan) -> List[str]:
         """Under the image's lock: build it unless it exists (another run may have built it
         while we waited), then its suspended slot copies. Returns the slot images made."""
-        from . import images, prepare
+        from . import images
 
         prefix, state = self.cfg.vm.name_prefix, self.ledger.state_dir
         with images.BuildLock(state, plan.hash, image=plan.name, run_id=self.run_id, on_wait=self.reporter.info,
@@ -303,7 +302,8 @@ class Run:
             elif not plan.exists:
                 self.reporter.info("   {} was built meanwhile by another run".format(plan.name))
             slots = min(self.vm_count, self.backend.slots() or self.vm_count)
-            return prepare.build_suspended_slots(self, plan, slots)
+            assert isinstance(self.backend, PreparedImages)  # the image stage runs only then
+            return self.backend.build_suspended_slots(self, plan, slots)
 
     def _build_stopped_image(self, plan, listing) -> None:
         from . import images
@@ -340,10 +340,10 @@ class Run:
         suspended = self._suspended_slots() if self.skip_setup else {}
         for index, name in enumerate(names, 1):
             pipeline = VmPipeline(self, name, self.backend.machine(name, self._owner(), self.cfg))
-            if index in suspended:
+            if index in suspended and isinstance(pipeline.ctx.machine, ResumableMachine):
                 # Slot N's saved state serves the run's N-th VM: one saved state per MAC.
                 pipeline.image = suspended[index]
-                pipeline.ctx.machine.resume = True
+                pipeline.ctx.machine.resume_saved_state()
             self.pipelines.append(pipeline)
             self.reporter.vm_added(name)
         self.reporter.info("run {}: {} from {}{}".format(
@@ -358,12 +358,12 @@ class Run:
 
     def _suspended_slots(self):
         """{slot: image} of the prepared image's suspended copies (vm-prepare makes them
-        where Tart can suspend)."""
+        where the backend can suspend)."""
         from . import images
 
         prefix = self.cfg.vm.name_prefix
         plan = images.parse_prepared(prefix, self.image)
-        if plan is None or self.backend.name != "tart":
+        if plan is None or not isinstance(self.backend, PreparedImages):
             return {}
         out = {}
         for vm in self.backend.list_vms():

@@ -289,9 +289,9 @@ def vm_login(c, target, config=None):
 
     def go(reporter):
         parts = factory.Parts(_load(c, config), reporter)
-        argv = inventory.login_argv(parts, target)
+        how = inventory.login(parts, target)
         reporter.close()
-        os.execvp(argv[0], argv)
+        os.execvpe(how.argv[0], how.argv, dict(os.environ, **how.env))
 
     _host_call(c, go)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from . import gotest, results, ssh, sync
-from .backend import Cancelled, Machine, NoLongerNeeded
+from .backend import Cancelled, Machine, NoLongerNeeded, SealableMachine
 from .errors import Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
 from .pipeline import Stage, StageRunner
 
@@ -141,15 +141,13 @@ class VmPipeline:
         q = shlex.quote
         testing = self.building is None
         return [
-            Stage("clone", "lease, run key, then clone {} to {}".format(self.image, self.name), self._clone,
-                  "clone", lambda ctx: ["tart clone {} {}".format(q(self.image), q(self.name))]),
-            Stage("boot", "start the VM headless (own session; console to the run record), wait for its IP",
-                  self._boot, "boot", lambda ctx: ["tart run --no-graphics {}  &".format(q(self.name)),
-                                                    "tart ip {}".format(q(self.name))]),
+            Stage("clone", "lease, run key, then create {} from {}".format(self.name, self.image), self._clone,
+                  "clone", lambda ctx: ctx.machine.plan("create", image=self.image)),
+            Stage("boot", "start the VM (console or events to the run record), wait until it runs",
+                  self._boot, "boot", lambda ctx: ctx.machine.plan("start")),
             Stage("ip+ssh", "wait for sshd's banner on port 22 (same deadline as boot)", self._wait_ssh, "boot"),
-            Stage("key", "install the run's ED25519 key through the guest agent, log in over SSH",
-                  self._key, "key", lambda ctx: ["tart exec {} sh -c '<append run key to ~/.ssh/authorized_keys>'"
-                                                 .format(q(self.name))]),
+            Stage("key", "install the run's ED25519 key, log in over SSH",
+                  self._key, "key", lambda ctx: ctx.machine.plan("install_key")),
             Stage("setup", "unpack vmtasks into ~/{}{}".format(
                       cfg.guest.tool_dir, " (prepared image: setup steps already done)" if self.prepared
                       else ", run the setup steps"),
@@ -165,17 +163,15 @@ class VmPipeline:
                   enabled=lambda ctx: testing and bool(run.queue)),
             Stage("prepare", "the config's prepare steps (warm caches from the synced tree)", self._prepare_steps,
                   "prepare", lambda ctx: list(cfg.prepare), enabled=lambda ctx: not testing and bool(cfg.prepare)),
-            Stage("seal", "remove the build's key, flush the disks, stop, rename to the image's name",
-                  self._seal, "teardown", lambda ctx: ["tart rename {} {}".format(
-                      q(self.name), q(self.building.name if self.building else "<image>"))],
+            Stage("seal", "remove the build's key, flush the disks, stop, become the image",
+                  self._seal, "teardown", lambda ctx: ctx.machine.plan(
+                      "seal", into=self.building.name if self.building else "<image>"),
                   enabled=lambda ctx: not testing),
         ]
 
     def teardown_stage(self) -> Stage:
         return Stage("teardown", "keep={}: stop and delete the VM, remove its key and lease".format(self.cfg.keep),
-                     self._teardown, "teardown",
-                     lambda ctx: ["tart stop {0}; tart delete {0}".format(shlex.quote(self.name))],
-                     cancellable=False)
+                     self._teardown, "teardown", lambda ctx: ctx.machine.plan("destroy"), cancellable=False)
 
     # -- the whole pipeline ----------------------------------------------------
     def execute(self) -> None:
@@ -222,11 +218,11 @@ class VmPipeline:
         run.ledger.write(ctx.lease)
         ctx.key = ssh.generate_key(Path(ctx.lease.key_dir), "vmtasks-" + run.run_id)
         ctx.machine.prepare_key(ctx.key.public_line)
-        # A `tart clone` that outlives a killed run would make an unleased VM after the
+        # A local child (a clone) that outlives a killed run would make an unleased VM after the
         # sweep: the ledger notes the child, and a sweep waits for it (vmtasks/sweep.py).
         try:
             ctx.machine.create(self.image, ctx.deadline, run.cancel,
-                               on_start=lambda pid: run.ledger.note_child(self.name, pid, ["tart", "clone"]))
+                               on_start=lambda pid, argv: run.ledger.note_child(self.name, pid, argv))
         finally:
             run.ledger.clear_child(self.name)
 
@@ -237,7 +233,7 @@ class VmPipeline:
         queue = self.run.queue if self.building is None else None
         ctx.machine.start(ctx.dir / "console.log", ctx.deadline, self.run.cancel, on_wait,
                           still_wanted=lambda: queue is None or not queue.exhausted())
-        path = getattr(ctx.machine, "boot_path", "")
+        path = ctx.machine.boot_note()
         if path and self.image != self.run.cfg.vm.base:
             ctx.stage_note, ctx.stage_status = "{} ({})".format(path, self.image), "ok"
         address = ctx.machine.address()
@@ -315,9 +311,9 @@ class VmPipeline:
                              "check the guest's disk", result.output.splitlines()[-15:])
         ctx.conn.close()
         ctx.conn = None
-        ctx.machine.stop_cleanly(self.cfg.timeouts.teardown)
-        self.run.parts.tart.rename(self.name, self.building.name)
-        ctx.machine.sealed()
+        if not isinstance(ctx.machine, SealableMachine):
+            raise StageError("seal", self.name, "this backend cannot make prepared images")
+        ctx.machine.seal(self.building.name, self.cfg.timeouts.teardown)
         images.save_record(self.run.ledger.state_dir, self.building.name, self.building.inputs, self.run.run_id,
                            config=self.cfg.source)
         ctx.exit_code = 0
@@ -329,10 +325,11 @@ class VmPipeline:
     def _rsync_argv(self, placeholder: bool = False, source: Optional[Path] = None, dest: Optional[str] = None,
                     excludes=None, delete: bool = True) -> List[str]:
         ctx = self.ctx
-        if placeholder:
+        if placeholder:  # --dry-run: the machine says how it is reached, before it exists
             key_dir = Path("<run key dir>")
             key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
-            host, proxy = "<vm address>", None
+            target = ctx.machine.ssh_target()
+            host, proxy = target.host or "<vm address>", target.proxy_command
         else:
             key = ctx.key
             target = ctx.machine.ssh_target()
