@@ -24,7 +24,8 @@ def test_full_suite_runs_in_the_guest_and_leaves_nothing(world):
     assert not (world.home / ".zshrc").exists()
     assert not (world.home / ".gosuite-ran").exists()
     stages = [s["stage"] for s in json.loads((record / "stages.json").read_text())]
-    assert stages == ["preflight", "sweep", "image", "clone", "boot", "ip+ssh", "key", "setup", "sync", "suite", "teardown"]
+    assert stages == ["preflight", "sweep", "image", "list", "clone", "boot", "ip+ssh", "key", "setup", "sync", "suite",
+                      "teardown"]
     world.assert_nothing_left()
     assert world.vms() == [BASE]
     # Secrets: the user's ~/.ssh is never written, the key never lands in the record.
