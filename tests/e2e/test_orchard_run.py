@@ -160,7 +160,7 @@ def test_a_green_and_a_red_run_of_the_example_suite(client, fleet):
     code, text = client.invoke("test-vm", config=client.config())
     assert code == 0, text
     stages = [s["stage"] for s in json.loads((client.record() / "stages.json").read_text())]
-    assert stages[:3] == ["preflight", "sweep", "clone"] and stages[-1] == "teardown", stages
+    assert stages[:4] == ["preflight", "sweep", "list", "clone"] and stages[-1] == "teardown", stages
     assert sorted(junit_cases(client.record() / "junit.xml")) == suite_list(EXAMPLE)
     assert "orchard: " in (client.record() / "console.log").read_text()  # the VM's status changes
     client.assert_nothing_left()
