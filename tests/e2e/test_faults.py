@@ -32,7 +32,7 @@ FAILURES = [
     ("preflight-missing-tart", {"PATH": "/usr/bin:/bin"}, {}, [], 1, "tart"),
     ("preflight-state-dir-unwritable", {"VMTASKS_STATE_DIR": "/proc/vmtasks-state"}, {}, [], 1,
      "stage 'preflight' failed"),
-    ("preflight-bad-config", {}, {"timeouts": {"boot": "soon"}}, [], 1, "'timeouts.boot' must be a number"),
+    ("preflight-bad-config", {}, {"timeouts": {"boot": "soon"}}, [], 2, "'timeouts.boot' must be a number"),
     ("clone-fails", {"TART_STANDIN_FAIL": "clone"}, {}, [], 1, "stage 'clone' failed"),
     ("run-fails", {"TART_STANDIN_FAIL": "run"}, {}, [], 1, "stage 'boot' failed"),
     ("ip-never", {"TART_STANDIN_BOOT_DELAY": "30"}, {}, ["--boot-timeout=2"], 1, "stage 'boot' failed"),
