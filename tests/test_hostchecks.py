@@ -2,6 +2,7 @@
 read Tart's output: testable on any machine."""
 
 import plistlib
+import json
 import subprocess
 import types
 
@@ -124,6 +125,8 @@ def test_a_suspend_that_outlasts_the_teardown_timeout_leaves_no_slot_and_no_trac
     import threading
 
     from vmtasks import images, prepare, tart_images
+    from vmtasks.records import RunRecord
+    from vmtasks.vm import VmServices
 
     class Runner(FakeRunner):
         def spawn(self, argv, log):
@@ -134,18 +137,31 @@ def test_a_suspend_that_outlasts_the_teardown_timeout_leaves_no_slot_and_no_trac
     warnings = []
     ledger = types.SimpleNamespace(new_lease=lambda *a, **k: None, write=lambda lease: None,
                                    remove=lambda name: None, state_dir=tmp_path)
-    run = types.SimpleNamespace(
-        cfg=types.SimpleNamespace(vm=types.SimpleNamespace(name_prefix="p"),
+    record = RunRecord(tmp_path / "runs", "r")
+    record.create("{}")
+
+    class Reporter(types.SimpleNamespace):
+        def stage_started(self, *args):
+            pass
+
+        def stage_finished(self, *args):
+            pass
+
+    services = VmServices(
+        cfg=types.SimpleNamespace(vm=types.SimpleNamespace(name_prefix="p"), source="vm.yaml",
                                   timeouts=types.SimpleNamespace(clone=5, boot=5, teardown=3)),
-        ledger=ledger,
-        backend=types.SimpleNamespace(list_vms=lambda: []), record=types.SimpleNamespace(path=lambda n: tmp_path / n),
-        reporter=types.SimpleNamespace(warn=warnings.append), run_id="r", cancel=threading.Event())
+        backend=types.SimpleNamespace(list_vms=lambda: []), cancel=threading.Event(), ledger=ledger,
+        record=record, reporter=Reporter(warn=warnings.append), runner=runner, run_id="r",
+        tool_bundle=lambda: b"", sync_excludes=[], cleanup_command="")
     digest = "0" * images.HASH_LENGTH
     plan = prepare.ImagePlan(digest, "p-prepared-" + digest, "p-building-" + digest, {}, True, "")
-    assert tart_images.build_suspended_slots(run, Tart(runner), plan, 1) == []
+    assert tart_images.build_suspended_slots(services, Tart(runner), plan, 1) == []
     assert any("took longer than 3s" in w for w in warnings), warnings
     subs = [call[1] for call in runner.calls]
     assert subs[-2:] == ["stop", "delete"], runner.calls
+    # The slot copy walked the stage table: each stage is in the record, the failed one says so.
+    stages = [(s["stage"], s["status"], s["vm"]) for s in json.loads(record.path("stages.json").read_text())]
+    assert stages[-1] == ("suspend", "failed", "p-building-" + digest + "-s1"), stages
 
 
 def test_tart_doctor_rows_are_checks_when_tools_are_missing(tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -21,15 +20,13 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import gotest, orphans, results, schedule
-from .backend import Cancelled, NoSlot, Owner, PreparedImages, ResumableMachine
+from .backend import Cancelled, Owner, PreparedImages, ResumableMachine
 from .errors import Interrupted, StageError, VmtasksError
 from .pipeline import Stage, StageRunner, plan_lines
 from .queue import TestQueue
 from .signals import SignalGuard
-from .vm import VmPipeline, guest_env_words
-
-EXIT_NO_TESTS = 5  # as pytest: nothing was collected / ran
-
+from .finish import RunEnd
+from .vm import VmPipeline, VmServices, guest_env_words
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
@@ -47,14 +44,6 @@ class RunRequest:
     rerun_source: str = ""  # "--rerun-failed took these from run X"
     prepared: str = "auto"  # auto: use a matching prepared image; build: make it if missing; never
     only_prepare: bool = False  # vm-prepare: build the image, run no tests
-
-
-class SummaryView:
-    """The results model as the reporter reads it (vmtasks/report.py SummaryView)."""
-
-    def __init__(self, summary) -> None:
-        self.tests = summary.results
-        self.package_errors = summary.package_failures
 
 
 class RunContext:
@@ -134,7 +123,7 @@ class Run:
         if self.vm_count > 1:
             self.queue = TestQueue([], gotest.GoSuite((), (), (), self.request.test), Path("<bin>"), True, [])
         name = "{}-{}".format(self.cfg.vm.name_prefix, self.run_id)
-        example = VmPipeline(self, name, self.backend.machine(name, self._owner(), self.cfg))
+        example = self._pipeline(name)
         if self.vm_count > 1:
             lines.append("  then, for each of the {} VMs ({}-{}-<n>), in its own thread:".format(
                 self.vm_count, self.cfg.vm.name_prefix, self.run_id))
@@ -303,7 +292,7 @@ class Run:
                 self.reporter.info("   {} was built meanwhile by another run".format(plan.name))
             slots = min(self.vm_count, self.backend.slots() or self.vm_count)
             assert isinstance(self.backend, PreparedImages)  # the image stage runs only then
-            return self.backend.build_suspended_slots(self, plan, slots)
+            return self.backend.build_suspended_slots(self.services(), plan, slots)
 
     def _build_stopped_image(self, plan, listing) -> None:
         from . import images
@@ -315,7 +304,8 @@ class Run:
                 self.backend.remove(vm.name, self.cfg.timeouts.teardown)
                 self.ledger.remove(vm.name)
         self.reporter.info("   building prepared image {}: {}".format(plan.name, plan.why))
-        builder = VmPipeline(self, plan.building, self.backend.machine(plan.building, self._owner(), self.cfg),
+        builder = VmPipeline(self.services(), plan.building,
+                             self.backend.machine(plan.building, self._owner(), self.cfg), image=self.cfg.vm.base,
                              building=plan)
         self.reporter.vm_added(plan.building)
         self._start([builder])
@@ -339,7 +329,7 @@ class Run:
             ["{}-{}-{}".format(self.cfg.vm.name_prefix, self.run_id, n + 1) for n in range(count)]
         suspended = self._suspended_slots() if self.skip_setup else {}
         for index, name in enumerate(names, 1):
-            pipeline = VmPipeline(self, name, self.backend.machine(name, self._owner(), self.cfg))
+            pipeline = self._pipeline(name)
             if index in suspended and isinstance(pipeline.ctx.machine, ResumableMachine):
                 # Slot N's saved state serves the run's N-th VM: one saved state per MAC.
                 pipeline.image = suspended[index]
@@ -350,6 +340,19 @@ class Run:
             self.run_id, ", ".join(names), self.image,
             ", test regex {!r}".format(self.request.test) if self.request.test else ""))
         self._start(self.pipelines)
+
+    def services(self) -> VmServices:
+        """What a VM pipeline gets of this run."""
+        return VmServices(cfg=self.cfg, backend=self.backend, cancel=self.cancel, ledger=self.ledger,
+                          record=self.record, reporter=self.reporter, runner=self.runner, run_id=self.run_id,
+                          tool_bundle=self.tool_bundle, sync_excludes=self.sync_excludes,
+                          cleanup_command=self.cleanup_command, queue=self.queue)
+
+    def _pipeline(self, name: str) -> VmPipeline:
+        """A VM that runs tests (all of them, or its share of the queue)."""
+        return VmPipeline(self.services(), name, self.backend.machine(name, self._owner(), self.cfg),
+                          image=self.image, prepared=self.skip_setup, own_folder=self.vm_count > 1,
+                          test=self.request.test, expected=self.listed_tests)
 
     def _start(self, pipelines: List[VmPipeline]) -> None:
         self.running = pipelines
@@ -394,128 +397,18 @@ class Run:
             self.reporter.warn(line)
 
     # -- results -----------------------------------------------------------------
-    def on_test_event(self, vm: str, event) -> None:
-        if event.kind in ("pass", "fail", "skip", "interrupted") and not event.subtest:
-            self.reporter.test_finished(vm, event.test, event.kind, event.elapsed, event.output)
-        elif event.kind == "run" and not event.subtest:
-            self.reporter.test_started(vm, event.test)
-        elif event.kind == "package-fail":
-            self.reporter.package_failed(vm, event.package, event.output)
-
     def _finish(self) -> int:
-        interrupted = self.guard.received is not None
-        if interrupted:
-            where = [r.interrupted_at for r in [self.host_runner] + [p.runner for p in self.pipelines]
-                     if r is not None and r.interrupted_at]
-            self.reporter.error(Interrupted(self.guard.received, where[0] if where else "").render())
-        if self.request.only_prepare:
-            return self._finish_prepare(interrupted)
-        parts = []
-        for p in self.pipelines:
-            error = p.ctx.error
-            if error is not None and not isinstance(error, Interrupted):
-                if isinstance(error, NoSlot) and self.vm_count > 1:
-                    self.notes.append("{} got no VM slot: its tests went to the other VMs".format(p.name))
-                else:
-                    self.reporter.error(error.render())
-                    self.vm_errors.append(error.message)
-            if p.ctx.teardown_failed:
-                self.vm_errors.append("teardown of {} failed".format(p.name))
-            for summary in p.ctx.summaries:
-                parts.append((p.name if self.vm_count > 1 else "", summary))
-        summary = results.merge(parts) if parts else None
-        if self.queue is not None and self.expected:
-            summary = results.mark_not_run(summary or results.merge([]),
-                                           [(i.package.import_path, i.name) for i in self.expected])
-        self.summary = summary
-        code = self._exit_code(summary, interrupted)
-        if summary is not None:
-            for problem in self._write_results(summary):
-                self.reporter.error(problem)
-                code = code or 1
-        self.exit_code = code
-        if self.bin_dir is not None:
-            shutil.rmtree(str(self.bin_dir), ignore_errors=True)
-        self.record.finish(vms=[p.name for p in self.pipelines], exit_code=code,
-                           kept=[p.name for p in self.pipelines if p.ctx.kept],
-                           failed_tests=results.failed_tests(summary) if summary is not None else [],
-                           test=self.request.test, interrupted=interrupted)
-        seconds = self.record.total_seconds()
-        stopped_by = signal.Signals(self.guard.received).name if interrupted else ""
-        verdict = results.verdict_line(summary, seconds, stopped_by) if summary is not None else \
-            "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
-        view = SummaryView(summary) if summary is not None else None
-        extra = self.notes + ([self.record.incomplete()] if self.record.incomplete() else [])
-        if self.request.rerun_source:
-            extra.append("rerun of the failed tests of " + self.request.rerun_source)
-        text = self.reporter.run_done(view, seconds, verdict, str(self.record.dir), extra)
-        self.record.write_text("summary.txt", text)
-        if view is not None and self.vm_count > 1:
-            from .report import timeline_text
-
-            self.record.write_text("timeline.txt", timeline_text(view))
-        self.record.prune(self.cfg.records.keep_last)
-        return code
-
-    def _finish_prepare(self, interrupted: bool) -> int:
-        """vm-prepare's end: one line saying which image is ready (or why not)."""
-        code = (self.guard.exit_code or 130) if interrupted else (self.exit_code or 1 if self.vm_errors else 0)
-        self.record.finish(image=self.image_name, exit_code=code, interrupted=interrupted)
-        verdict = "DONE prepared image {} ready".format(self.image_name) if code == 0 else \
-            "FAILED: no prepared image built (exit {})".format(code)
-        self.reporter.run_done(None, self.record.total_seconds(), verdict, str(self.record.dir), self.notes)
-        return code
-
-    def _exit_code(self, summary, interrupted: bool) -> int:
-        if interrupted:
-            return self.guard.exit_code or 130
-        pipeline_codes = [p.ctx.exit_code for p in self.pipelines if p.ctx.error is None]
-        if self.vm_errors:
-            return next((p.ctx.error.exit_code for p in self.pipelines
-                         if p.ctx.error is not None and not isinstance(p.ctx.error, NoSlot)), 1) or 1
-        if self.vm_count == 1 and self.pipelines:
-            code = self.pipelines[0].ctx.exit_code
-            if code == 0 and summary is not None and summary.total == 0 and not self.request.allow_no_tests:
-                self.notes.append("no test ran: check the --test regex (exit {}; --allow-no-tests to accept)"
-                                  .format(EXIT_NO_TESTS))
-                return EXIT_NO_TESTS
-            if code == 0 and summary is not None and not summary.exit_ok:
-                # The verdict and the exit code agree: a failure the results count fails the run.
-                self.notes.append("the suite exited 0, but its results have {}: exit 1".format(summary.headline()))
-                return 1
-            return code
-        if summary is None or summary.total == 0:
-            if self.request.allow_no_tests and not self.pipelines:
-                return 0
-            self.notes.append("no test ran: check the --test regex (exit {}; --allow-no-tests to accept)".format(
-                EXIT_NO_TESTS))
-            return EXIT_NO_TESTS
-        if not summary.exit_ok or any(c != 0 for c in pipeline_codes):
-            return 1
-        return 0
-
-    def _write_results(self, summary) -> List[str]:
-        """JUnit, --jsonfile, durations. Returns what could not be written of what the user
-        asked for by name (--junitfile, --jsonfile): that fails the run, as in gotestsum."""
-        asked: List[str] = []
+        where = [r.interrupted_at for r in [self.host_runner] + [p.runner for p in self.pipelines]
+                 if r is not None and r.interrupted_at]
+        end = RunEnd(cfg=self.cfg, request=self.request, record=self.record, reporter=self.reporter,
+                     pipelines=self.pipelines, vm_count=self.vm_count, queued=self.queue is not None,
+                     expected=self.expected, notes=self.notes, vm_errors=self.vm_errors, exit_code=self.exit_code,
+                     signal=self.guard.received, signal_exit_code=self.guard.exit_code,
+                     interrupted_at=where[0] if where else "", image_name=self.image_name)
         try:
-            results.write_junit(summary, self.record.path("junit.xml"))
-        except VmtasksError as exc:
-            self.record.note_problem("junit.xml", exc.message)
-        if self.request.junitfile:
-            try:
-                results.write_junit(summary, Path(self.request.junitfile))
-            except VmtasksError as exc:
-                asked.append("--junitfile: " + exc.render())
-        if self.request.jsonfile:
-            problem = self.record.copy_streams(Path(self.request.jsonfile), "suite-output.txt",
-                                               [p.record_key for p in self.pipelines])
-            if problem:
-                asked.append("--jsonfile: " + problem)
-        try:
-            note = results.History.update(self.cfg.suite.durations, summary)
-            if note:
-                self.reporter.warn(note)
-        except VmtasksError as exc:
-            self.record.note_problem("durations", exc.message)
-        return asked
+            self.exit_code = end.finish()
+        finally:
+            self.summary = end.summary
+            if self.bin_dir is not None:
+                shutil.rmtree(str(self.bin_dir), ignore_errors=True)
+        return self.exit_code

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Union
 from . import images
 from .backend import Cancelled
 from .errors import PreflightError, StageError, VmtasksError
+from .pipeline import Stage, StageRunner
 from .tart import Tart
 
 # What `tart get` tells that decides a clone's content (or the config a clone inherits).
@@ -89,65 +90,104 @@ def disk_use(tart: Tart, name: str, tart_home: Optional[Union[str, "os.PathLike[
                    state=str(info.get("State", "")), saved_state_gb=round(saved / 1e9, 3))
 
 
-def build_suspended_slots(run, tart: Tart, plan, count: int) -> List[str]:
+class SlotContext:
+    """What one slot copy's stages share (``deadline``, ``stage_status``: the StageRunner's)."""
+
+    def __init__(self, slot: int, final: str, temp: str, replace: bool) -> None:
+        self.slot, self.final, self.temp, self.replace = slot, final, temp, replace
+        self.proc: Optional[subprocess.Popen] = None
+        self.deadline = 0.0
+        self.stage_status: Optional[str] = None
+        self.stage_note = ""
+
+
+def slot_stages(services, tart: Tart, plan) -> List[Stage]:
+    """One suspended slot copy, as a stage table (walked by the same StageRunner as a VM)."""
+    from .machine_tart import sleep_or_cancel
+
+    cfg = services.cfg
+
+    def clone(ctx: SlotContext) -> None:
+        if ctx.replace:  # a slot image whose state is gone: replace it
+            tart.delete(ctx.final)
+        tart.clone(plan.name, ctx.temp, timeout=max(1.0, ctx.deadline - time.monotonic()), cancel=services.cancel)
+
+    def boot(ctx: SlotContext) -> None:
+        with open(services.record.path("suspend-{}.log".format(ctx.slot)), "wb") as log:
+            ctx.proc = tart.start(ctx.temp, log, suspendable=True)
+        while not tart.exec(ctx.temp, ["true"], timeout=30, cancel=services.cancel).ok:  # the agent is up: booted
+            if ctx.proc.poll() is not None or time.monotonic() > ctx.deadline:
+                raise StageError("boot", ctx.temp, "the slot image did not come up to be suspended",
+                                 "see suspend-{}.log in the run record".format(ctx.slot))
+            sleep_or_cancel(0.2, services.cancel)
+
+    def suspend(ctx: SlotContext) -> None:
+        if not tart.suspend(ctx.temp):
+            raise StageError("suspend", ctx.temp, "this Tart cannot suspend VMs (needs macOS 14+)",
+                             "runs boot the prepared image cold")
+        try:
+            code = ctx.proc.wait(timeout=max(0.0, ctx.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            # Saving a large VM's memory can outlast timeouts.teardown: no slot image then
+            # (the caller stops and deletes the half-saved VM).
+            raise StageError("suspend", ctx.temp, "suspending took longer than {:g}s (timeouts.teardown)".format(
+                cfg.timeouts.teardown), "raise timeouts.teardown for a VM with much memory; runs boot the "
+                "prepared image cold meanwhile") from None
+        state = (tart.get(ctx.temp) or {}).get("State")
+        if code != 0 or state != "suspended":
+            raise StageError("suspend", ctx.temp, "suspending failed (`tart run` exited {}, state {})".format(
+                code, state), "runs boot the prepared image cold; see suspend-{}.log".format(ctx.slot))
+
+    def seal(ctx: SlotContext) -> None:
+        tart.rename(ctx.temp, ctx.final)
+        images.save_record(services.ledger.state_dir, ctx.final, plan.inputs, services.run_id, config=cfg.source)
+
+    return [
+        Stage("clone", "clone the prepared image", clone, "clone",
+              lambda ctx: ["tart clone {} {}".format(plan.name, ctx.temp)]),
+        Stage("boot", "boot it suspendable, wait for the guest agent", boot, "boot",
+              lambda ctx: ["tart run --suspendable --no-graphics {}  &".format(ctx.temp)]),
+        Stage("suspend", "suspend it, wait for its state to be saved", suspend, "teardown",
+              lambda ctx: ["tart suspend {}".format(ctx.temp)]),
+        Stage("seal", "rename it into the slot's name", seal, None,
+              lambda ctx: ["tart rename {} {}".format(ctx.temp, ctx.final)]),
+    ]
+
+
+def build_suspended_slots(services, tart: Tart, plan, count: int) -> List[str]:
     """Where Tart can suspend (macOS 14+): one suspended copy of the prepared image per VM
     slot, ``<image>-s1`` .. ``-sN``, so a run resumes instead of cold-booting. A saved state
     is tied to its MAC address, so two VMs resumed at once need one each: slot N serves the
     run's N-th VM. Each is booted from the stopped image (a fresh MAC), left to come up,
-    suspended and renamed into place; nothing of a failed attempt is kept, and a host that
-    cannot suspend just gets no slot images (runs boot cold). Returns the names made."""
-
-    from .machine_tart import sleep_or_cancel
-
-    cfg, ledger = run.cfg, run.ledger
+    suspended and renamed into place (``slot_stages``, each stage timed, recorded and its
+    errors converted by the StageRunner); nothing of a failed attempt is kept, and a host
+    that cannot suspend just gets no slot images (runs boot cold). ``services``: a
+    ``vm.VmServices``. Returns the names made."""
+    cfg, ledger = services.cfg, services.ledger
     prefix = cfg.vm.name_prefix
     made: List[str] = []
-    listing = {vm.name: vm for vm in run.backend.list_vms()}
+    listing = {vm.name: vm for vm in services.backend.list_vms()}
+    stages = slot_stages(services, tart, plan)
     for slot in range(1, count + 1):
         final = images.prepared_name(prefix, plan.hash, slot)
         if final in listing and listing[final].state == "suspended":
             continue
         temp = images.building_name(prefix, plan.hash, slot)
-        ledger.write(ledger.new_lease(temp, run.run_id, keep=False, base=plan.name))
-        proc = None
+        ctx = SlotContext(slot, final, temp, replace=final in listing)
+        runner = StageRunner(cfg, services.reporter, services.record, temp, services.cancel)
+        ledger.write(ledger.new_lease(temp, services.run_id, keep=False, base=plan.name))
         try:
-            if final in listing:  # a slot image whose state is gone: replace it
-                tart.delete(final)
-            tart.clone(plan.name, temp, timeout=cfg.timeouts.clone, cancel=run.cancel)
-            with open(run.record.path("suspend-{}.log".format(slot)), "wb") as log:
-                proc = tart.start(temp, log, suspendable=True)
-            deadline = time.monotonic() + cfg.timeouts.boot
-            while not tart.exec(temp, ["true"], timeout=30, cancel=run.cancel).ok:  # the agent is up: booted
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise StageError("prepare", temp, "the slot image did not come up to be suspended",
-                                     "see suspend-{}.log in the run record".format(slot))
-                sleep_or_cancel(0.2, run.cancel)
-            if not tart.suspend(temp):
-                raise StageError("prepare", temp, "this Tart cannot suspend VMs (needs macOS 14+)",
-                                 "runs boot the prepared image cold")
-            try:
-                code = proc.wait(timeout=cfg.timeouts.teardown)
-            except subprocess.TimeoutExpired:
-                # Saving a large VM's memory can outlast timeouts.teardown: no slot image
-                # then (the handler below stops and deletes the half-saved VM).
-                raise StageError("prepare", temp, "suspending took longer than {:g}s (timeouts.teardown)".format(
-                    cfg.timeouts.teardown), "raise timeouts.teardown for a VM with much memory; runs boot the "
-                    "prepared image cold meanwhile") from None
-            state = (tart.get(temp) or {}).get("State")
-            if code != 0 or state != "suspended":
-                raise StageError("prepare", temp, "suspending failed (`tart run` exited {}, state {})".format(
-                    code, state), "runs boot the prepared image cold; see suspend-{}.log".format(slot))
-            tart.rename(temp, final)
-            images.save_record(ledger.state_dir, final, plan.inputs, run.run_id, config=cfg.source)
+            for stage in stages:
+                runner.run(stage, ctx)
             made.append(final)
         except VmtasksError as exc:
-            run.reporter.warn("no suspended image for slot {}: {}".format(slot, exc.message))
+            services.reporter.warn("no suspended image for slot {}: {}".format(slot, exc.message))
             try:
-                if proc is not None and proc.poll() is None:
+                if ctx.proc is not None and ctx.proc.poll() is None:
                     tart.stop(temp, timeout=30)
                 tart.delete(temp)
             except VmtasksError as again:
-                run.reporter.warn("{} is left (the sweep removes it): {}".format(temp, again.message))
+                services.reporter.warn("{} is left (the sweep removes it): {}".format(temp, again.message))
             if isinstance(exc, Cancelled):
                 raise
             break  # the next slot would fail the same way
