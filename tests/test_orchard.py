@@ -573,7 +573,7 @@ class _PendingClient:
 
 
 def test_start_gives_up_waiting_once_the_vm_is_no_longer_wanted(tmp_path):
-    from vmtasks.backend import NoLongerNeeded
+    from vmtasks.errors import NoLongerNeeded
 
     client = _PendingClient()
     backend = OrchardBackend(OrchardSettings(client.url, "a", "b"), "tahoe-base", client=client, poll=0.01)

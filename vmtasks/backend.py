@@ -8,7 +8,7 @@ Which modules implement a backend is ``config.BACKEND_MODULES``.
 
 Rules every implementation keeps:
 - Every method that waits takes a ``deadline`` (``time.monotonic()`` value) and a ``cancel``
-  (``threading.Event``): it returns or raises ``Cancelled`` promptly when ``cancel`` is set.
+  (``threading.Event``): it returns or raises ``errors.Cancelled`` promptly when ``cancel`` is set.
 - Library errors (OSError, HTTP, WebSocket, subprocess timeouts) are translated into the
   ``vmtasks.errors`` family at this boundary, with a hint naming the next step.
 - ``destroy`` is idempotent and safe to call after any partial ``create``.
@@ -23,22 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import StageError, VmtasksError
-
-
-class Cancelled(VmtasksError):
-    """The run is stopping (a signal, or another part of the run failed): stop waiting."""
-
-
-class NoLongerNeeded(VmtasksError):
-    """A VM still waiting for a slot when the other VMs have taken every test."""
-
-    exit_code = 0
-
-
-class NoSlot(StageError):
-    """No room to run the VM within the backend's wait (a host's VM limit): with several VMs,
-    its tests go to the others."""
 
 
 # Steps of a VM's life a machine describes for ``--dry-run`` (``Machine.plan``).

@@ -125,6 +125,25 @@ class Interrupted(VmtasksError):
         super().__init__("interrupted by {}{}".format(name, where))
 
 
+# --- control flow: how a run stops, not what failed ----------------------------------------
+
+
+class Cancelled(VmtasksError):
+    """The run is stopping (a signal, or another part of the run failed): stop waiting.
+    Every method that waits raises it promptly once the run's cancel event is set."""
+
+
+class NoLongerNeeded(VmtasksError):
+    """A VM still waiting for a slot when the other VMs have taken every test."""
+
+    exit_code = 0
+
+
+class NoSlot(StageError):
+    """No room to run the VM within the backend's wait (a host's VM limit): with several VMs,
+    its tests go to the others."""
+
+
 class NotInVm(VmtasksError):
     """An in-VM (destructive) task was started outside a throwaway VM."""
 

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from . import results
-from .backend import NoSlot
-from .errors import Interrupted, VmtasksError
+from .errors import Interrupted, NoSlot, VmtasksError
 
 EXIT_NO_TESTS = 5  # as pytest: nothing was collected / ran
 

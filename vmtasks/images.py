@@ -399,7 +399,7 @@ class BuildLock:
                             "if that run is stuck, stop it{}; a killed run frees the lock".format(
                                 " (kill {})".format(holder["pid"]) if holder.get("pid") else ""))
                     if self.cancel is not None and self.cancel.wait(self.poll):
-                        from .backend import Cancelled
+                        from .errors import Cancelled
 
                         raise Cancelled("stopped waiting for the image build: the run is stopping")
                     elif self.cancel is None:

@@ -17,9 +17,9 @@ from typing import Callable, List, Optional
 import shlex
 
 from . import ssh
-from .backend import (Backend, Cancelled, Check, ListedVm, Machine, NoLongerNeeded, NoSlot, Owner, PreparedImages,
-                      ResumableMachine, SealableMachine, SshTarget)
-from .errors import CommandTimeout, PreflightError, StageError
+from .backend import (Backend, Check, ListedVm, Machine, Owner, PreparedImages, ResumableMachine, SealableMachine,
+                      SshTarget)
+from .errors import Cancelled, CommandTimeout, NoLongerNeeded, NoSlot, PreflightError, StageError
 from .proc import tail_file, which
 from .tart import INSTALL_HINT, Tart, TartError
 

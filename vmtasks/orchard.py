@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .backend import Backend, Cancelled, Check, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
+from .backend import Backend, Check, ListedVm, Machine, Owner, SshTarget
 from .config import excerpt, orchard_url_problem
-from .errors import BackendError, ConfigError, PreflightError, SshError
+from .errors import BackendError, Cancelled, ConfigError, NoLongerNeeded, PreflightError, SshError
 
 ENV_URL = "ORCHARD_URL"
 ENV_NAME = "ORCHARD_SERVICE_ACCOUNT_NAME"

@@ -16,8 +16,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
-from .backend import Cancelled, NoLongerNeeded
-from .errors import CommandTimeout, Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
+from .errors import (Cancelled, CommandTimeout, Interrupted, NoLongerNeeded, RemoteTimeout, StageError, VmtasksError,
+                     describe_unexpected)
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from . import gotest, orphans, results, schedule
-from .backend import Cancelled, Owner, PreparedImages, ResumableMachine
-from .errors import Interrupted, StageError, VmtasksError
+from .backend import Owner, PreparedImages, ResumableMachine
+from .errors import Cancelled, Interrupted, StageError, VmtasksError, describe_unexpected
 from .pipeline import Stage, StageRunner, plan_lines
 from .queue import TestQueue
 from .signals import SignalGuard
@@ -137,21 +139,55 @@ class Run:
 
     # -- the whole run ---------------------------------------------------------
     def execute(self) -> int:
+        """The whole run under one guard: a signal, an error or a bug anywhere (the host
+        stages, starting the VMs, the merge) still ends in teardown and result.json."""
         with self.guard:
             try:
-                self._run_level()
-                if not self.cancel.is_set() and not self.request.only_prepare:
-                    self._vms()
-            except (Interrupted, Cancelled):
-                pass
-            except VmtasksError as exc:
-                self.exit_code = exc.exit_code
-                self.reporter.error(exc.render())
-                self.vm_errors.append(exc.message)
-            finally:
-                self._wait_for_teardown()
-        self._announce_signals()
-        return self._finish()
+                try:
+                    self._run_level()
+                    if not self.cancel.is_set() and not self.request.only_prepare:
+                        self._vms()
+                except (Interrupted, Cancelled):
+                    pass
+                except VmtasksError as exc:
+                    self.exit_code = exc.exit_code
+                    self.reporter.error(exc.render())
+                    self.vm_errors.append(exc.message)
+                except Exception:  # a bug: stop the VMs, keep its traceback, still finish
+                    self.cancel.set()
+                    self._note_bug("run")
+                finally:
+                    self._wait_for_teardown()
+                self._announce_signals()
+                return self._finish()
+            except Exception:  # a bug in the merge or the result files: the record still ends
+                self._note_bug("finish")
+                return self._finish_after_bug()
+
+    def _note_bug(self, where: str) -> None:
+        """An unexpected error outside any stage: its traceback goes to errors.log."""
+        text = traceback.format_exc()
+        path = self.record.note_traceback("host", where, text)
+        if getattr(self.reporter, "verbose", False):
+            self.reporter.error(text.rstrip())
+        error = VmtasksError("unexpected error ({}): {}".format(where, describe_unexpected(sys.exc_info()[1])),
+                             "this is a bug in vmtasks; the traceback is in " + path)
+        self.reporter.error(error.render())
+        self.vm_errors.append(error.message)
+        self.exit_code = 1
+
+    def _finish_after_bug(self) -> int:
+        """result.json when the normal end failed: exit 1, what is known of the run."""
+        interrupted = self.guard.received is not None
+        code = (self.guard.exit_code or 130) if interrupted else 1
+        try:
+            self.record.finish(vms=[p.name for p in self.pipelines], exit_code=code,
+                               kept=[p.name for p in self.pipelines if p.ctx.kept], test=self.request.test,
+                               interrupted=interrupted, errors=list(self.vm_errors))
+        except Exception:  # noqa: BLE001 - the record itself is what broke: the exit code still says it
+            pass
+        self.exit_code = code
+        return code
 
     def _run_level(self) -> None:
         runner = self.host_runner = StageRunner(self.cfg, self.reporter, self.record, "host", self.cancel)

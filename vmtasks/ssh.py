@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .errors import RemoteTimeout, SshError, StateError
+from .errors import Cancelled, RemoteTimeout, SshError, StateError
 
 SSH_PORT = 22
 
@@ -167,8 +167,6 @@ def open_when_ready(open_socket: Callable[[float], socket.socket], host: str, us
                                "another machine answered at the VM's address: check for a stale DHCP lease "
                                "(vm.random_mac: true)") from None
         if cancel is not None and cancel.wait(min(poll, max(0, deadline - time.monotonic()))):
-            from .backend import Cancelled
-
             raise Cancelled("the run is stopping")
         elif cancel is None:
             time.sleep(min(poll, max(0, deadline - time.monotonic())))
@@ -275,19 +273,15 @@ def remote_exec(conn, command: str, *, timeout: Optional[float] = None, on_outpu
             if timeout is not None and time.monotonic() - started > timeout:
                 raise RemoteTimeout(command, timeout, "".join(kept)[-4096:])
             if cancel is not None and cancel.is_set():
-                from .backend import Cancelled
-
                 raise Cancelled("the run is stopping")
         rest = decoder.decode(b"", final=True)
         if rest:
             deliver(rest)
         code = chan.recv_exit_status() if chan.exit_status_ready() else -1
         return RemoteResult(command, code, "".join(kept)[-TAIL_BYTES:])
-    except (RemoteTimeout, SshError):
+    except (RemoteTimeout, SshError, Cancelled):
         raise
     except Exception as exc:
-        if type(exc).__name__ == "Cancelled":
-            raise
         raise SshError("the SSH session broke: {}".format(describe(exc)),
                        "the guest may have crashed or dropped the connection; see the VM console") from None
     finally:

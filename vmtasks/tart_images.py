@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from . import images
-from .backend import Cancelled
-from .errors import PreflightError, StageError, VmtasksError
+from .errors import Cancelled, PreflightError, StageError, VmtasksError
 from .pipeline import Stage, StageRunner
 from .tart import Tart
 

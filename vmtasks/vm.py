@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 from . import gotest, results, ssh, sync
-from .backend import Cancelled, Machine, NoLongerNeeded, SealableMachine
-from .errors import Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
+from .backend import Machine, SealableMachine
+from .errors import Cancelled, NoLongerNeeded, Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
 from .pipeline import Stage, StageRunner
 from .queue import TestQueue
 
