@@ -69,7 +69,7 @@ class RunEnd:
         summary = results.merge(parts) if parts else None
         if self.queued and self.expected:
             summary = results.mark_not_run(summary or results.merge([]),
-                                           [(i.package.import_path, i.name) for i in self.expected])
+                                           [i.key for i in self.expected])
         self.summary = summary
         code = self._exit_code(summary, interrupted)
         if summary is not None:

@@ -113,26 +113,15 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
 
 
 def list_shard_candidates(suite, workdir: str, env: Mapping[str, str]):
-    """Every selected top-level test as (package, name), listed by ``go test -list``."""
-    from . import gotest, schedule
+    """Every selected top-level test as a ``gotest.TestId``, listed by ``go test -list``
+    (the same parser as the host's queue)."""
+    from . import gotest
 
     top = gotest.top_level_pattern(suite.run_regex)
-    out = []
     argv = ["go", "test", "-list", top] + list(suite.build_flags) + list(suite.packages)
     done = subprocess.run(argv, cwd=workdir, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True)
     if done.returncode != 0:
         raise VmtasksError("`{}` exited {}: {}".format(" ".join(argv), done.returncode, done.stderr.strip()[-500:]),
                            "fix the suite so that it builds")
-    package = ""
-    pending = []
-    for line in done.stdout.splitlines():
-        # go test -list prints a package's names, then "ok  <import path>  0.01s".
-        words = line.split()
-        if len(words) >= 2 and words[0] in ("ok", "?"):
-            package = words[1]
-            out += [schedule.TestId(package, name) for name in pending]
-            pending = []
-        elif gotest.valid_test_name(line.strip()):
-            pending.append(line.strip())
-    return out
+    return gotest.parse_listing(done.stdout).tests

@@ -230,7 +230,7 @@ class Run:
         framing = bool(packages) and gotest.supports_test2json_framing(
             self.runner, self.bin_dir / packages[0].binary, str(Path(self.cfg.project_dir) / packages[0].rel_dir))
         history = results.History.load(self.cfg.suite.durations)
-        ids = {schedule.TestId(i.package.import_path, i.name): i for i in items}
+        ids = {i.key: i for i in items}
         estimates = {t: history.estimate(t.package, t.name) for t in ids}
         ordered = [ids[t] for t in schedule.longest_first(list(ids), estimates.get)]
         self.expected = ordered
