@@ -21,7 +21,9 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from .errors import Cancelled
 
 
 
@@ -38,6 +40,14 @@ class Owner:
     user: str
     pid: int
     pid_start: str
+
+    @classmethod
+    def this_process(cls, run_id: str) -> "Owner":
+        """This process as the owner of ``run_id``'s VMs (the same stamp as its leases)."""
+        from .ledger import current_user, owner_stamp
+
+        stamp = owner_stamp()
+        return cls(run_id, stamp["host"], current_user(), stamp["pid"], stamp["pid_start"])
 
 
 @dataclass(frozen=True)
@@ -241,3 +251,21 @@ class PreparedImages(abc.ABC):
     def build_suspended_slots(self, services, plan, count: int) -> List[str]:
         """One suspended copy of the prepared image per VM slot (``<image>-s1`` ..); returns
         the names made, nothing when the host cannot suspend."""
+
+
+# --- helpers every backend uses -----------------------------------------------------------
+
+
+def backoff(poll: float, first: float = 0.02) -> Iterator[float]:
+    """Polling intervals: 20 ms at first, doubling up to ``poll``. A guest that is up within
+    moments is noticed within moments; a slow boot still sees one poll per ``poll`` seconds."""
+    delay = min(first, poll)
+    while True:
+        yield delay
+        delay = min(delay * 2, poll)
+
+
+def sleep_or_cancel(seconds: float, cancel: threading.Event) -> None:
+    """Wait ``seconds``, or raise ``Cancelled`` as soon as the run stops."""
+    if cancel.wait(max(0.0, seconds)):
+        raise Cancelled("the run is stopping")

@@ -7,12 +7,11 @@ from __future__ import annotations
 import importlib
 import os
 import shlex
-import socket
 from pathlib import Path
 from typing import List, Mapping, Optional
 
 from .backend import Owner
-from .ledger import Ledger, current_user, default_state_dir, process_start_time
+from .ledger import Ledger, default_state_dir
 from .proc import Runner
 
 
@@ -51,9 +50,7 @@ class Parts:
         config.check_host_paths(self.cfg)
 
     def owner(self, run_id: str) -> Owner:
-        pid = os.getpid()
-        return Owner(run_id=run_id, host=socket.gethostname(), user=current_user(), pid=pid,
-                     pid_start=process_start_time(pid) or "")
+        return Owner.this_process(run_id)
 
     @property
     def sync_excludes(self) -> List[str]:

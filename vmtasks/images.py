@@ -191,11 +191,6 @@ def parse_building(prefix: str, name: str) -> Optional[ImageName]:
     return _parse(prefix, BUILDING, name)
 
 
-def is_image_name(prefix: str, name: str) -> bool:
-    """True for prepared and building names: not a run's VM, so not an orphan by itself."""
-    return parse_prepared(prefix, name) is not None or parse_building(prefix, name) is not None
-
-
 # --- listings ------------------------------------------------------------------------------
 # A listing is what ``Tart.list()`` returns (VmInfo rows) or plain names.
 

@@ -18,7 +18,7 @@ import shlex
 
 from . import ssh
 from .backend import (Backend, Check, ListedVm, Machine, Owner, PreparedImages, ResumableMachine, SealableMachine,
-                      SshTarget)
+                      SshTarget, backoff, sleep_or_cancel)
 from .errors import Cancelled, CommandTimeout, NoLongerNeeded, NoSlot, PreflightError, StageError
 from .proc import tail_file, which
 from .tart import INSTALL_HINT, Tart, TartError
@@ -40,20 +40,6 @@ PRIVACY_PROBE_AFTER = 5.0  # port 22 failing this long: ask the agent whether th
 PRIVACY_GRACE = 5.0  # the agent answers but port 22 still fails this much later: blocked
 MACOS_VM_LIMIT = 2  # Apple's limit of running macOS guests per host
 STANDIN_HINT = "no Mac? the stand-in makes its base with: tart create {base}"
-
-
-def backoff(poll: float, first: float = 0.02):
-    """Polling intervals: 20 ms at first, doubling up to ``poll``. A guest that is up within
-    moments is noticed within moments; a slow boot still sees one poll per ``poll`` seconds."""
-    delay = min(first, poll)
-    while True:
-        yield delay
-        delay = min(delay * 2, poll)
-
-
-def sleep_or_cancel(seconds: float, cancel: threading.Event) -> None:
-    if cancel.wait(max(0.0, seconds)):
-        raise Cancelled("the run is stopping")
 
 
 def is_standin(version: str) -> bool:

@@ -26,7 +26,6 @@ attributes will do.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -41,6 +40,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from .results.model import format_duration
 from .visible import visible
 
 
@@ -90,17 +90,9 @@ Verdict = Union[str, Callable[[Optional[SummaryView], float], str]]
 
 # -- formatting ----------------------------------------------------------------
 def format_seconds(seconds: Optional[float]) -> str:
-    """A duration for the summary: ``0.42s``, ``12.30s``, ``1m05s``, ``2h03m04s``."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        seconds = 0.0
-    if seconds < 60:
-        return "{:.2f}s".format(seconds)
-    whole = int(round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return "{}h{:02d}m{:02d}s".format(hours, minutes, secs)
-    return "{}m{:02d}s".format(minutes, secs)
+    """A duration for the summary: ``0.42s``, ``12.30s``, ``1m05s``, ``2h03m04s`` (the
+    results model's ``format_duration``; None shows as ``0.00s``)."""
+    return format_duration(0.0 if seconds is None else seconds)
 
 
 def format_clock(seconds: float) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +64,6 @@ def _generate_key(key_dir: Path, comment: str) -> RunKey:
     known_hosts = key_dir / "known_hosts"
     known_hosts.touch(mode=0o600)
     return RunKey(key_dir, private, public_line, known_hosts)
-
-
-def key_is_private(key: RunKey) -> bool:
-    return (stat.S_IMODE(key.dir.stat().st_mode) == 0o700
-            and stat.S_IMODE(key.private.stat().st_mode) == 0o600)
 
 
 def sshd_banner(host: str, timeout: float = 2.0) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from . import images
+from .backend import sleep_or_cancel
 from .errors import Cancelled, PreflightError, StageError, VmtasksError
 from .pipeline import Stage, StageRunner
 from .tart import Tart
@@ -102,8 +103,6 @@ class SlotContext:
 
 def slot_stages(services, tart: Tart, plan) -> List[Stage]:
     """One suspended slot copy, as a stage table (walked by the same StageRunner as a VM)."""
-    from .machine_tart import sleep_or_cancel
-
     cfg = services.cfg
 
     def clone(ctx: SlotContext) -> None:

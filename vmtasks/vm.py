@@ -182,15 +182,15 @@ class VmPipeline:
                       cfg.guest.tool_dir, " (prepared image: setup steps already done)" if self.prepared
                       else ", run the setup steps"),
                   self._setup, "setup", lambda ctx: [] if self.prepared else list(cfg.setup)),
-            Stage("sync", "rsync the project tree{}".format(" and the test binaries" if queue and testing else ""),
+            Stage("sync", "rsync the project tree{}".format(" and the test binaries" if queue is not None and testing else ""),
                   self._sync, "sync", lambda ctx: [" ".join(q(a) for a in self._rsync_argv(placeholder=True))],
                   enabled=lambda ctx: testing or bool(cfg.prepare)),
             Stage("suite", "run the suite in the guest over SSH, stream its events home", self._suite, "suite",
                   lambda ctx: ["ssh: " + inner_command(cfg, self.test)],
-                  enabled=lambda ctx: testing and not queue),
+                  enabled=lambda ctx: testing and queue is None),
             Stage("tests", "take tests from the shared queue, longest first, until it is empty", self._tests,
-                  None, lambda ctx: ["ssh: " + queue.command_for_display(cfg)] if queue else [],
-                  enabled=lambda ctx: testing and bool(queue)),
+                  None, lambda ctx: ["ssh: " + queue.command_for_display(cfg)] if queue is not None else [],
+                  enabled=lambda ctx: testing and queue is not None),
             Stage("prepare", "the config's prepare steps (warm caches from the synced tree)", self._prepare_steps,
                   "prepare", lambda ctx: list(cfg.prepare), enabled=lambda ctx: not testing and bool(cfg.prepare)),
             Stage("seal", "remove the build's key, flush the disks, stop, become the image",
@@ -379,14 +379,14 @@ class VmPipeline:
                                compress=self.cfg.sync.compress, proxy_command=proxy, delete=delete)
 
     def _sync(self, ctx: VmContext) -> None:
-        dirs = [self.cfg.guest.dir] + ([self.queue.guest_bin_dir(self.cfg)] if self.queue else [])
+        dirs = [self.cfg.guest.dir] + ([self.queue.guest_bin_dir(self.cfg)] if self.queue is not None else [])
         mkdir = "mkdir -p " + " ".join(shlex.quote(d) for d in dirs)
         result = self.remote(mkdir, self.cfg.timeouts.sync)
         if result.exit_code != 0:
             raise StageError("sync", self.name, "cannot create {} in the guest".format(self.cfg.guest.dir),
                              "check guest.dir in the config", result.output.splitlines()[-15:])
         argvs = [self._rsync_argv()]
-        if self.queue:
+        if self.queue is not None:
             argvs.append(self._rsync_argv(source=self.queue.bin_dir, dest=dirs[1], excludes=[]))
         for argv in argvs:
             left = max(1.0, ctx.deadline - time.monotonic())
