@@ -191,7 +191,8 @@ def test_the_queued_command_notes_its_pid_only_when_asked(tmp_path):
     package = gotest.Package("p", ".", "p.test")
     queue = TestQueue([gotest.TestItem(package, "TestA")], gotest.GoSuite((".",), (), (), None), tmp_path, True, [])
     assert queue.command_for(cfg, queue.items[0]).startswith("cd ")
-    assert queue.command_for(cfg, queue.items[0], pid_file='"$HOME"/x.pid').startswith('echo $$ 2>/dev/null >"$HOME"/x.pid; cd ')
+    assert queue.command_for(cfg, queue.items[0], pid_file='"$HOME"/x.pid').startswith(
+        'echo $$ 2>/dev/null >"$HOME"/x.pid; cd ')
 
 
 def test_one_listing_parser_for_the_queue_the_shard_and_a_one_vm_run():

@@ -31,7 +31,8 @@ def dead_pid() -> int:
 def lease_for(ledger, vm, pid=None, keep=False, start=None, created=None):
     lease = ledger.new_lease(vm, vm.rsplit("-", 1)[-1], keep=keep, base="tahoe-base")
     if pid is not None:
-        lease = Lease(**dict(lease.__dict__, pid=pid, pid_start=start if start is not None else (process_start_time(pid) or "gone")))
+        started = start if start is not None else (process_start_time(pid) or "gone")
+        lease = Lease(**dict(lease.__dict__, pid=pid, pid_start=started))
     if created is not None:
         lease = Lease(**dict(lease.__dict__, created=created))
     ledger.write(lease)

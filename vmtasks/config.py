@@ -275,8 +275,8 @@ _DEFAULTS = _Layer("built-in defaults", {}, Path("."), lambda key: "built-in def
 
 def _resolve(f: dataclasses.Field) -> Any:
     """The default value of a field (dataclass fields use a factory)."""
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return f.default
 
 
@@ -598,7 +598,7 @@ def locate(
         # Otherwise it is Invoke's own config: Invoke merged its vmtasks: section already.
     if explicit:
         path = _explicit(explicit, cwd, "--config")
-        if runtime_is_ours and path.resolve() != runtime_config.resolve():
+        if runtime_is_ours and runtime_config is not None and path.resolve() != runtime_config.resolve():
             raise ConfigError("two config files given: --config {} and invoke -f {}".format(path, runtime_config),
                               "pass only one of them")
         return path, _section_layer(section)

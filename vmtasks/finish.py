@@ -49,7 +49,7 @@ class RunEnd:
     def finish(self) -> int:
         """Merge, not-run, exit code, result files, summary; returns the exit code."""
         interrupted = self.signal is not None
-        if interrupted:
+        if self.signal is not None:
             self.reporter.error(Interrupted(self.signal, self.interrupted_at).render())
         if self.request.only_prepare:
             return self._finish_prepare(interrupted)
@@ -82,7 +82,7 @@ class RunEnd:
                            failed_tests=results.failed_tests(summary) if summary is not None else [],
                            test=self.request.test, interrupted=interrupted)
         seconds = self.record.total_seconds()
-        stopped_by = signal.Signals(self.signal).name if interrupted else ""
+        stopped_by = signal.Signals(self.signal).name if self.signal is not None else ""
         verdict = results.verdict_line(summary, seconds, stopped_by) if summary is not None else \
             "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
         view = SummaryView(summary) if summary is not None else None

@@ -54,15 +54,18 @@ def split_listing(names) -> Tuple[List[str], List[str]]:
     return tests, rejected
 
 
-class TestId(NamedTuple):
+class _TestIdFields(NamedTuple):
+    package: str
+    name: str
+
+
+class TestId(_TestIdFields):
     """One top-level test, the one identity everywhere (the queue, --shard, the durations,
     the results): its Go package and name. A ``(package, name)`` tuple; sorts by package,
     then name."""
 
+    __slots__ = ()
     __test__ = False  # not a pytest test class despite the name
-
-    package: str
-    name: str
 
     def __str__(self) -> str:
         return "%s.%s" % (self.package, self.name) if self.package else self.name
@@ -241,8 +244,10 @@ def compile_package(runner, project_dir: str, suite: GoSuite, package: Package, 
     argv = ["go", "test", "-c", "-o", str(bin_dir / package.binary)] + list(suite.build_flags) + [package.import_path]
     done = runner.run(argv, timeout=timeout, cwd=project_dir, cancel=cancel)
     if not done.ok:
-        raise StageError("compile", "host", "`go test -c` for {} exited {}".format(package.import_path, done.returncode),
-                         "the suite does not build: fix it, then run again", (done.stderr + done.stdout).splitlines()[-15:])
+        raise StageError("compile", "host", "`go test -c` for {} exited {}".format(
+                             package.import_path, done.returncode),
+                         "the suite does not build: fix it, then run again",
+                         (done.stderr + done.stdout).splitlines()[-15:])
 
 
 def host_env() -> Dict[str, str]:

@@ -10,7 +10,7 @@ import os
 import re
 import shlex
 import subprocess
-from typing import List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 from .config import Config
 from .errors import NotInVm, VmtasksError
@@ -45,7 +45,7 @@ def suite_argv(cfg: Config, test: Optional[str] = None, json_output: bool = Fals
         except ValueError:
             at = len(template)
         template.insert(min(at, len(template)), "-json")
-    return [test if word == "{test}" else word for word in template]
+    return [test if test is not None and word == "{test}" else word for word in template]
 
 
 def run_suite(cfg: Config, test: Optional[str], json_output: bool,
@@ -98,7 +98,7 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
         print("vmtasks: {} shards for {} tests: shards {}..{} are empty and pass; fewer CI jobs would do".format(
             n, len(tests), len(tests) + 1, n), file=sys.stderr)
     code = 0
-    by_package = {}
+    by_package: Dict[str, List[str]] = {}
     for t in mine:
         by_package.setdefault(t.package, []).append(t.name)
     for package, names in sorted(by_package.items()):

@@ -201,7 +201,7 @@ class TartMachine(Machine, SealableMachine, ResumableMachine):
                     self.ip = self.tart.ip(self.name, timeout=max(5, poll * 5), cancel=cancel)
                 if self.ip and outcome == "mac reset" and self.ip == stale_ip:
                     self.ip = None  # our old MAC's lease: the address of the VM that has it now
-                if self.ip and outcome == "resumed" and time.monotonic() - resumed_at < RESUME_SETTLE \
+                if self.ip and resumed_at is not None and time.monotonic() - resumed_at < RESUME_SETTLE \
                         and not ssh.sshd_banner(self.ip, timeout=0.5):
                     self.ip = None  # the start after a restore can still fail at the VM limit
                 if self.ip and self.proc.poll() is None:
@@ -211,7 +211,7 @@ class TartMachine(Machine, SealableMachine, ResumableMachine):
                     if not self.boot_path or outcome == "resumed":
                         self.boot_path = {"resumed": "resumed",
                                           "mac reset": "cold boot: another VM runs with the slot's MAC"}.get(
-                            outcome, self.boot_path or "cold boot")
+                            outcome or "", self.boot_path or "cold boot")
                     return
                 if time.monotonic() > boot_deadline:
                     why = ("no IP address after {:g}s".format(self.cfg.timeouts.boot) if outcome is not None else
@@ -289,7 +289,7 @@ class TartMachine(Machine, SealableMachine, ResumableMachine):
         agent_up_at: Optional[float] = None
         last_probe = 0.0
         while True:
-            error = connect_error(self.ip, timeout=min(2.0, max(0.2, deadline - time.monotonic())))
+            error = connect_error(self.ip or "", timeout=min(2.0, max(0.2, deadline - time.monotonic())))
             if error is None:
                 return
             self.require_alive("ip+ssh")
@@ -350,7 +350,7 @@ class TartMachine(Machine, SealableMachine, ResumableMachine):
 
     # -- SSH ---------------------------------------------------------------
     def open_socket(self, timeout: float) -> socket.socket:
-        return ssh.nodelay_socket(self.ip, timeout)
+        return ssh.nodelay_socket(self.ip or "", timeout)
 
     def ssh_target(self) -> SshTarget:
         return SshTarget(self.ip or "")

@@ -41,7 +41,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .backend import Backend, Check, ListedVm, Machine, Owner, SshTarget, backoff
 from .config import excerpt, orchard_url_problem
@@ -325,7 +325,7 @@ class OrchardClient:
         http = self.endpoint("vms/{}/port-forward".format(urllib.parse.quote(vm, safe="")),
                              {"port": str(port), "wait": str(max(0, int(wait)))})
         url = "ws" + http[len("http"):]
-        options = dict(additional_headers=self._headers(), ssl=self._ssl,
+        options: Dict[str, Any] = dict(additional_headers=self._headers(), ssl=self._ssl,
                        open_timeout=open_timeout + max(0, int(wait)), compression=None, max_size=None,
                        ping_interval=20, ping_timeout=20, close_timeout=2)
         if "legacy" in inspect.signature(connect).parameters:
@@ -745,6 +745,7 @@ def delete_vm(client: OrchardClient, name: str, timeout: float = 0.0, max_wait: 
     deadline = time.monotonic() + timeout
     waits = backoff(max_wait, first=0.2)
     attempts = 0
+    error: BackendError
     while True:
         attempts += 1
         remaining = deadline - time.monotonic()

@@ -6,7 +6,8 @@ vmtasks/run.py and vmtasks/vm.py). Each entry has a name, the function that does
 ``StageRunner`` is the only code that times a stage, records it, reports it and turns its
 errors into a ``StageError``; ``--dry-run`` walks the same tables, so the plan lists the
 stages the run takes (tests/test_run.py checks the order; each stage's commands are its
-own ``commands`` text, or what the machine says it runs). Nothing here is module-level state: several VMs' pipelines run at once.
+own ``commands`` text, or what the machine says it runs). Nothing here is module-level
+state: several VMs' pipelines run at once.
 """
 
 from __future__ import annotations

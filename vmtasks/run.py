@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import sys
 import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from . import gotest, orphans, results, schedule
 from .backend import Owner, PreparedImages, ResumableMachine
@@ -80,7 +79,7 @@ class Run:
         self._bundle: Optional[bytes] = None
         self._bundle_lock = threading.Lock()
         self.expected: List[gotest.TestItem] = []
-        self.listed_tests: Optional[List[Tuple[str, str]]] = None  # one VM: the tests that count
+        self.listed_tests: Optional[List[gotest.TestId]] = None  # one VM: the tests that count
         self.listed = None
         self.bin_dir: Optional[Path] = None
         self.guard = SignalGuard(self.cancel, in_teardown=self._in_teardown)
@@ -153,24 +152,24 @@ class Run:
                     self.exit_code = exc.exit_code
                     self.reporter.error(exc.render())
                     self.vm_errors.append(exc.message)
-                except Exception:  # a bug: stop the VMs, keep its traceback, still finish
+                except Exception as exc:  # a bug: stop the VMs, keep its traceback, still finish
                     self.cancel.set()
-                    self._note_bug("run")
+                    self._note_bug("run", exc)
                 finally:
                     self._wait_for_teardown()
                 self._announce_signals()
                 return self._finish()
-            except Exception:  # a bug in the merge or the result files: the record still ends
-                self._note_bug("finish")
+            except Exception as exc:  # a bug in the merge or the result files: the record still ends
+                self._note_bug("finish", exc)
                 return self._finish_after_bug()
 
-    def _note_bug(self, where: str) -> None:
+    def _note_bug(self, where: str, exc: Exception) -> None:
         """An unexpected error outside any stage: its traceback goes to errors.log."""
         text = traceback.format_exc()
         path = self.record.note_traceback("host", where, text)
         if getattr(self.reporter, "verbose", False):
             self.reporter.error(text.rstrip())
-        error = VmtasksError("unexpected error ({}): {}".format(where, describe_unexpected(sys.exc_info()[1])),
+        error = VmtasksError("unexpected error ({}): {}".format(where, describe_unexpected(exc)),
                              "this is a bug in vmtasks; the traceback is in " + path)
         self.reporter.error(error.render())
         self.vm_errors.append(error.message)
@@ -336,7 +335,8 @@ class Run:
         prefix = self.cfg.vm.name_prefix
         # We hold the build lock: a VM under this build's name is a dead build's.
         for vm in images.leftover_builds(listing, prefix):
-            if images.parse_building(prefix, vm.name).hash == plan.hash:
+            building = images.parse_building(prefix, vm.name)
+            if building is not None and building.hash == plan.hash:
                 self.backend.remove(vm.name, self.cfg.timeouts.teardown)
                 self.ledger.remove(vm.name)
         self.reporter.info("   building prepared image {}: {}".format(plan.name, plan.why))

@@ -123,6 +123,7 @@ def slot_stages(services, tart: Tart, plan) -> List[Stage]:
         if not tart.suspend(ctx.temp):
             raise StageError("suspend", ctx.temp, "this Tart cannot suspend VMs (needs macOS 14+)",
                              "runs boot the prepared image cold")
+        assert ctx.proc is not None  # the boot stage started it
         try:
             code = ctx.proc.wait(timeout=max(0.0, ctx.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:

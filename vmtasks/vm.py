@@ -15,7 +15,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import gotest, results, ssh, sync
 from .backend import Machine, SealableMachine
@@ -24,7 +24,8 @@ from .pipeline import Stage, StageRunner
 from .queue import TestQueue
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-GUEST_TASKS = '"""vmtasks in the guest: the collection, from the bundled package."""\nfrom vmtasks.tasks import ns  # noqa: F401\n'
+GUEST_TASKS = ('"""vmtasks in the guest: the collection, from the bundled package."""\n'
+               "from vmtasks.tasks import ns  # noqa: F401\n")
 
 
 def tool_bundle(cfg) -> bytes:
@@ -144,7 +145,7 @@ class VmPipeline:
 
     def __init__(self, services: VmServices, name: str, machine: Machine, *, image: str, prepared: bool = False,
                  own_folder: bool = False, test: Optional[str] = None,
-                 expected: Optional[List[Tuple[str, str]]] = None, building=None) -> None:
+                 expected: Optional[Sequence[Tuple[str, str]]] = None, building=None) -> None:
         self.services = services
         self.cfg = services.cfg
         self.queue = services.queue if building is None else None
@@ -182,7 +183,8 @@ class VmPipeline:
                       cfg.guest.tool_dir, " (prepared image: setup steps already done)" if self.prepared
                       else ", run the setup steps"),
                   self._setup, "setup", lambda ctx: [] if self.prepared else list(cfg.setup)),
-            Stage("sync", "rsync the project tree{}".format(" and the test binaries" if queue is not None and testing else ""),
+            Stage("sync", "rsync the project tree{}".format(
+                      " and the test binaries" if queue is not None and testing else ""),
                   self._sync, "sync", lambda ctx: [" ".join(q(a) for a in self._rsync_argv(placeholder=True))],
                   enabled=lambda ctx: testing or bool(cfg.prepare)),
             Stage("suite", "run the suite in the guest over SSH, stream its events home", self._suite, "suite",
@@ -274,10 +276,15 @@ class VmPipeline:
     def _wait_ssh(self, ctx: VmContext) -> None:
         ctx.machine.wait_ssh(ctx.deadline, self.services.cancel)
 
+    def _run_key(self) -> ssh.RunKey:
+        """The VM's key (made in the clone stage, before any stage that needs it)."""
+        assert self.ctx.key is not None
+        return self.ctx.key
+
     def _key(self, ctx: VmContext) -> None:
-        ctx.machine.install_key(ctx.key.public_line, ctx.deadline, self.services.cancel)
+        ctx.machine.install_key(self._run_key().public_line, ctx.deadline, self.services.cancel)
         target = ctx.machine.ssh_target()
-        ctx.conn = ssh.open_when_ready(ctx.machine.open_socket, target.host, self.cfg.vm.user, ctx.key,
+        ctx.conn = ssh.open_when_ready(ctx.machine.open_socket, target.host, self.cfg.vm.user, self._run_key(),
                                        ctx.deadline, min(self.cfg.timeouts.poll, 0.5), self.services.cancel)
 
     def remote(self, command: str, timeout: float, on_output=None, stdin: Optional[bytes] = None) -> ssh.RemoteResult:
@@ -344,7 +351,8 @@ class VmPipeline:
         if not isinstance(ctx.machine, SealableMachine):
             raise StageError("seal", self.name, "this backend cannot make prepared images")
         ctx.machine.seal(self.building.name, self.cfg.timeouts.teardown)
-        images.save_record(self.services.ledger.state_dir, self.building.name, self.building.inputs, self.services.run_id,
+        images.save_record(self.services.ledger.state_dir, self.building.name, self.building.inputs,
+                           self.services.run_id,
                            config=self.cfg.source)
         ctx.exit_code = 0
         ctx.stage_note = "image " + self.building.name
@@ -370,7 +378,7 @@ class VmPipeline:
             target = ctx.machine.ssh_target()
             host, proxy = target.host or "<vm address>", target.proxy_command
         else:
-            key = ctx.key
+            key = self._run_key()
             target = ctx.machine.ssh_target()
             host, proxy = target.host, target.proxy_command
         return sync.rsync_argv(source or Path(self.cfg.project_dir), self.cfg.vm.user, host,
@@ -488,6 +496,7 @@ class VmPipeline:
         """Queue mode: run one test at a time from the shared queue until it is empty. A test
         that outlives timeouts.test is killed and failed; the VM takes the next one."""
         queue = self.queue
+        assert queue is not None  # the stage runs only with a queue
         pid_file = running_pid_file(self.cfg)
         while not self.services.cancel.is_set():
             item = queue.take(self.name)
@@ -543,7 +552,7 @@ class VmPipeline:
         ctx.lease = dataclasses.replace(ctx.lease, keep=True)
         self.services.ledger.write(ctx.lease)
         target = ctx.machine.ssh_target()
-        attach = ssh.attach_command(target.host, self.cfg.vm.user, ctx.key, target.proxy_command)
+        attach = ssh.attach_command(target.host, self.cfg.vm.user, self._run_key(), target.proxy_command)
         self.services.reporter.vm_kept(self.name, attach, self.remove_command())
 
     def remove_command(self) -> str:
