@@ -41,12 +41,12 @@ class FakeTest:
 
 @dataclass
 class FakeSummary:
-    tests: List[FakeTest]
-    package_errors: Dict[str, str] = field(default_factory=dict)
+    results: List[FakeTest]
+    package_failures: Dict[str, str] = field(default_factory=dict)
 
 
 def verdict(summary, seconds):
-    return "DONE {} tests in {:.1f}s".format(len(summary.tests) if summary else 0, seconds)
+    return "DONE {} tests in {:.1f}s".format(len(summary.results) if summary else 0, seconds)
 
 
 def piped(**kwargs):
@@ -169,14 +169,14 @@ def test_guest_escapes_arrive_visible_and_markup_is_literal():
 
 # -- the summary -----------------------------------------------------------------
 def two_vm_summary() -> FakeSummary:
-    return FakeSummary(tests=[
+    return FakeSummary(results=[
         FakeTest("TestLong", "pass", 10.0, vm="vm-1", started=100.0),
         FakeTest("TestFail", "fail", 2.0, "want 1\ngot 2", vm="vm-2", started=100.0,
                  subtests=[FakeTest("TestFail/a", "pass", 0.5), FakeTest("TestFail/b", "fail", 1.0)]),
         FakeTest("TestQuick", "pass", 0.01, vm="vm-2", started=102.0),
         FakeTest("TestCut", "interrupted", 3.0, "signal: interrupt", vm="vm-2", started=103.0),
         FakeTest("TestNever", "notrun"),
-    ], package_errors={"example.com/broken": "broken.go:3: undefined: x"})
+    ], package_failures={"example.com/broken": "broken.go:3: undefined: x"})
 
 
 def test_summary_goes_to_stdout_and_equals_the_record(tmp_path):
@@ -349,7 +349,7 @@ DRIVER = textwrap.dedent("""
 
     @dataclass
     class S:
-        tests: list; package_errors: dict = field(default_factory=dict)
+        results: list; package_failures: dict = field(default_factory=dict)
 
     guest = "Test\\x1b[31mred\\x1b]0;pwned\\x07"
     LONG = {long!r}

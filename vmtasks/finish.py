@@ -15,14 +15,6 @@ from .errors import Interrupted, NoSlot, VmtasksError
 EXIT_NO_TESTS = 5  # as pytest: nothing was collected / ran
 
 
-class SummaryView:
-    """The results model as the reporter reads it (vmtasks/report.py SummaryView)."""
-
-    def __init__(self, summary) -> None:
-        self.tests = summary.results
-        self.package_errors = summary.package_failures
-
-
 @dataclass
 class RunEnd:
     """What the end of a run reads: the request, the record and reporter, the VM pipelines
@@ -85,16 +77,15 @@ class RunEnd:
         stopped_by = signal.Signals(self.signal).name if self.signal is not None else ""
         verdict = results.verdict_line(summary, seconds, stopped_by) if summary is not None else \
             "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
-        view = SummaryView(summary) if summary is not None else None
         extra = self.notes + ([self.record.incomplete()] if self.record.incomplete() else [])
         if self.request.rerun_source:
             extra.append("rerun of the failed tests of " + self.request.rerun_source)
-        text = self.reporter.run_done(view, seconds, verdict, str(self.record.dir), extra)
+        text = self.reporter.run_done(summary, seconds, verdict, str(self.record.dir), extra)
         self.record.write_text("summary.txt", text)
-        if view is not None and self.vm_count > 1:
+        if summary is not None and self.vm_count > 1:
             from .report import timeline_text
 
-            self.record.write_text("timeline.txt", timeline_text(view))
+            self.record.write_text("timeline.txt", timeline_text(summary))
         self.record.prune(self.cfg.records.keep_last)
         return code
 

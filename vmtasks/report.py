@@ -20,8 +20,8 @@ event, so several per-VM pipelines can report from their own threads at once.
   record's ``commands.log``.
 
 The reporter reads a summary through a small duck type (:class:`SummaryView`,
-:class:`TestView`), so it does not depend on the results package; any object with those
-attributes will do.
+:class:`TestView`) with the results model's own names, so the model is read as it is
+(nothing renames it) and the reporter does not import the results package.
 """
 
 from __future__ import annotations
@@ -77,12 +77,16 @@ class TestView(Protocol):
 
 
 class SummaryView(Protocol):
-    """A run's results as the reporter reads them: ``tests`` (top-level, each a
-    :class:`TestView`) and ``package_errors`` (package -> output: build errors, a failing
+    """A run's results as the reporter reads them, the results model's own names
+    (vmtasks/results/model.py ``Summary``): ``results`` (top-level, each a
+    :class:`TestView`) and ``package_failures`` (package -> output: build errors, a failing
     ``TestMain``, a package that never finished)."""
 
-    tests: Sequence[TestView]
-    package_errors: Mapping[str, str]
+    @property
+    def results(self) -> Sequence[TestView]: ...
+
+    @property
+    def package_failures(self) -> Mapping[str, str]: ...
 
 
 Verdict = Union[str, Callable[[Optional[SummaryView], float], str]]
@@ -171,7 +175,7 @@ class VmShare:
 
 def vm_shares(summary: SummaryView) -> List[VmShare]:
     """The per-VM balance of a run, in VM name order (tests with no VM are left out)."""
-    tests = [t for t in summary.tests if getattr(t, "vm", "")]
+    tests = [t for t in summary.results if getattr(t, "vm", "")]
     timed = _spans(tests)
     window = (min(s for s, _, _ in timed), max(e for _, e, _ in timed)) if timed else None
     shares = []
@@ -208,8 +212,8 @@ def summary_lines(summary: Optional[SummaryView], seconds: float, verdict_text: 
     """
     lines: List[Text] = []
     if summary is not None:
-        tests = list(summary.tests)
-        errors = dict(getattr(summary, "package_errors", None) or {})
+        tests = list(summary.results)
+        errors = dict(summary.package_failures)
         several_vms = len({t.vm for t in tests if getattr(t, "vm", "")}) > 1
         lines += _count_lines(tests, errors, seconds)
         if several_vms:
@@ -321,7 +325,7 @@ def _problem_lines(tests: Sequence[TestView], errors: Mapping[str, str], several
 def timeline_text(summary: SummaryView) -> str:
     """Which VM ran which test and when, one test a line in start order (for the run
     record): start offset, elapsed, status, VM, package, name. Tests that never ran last."""
-    tests = list(summary.tests)
+    tests = list(summary.results)
     ran = _spans(tests)
     origin = ran[0][0] if ran else 0.0
     rows = []
