@@ -503,7 +503,7 @@ class Bench:
         """The sync stage alone (VmPipeline._sync: its `mkdir -p` over the run's SSH
         connection, then rsync) against one plain `rsync -a` with the same ssh options (the
         same pinned known_hosts), alternating, into fresh directories of one VM. The stage
-        runs in a real pipeline of a real Run (factory.Parts, a quiet Reporter), on a VM the
+        runs in a real pipeline with a real Run's services (factory.Parts, a quiet Reporter), on a VM the
         floor's way brought up; its record is never created, so nothing is logged."""
         from vmtasks import factory, ssh
         from vmtasks.report import Reporter
@@ -522,7 +522,7 @@ class Bench:
             run = Run(parts, RunRequest(), run_id="bench-sync")
             machine = parts.backend.machine(vm, parts.owner(run.run_id), cfg)
             machine.ip = ip  # what its boot stage would have found
-            pipeline = VmPipeline(run, vm, machine)
+            pipeline = VmPipeline(run.services(), vm, machine, image=cfg.vm.base)
             conn = ssh.open_when_ready(machine.open_socket, ip, cfg.vm.user, key, time.monotonic() + 30, 0.05)
             ssh.remote_exec(conn, "true", timeout=30)  # in a run, setup has used the connection already
             pipeline.ctx.key, pipeline.ctx.conn = key, conn
