@@ -38,7 +38,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -112,13 +111,12 @@ class Bench:
     def tunnel(self, reps: int) -> dict:
         from vmtasks import ssh
         from vmtasks.backend import Owner
-        from vmtasks.ledger import process_start_time
         from vmtasks.orchard import OrchardBackend, load_settings
 
         settings = load_settings(env=dict(self.fleet.env(), HOME=str(self.home)))
         backend = OrchardBackend(settings, "tahoe-base", prefix="bench", poll=0.1, probe_image=False)
         key = ssh.generate_key(self.root / "tunnel-key", "vmtasks bench")
-        owner = Owner("bench", socket.gethostname(), "root", os.getpid(), process_start_time(os.getpid()) or "")
+        owner = Owner.this_process("bench")
         machine = backend.machine("bench-tunnel-1", owner, None, public_key=key.public_line)
         cancel = threading.Event()
         deadline = time.monotonic() + 60
