@@ -9,8 +9,10 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 from vmtasks.visible import visible
@@ -41,8 +43,20 @@ class FakeTest:
 
 @dataclass
 class FakeSummary:
+    """The results model's shape (results.Summary): its tests, package failures and counts."""
+
     results: List[FakeTest]
     package_failures: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def counts(self):
+        return fake_counts(self.results)
+
+
+def fake_counts(tests):
+    by = Counter(t.status for t in tests)
+    return SimpleNamespace(passed=by["pass"], failed=by["fail"], skipped=by["skip"], interrupted=by["interrupted"],
+                           notrun=by["notrun"])
 
 
 def verdict(summary, seconds):
@@ -350,6 +364,13 @@ DRIVER = textwrap.dedent("""
     @dataclass
     class S:
         results: list; package_failures: dict = field(default_factory=dict)
+
+        @property
+        def counts(self):
+            from types import SimpleNamespace
+            n = lambda status: sum(t.status == status for t in self.results)  # noqa: E731
+            return SimpleNamespace(passed=n("pass"), failed=n("fail"), skipped=n("skip"),
+                                   interrupted=n("interrupted"), notrun=n("notrun"))
 
     guest = "Test\\x1b[31mred\\x1b]0;pwned\\x07"
     LONG = {long!r}

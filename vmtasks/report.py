@@ -88,6 +88,19 @@ class SummaryView(Protocol):
     @property
     def package_failures(self) -> Mapping[str, str]: ...
 
+    @property
+    def counts(self) -> "CountsView": ...
+
+
+class CountsView(Protocol):
+    """The model's top-level counts (``results.Counts``): the summary's rows read them."""
+
+    passed: int
+    failed: int
+    skipped: int
+    interrupted: int
+    notrun: int
+
 
 Verdict = Union[str, Callable[[Optional[SummaryView], float], str]]
 
@@ -215,7 +228,7 @@ def summary_lines(summary: Optional[SummaryView], seconds: float, verdict_text: 
         tests = list(summary.results)
         errors = dict(summary.package_failures)
         several_vms = len({t.vm for t in tests if getattr(t, "vm", "")}) > 1
-        lines += _count_lines(tests, errors, seconds)
+        lines += _count_lines(tests, summary.counts, errors, seconds)
         if several_vms:
             lines += _vm_lines(summary)
         lines += _slow_lines(tests, slow_threshold, several_vms)
@@ -231,18 +244,18 @@ def _row(what: str, value: str, style: str = "") -> Text:
     return Text("{:<12} {}".format(what, value), style=style)
 
 
-def _count_lines(tests: Sequence[TestView], errors: Mapping[str, str], seconds: float) -> List[Text]:
-    counts = _status_counts(tests)
+def _count_lines(tests: Sequence[TestView], counts: CountsView, errors: Mapping[str, str],
+                 seconds: float) -> List[Text]:
     lines = [Text("e2e results", style="bold"),
              _row("tests", str(len(tests))),
-             _row("passed", str(counts["pass"]), "green" if counts["pass"] else ""),
-             _row("failed", str(counts["fail"]), "bold red" if counts["fail"] else ""),
-             _row("skipped", str(counts["skip"]))]
+             _row("passed", str(counts.passed), "green" if counts.passed else ""),
+             _row("failed", str(counts.failed), "bold red" if counts.failed else ""),
+             _row("skipped", str(counts.skipped))]
     # Rows that only matter when they are not zero.
-    if counts["interrupted"]:
-        lines.append(_row("interrupted", str(counts["interrupted"]), "yellow"))
-    if counts["notrun"]:
-        lines.append(_row("not run", str(counts["notrun"]), "bold red"))
+    if counts.interrupted:
+        lines.append(_row("interrupted", str(counts.interrupted), "yellow"))
+    if counts.notrun:
+        lines.append(_row("not run", str(counts.notrun), "bold red"))
     if errors:
         lines.append(_row("errors", "{} (package or build)".format(len(errors)), "bold red"))
     subtests = [sub for test in tests for sub in _all_subtests(test)]
