@@ -503,7 +503,7 @@ class Bench:
         """The sync stage alone (VmPipeline._sync: its `mkdir -p` over the run's SSH
         connection, then rsync) against one plain `rsync -a` with the same ssh options (the
         same pinned known_hosts), alternating, into fresh directories of one VM. The stage
-        runs in a real pipeline of a real Run (factory.Parts, a quiet Reporter), on a VM the
+        runs in a real pipeline with a real Run's services (factory.Parts, a quiet Reporter), on a VM the
         floor's way brought up; its record is never created, so nothing is logged."""
         from vmtasks import factory, ssh
         from vmtasks.report import Reporter
@@ -522,7 +522,7 @@ class Bench:
             run = Run(parts, RunRequest(), run_id="bench-sync")
             machine = parts.backend.machine(vm, parts.owner(run.run_id), cfg)
             machine.ip = ip  # what its boot stage would have found
-            pipeline = VmPipeline(run, vm, machine)
+            pipeline = VmPipeline(run.services(), vm, machine, image=cfg.vm.base)
             conn = ssh.open_when_ready(machine.open_socket, ip, cfg.vm.user, key, time.monotonic() + 30, 0.05)
             ssh.remote_exec(conn, "true", timeout=30)  # in a run, setup has used the connection already
             pipeline.ctx.key, pipeline.ctx.conn = key, conn
@@ -542,7 +542,8 @@ class Bench:
                                                "{}@{}:{}/".format(cfg.vm.user, ip, dest)],
                                               capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
                         if done.returncode != 0:
-                            raise Abort("plain rsync exited {}: {}".format(done.returncode, done.stderr.decode()[-500:]))
+                            raise Abort("plain rsync exited {}: {}".format(
+                                done.returncode, done.stderr.decode()[-500:]))
                     rows[kind].append(time.monotonic() - t)
                     ssh.remote_exec(conn, "rm -rf " + shlex.quote(dest), timeout=600)  # keep the VM small
         finally:
@@ -677,7 +678,8 @@ class Bench:
                 shutil.rmtree(str(record), ignore_errors=True)  # 200 MB of tmpfs each
             out[str(mb)] = {"printed_mb": mb, "line_bytes": self.opts.big_line, "rows": rows,
                             "median": {k: median(r[k] for r in rows)
-                                       for k in ("total", "peak_rss_mb", "maxrss_mb", "streamed_bytes", "suite", "cpu_s")}}
+                                       for k in ("total", "peak_rss_mb", "maxrss_mb", "streamed_bytes", "suite",
+                                                 "cpu_s")}}
         shutil.rmtree(str(tree))
         return out
 
@@ -727,7 +729,8 @@ def summarize(entry) -> None:
         "rsync in floor": median(f["sync"] for _, f in pairs),
         "sync": median(entry["sync_alone"]["sync stage"]),
         "rsync": median(entry["sync_alone"]["plain rsync"]),
-        "sync/rsync": median(a / b for a, b in zip(entry["sync_alone"]["sync stage"], entry["sync_alone"]["plain rsync"])),
+        "sync/rsync": median(a / b for a, b in zip(entry["sync_alone"]["sync stage"],
+                                                   entry["sync_alone"]["plain rsync"])),
         "peak_rss_mb": median(v["peak_rss_mb"] for v, _ in pairs),
         "prepared": median(r["total"] for r in entry.get("prepared", [])),
         "prepared_overhead": median(p["total"] - f["total"] for p, f in zip(entry.get("prepared", []),

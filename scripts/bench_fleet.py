@@ -38,7 +38,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -112,13 +111,12 @@ class Bench:
     def tunnel(self, reps: int) -> dict:
         from vmtasks import ssh
         from vmtasks.backend import Owner
-        from vmtasks.ledger import process_start_time
         from vmtasks.orchard import OrchardBackend, load_settings
 
         settings = load_settings(env=dict(self.fleet.env(), HOME=str(self.home)))
         backend = OrchardBackend(settings, "tahoe-base", prefix="bench", poll=0.1, probe_image=False)
         key = ssh.generate_key(self.root / "tunnel-key", "vmtasks bench")
-        owner = Owner("bench", socket.gethostname(), "root", os.getpid(), process_start_time(os.getpid()) or "")
+        owner = Owner.this_process("bench")
         machine = backend.machine("bench-tunnel-1", owner, None, public_key=key.public_line)
         cancel = threading.Event()
         deadline = time.monotonic() + 60
@@ -146,7 +144,8 @@ class Bench:
             conn = ssh.connect(machine.name, "admin", key, connect_timeout=10, sock=machine.open_socket(10))
             conn.open()
             conn.close()
-            suite = ("mkdir -p ~/.uneven-ran/TestWithSubtests && cd uneven && env OPENBOOT_IN_VM=1 UNEVEN_SCALE=0 go test -json -count=1 -tags=e2e,vm "
+            suite = ("mkdir -p ~/.uneven-ran/TestWithSubtests && cd uneven && "
+                     "env OPENBOOT_IN_VM=1 UNEVEN_SCALE=0 go test -json -count=1 -tags=e2e,vm "
                      "./test/e2e/... > ../suite.json 2>&1 || { tail -20 ../suite.json; exit 1; }")
             times = {"sync": {"tunnel": [], "direct": []}, "suite": {"tunnel": [], "direct": []}}
             for rep in range(reps + 1):  # rep 0 warms the guest's Go build cache, not counted
@@ -234,7 +233,8 @@ def markdown(results, tunnel, args) -> str:
         lines.append("| {vms} | {wall:.2f} s | {work_bound:.2f} s (longest {longest:.2f}, total {total:.2f}) | "
                      "{fixed:.2f} s; {fixed_median:.2f} s | {bound:.2f} s | {ratio:.2f}x | {pre:.2f} s | {post:.2f} s "
                      "| {tests} | {exit} |".format(**r))
-    order = ["host:startup", "host:preflight", "host:sweep", "host:compile", "host:to-clone", "clone", "boot", "ip+ssh", "key", "setup", "sync",
+    order = ["host:startup", "host:preflight", "host:sweep", "host:compile", "host:to-clone", "clone", "boot", "ip+ssh",
+             "key", "setup", "sync",
              "tests", "teardown"]
     lines += ["", "Stage seconds (median over the run's VMs; host: the run's own stages):", "",
               "| VMs | " + " | ".join(order) + " |", "|--:|" + "--:|" * len(order)]

@@ -707,7 +707,8 @@ def test_evidence_settings_load_and_are_checked(tmp_path):
                                       "timeouts:\n  collect: 30\nsuite:\n  changes: true\n"
                                       "changes:\n  exclude: ['Library/Logs/*']\n  probes:\n    crontab: crontab -l\n"),
                       environ={}, cwd=tmp_path)
-    assert cfg.artifacts == ["~/Library/Logs/openboot/*.log", "~/.zshrc"] and cfg.collect == {"brew": "brew list --versions"}
+    assert cfg.artifacts == ["~/Library/Logs/openboot/*.log", "~/.zshrc"]
+    assert cfg.collect == {"brew": "brew list --versions"}
     assert cfg.artifacts_max_mb == 5 and cfg.timeouts.collect == 30 and cfg.suite.changes
     assert cfg.changes.exclude == ["Library/Logs/*"] and cfg.changes.probes == {"crontab": "crontab -l"}
     defaults = config.load(write(tmp_path, "keep: never\n"), environ={}, cwd=tmp_path)

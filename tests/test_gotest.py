@@ -191,4 +191,24 @@ def test_the_queued_command_notes_its_pid_only_when_asked(tmp_path):
     package = gotest.Package("p", ".", "p.test")
     queue = TestQueue([gotest.TestItem(package, "TestA")], gotest.GoSuite((".",), (), (), None), tmp_path, True, [])
     assert queue.command_for(cfg, queue.items[0]).startswith("cd ")
-    assert queue.command_for(cfg, queue.items[0], pid_file='"$HOME"/x.pid').startswith('echo $$ 2>/dev/null >"$HOME"/x.pid; cd ')
+    assert queue.command_for(cfg, queue.items[0], pid_file='"$HOME"/x.pid').startswith(
+        'echo $$ 2>/dev/null >"$HOME"/x.pid; cd ')
+
+
+def test_one_listing_parser_for_the_queue_the_shard_and_a_one_vm_run():
+    """A binary's -test.list, `go test -list` and `go test -list -json` give the same tests
+    (gotest.TestId), and a printed line that is no Go test name is rejected in each."""
+    import json
+
+    from vmtasks.gotest import TestId, parse_listing
+
+    pkg = "example.com/e2e"
+    binary = "TestA\nTestB\x00evil\nBenchmarkC\nTestD\n"
+    text = binary + "ok  \t{}\t0.01s\n".format(pkg)
+    events = "\n".join(json.dumps({"Action": "output", "Package": pkg, "Output": line + "\n"})
+                       for line in binary.splitlines()) + "\n"
+    expected = [TestId(pkg, "TestA"), TestId(pkg, "TestD")]
+    for listing in (parse_listing(binary, pkg), parse_listing(text), parse_listing(events)):
+        assert listing.tests == expected
+        assert listing.rejected == {pkg: ["TestB\x00evil"]}
+    assert expected[0] == (pkg, "TestA") and str(expected[0]) == pkg + ".TestA"

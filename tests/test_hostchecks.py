@@ -2,13 +2,14 @@
 read Tart's output: testable on any machine."""
 
 import plistlib
+import json
 import subprocess
 import types
 
 import pytest
 
 from conftest import FakeRunner, fail, ok
-from vmtasks import doctor, hostchecks
+from vmtasks import hostchecks
 from vmtasks.errors import StageError
 from vmtasks.machine_tart import TartMachine, exec_hint
 from vmtasks.tart import Tart
@@ -61,8 +62,8 @@ def test_macos_version(release, status):
 
 
 def test_doctor_on_linux_says_what_it_skipped(monkeypatch):
-    monkeypatch.setattr(doctor.platform, "system", lambda: "Linux")
-    checks = doctor.host_checks("2.32.0-linux-standin", mac=False)
+    monkeypatch.setattr(hostchecks.platform, "system", lambda: "Linux")
+    checks = hostchecks.host_checks("2.32.0-linux-standin", mac=False)
     assert [c.status for c in checks] == ["ok", "ok"]
     assert "skipped on Linux" in checks[1].detail and "DHCP lease time" in checks[1].detail
 
@@ -75,13 +76,13 @@ def cfg(user="admin"):
 
 def test_doctor_agent_user_check():
     vm = types.SimpleNamespace(name="p-1", running=True)
-    assert doctor.agent_user_check(Tart(FakeRunner({"exec": ok("admin\n")})), [vm], cfg()).status == "ok"
-    wrong = doctor.agent_user_check(Tart(FakeRunner({"exec": ok("admin\n")})), [vm], cfg("runner"))
+    assert hostchecks.agent_user_check(Tart(FakeRunner({"exec": ok("admin\n")})), [vm], cfg()).status == "ok"
+    wrong = hostchecks.agent_user_check(Tart(FakeRunner({"exec": ok("admin\n")})), [vm], cfg("runner"))
     assert wrong.status == "fail" and "vm.user: admin" in wrong.hint
-    down = doctor.agent_user_check(Tart(FakeRunner({"exec": fail(1, "Failed to connect ... is the Tart Guest "
+    down = hostchecks.agent_user_check(Tart(FakeRunner({"exec": fail(1, "Failed to connect ... is the Tart Guest "
                                                                     "Agent running?")})), [vm], cfg())
     assert down.status == "warn" and "Guest Agent" in down.hint
-    none = doctor.agent_user_check(Tart(FakeRunner()), [], cfg())
+    none = hostchecks.agent_user_check(Tart(FakeRunner()), [], cfg())
     assert none.status == "ok" and "not checked" in none.detail
 
 
@@ -123,7 +124,9 @@ def test_a_suspend_that_outlasts_the_teardown_timeout_leaves_no_slot_and_no_trac
     escapes; the slot is skipped (runs boot cold) and the half-saved VM is removed."""
     import threading
 
-    from vmtasks import images, prepare
+    from vmtasks import images, prepare, tart_images
+    from vmtasks.records import RunRecord
+    from vmtasks.vm import VmServices
 
     class Runner(FakeRunner):
         def spawn(self, argv, log):
@@ -134,15 +137,44 @@ def test_a_suspend_that_outlasts_the_teardown_timeout_leaves_no_slot_and_no_trac
     warnings = []
     ledger = types.SimpleNamespace(new_lease=lambda *a, **k: None, write=lambda lease: None,
                                    remove=lambda name: None, state_dir=tmp_path)
-    run = types.SimpleNamespace(
-        cfg=types.SimpleNamespace(vm=types.SimpleNamespace(name_prefix="p"),
+    record = RunRecord(tmp_path / "runs", "r")
+    record.create("{}")
+
+    class Reporter(types.SimpleNamespace):
+        def stage_started(self, *args):
+            pass
+
+        def stage_finished(self, *args):
+            pass
+
+    services = VmServices(
+        cfg=types.SimpleNamespace(vm=types.SimpleNamespace(name_prefix="p"), source="vm.yaml",
                                   timeouts=types.SimpleNamespace(clone=5, boot=5, teardown=3)),
-        parts=types.SimpleNamespace(tart=Tart(runner)), ledger=ledger,
-        backend=types.SimpleNamespace(list_vms=lambda: []), record=types.SimpleNamespace(path=lambda n: tmp_path / n),
-        reporter=types.SimpleNamespace(warn=warnings.append), run_id="r", cancel=threading.Event())
+        backend=types.SimpleNamespace(list_vms=lambda: []), cancel=threading.Event(), ledger=ledger,
+        record=record, reporter=Reporter(warn=warnings.append), runner=runner, run_id="r",
+        tool_bundle=lambda: b"", sync_excludes=[], cleanup_command="")
     digest = "0" * images.HASH_LENGTH
     plan = prepare.ImagePlan(digest, "p-prepared-" + digest, "p-building-" + digest, {}, True, "")
-    assert prepare.build_suspended_slots(run, plan, 1) == []
+    assert tart_images.build_suspended_slots(services, Tart(runner), plan, 1) == []
     assert any("took longer than 3s" in w for w in warnings), warnings
     subs = [call[1] for call in runner.calls]
     assert subs[-2:] == ["stop", "delete"], runner.calls
+    # The slot copy walked the stage table: each stage is in the record, the failed one says so.
+    stages = [(s["stage"], s["status"], s["vm"]) for s in json.loads(record.path("stages.json").read_text())]
+    assert stages[-1] == ("suspend", "failed", "p-building-" + digest + "-s1"), stages
+
+
+def test_tart_doctor_rows_are_checks_when_tools_are_missing(tmp_path, monkeypatch):
+    """vm-doctor through the backend (``TartBackend.doctor``): a missing tool is a failed
+    check with a hint, and nothing that needs the tool is tried after it."""
+    from vmtasks import config, doctor, proc
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "vm.yaml").write_text("project_dir: project\nstate_dir: state\n")
+    monkeypatch.setattr(proc, "which", lambda tool: None if tool in ("rsync", "tart") else "/usr/bin/" + tool)
+    rows = doctor.checks(lambda: config.load(tmp_path / "vm.yaml", environ={}, cwd=tmp_path))
+    assert all(isinstance(row, doctor.Check) for row in rows), rows
+    by_name = {row.name: row for row in rows}
+    assert by_name["rsync"].status == "fail" and by_name["rsync"].hint == "install rsync"
+    assert by_name["tart"].status == "fail" and "brew" in by_name["tart"].hint
+    assert "base image" not in by_name and "leftovers" not in by_name

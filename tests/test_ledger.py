@@ -31,7 +31,8 @@ def dead_pid() -> int:
 def lease_for(ledger, vm, pid=None, keep=False, start=None, created=None):
     lease = ledger.new_lease(vm, vm.rsplit("-", 1)[-1], keep=keep, base="tahoe-base")
     if pid is not None:
-        lease = Lease(**dict(lease.__dict__, pid=pid, pid_start=start if start is not None else (process_start_time(pid) or "gone")))
+        started = start if start is not None else (process_start_time(pid) or "gone")
+        lease = Lease(**dict(lease.__dict__, pid=pid, pid_start=started))
     if created is not None:
         lease = Lease(**dict(lease.__dict__, created=created))
     ledger.write(lease)
@@ -204,7 +205,7 @@ def test_one_run_many_vms_share_a_key_dir_until_the_last_release(ledger):
     a = lease_for(ledger, "p-run1-a")
     b = Lease(**dict(ledger.new_lease("p-run1-b", a.run_id, keep=False, base="b").__dict__))
     ledger.write(b)
-    assert a.key_dir == b.key_dir and len(ledger.run_leases(a.run_id)) == 2
+    assert a.key_dir == b.key_dir and [lease.run_id for lease in ledger.all().values()] == [a.run_id] * 2
     ledger.release("p-run1-a")
     assert os.path.isdir(a.key_dir) and ledger.read("p-run1-a") is None
     ledger.release("p-run1-b")
@@ -212,7 +213,10 @@ def test_one_run_many_vms_share_a_key_dir_until_the_last_release(ledger):
 
 
 def test_remove_by_hand_command_removes_vm_key_and_lease_when_pasted(ledger, tmp_path):
-    """The printed line, run by a shell as is (a fake `tart` records what it is asked)."""
+    """The printed line (the machine's removal + the ledger's forget, as a kept VM's
+    teardown prints it), run by a shell as is (a fake `tart` records what it is asked)."""
+    from vmtasks.machine_tart import remove_command
+
     lease = lease_for(ledger, "p-kept it", keep=True)
     ledger.note_child("p-kept it", os.getpid(), ["x"])
     bin_dir = tmp_path / "bin"
@@ -220,7 +224,7 @@ def test_remove_by_hand_command_removes_vm_key_and_lease_when_pasted(ledger, tmp
     log = tmp_path / "tart.log"
     (bin_dir / "tart").write_text("#!/bin/sh\necho \"$@\" >> {}\n".format(log))
     (bin_dir / "tart").chmod(0o755)
-    line = ledger.remove_by_hand_command("p-kept it", lease.key_dir)
+    line = remove_command("p-kept it") + "; " + ledger.forget_command("p-kept it", lease.key_dir)
     subprocess.run(["sh", "-c", line], check=True, env=dict(os.environ, PATH=str(bin_dir) + ":/usr/bin:/bin"))
     assert log.read_text().splitlines() == ["stop p-kept it", "delete p-kept it"]
     assert not os.path.exists(lease.key_dir) and ledger.all() == {} and ledger.child("p-kept it") is None

@@ -115,9 +115,11 @@ def test_time_workers_and_slots():
     online = online_workers(workers, offline_after=60, now=now)
     assert [w["name"] for w in online] == ["a"]
     vms = [{"worker": "a", "status": "running", "resources": {"org.cirruslabs.tart-vms": 1}},
-           {"worker": "a", "status": "failed"}, {"worker": "b", "status": "running"}, {"worker": "", "status": "pending"}]
+           {"worker": "a", "status": "failed"}, {"worker": "b", "status": "running"},
+           {"worker": "", "status": "pending"}]
     assert fleet_slots(online, vms) == (2, 1)
-    assert owner_of({"run_id": "r", "host": "h", "user": "u", "pid": "12", "pid_start": "5"}) == Owner("r", "h", "u", 12, "5")
+    assert owner_of({"run_id": "r", "host": "h", "user": "u", "pid": "12", "pid_start": "5"}) == \
+        Owner("r", "h", "u", 12, "5")
     assert owner_of({"run_id": "r"}) is None
 
 
@@ -205,7 +207,8 @@ def test_lifecycle_ssh_and_rsync_through_the_tunnel(fleet, backend, tmp_path):
     (src / "sub" / "b.bin").write_bytes(os.urandom(200_000))
     target = machine.ssh_target()
     assert target.env["ORCHARD_SERVICE_ACCOUNT_TOKEN"] not in target.proxy_command
-    ssh_cmd = " ".join(shlex.quote(a) for a in ["ssh", *ssh.ssh_options(key), "-o", "ProxyCommand=" + target.proxy_command])
+    ssh_cmd = " ".join(shlex.quote(a)
+                       for a in ["ssh", *ssh.ssh_options(key), "-o", "ProxyCommand=" + target.proxy_command])
     env = dict(os.environ, **target.env)
     done = subprocess.run(["rsync", "-a", "-e", ssh_cmd, str(src) + "/", "admin@{}:tree/".format(target.host)],
                           env=env, capture_output=True, text=True, timeout=60)
@@ -306,7 +309,8 @@ def test_worker_going_offline_kills_the_machine_with_a_reason(fleet, backend, tm
     machine.start(tmp_path / "console.log", deadline, cancel, lambda text: None)
     assert machine.alive()
     worker = fleet.vm(machine.name)["worker"]
-    offline = [sys.executable, str(REPO / "scripts" / "orchard"), "standin", "worker-offline", "--data", fleet.data, worker]
+    offline = [sys.executable, str(REPO / "scripts" / "orchard"), "standin", "worker-offline", "--data", fleet.data,
+               worker]
     subprocess.run(offline, check=True, timeout=30)
     try:
         limit = time.monotonic() + 10
@@ -385,7 +389,8 @@ def test_tls_is_verified_and_a_ca_file_or_context_certificate_is_trusted(tmp_pat
         trusted = OrchardBackend(load_settings(ca_cert=str(cert), env=creds), "tahoe-base")
         assert [c[1] for c in trusted.health()] == ["ok"] * 4
         home = tmp_path / "home"
-        _context_file(home, {"c": {"url": f.url, "serviceAccountName": f.account[0], "serviceAccountToken": f.account[1],
+        _context_file(home, {"c": {"url": f.url, "serviceAccountName": f.account[0],
+                                   "serviceAccountToken": f.account[1],
                                    "certificate": base64.b64encode(cert.read_bytes()).decode()}}, default="c")
         pinned = OrchardBackend(load_settings(env={"HOME": str(home)}), "tahoe-base")
         assert pinned.settings.pinned_cert and [c[1] for c in pinned.health()] == ["ok"] * 4
@@ -467,6 +472,14 @@ class _FakeOrchard:
 
     def remove(self, name, timeout):
         self.removed.append(name)
+
+    def stop_command(self, name):
+        return ""
+
+    def judge_unleased(self, name, labels, include_kept):  # as OrchardBackend: by the VM's owner record
+        from vmtasks.orchard import OrchardBackend
+
+        return OrchardBackend.judge_unleased(self, name, labels, include_kept)
 
 
 class _Reporter:
@@ -565,7 +578,7 @@ class _PendingClient:
 
 
 def test_start_gives_up_waiting_once_the_vm_is_no_longer_wanted(tmp_path):
-    from vmtasks.backend import NoLongerNeeded
+    from vmtasks.errors import NoLongerNeeded
 
     client = _PendingClient()
     backend = OrchardBackend(OrchardSettings(client.url, "a", "b"), "tahoe-base", client=client, poll=0.01)

@@ -39,7 +39,8 @@ def guest(tmp_path, monkeypatch):
     home.mkdir()
     recorder = tmp_path / "fake-go"
     out = tmp_path / "argv.json"
-    recorder.write_text("#!{}\nimport json, sys\njson.dump(sys.argv[1:], open({!r}, 'w'))\n".format(sys.executable, str(out)))
+    recorder.write_text("#!{}\nimport json, sys\njson.dump(sys.argv[1:], open({!r}, 'w'))\n".format(
+        sys.executable, str(out)))
     recorder.chmod(0o755)
     cfg_file = tmp_path / "vm.yaml"
     cfg_file.write_text(json.dumps({

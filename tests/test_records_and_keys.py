@@ -1,7 +1,7 @@
 import stat
 
 from vmtasks import ssh
-from vmtasks.records import RunRecord, latest_run
+from vmtasks.records import RunRecord
 
 
 def test_run_key_is_private_and_outside_any_argv(tmp_path):
@@ -26,5 +26,5 @@ def test_records_prune_and_latest(tmp_path):
         record.prune(3)
     kept = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink())
     assert kept == ["20260102-000000-abcd", "20260103-000000-abcd", "20260104-000000-abcd"]
-    assert latest_run(root).name == "20260104-000000-abcd"
+    assert (root / "latest").resolve().name == "20260104-000000-abcd"
     assert (tmp_path / ".gitignore").read_text().strip().endswith("*")

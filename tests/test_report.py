@@ -9,8 +9,10 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 from vmtasks.visible import visible
@@ -41,12 +43,24 @@ class FakeTest:
 
 @dataclass
 class FakeSummary:
-    tests: List[FakeTest]
-    package_errors: Dict[str, str] = field(default_factory=dict)
+    """The results model's shape (results.Summary): its tests, package failures and counts."""
+
+    results: List[FakeTest]
+    package_failures: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def counts(self):
+        return fake_counts(self.results)
+
+
+def fake_counts(tests):
+    by = Counter(t.status for t in tests)
+    return SimpleNamespace(passed=by["pass"], failed=by["fail"], skipped=by["skip"], interrupted=by["interrupted"],
+                           notrun=by["notrun"])
 
 
 def verdict(summary, seconds):
-    return "DONE {} tests in {:.1f}s".format(len(summary.tests) if summary else 0, seconds)
+    return "DONE {} tests in {:.1f}s".format(len(summary.results) if summary else 0, seconds)
 
 
 def piped(**kwargs):
@@ -169,14 +183,14 @@ def test_guest_escapes_arrive_visible_and_markup_is_literal():
 
 # -- the summary -----------------------------------------------------------------
 def two_vm_summary() -> FakeSummary:
-    return FakeSummary(tests=[
+    return FakeSummary(results=[
         FakeTest("TestLong", "pass", 10.0, vm="vm-1", started=100.0),
         FakeTest("TestFail", "fail", 2.0, "want 1\ngot 2", vm="vm-2", started=100.0,
                  subtests=[FakeTest("TestFail/a", "pass", 0.5), FakeTest("TestFail/b", "fail", 1.0)]),
         FakeTest("TestQuick", "pass", 0.01, vm="vm-2", started=102.0),
         FakeTest("TestCut", "interrupted", 3.0, "signal: interrupt", vm="vm-2", started=103.0),
         FakeTest("TestNever", "notrun"),
-    ], package_errors={"example.com/broken": "broken.go:3: undefined: x"})
+    ], package_failures={"example.com/broken": "broken.go:3: undefined: x"})
 
 
 def test_summary_goes_to_stdout_and_equals_the_record(tmp_path):
@@ -377,7 +391,14 @@ DRIVER = textwrap.dedent("""
 
     @dataclass
     class S:
-        tests: list; package_errors: dict = field(default_factory=dict)
+        results: list; package_failures: dict = field(default_factory=dict)
+
+        @property
+        def counts(self):
+            from types import SimpleNamespace
+            n = lambda status: sum(t.status == status for t in self.results)  # noqa: E731
+            return SimpleNamespace(passed=n("pass"), failed=n("fail"), skipped=n("skip"),
+                                   interrupted=n("interrupted"), notrun=n("notrun"))
 
     guest = "Test\\x1b[31mred\\x1b]0;pwned\\x07"
     LONG = {long!r}

@@ -83,7 +83,8 @@ def mixed_stream() -> str:
     s += ev(c, "output", A, "TestBoot", "    boot_test.go:12: booted \u2713\n")
     s += ev(c, "run", A, "TestBoot/disk") + ev(c, "output", A, "TestBoot/disk", "=== RUN   TestBoot/disk\n")
     s += ev(c, "output", A, "TestBoot/disk", "    boot_test.go:20: disk missing\n")
-    s += ev(c, "run", A, "TestBoot/disk/nvme") + ev(c, "output", A, "TestBoot/disk/nvme", "=== RUN   TestBoot/disk/nvme\n")
+    s += ev(c, "run", A, "TestBoot/disk/nvme") + \
+        ev(c, "output", A, "TestBoot/disk/nvme", "=== RUN   TestBoot/disk/nvme\n")
     s += ev(c, "output", A, "TestBoot/disk/nvme", "    --- PASS: TestBoot/disk/nvme (0.10s)\n")
     s += ev(c, "pass", A, "TestBoot/disk/nvme", elapsed=0.1)
     s += ev(c, "output", A, "TestBoot/disk", "    --- FAIL: TestBoot/disk (0.20s)\n")
@@ -269,7 +270,8 @@ def test_interleaved_packages_same_test_name():
     assert stream.counts.running == 3
     stream.feed(ev(c, "fail", B, "TestSame", elapsed=1) + ev(c, "pass", A, "TestSame", elapsed=2))
     assert stream.running == ["TestOther"]
-    stream.feed(ev(c, "pass", B, "TestOther", elapsed=1) + ev(c, "pass", A, "", elapsed=2) + ev(c, "fail", B, "", elapsed=3))
+    stream.feed(ev(c, "pass", B, "TestOther", elapsed=1) + ev(c, "pass", A, "", elapsed=2) +
+                ev(c, "fail", B, "", elapsed=3))
     stream.close()
     summary = stream.summary()
     got = {(r.package, r.name): (r.status, r.output) for r in summary.results}
@@ -439,7 +441,8 @@ def test_summary_helpers():
     assert [r.name for r in summary.slowest(2)] == ["TestPar1", "TestPar2"]
     assert summary.slowest(0) == []
     assert failed_tests(summary) == ["TestBoot", "TestPar1"]
-    assert summary.headline() == "2 passed, 2 failed, 1 skipped, 1 package error in %s" % format_duration(summary.elapsed)
+    assert summary.headline() == "2 passed, 2 failed, 1 skipped, 1 package error in %s" % format_duration(
+        summary.elapsed)
     ok = Summary(results=[TestResult(A, "TestA", "pass", 1.0)])
     assert ok.exit_ok and ok.total == 1
 

@@ -42,7 +42,7 @@ def make_run(tmp_path, runner, quiet=True, **overrides) -> Run:
     values = dict({"timeouts.poll": 0.05, "prepared": False}, **overrides)
     cfg = config.load(path, environ={}, overrides=values, cwd=tmp_path)
     parts = factory.Parts(cfg, Reporter(quiet=quiet), environ={"VMTASKS_STATE_DIR": str(tmp_path / "state")},
-                          tart=Tart(runner))
+                          driver=Tart(runner))
     parts.backend.preflight = lambda image: []  # no PATH checks in unit tests
     parts.ledger.ensure()
     return Run(parts, RunRequest(), run_id="r1")
@@ -124,6 +124,12 @@ class FakeMachine:
     def address(self):
         return "10.0.0.9"
 
+    def plan(self, step, image="", into=""):
+        return ["fake {}".format(step)]
+
+    def boot_note(self):
+        return ""
+
 
 VM_STAGES = ["clone", "boot", "ip+ssh", "key", "setup", "sync", "suite"]
 
@@ -180,3 +186,38 @@ def test_dry_run_order_is_the_run_order(tmp_path, monkeypatch, build):
     ran = [s["stage"] for s in json.loads(run.record.path("stages.json").read_text())]
     assert planned == ran
     assert ("build" in ran) == bool(build)
+
+
+def test_a_bug_while_starting_the_vms_still_ends_the_record(tmp_path, monkeypatch):
+    """The whole run is under one guard: a bug outside any stage still writes result.json."""
+    run = make_run(tmp_path, FakeRunner())
+
+    def broken(self):
+        raise RuntimeError("boom in _vms")
+
+    monkeypatch.setattr(Run, "_vms", broken)
+    assert run.execute() == 1
+    result = json.loads(run.record.path("result.json").read_text())
+    assert result["exit_code"] == 1
+    assert "RuntimeError: boom in _vms" in run.record.path("errors.log").read_text()
+
+
+def test_a_bug_in_the_merge_still_writes_result_json_and_tears_down(tmp_path, monkeypatch, capsys):
+    from vmtasks.finish import RunEnd
+
+    run = make_run(tmp_path, FakeRunner(), quiet=False)
+    calls = []
+    run.backend.machine = lambda name, owner, cfg: FakeMachine(name, calls)
+    for attr in ("_boot", "_wait_ssh", "_key", "_setup", "_sync", "_suite"):
+        monkeypatch.setattr(VmPipeline, attr, lambda self, ctx: None)
+
+    def broken(self):
+        raise KeyError("boom in the merge")
+
+    monkeypatch.setattr(RunEnd, "finish", broken)
+    assert run.execute() == 1
+    assert "destroy" in calls
+    result = json.loads(run.record.path("result.json").read_text())
+    assert result["exit_code"] == 1 and result["vms"] == [VM]
+    assert "KeyError: 'boom in the merge'" in run.record.path("errors.log").read_text()
+    assert "this is a bug in vmtasks" in capsys.readouterr().err

@@ -9,8 +9,13 @@ import pytest
 
 from vmtasks.errors import ConfigError
 from vmtasks.results import History, TestResult
-from vmtasks.schedule import (TestId, longest_first, lower_bound, makespan, parse_shard, parse_test_list,
-                              partition, shard)
+from vmtasks.gotest import TestId
+from vmtasks.gotest import parse_listing as _parse_listing
+from vmtasks.schedule import longest_first, lower_bound, makespan, parse_shard, partition, shard
+
+
+def parse_test_list(text, package=""):
+    return _parse_listing(text, package).tests
 
 A = "example.com/e2e/a"
 B = "example.com/e2e/b"

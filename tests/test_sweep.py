@@ -147,8 +147,8 @@ def test_apply_goes_on_after_a_hung_and_a_failing_stop(ledger):
             return Result(argv, 1, "", "tart: internal error")
         return Result(argv, 0, "", "")
 
-    runner = FakeRunner({"list": ok(tart_list_json(*[{"Name": n, "Running": True} for n in ("p-hang", "p-fail", "p-ok")])),
-                         "stop": stop})
+    listed = tart_list_json(*[{"Name": n, "Running": True} for n in ("p-hang", "p-fail", "p-ok")])
+    runner = FakeRunner({"list": ok(listed), "stop": stop})
     plan = sweep.plan(Tart(runner), ledger, "p", cleanup_command=CLEANUP)
     errors = sorted(sweep.apply(plan, Tart(runner), ledger))
     assert len(errors) == 2 and "p-fail" in errors[0] and "p-hang" in errors[1]
@@ -186,6 +186,11 @@ def test_one_run_with_two_vms_is_removed_whole(ledger):
 
 class FakeBackend:
     """A ``backend.Backend`` as the sweep uses it: ``list_vms`` and ``remove``."""
+
+    name = "fake"
+
+    def stop_command(self, name):
+        return ""
 
     def __init__(self, vms):
         self.vms = {vm.name: vm for vm in vms}

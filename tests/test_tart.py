@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import FakeRunner, fail, ok, tart_list_json
-from vmtasks.errors import TartError
+from vmtasks.tart import TartError
 from vmtasks.tart import Tart
 
 
@@ -67,7 +67,8 @@ def test_agent_not_ready_detection():
 
 
 def test_stop_and_delete_exit_codes():
-    runner = FakeRunner({"stop": fail(2, 'VM "v" is not running'), "delete": fail(2, 'the specified VM "v" does not exist')})
+    runner = FakeRunner({"stop": fail(2, 'VM "v" is not running'),
+                         "delete": fail(2, 'the specified VM "v" does not exist')})
     tart = Tart(runner)
     assert tart.stop("v", timeout=7) is False
     assert tart.delete("v") is False

@@ -187,7 +187,7 @@ vms: 1                     # VMs per run; with more, tests go one at a time to w
 build: []
 
 vm:
-  base: tahoe-base         # the Tart image to clone (env VMTASKS_VM_BASE)
+  base: tahoe-base         # the base image to clone (env VMTASKS_VM_BASE)
   name_prefix: {prefix}   # VM names are <prefix>-<run id>; `cleanup-orphans` only touches these
   user: admin
 

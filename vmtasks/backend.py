@@ -1,13 +1,14 @@
 """Where VMs come from: the interface every backend implements.
 
-Two backends: ``tart`` (the local Tart CLI, ``vmtasks/tart.py`` + ``vmtasks/machine_tart.py``)
-and ``orchard`` (an Orchard controller's REST API, ``vmtasks/orchard.py``). The pipeline
-(``vmtasks/pipeline.py``) drives one ``Machine`` per VM through the same stages whatever the
-backend; only these methods differ.
+The pipeline (``vmtasks/vm.py``) drives one ``Machine`` per VM through the same stages
+whatever the backend; only these methods differ. The core never asks which backend it has:
+what only some backends can do is an optional interface below (``PreparedImages``,
+``SealableMachine``, ``ResumableMachine``) that the core asks for with ``isinstance``.
+Which modules implement a backend is ``config.BACKEND_MODULES``.
 
 Rules every implementation keeps:
 - Every method that waits takes a ``deadline`` (``time.monotonic()`` value) and a ``cancel``
-  (``threading.Event``): it returns or raises ``Cancelled`` promptly when ``cancel`` is set.
+  (``threading.Event``): it returns or raises ``errors.Cancelled`` promptly when ``cancel`` is set.
 - Library errors (OSError, HTTP, WebSocket, subprocess timeouts) are translated into the
   ``vmtasks.errors`` family at this boundary, with a hint naming the next step.
 - ``destroy`` is idempotent and safe to call after any partial ``create``.
@@ -20,19 +21,14 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .errors import VmtasksError
-
-
-class Cancelled(VmtasksError):
-    """The run is stopping (a signal, or another part of the run failed): stop waiting."""
+from .errors import Cancelled
 
 
-class NoLongerNeeded(VmtasksError):
-    """A VM still waiting for a slot when the other VMs have taken every test."""
 
-    exit_code = 0
+# Steps of a VM's life a machine describes for ``--dry-run`` (``Machine.plan``).
+PLAN_STEPS = ("create", "start", "install_key", "seal", "destroy")
 
 
 @dataclass(frozen=True)
@@ -44,6 +40,24 @@ class Owner:
     user: str
     pid: int
     pid_start: str
+
+    @classmethod
+    def this_process(cls, run_id: str) -> "Owner":
+        """This process as the owner of ``run_id``'s VMs (the same stamp as its leases)."""
+        from .ledger import current_user, owner_stamp
+
+        stamp = owner_stamp()
+        return cls(run_id, stamp["host"], current_user(), stamp["pid"], stamp["pid_start"])
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of vm-doctor: ok / warn / fail, what was found, and how to fix it."""
+
+    name: str
+    status: str  # "ok", "warn" or "fail"
+    detail: str
+    hint: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,9 +83,9 @@ class Machine(abc.ABC):
 
     @abc.abstractmethod
     def create(self, image: str, deadline: float, cancel: threading.Event,
-               on_start: Optional[Callable[[int], None]] = None) -> None:
+               on_start: Optional[Callable[[int, List[str]], None]] = None) -> None:
         """Make the VM from ``image`` (tart: clone + set; orchard: POST /v1/vms).
-        ``on_start(pid)``: told the PID of a local child doing the work (tart clone), so
+        ``on_start(pid, argv)``: told the PID and command of a local child doing the work, so
         the ledger can record it."""
 
     @abc.abstractmethod
@@ -126,6 +140,39 @@ class Machine(abc.ABC):
         """For messages and the lease: the VM's IP (tart) or its controller path (orchard)."""
         return ""
 
+    def plan(self, step: str, image: str = "", into: str = "") -> List[str]:
+        """The commands ``--dry-run`` shows for ``step`` (one of ``PLAN_STEPS``): the same
+        object that does the work says what it would run. ``image``: what ``create`` clones;
+        ``into``: the image ``seal`` makes."""
+        return []
+
+    def boot_note(self) -> str:
+        """How the last ``start`` went, when it had a choice (resumed / cold boot), else ""."""
+        return ""
+
+    def login_target(self, recorded_address: str) -> "SshTarget":
+        """How ``vm-login`` reaches this VM after its run has ended: ``recorded_address`` is
+        what ``address()`` said during the run (written into the lease)."""
+        return self.ssh_target()
+
+
+class SealableMachine(abc.ABC):
+    """Optional Machine interface: the VM can become a prepared image."""
+
+    @abc.abstractmethod
+    def seal(self, image: str, timeout: float) -> None:
+        """Stop the VM cleanly (its disks flushed) and turn it into ``image``; teardown then
+        leaves it alone."""
+
+
+class ResumableMachine(abc.ABC):
+    """Optional Machine interface: the VM is cloned from a suspended copy and resumed."""
+
+    @abc.abstractmethod
+    def resume_saved_state(self) -> None:
+        """Called before ``create``: keep the image's saved state (no reconfiguration) and
+        resume it in ``start`` (falling back to a cold boot when it is refused)."""
+
 
 @dataclass(frozen=True)
 class SshTarget:
@@ -170,3 +217,55 @@ class Backend(abc.ABC):
 
     def preflight_tool(self) -> None:
         """The cheapest check that the backend can be reached at all (cleanup-orphans)."""
+
+    def stop_command(self, name: str) -> str:
+        """The command a person pastes to stop a VM by name ("" when the backend has none)."""
+        return ""
+
+    def doctor(self, parts) -> List[Check]:
+        """vm-doctor's checks of this backend (tools, host, images, controller). The generic
+        checks (leftovers, state dir) are vm-doctor's own."""
+        return []
+
+    def judge_unleased(self, name: str, labels: Dict[str, str], include_kept: bool) -> Tuple[str, str]:
+        """A VM with our prefix and no lease in this ledger: ``("orphan" | "live" | "kept" |
+        "unknown", why)`` from what the VM itself records about its owner. Default: unknown
+        (the sweep's own rules for unleased VMs apply)."""
+        return "unknown", ""
+
+
+class PreparedImages(abc.ABC):
+    """Optional Backend interface (cirrus-cli's warm-up): the guest's setup baked once into a
+    prepared image, and suspended copies of it to resume. Its machines are
+    ``SealableMachine`` and ``ResumableMachine``."""
+
+    @abc.abstractmethod
+    def image_identity(self, base: str) -> Dict[str, Any]:
+        """What identifies the base image's content (it goes into the prepared image's hash)."""
+
+    @abc.abstractmethod
+    def image_disk_gb(self, name: str) -> Optional[float]:
+        """The disk an image uses on the host, for vm-doctor; None when unknown."""
+
+    @abc.abstractmethod
+    def build_suspended_slots(self, services, plan, count: int) -> List[str]:
+        """One suspended copy of the prepared image per VM slot (``<image>-s1`` ..); returns
+        the names made, nothing when the host cannot suspend."""
+
+
+# --- helpers every backend uses -----------------------------------------------------------
+
+
+def backoff(poll: float, first: float = 0.02) -> Iterator[float]:
+    """Polling intervals: 20 ms at first, doubling up to ``poll``. A guest that is up within
+    moments is noticed within moments; a slow boot still sees one poll per ``poll`` seconds."""
+    delay = min(first, poll)
+    while True:
+        yield delay
+        delay = min(delay * 2, poll)
+
+
+def sleep_or_cancel(seconds: float, cancel: threading.Event) -> None:
+    """Wait ``seconds``, or raise ``Cancelled`` as soon as the run stops."""
+    if cancel.wait(max(0.0, seconds)):
+        raise Cancelled("the run is stopping")

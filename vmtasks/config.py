@@ -34,7 +34,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from .errors import ConfigError
 
 KEEP_CHOICES = ("never", "on-failure", "always")
-BACKENDS = ("tart", "orchard")
+# The `backend` choices, each with the module that builds it (``backend_from_config``):
+# the one place outside the backends that names them.
+BACKEND_MODULES = {"tart": "machine_tart", "orchard": "orchard"}
+BACKENDS = tuple(BACKEND_MODULES)
 ENV_PREFIX = "VMTASKS_VM_"
 # openboot's names, kept: every VMTASKS_<x> variable is also read as OPENBOOT_<x>.
 ALIAS_PREFIX = "OPENBOOT_"
@@ -316,8 +319,8 @@ _DEFAULTS = _Layer("built-in defaults", {}, Path("."), lambda key: "built-in def
 
 def _resolve(f: dataclasses.Field) -> Any:
     """The default value of a field (dataclass fields use a factory)."""
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return f.default
 
 
@@ -646,7 +649,7 @@ def locate(
         # Otherwise it is Invoke's own config: Invoke merged its vmtasks: section already.
     if explicit:
         path = _explicit(explicit, cwd, "--config")
-        if runtime_is_ours and path.resolve() != runtime_config.resolve():
+        if runtime_is_ours and runtime_config is not None and path.resolve() != runtime_config.resolve():
             raise ConfigError("two config files given: --config {} and invoke -f {}".format(path, runtime_config),
                               "pass only one of them")
         return path, _section_layer(section)

@@ -56,19 +56,6 @@ class CommandFailed(VmtasksError):
     """A host command could not be started (not found, permission denied)."""
 
 
-class TartError(VmtasksError):
-    """A ``tart`` command failed."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, stderr: str, hint: str = "") -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stderr = stderr
-        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
-        super().__init__(
-            "`{}` exited {}: {}".format(" ".join(self.argv), returncode, detail[:500]), hint
-        )
-
-
 class SshError(VmtasksError):
     """The SSH connection to a guest could not be opened or was lost."""
 
@@ -136,6 +123,25 @@ class Interrupted(VmtasksError):
         name = signal.Signals(signum).name
         where = " during stage '{}'".format(stage) if stage else ""
         super().__init__("interrupted by {}{}".format(name, where))
+
+
+# --- control flow: how a run stops, not what failed ----------------------------------------
+
+
+class Cancelled(VmtasksError):
+    """The run is stopping (a signal, or another part of the run failed): stop waiting.
+    Every method that waits raises it promptly once the run's cancel event is set."""
+
+
+class NoLongerNeeded(VmtasksError):
+    """A VM still waiting for a slot when the other VMs have taken every test."""
+
+    exit_code = 0
+
+
+class NoSlot(StageError):
+    """No room to run the VM within the backend's wait (a host's VM limit): with several VMs,
+    its tests go to the others."""
 
 
 class NotInVm(VmtasksError):

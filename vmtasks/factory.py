@@ -4,33 +4,29 @@ themselves, so test-vm, cleanup-orphans, vm-doctor and build agree on every path
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
-import socket
 from pathlib import Path
 from typing import List, Mapping, Optional
 
 from .backend import Owner
-from .ledger import Ledger, current_user, default_state_dir, process_start_time
+from .ledger import Ledger, default_state_dir
 from .proc import Runner
 
 
 class Parts:
-    def __init__(self, cfg, reporter, environ: Optional[Mapping[str, str]] = None, tart=None) -> None:
+    def __init__(self, cfg, reporter, environ: Optional[Mapping[str, str]] = None, driver=None) -> None:
+        """``driver``: the backend's command driver to use instead of its own (tests pass one
+        with a fake process runner)."""
         self.cfg = cfg
         self.reporter = reporter
         self.environ = os.environ if environ is None else environ
-        self.ledger = Ledger(state_dir(cfg, self.environ), backend=getattr(cfg, "backend", "tart"),
-                             cleanup=cleanup_command(cfg))
+        self.ledger = Ledger(state_dir(cfg, self.environ), backend=cfg.backend, cleanup=cleanup_command(cfg))
         self.records_root = Path(cfg.records.dir)
         self.record = None  # the run record commands are logged to, once a run has one
         self.runner = Runner(on_command=self._log_command)
-        if tart is None:
-            from .tart import Tart
-
-            tart = Tart(self.runner)
-        self.backend = make_backend(cfg, tart)
-        self.tart = getattr(self.backend, "tart", None)
+        self.backend = make_backend(cfg, self.runner, driver)
         self.cleanup_command = cleanup_command(cfg)
 
     def new_record(self, run_id: str):
@@ -54,9 +50,7 @@ class Parts:
         config.check_host_paths(self.cfg)
 
     def owner(self, run_id: str) -> Owner:
-        pid = os.getpid()
-        return Owner(run_id=run_id, host=socket.gethostname(), user=current_user(), pid=pid,
-                     pid_start=process_start_time(pid) or "")
+        return Owner.this_process(run_id)
 
     @property
     def sync_excludes(self) -> List[str]:
@@ -85,14 +79,12 @@ def state_dir(cfg, environ: Mapping[str, str]) -> Path:
     return default_state_dir(environ)
 
 
-def make_backend(cfg, tart=None):
-    if getattr(cfg, "backend", "tart") == "orchard":
-        from . import orchard
+def make_backend(cfg, runner: Runner, driver=None):
+    """The backend the config names: its module (``config.BACKEND_MODULES``) builds it."""
+    from .config import BACKEND_MODULES
 
-        return orchard.backend_from_config(cfg)
-    from .machine_tart import TartBackend
-
-    return TartBackend(tart, poll=cfg.timeouts.poll, slot_wait=cfg.timeouts.slot_wait)
+    module = importlib.import_module("." + BACKEND_MODULES[cfg.backend], __package__)
+    return module.backend_from_config(cfg, runner, driver)
 
 
 def task_command(cfg, task: str) -> str:

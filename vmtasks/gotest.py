@@ -16,7 +16,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ConfigError, StageError, VmtasksError
 
@@ -54,6 +54,83 @@ def split_listing(names) -> Tuple[List[str], List[str]]:
     return tests, rejected
 
 
+class _TestIdFields(NamedTuple):
+    package: str
+    name: str
+
+
+class TestId(_TestIdFields):
+    """One top-level test, the one identity everywhere (the queue, --shard, the durations,
+    the results): its Go package and name. A ``(package, name)`` tuple; sorts by package,
+    then name."""
+
+    __slots__ = ()
+    __test__ = False  # not a pytest test class despite the name
+
+    def __str__(self) -> str:
+        return "%s.%s" % (self.package, self.name) if self.package else self.name
+
+
+# go's per-package verdict after a listing: "ok  \tpkg\t0.01s", "FAIL\tpkg\t...",
+# "?   \tpkg\t[no test files]".
+VERDICT = re.compile(r"^(ok|FAIL|\?)\s+(\S+)(\s|$)")
+
+
+@dataclass(frozen=True)
+class Listing:
+    tests: List[TestId]  # in listing order, each once
+    rejected: Dict[str, List[str]]  # package -> runnable-looking lines that are no Go test name
+
+
+def parse_listing(text: str, package: str = "") -> Listing:
+    """The one parser of a suite's listing: ``go test -list REGEX [-json] PKGS`` or a test
+    binary's ``-test.list REGEX`` (then pass its ``package``), for the queue, ``--shard`` and
+    a one-VM run's expected tests.
+
+    With ``-json`` each name carries go's own ``Package`` (an event of a running test is
+    never a listed name; plain lines around JSON are noise). In plain text, names are given
+    to the package of the ``ok``/``FAIL`` line that follows them, and names after the last
+    such line to ``package``. A package's ``TestMain`` still runs for ``-list`` and its
+    prints are listed too: a printed line that is no Go test name (``valid_test_name``) is
+    rejected (see ``rejected_note``); a printed valid name ends up "not run" in the summary
+    (an error someone sees), never a test silently skipped."""
+    found: List[TestId] = []
+    rejected: Dict[str, List[str]] = {}
+    pending: List[str] = []
+    events = 0
+
+    def take(pkg: str, lines: Sequence[str]) -> None:
+        names, bad = split_listing(lines)
+        found.extend(TestId(pkg, name) for name in names)
+        if bad:
+            rejected.setdefault(pkg, []).extend(bad)
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                events += 1
+                out, pkg = event.get("Output"), event.get("Package")
+                if event.get("Action") == "output" and isinstance(out, str) and isinstance(pkg, str) \
+                        and "Test" not in event:
+                    take(pkg, [out])
+                continue
+        verdict = VERDICT.match(line)
+        if verdict:
+            take(verdict.group(2), pending)
+            pending = []
+        else:
+            pending.append(line)
+    if not events:
+        take(package, pending)
+    unique = list(dict.fromkeys(found))
+    return Listing(unique, rejected)
+
+
 def rejected_note(package: str, rejected: Sequence[str]) -> str:
     shown = ", ".join(repr(name) for name in list(rejected)[:5])
     more = " and {} more".format(len(rejected) - 5) if len(rejected) > 5 else ""
@@ -86,8 +163,8 @@ class TestItem:
     name: str
 
     @property
-    def key(self) -> Tuple[str, str]:
-        return (self.package.import_path, self.name)
+    def key(self) -> TestId:
+        return TestId(self.package.import_path, self.name)
 
 
 def parse_suite(command: str, test: Optional[str]) -> GoSuite:
@@ -167,8 +244,10 @@ def compile_package(runner, project_dir: str, suite: GoSuite, package: Package, 
     argv = ["go", "test", "-c", "-o", str(bin_dir / package.binary)] + list(suite.build_flags) + [package.import_path]
     done = runner.run(argv, timeout=timeout, cwd=project_dir, cancel=cancel)
     if not done.ok:
-        raise StageError("compile", "host", "`go test -c` for {} exited {}".format(package.import_path, done.returncode),
-                         "the suite does not build: fix it, then run again", (done.stderr + done.stdout).splitlines()[-15:])
+        raise StageError("compile", "host", "`go test -c` for {} exited {}".format(
+                             package.import_path, done.returncode),
+                         "the suite does not build: fix it, then run again",
+                         (done.stderr + done.stdout).splitlines()[-15:])
 
 
 def host_env() -> Dict[str, str]:
@@ -190,15 +269,16 @@ def list_tests(runner, project_dir: str, suite: GoSuite, package: Package, bin_d
             package.import_path, done.returncode),
             "a TestMain that fails without VMTASKS_IN_VM=1 cannot be listed on the host; run with --vms 1",
             (done.stderr + done.stdout).splitlines()[-15:])
-    names, rejected = split_listing(done.stdout.splitlines())
-    if rejected and on_note is not None:
-        on_note(rejected_note(package.import_path, rejected))
-    return [TestItem(package, name) for name in names]
+    listing = parse_listing(done.stdout, package.import_path)
+    for bad in listing.rejected.values():
+        if on_note is not None:
+            on_note(rejected_note(package.import_path, bad))
+    return [TestItem(package, test.name) for test in listing.tests]
 
 
 def list_suite(runner, project_dir: str, suite: GoSuite, timeout: float, cancel=None,
-               on_note=None) -> List[Tuple[str, str]]:
-    """Every selected top-level test as ``(package, name)``, from one ``go test -list -json``
+               on_note=None) -> List[TestId]:
+    """Every selected top-level test, from one ``go test -list -json``
     on the host (each binary's own ``-test.list``; run without ``OPENBOOT_*`` or ``VMTASKS_IN_VM``, so nothing
     destructive runs). For a one-VM run: only these tests count in its results. Raises
     :class:`StageError` when go cannot list them."""
@@ -209,30 +289,11 @@ def list_suite(runner, project_dir: str, suite: GoSuite, timeout: float, cancel=
         raise StageError("list", "host", "`go test -list` exited {}".format(done.returncode),
                          "a TestMain that fails without VMTASKS_IN_VM=1 cannot be listed on the host",
                          (done.stderr + done.stdout).splitlines()[-15:])
-    out: List[Tuple[str, str]] = []
-    seen = set()
-    rejected: Dict[str, List[str]] = {}
-    for line in done.stdout.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(event, dict) or event.get("Action") != "output":
-            continue
-        package, text = event.get("Package"), event.get("Output")
-        if not isinstance(package, str) or not isinstance(text, str) or "Test" in event:
-            continue
-        names, bad = split_listing([text])
-        for name in names:
-            if (package, name) not in seen:
-                seen.add((package, name))
-                out.append((package, name))
-        if bad:
-            rejected.setdefault(package, []).extend(bad)
-    for package, bad in rejected.items():
+    listing = parse_listing(done.stdout)
+    for package, bad in listing.rejected.items():
         if on_note is not None:
             on_note(rejected_note(package, bad))
-    return out
+    return listing.tests
 
 
 def supports_test2json_framing(runner, binary: Path, cwd: str) -> bool:

@@ -424,11 +424,12 @@ def _balance(tests: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     """Busy and idle time per VM, by the same rules as the terminal summary."""
     from .report import vm_shares
 
-    view = SimpleNamespace(tests=[SimpleNamespace(name=str(t.get("name")), package=str(t.get("package") or ""),
-                                                  status=str(t.get("status")), elapsed=_number(t.get("elapsed")) or 0.0,
-                                                  output="", vm=str(t.get("vm") or ""),
-                                                  started=_number(t.get("started")), subtests=[])
-                                  for t in tests], package_errors={})
+    view = SimpleNamespace(results=[SimpleNamespace(name=str(t.get("name")), package=str(t.get("package") or ""),
+                                                    status=str(t.get("status")),
+                                                    elapsed=_number(t.get("elapsed")) or 0.0,
+                                                    output="", vm=str(t.get("vm") or ""),
+                                                    started=_number(t.get("started")), subtests=[])
+                                    for t in tests], package_failures={})
     return [{"vm": visible_line(s.vm), "tests": str(s.tests), "busy": secs(s.busy), "idle": secs(s.idle)}
             for s in vm_shares(view)]
 

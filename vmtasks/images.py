@@ -35,50 +35,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from .atomic import write_atomic
-from .errors import PreflightError, StateError
-from .tart import Tart
+from .errors import StateError
 
 FORMAT_VERSION = 1
 """Bump when the way an image is built changes in a way the other inputs do not show."""
 
 HASH_LENGTH = 12
 
-# What `tart get` tells that decides a clone's content (or the config a clone inherits).
-IDENTITY_FIELDS = ("OS", "Disk", "DiskFormat", "Size", "CPU", "Memory")
-
 Entry = TypeVar("Entry")
 
 
 # --- identity and hash -----------------------------------------------------------------
-
-def base_identity(tart: Tart, base: str) -> Dict[str, Any]:
-    """What identifies the base image's content, from ``tart get BASE --format json``.
-
-    Kept: the name, ``OS``, ``Disk`` (GB), ``DiskFormat``, ``Size`` (allocated GB with three
-    decimals, so about a MB of resolution) and ``CPU``/``Memory`` (a clone inherits them).
-    Left out: ``Accessed`` (``tart list``; every clone of the base bumps it), ``Running`` and
-    ``State`` (they change with use, not content), ``Display``.
-
-    How far to trust it: ``Size`` moves whenever the base's disk is written (a boot of the
-    base, a re-pull into the same name), ``Disk`` on a resize; a write that keeps the
-    allocation within the same MB is missed. A base named by digest (``...@sha256:...``) is
-    content-addressed and fully trustworthy by its name alone; for anything else, a forced
-    rebuild (or a ``FORMAT_VERSION`` bump) is the answer to a doubt.
-    """
-    info = tart.get(base)
-    if info is None:
-        if "@sha256:" in base:
-            return {"name": base}
-        raise PreflightError(
-            "base image '{}' is not a local VM (`tart get {}` failed)".format(base, base),
-            "prepared images are built from a local base: tart clone ghcr.io/cirruslabs/tahoe-base:latest {} "
-            "(or name the base by digest, NAME@sha256:...)".format(base))
-    identity: Dict[str, Any] = {"name": base}
-    for key in IDENTITY_FIELDS:
-        if key in info:
-            identity[key] = info[key]
-    return identity
-
 
 def image_inputs(identity: Mapping[str, Any], setup: Sequence[Any], prepare: Sequence[Any],
                  bundle_digest: str, version: int = FORMAT_VERSION) -> Dict[str, Any]:
@@ -222,11 +189,6 @@ def parse_prepared(prefix: str, name: str) -> Optional[ImageName]:
 def parse_building(prefix: str, name: str) -> Optional[ImageName]:
     """The hash and slot of a build-in-progress name of this prefix, else None."""
     return _parse(prefix, BUILDING, name)
-
-
-def is_image_name(prefix: str, name: str) -> bool:
-    """True for prepared and building names: not a run's VM, so not an orphan by itself."""
-    return parse_prepared(prefix, name) is not None or parse_building(prefix, name) is not None
 
 
 # --- listings ------------------------------------------------------------------------------
@@ -387,7 +349,7 @@ class BuildLock:
     acquiring, look for the image again: the run you waited for may have built it.
 
         with BuildLock(state_dir, h, image=name, run_id=run.id, on_wait=ui.info):
-            if find_prepared(tart.list(), prefix, h) is None:
+            if find_prepared(backend.list_vms(), prefix, h) is None:
                 build()
     """
 
@@ -432,7 +394,7 @@ class BuildLock:
                             "if that run is stuck, stop it{}; a killed run frees the lock".format(
                                 " (kill {})".format(holder["pid"]) if holder.get("pid") else ""))
                     if self.cancel is not None and self.cancel.wait(self.poll):
-                        from .backend import Cancelled
+                        from .errors import Cancelled
 
                         raise Cancelled("stopped waiting for the image build: the run is stopping")
                     elif self.cancel is None:
@@ -517,42 +479,3 @@ def waiting_message(holder: Mapping[str, Any], image: str) -> str:
     if holder.get("pid"):
         who += " (pid {})".format(holder["pid"])
     return "waiting for {} to finish building image {}".format(who, holder.get("image") or image)
-
-
-# --- disk use --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DiskUse:
-    name: str
-    size_gb: float  # allocated on the host's disk (``tart get`` Size)
-    disk_gb: int  # the guest's disk size
-    state: str
-    saved_state_gb: float  # state.vzvmsave of a suspended VM: Tart's Size does not count it
-
-    @property
-    def total_gb(self) -> float:
-        return self.size_gb + self.saved_state_gb
-
-
-def disk_use(tart: Tart, name: str, tart_home: Optional[Union[str, "os.PathLike[str]"]] = None) -> Optional[DiskUse]:
-    """How much host disk a VM takes (for vm-doctor), or None if it does not exist.
-
-    On APFS a clone shares its unchanged blocks with its source, so Sizes do not add up to
-    what deleting them frees. The saved state is read from Tart's storage layout
-    (``$TART_HOME/vms/<name>/state.vzvmsave``, TART_HOME defaulting to ``~/.tart``).
-    """
-    info = tart.get(name)
-    if info is None:
-        return None
-    try:
-        size_gb = float(info.get("Size", 0))
-    except (TypeError, ValueError):
-        size_gb = 0.0
-    home = Path(tart_home) if tart_home else Path(os.environ.get("TART_HOME") or Path.home() / ".tart")
-    try:
-        saved = (home / "vms" / name / "state.vzvmsave").stat().st_blocks * 512
-    except OSError:
-        saved = 0
-    disk = info.get("Disk", 0)
-    return DiskUse(name=name, size_gb=size_gb, disk_gb=int(disk) if isinstance(disk, (int, float)) else 0,
-                   state=str(info.get("State", "")), saved_state_gb=round(saved / 1e9, 3))

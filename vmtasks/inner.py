@@ -10,7 +10,7 @@ import os
 import re
 import shlex
 import subprocess
-from typing import List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 from .config import Config
 from .errors import NotInVm, VmtasksError
@@ -52,7 +52,7 @@ def suite_argv(cfg: Config, test: Optional[str] = None, json_output: bool = Fals
         except ValueError:
             at = len(template)
         template.insert(min(at, len(template)), "-json")
-    return [test if word == "{test}" else word for word in template]
+    return [test if test is not None and word == "{test}" else word for word in template]
 
 
 def run_suite(cfg: Config, test: Optional[str], json_output: bool,
@@ -105,7 +105,7 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
         print("vmtasks: {} shards for {} tests: shards {}..{} are empty and pass; fewer CI jobs would do".format(
             n, len(tests), len(tests) + 1, n), file=sys.stderr)
     code = 0
-    by_package = {}
+    by_package: Dict[str, List[str]] = {}
     for t in mine:
         by_package.setdefault(t.package, []).append(t.name)
     for package, names in sorted(by_package.items()):
@@ -120,26 +120,15 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
 
 
 def list_shard_candidates(suite, workdir: str, env: Mapping[str, str]):
-    """Every selected top-level test as (package, name), listed by ``go test -list``."""
-    from . import gotest, schedule
+    """Every selected top-level test as a ``gotest.TestId``, listed by ``go test -list``
+    (the same parser as the host's queue)."""
+    from . import gotest
 
     top = gotest.top_level_pattern(suite.run_regex)
-    out = []
     argv = ["go", "test", "-list", top] + list(suite.build_flags) + list(suite.packages)
     done = subprocess.run(argv, cwd=workdir, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True)
     if done.returncode != 0:
         raise VmtasksError("`{}` exited {}: {}".format(" ".join(argv), done.returncode, done.stderr.strip()[-500:]),
                            "fix the suite so that it builds")
-    package = ""
-    pending = []
-    for line in done.stdout.splitlines():
-        # go test -list prints a package's names, then "ok  <import path>  0.01s".
-        words = line.split()
-        if len(words) >= 2 and words[0] in ("ok", "?"):
-            package = words[1]
-            out += [schedule.TestId(package, name) for name in pending]
-            pending = []
-        elif gotest.valid_test_name(line.strip()):
-            pending.append(line.strip())
-    return out
+    return gotest.parse_listing(done.stdout).tests

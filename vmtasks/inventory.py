@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from . import images, ssh
 from .errors import VmtasksError
@@ -89,12 +90,17 @@ def show(reporter, parts) -> int:
     return 0
 
 
-def login_argv(parts, target: str) -> List[str]:
-    """The ssh command line into a kept (or live) VM, by VM name or run id."""
-    return _login(parts, target)[0]
+@dataclass(frozen=True)
+class Login:
+    """``ssh`` into a VM: its argv, what its environment needs on top of ours (a
+    ProxyCommand's credentials, never in argv), and the lease it was found by."""
+
+    argv: List[str]
+    env: Dict[str, str]
+    lease: Any = None
 
 
-def login_banner(parts, target: str) -> List[str]:
+def login_banner(parts, how: Login) -> List[str]:
     """What vm-login says before the session: the run and VM, where the synced tree is, and
     the line that reruns the run's failed test in there with the guard set (the suite's
     destructive tests refuse without it)."""
@@ -103,7 +109,7 @@ def login_banner(parts, target: str) -> List[str]:
     from .inner import suite_argv
     from .results import rerun_regex
 
-    lease = _login(parts, target)[1]
+    lease = how.lease
     cfg = parts.cfg
     try:
         result = json.loads((parts.records_root / lease.run_id / "result.json").read_text())
@@ -124,7 +130,9 @@ def login_banner(parts, target: str) -> List[str]:
             "  when done: exit, then remove it: {} --include-kept".format(parts.cleanup_command)]
 
 
-def _login(parts, target: str):
+def login(parts, target: str) -> Login:
+    """The ssh command line into a kept (or live) VM, by VM name or run id. The VM's
+    backend says how to reach it (``Machine.login_target``)."""
     leases = parts.ledger.all()
     matches = [lease for name, lease in leases.items() if target in (name, lease.run_id)]
     if not matches:
@@ -139,4 +147,7 @@ def _login(parts, target: str):
         raise VmtasksError("VM {} has no address or key on record (its run may still be booting, or "
                            "its key was removed)".format(lease.vm), "run with --keep=always to keep a VM to log in to")
     key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
-    return ["ssh"] + ssh.ssh_options(key) + [parts.cfg.vm.user + "@" + lease.ip], lease
+    machine = parts.backend.machine(lease.vm, parts.owner(lease.run_id), parts.cfg)
+    where = machine.login_target(lease.ip)
+    return Login(["ssh"] + ssh.ssh_options(key, proxy_command=where.proxy_command) +
+                 [parts.cfg.vm.user + "@" + where.host], dict(where.env), lease)

@@ -6,7 +6,8 @@ proved: the owner's PID is gone, is a zombie, or was reused (its start time diff
 lease's). Anything we cannot read or cannot judge counts as alive, because a wrong "dead"
 deletes someone's VM.
 
-One run may own several VMs: one lease per VM, all with the same run id, PID and key dir.
+One run may own several VMs: one lease per VM, all with the same run id and PID; each VM
+has its own key dir (a kept VM's key must outlive its siblings' teardown).
 While a run waits for a child command that creates state (``tart clone``), it records that
 child (``note_child``), so a sweep after a ``kill -9`` of the run can wait for the child to end
 before it decides about the VM the child is making.
@@ -32,7 +33,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .atomic import write_atomic, write_hint
 from .errors import StateError
@@ -113,18 +114,21 @@ def process_start_time(pid: int) -> Optional[str]:
     return token if state == RUNNING else None
 
 
-def process_alive(pid: int, pid_start: str, host: str = "") -> bool:
+def process_alive(pid: int, pid_start: str, host: str = "", this_host: Optional[str] = None,
+                  stored: Callable[[str], str] = str) -> bool:
     """True unless ``pid`` on ``host`` is proved dead: gone, a zombie, or a different
     process now (start time differs). Another host's process, a process we cannot probe, and
-    a recorded start time that is empty all count as alive."""
-    if host and host != socket.gethostname():
+    a recorded start time that is empty all count as alive. ``stored``: how ``host`` and
+    ``pid_start`` were written down (an Orchard VM keeps them shell-safe), applied to this
+    host's values before comparing. The one liveness rule of leases, records and VM owners."""
+    if host and host != stored(this_host or socket.gethostname()):
         return True  # another machine's run: we cannot judge it, so never touch it
     state, token = probe_process(pid)
     if state in (GONE, ZOMBIE):
         return False
     if state == UNKNOWN or not pid_start:
         return True
-    return token == pid_start
+    return stored(token or "") == pid_start
 
 
 def current_user() -> str:
@@ -333,10 +337,6 @@ class Ledger:
         """The readable leases by VM name."""
         return self.scan().leases
 
-    def run_leases(self, run_id: str) -> List[Lease]:
-        """The leases of one run (a run may own several VMs)."""
-        return [lease for lease in self.all().values() if lease.run_id == run_id]
-
     def remove(self, vm: str) -> None:
         """Remove ``vm``'s lease (and its child record); a missing one is fine."""
         for path in (self.lease_path(vm), self._child_path(vm)):
@@ -348,8 +348,8 @@ class Ledger:
                 raise _state_error("cannot remove", path, exc) from None
 
     def release(self, vm: str) -> None:
-        """The end of ``vm``'s ownership: remove its lease, and its run's key dir unless
-        another VM's lease (of the same run) still refers to it. Raises ``StateError``."""
+        """The end of ``vm``'s ownership: remove its lease, and its key dir unless another
+        lease still refers to it. Raises ``StateError``."""
         lease = self.read(vm)
         self.remove(vm)
         if lease is not None and lease.key_dir and not self.key_dir_in_use(lease.key_dir):
@@ -387,12 +387,6 @@ class Ledger:
             parts.append("rm -rf " + shlex.quote(str(key_dir)))
         parts.append("rm -f " + " ".join(shlex.quote(str(p)) for p in (self.lease_path(vm), self._child_path(vm))))
         return "; ".join(parts)
-
-    def remove_by_hand_command(self, vm: str, key_dir: str = "", tart: str = "tart") -> str:
-        """``tart stop``, ``tart delete``, then the lease and key dir: pasted as is, it
-        removes everything a kept or left-behind VM holds."""
-        q = shlex.quote(vm)
-        return "{t} stop {q}; {t} delete {q}; {rest}".format(t=tart, q=q, rest=self.forget_command(vm, key_dir))
 
     # -- in-flight children -------------------------------------------------
     def _child_path(self, vm: str) -> Path:

@@ -14,11 +14,14 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import shlex
+
 from . import ssh
-from .backend import Backend, Cancelled, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
-from .errors import CommandTimeout, PreflightError, StageError, TartError
+from .backend import (Backend, Check, ListedVm, Machine, Owner, PreparedImages, ResumableMachine, SealableMachine,
+                      SshTarget, backoff, sleep_or_cancel)
+from .errors import Cancelled, CommandTimeout, NoLongerNeeded, NoSlot, PreflightError, StageError
 from .proc import tail_file, which
-from .tart import INSTALL_HINT, Tart
+from .tart import INSTALL_HINT, Tart, TartError
 
 LIMIT_MESSAGE = "exceeds the system limit"
 RESTORING = "restoring VM state from a snapshot"  # what `tart run` prints when it tries a resume
@@ -39,25 +42,16 @@ MACOS_VM_LIMIT = 2  # Apple's limit of running macOS guests per host
 STANDIN_HINT = "no Mac? the stand-in makes its base with: tart create {base}"
 
 
-def backoff(poll: float, first: float = 0.02):
-    """Polling intervals: 20 ms at first, doubling up to ``poll``. A guest that is up within
-    moments is noticed within moments; a slow boot still sees one poll per ``poll`` seconds."""
-    delay = min(first, poll)
-    while True:
-        yield delay
-        delay = min(delay * 2, poll)
-
-
-def sleep_or_cancel(seconds: float, cancel: threading.Event) -> None:
-    if cancel.wait(max(0.0, seconds)):
-        raise Cancelled("the run is stopping")
-
-
 def is_standin(version: str) -> bool:
     return "standin" in version.replace("-", "").lower()
 
 
-class TartBackend(Backend):
+def backend_from_config(cfg, runner=None, driver: Optional[Tart] = None) -> "TartBackend":
+    """``driver``: a ``Tart`` to use (tests: one with a fake runner); else one on ``runner``."""
+    return TartBackend(driver or Tart(runner), poll=cfg.timeouts.poll, slot_wait=cfg.timeouts.slot_wait)
+
+
+class TartBackend(Backend, PreparedImages):
     name = "tart"
 
     def __init__(self, tart: Optional[Tart] = None, poll: float = 1.0, slot_wait: float = 1800) -> None:
@@ -109,8 +103,38 @@ class TartBackend(Backend):
     def slots(self) -> Optional[int]:
         return MACOS_VM_LIMIT
 
+    def stop_command(self, name: str) -> str:
+        return self.tart.stop_command(name)
 
-class TartMachine(Machine):
+    def doctor(self, parts) -> List[Check]:
+        from . import hostchecks
+
+        return hostchecks.tart_checks(parts)
+
+    # -- prepared images (vmtasks/prepare.py, vmtasks/images.py) ------------------------------
+    def image_identity(self, base: str):
+        from . import tart_images
+
+        return tart_images.base_identity(self.tart, base)
+
+    def image_disk_gb(self, name: str) -> Optional[float]:
+        from . import tart_images
+
+        use = tart_images.disk_use(self.tart, name)
+        return use.total_gb if use is not None else None
+
+    def build_suspended_slots(self, services, plan, count: int) -> List[str]:
+        from . import tart_images
+
+        return tart_images.build_suspended_slots(services, self.tart, plan, count)
+
+
+def remove_command(name: str) -> str:
+    """The paste-able removal of one Tart VM (stop, then delete)."""
+    return Tart().remove_command(name)
+
+
+class TartMachine(Machine, SealableMachine, ResumableMachine):
     def __init__(self, tart: Tart, name: str, cfg) -> None:
         self.tart = tart
         self.name = name
@@ -128,7 +152,8 @@ class TartMachine(Machine):
         self.image = image
         try:
             self.tart.clone(image, self.name, timeout=max(1.0, deadline - time.monotonic()), cancel=cancel,
-                            on_start=on_start)
+                            on_start=None if on_start is None else
+                            lambda pid: on_start(pid, ["tart", "clone", image, self.name]))
         except TartError:
             raise  # tart clone builds in a temporary place: a failed clone made nothing
         except (CommandTimeout, Cancelled):
@@ -176,7 +201,7 @@ class TartMachine(Machine):
                     self.ip = self.tart.ip(self.name, timeout=max(5, poll * 5), cancel=cancel)
                 if self.ip and outcome == "mac reset" and self.ip == stale_ip:
                     self.ip = None  # our old MAC's lease: the address of the VM that has it now
-                if self.ip and outcome == "resumed" and time.monotonic() - resumed_at < RESUME_SETTLE \
+                if self.ip and resumed_at is not None and time.monotonic() - resumed_at < RESUME_SETTLE \
                         and not ssh.sshd_banner(self.ip, timeout=0.5):
                     self.ip = None  # the start after a restore can still fail at the VM limit
                 if self.ip and self.proc.poll() is None:
@@ -186,7 +211,7 @@ class TartMachine(Machine):
                     if not self.boot_path or outcome == "resumed":
                         self.boot_path = {"resumed": "resumed",
                                           "mac reset": "cold boot: another VM runs with the slot's MAC"}.get(
-                            outcome, self.boot_path or "cold boot")
+                            outcome or "", self.boot_path or "cold boot")
                     return
                 if time.monotonic() > boot_deadline:
                     why = ("no IP address after {:g}s".format(self.cfg.timeouts.boot) if outcome is not None else
@@ -264,7 +289,7 @@ class TartMachine(Machine):
         agent_up_at: Optional[float] = None
         last_probe = 0.0
         while True:
-            error = connect_error(self.ip, timeout=min(2.0, max(0.2, deadline - time.monotonic())))
+            error = connect_error(self.ip or "", timeout=min(2.0, max(0.2, deadline - time.monotonic())))
             if error is None:
                 return
             self.require_alive("ip+ssh")
@@ -325,13 +350,32 @@ class TartMachine(Machine):
 
     # -- SSH ---------------------------------------------------------------
     def open_socket(self, timeout: float) -> socket.socket:
-        return ssh.nodelay_socket(self.ip, timeout)
+        return ssh.nodelay_socket(self.ip or "", timeout)
 
     def ssh_target(self) -> SshTarget:
         return SshTarget(self.ip or "")
 
     def address(self) -> str:
         return self.ip or ""
+
+    def login_target(self, recorded_address: str) -> SshTarget:
+        return SshTarget(self.ip or recorded_address)
+
+    def boot_note(self) -> str:
+        return self.boot_path
+
+    def resume_saved_state(self) -> None:
+        self.resume = True
+
+    def plan(self, step: str, image: str = "", into: str = "") -> List[str]:
+        q, name = shlex.quote, shlex.quote(self.name)
+        return {
+            "create": ["tart clone {} {}".format(q(image), name)],
+            "start": ["tart run --no-graphics {}  &".format(name), "tart ip {}".format(name)],
+            "install_key": ["tart exec {} sh -c '<append run key to ~/.ssh/authorized_keys>'".format(name)],
+            "seal": ["tart stop {}; tart rename {} {}".format(name, name, q(into or "<image>"))],
+            "destroy": [self.tart.remove_command(self.name)],
+        }.get(step, [])
 
     # -- state ---------------------------------------------------------------
     def alive(self) -> bool:
@@ -374,8 +418,15 @@ class TartMachine(Machine):
                 self.tart.stop(self.name, timeout=10)
                 time.sleep(0.5)
 
+    def seal(self, image: str, timeout: float) -> None:
+        """Stop (the caller flushed the guest's disks: ``tart stop`` is a hard power-off),
+        rename into ``image``; teardown then leaves it alone."""
+        self.stop_cleanly(timeout)
+        self.tart.rename(self.name, image)
+        self.sealed()
+
     def stop_cleanly(self, timeout: float) -> None:
-        """For images: flush the guest's disks, then stop (``tart stop`` is a hard power-off)."""
+        """For images: stop, and wait for ``tart run`` to exit."""
         self.tart.stop(self.name, timeout=min(30, timeout))
         if self.proc is not None:
             try:
@@ -391,13 +442,7 @@ class TartMachine(Machine):
         self.proc = None
 
     def remove_by_hand(self) -> str:
-        import shlex
-
-        return "tart stop {0}; tart delete {0}".format(shlex.quote(self.name))
-
-
-class NoSlot(StageError):
-    """No host VM slot within timeouts.slot_wait: the VM's tests go to the others."""
+        return self.tart.remove_command(self.name)
 
 
 KEY_SCRIPT = (

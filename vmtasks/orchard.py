@@ -26,7 +26,6 @@ Where things live on the VM resource, and why:
 from __future__ import annotations
 
 import base64
-import datetime
 import inspect
 import json
 import os
@@ -42,11 +41,11 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .backend import Backend, Cancelled, ListedVm, Machine, NoLongerNeeded, Owner, SshTarget
+from .backend import Backend, Check, ListedVm, Machine, Owner, SshTarget, backoff
 from .config import excerpt, orchard_url_problem
-from .errors import BackendError, ConfigError, PreflightError, SshError
+from .errors import BackendError, Cancelled, ConfigError, NoLongerNeeded, PreflightError, SshError
 
 ENV_URL = "ORCHARD_URL"
 ENV_NAME = "ORCHARD_SERVICE_ACCOUNT_NAME"
@@ -126,15 +125,16 @@ def context_file_path(env=None) -> Path:
     return Path(home) / ".orchard" / "orchard.yml"
 
 
-def backend_from_config(cfg) -> "OrchardBackend":
-    """The Orchard backend for a loaded config (``backend: orchard``; ``orchard.*`` keys)."""
+def backend_from_config(cfg, runner=None, driver: Optional["OrchardClient"] = None) -> "OrchardBackend":
+    """The Orchard backend for a loaded config (``backend: orchard``; ``orchard.*`` keys).
+    ``runner``: unused (no local commands); ``driver``: an ``OrchardClient`` to use."""
     from .factory import state_dir
 
     settings = load_settings(url=cfg.orchard.url or None, ca_cert=cfg.orchard.ca_cert or None,
                              context=cfg.orchard.context or None)
     return OrchardBackend(settings, image=cfg.orchard.image or cfg.vm.base, cpu=cfg.orchard.cpu,
                           memory=cfg.orchard.memory, prefix=cfg.vm.name_prefix, user=cfg.vm.user,
-                          password=cfg.vm.password,
+                          password=cfg.vm.password, client=driver,
                           poll=min(cfg.timeouts.poll, 0.5),
                           probe_cache=state_dir(cfg, os.environ) / PROBE_CACHE)
 
@@ -325,7 +325,7 @@ class OrchardClient:
         http = self.endpoint("vms/{}/port-forward".format(urllib.parse.quote(vm, safe="")),
                              {"port": str(port), "wait": str(max(0, int(wait)))})
         url = "ws" + http[len("http"):]
-        options = dict(additional_headers=self._headers(), ssl=self._ssl,
+        options: Dict[str, Any] = dict(additional_headers=self._headers(), ssl=self._ssl,
                        open_timeout=open_timeout + max(0, int(wait)), compression=None, max_size=None,
                        ping_interval=20, ping_timeout=20, close_timeout=2)
         if "legacy" in inspect.signature(connect).parameters:
@@ -401,15 +401,13 @@ def pump_websocket(ws, sock: socket.socket) -> Tuple[threading.Thread, threading
 
 
 def parse_time(text: str) -> Optional[float]:
-    """Epoch seconds from Go's RFC 3339 (nanoseconds allowed); None for the zero time."""
+    """Epoch seconds from Go's RFC 3339 (nanoseconds allowed; the go test -json parser's);
+    None for Go's zero time (a field the controller has not set)."""
     if not text or text.startswith("0001-01-01"):
         return None
-    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", text)
-    if not match:
-        return None
-    frac = (match.group(2) or ".0")[:7]
-    zone = "+00:00" if match.group(3) == "Z" else match.group(3)
-    return datetime.datetime.fromisoformat(match.group(1) + frac + zone).timestamp()
+    from .results.stream import parse_time as parse_rfc3339
+
+    return parse_rfc3339(text)
 
 
 def env_value(value) -> str:
@@ -441,16 +439,9 @@ def owner_alive(labels: Dict[str, str], hostname: Optional[str] = None) -> Optio
     owner = owner_of(labels)
     if owner is None:
         return None
-    if owner.host != env_value(hostname or socket.gethostname()):
-        return True
-    from .ledger import GONE, UNKNOWN, ZOMBIE, probe_process
+    from .ledger import process_alive
 
-    state, token = probe_process(owner.pid)
-    if state in (GONE, ZOMBIE):
-        return False
-    if state == UNKNOWN or not owner.pid_start:
-        return True  # we cannot tell: never remove a VM whose owner might run
-    return env_value(token) == owner.pid_start
+    return process_alive(owner.pid, owner.pid_start, owner.host or "?", this_host=hostname, stored=env_value)
 
 
 def judge_unleased(name: str, labels: Dict[str, str], include_kept: bool = False) -> Tuple[str, str]:
@@ -628,9 +619,12 @@ class OrchardBackend(Backend):
         except OSError:
             pass  # only a cache: the next run probes again
 
-    def doctor(self) -> List[Tuple[str, str, str, str]]:
+    def doctor(self, parts=None) -> List[Check]:
         """vm-doctor's checks for this backend."""
-        return self.health()
+        return [Check(*row) for row in self.health()]
+
+    def judge_unleased(self, name: str, labels: Dict[str, str], include_kept: bool) -> Tuple[str, str]:
+        return judge_unleased(name, labels, include_kept)
 
     def health(self) -> List[Tuple[str, str, str, str]]:
         """vm-doctor's checks of the controller, each ``(name, "ok"|"warn"|"fail", detail, hint)``:
@@ -672,14 +666,9 @@ class OrchardBackend(Backend):
         False when it could not be judged (``fleet_full`` and the probe is not scheduled, or
         not running within probe_timeout); PreflightError when it failed. With free slots an
         unscheduled probe is waited for: Orchard's scheduler runs every few seconds."""
-        import getpass
-
-        from .ledger import process_start_time
-
         name = "{}-probe-{}-{}".format(self.prefix, os.getpid(), int(time.time() * 1000) % 10 ** 8)
         # Owned like a run's VM, so cleanup-orphans can judge a probe left by a killed process.
-        owner = Owner("preflight", socket.gethostname(), getpass.getuser(), os.getpid(),
-                      process_start_time(os.getpid()) or "")
+        owner = Owner.this_process("preflight")
         env = {var: env_value(getattr(owner, key)) for key, var in OWNER_ENV.items()}
         # The run's VMs' credentials and a script that says it ran: the probe fails the way they
         # would (a missing image, or a login the worker cannot make), before any of them exists.
@@ -753,11 +742,10 @@ def delete_vm(client: OrchardClient, name: str, timeout: float = 0.0, max_wait: 
     A controller that cannot be reached or answers 408/5xx (restarting, overloaded) is asked
     again, backing off up to ``max_wait`` seconds between attempts, until ``timeout`` runs out:
     one lost request must not leave the VM running on its worker."""
-    from .machine_tart import backoff
-
     deadline = time.monotonic() + timeout
     waits = backoff(max_wait, first=0.2)
     attempts = 0
+    error: BackendError
     while True:
         attempts += 1
         remaining = deadline - time.monotonic()
@@ -1065,6 +1053,17 @@ class OrchardMachine(Machine):
     def remove_by_hand(self) -> str:
         return ('curl -fsS -X DELETE -u "${}:${}" {}'.format(
             ENV_NAME, ENV_TOKEN, shlex.quote(self.client.endpoint(self._path))))
+
+    def plan(self, step: str, image: str = "", into: str = "") -> List[str]:
+        vm = self.client.endpoint("vms/") + self.name  # as written: the plan's "<vm>" stays readable
+        return {
+            "create": ["POST {} (image {}, the run's key and owner in the startup script)".format(
+                self.client.endpoint("vms"), image or self.backend.image)],
+            "start": ["GET {} until status: running (pending: the fleet's queue)".format(vm)],
+            "install_key": ["GET {}/events until the startup script says {!r}; SSH through the "
+                            "controller's port-forward".format(vm, KEY_INSTALLED)],
+            "destroy": ["DELETE {}".format(vm)],
+        }.get(step, [])
 
     def address(self) -> str:
         worker = self.last.get("worker")

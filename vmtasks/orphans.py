@@ -32,8 +32,7 @@ def sweep(reporter, parts, dry_run: bool = False, include_kept: bool = False,
                       kept_max_age=max_age, listed=listing, include_unleased=include_unleased,
                       unleased_after=parts.cfg.sweep.unleased_after * 3600,
                       cleanup_command=parts.cleanup_command, on_wait=reporter.info, **extra)
-    if getattr(parts.backend, "name", "") == "orchard":
-        judge_orchard_owners(plan, parts, listing, include_kept)
+    judge_by_owner(plan, parts, listing, include_kept)
     lines = plan.lines(dry_run)
     if not quiet or plan.actions or plan.unreadable:
         for line in lines:
@@ -61,22 +60,23 @@ def count_line(plan, listing, prefix: str, dry_run: bool, failed: int = 0) -> st
     return "removed {} of {} ({})".format(max(done, 0), len(removable), where)
 
 
-# --- Orchard (issue 14): VMs without a lease here are judged by their owner records ---------
-def judge_orchard_owners(plan, parts, listing, include_kept: bool) -> None:
-    """An Orchard VM records its owner (run, host, PID and start time, state dir) on the
-    controller. One with no lease in this ledger (a run from another state dir or checkout,
-    or a state dir that was lost) is removed when that owner is this host's and gone, and
-    counts as live when the owner may still run (another host's, or that very process).
-    Leased VMs keep the ledger's rules; VMs with no owner record are left as they were."""
-    from . import orchard
+# --- VMs without a lease here, judged by the owner they record (issue 14) ------------------
+def judge_by_owner(plan, parts, listing, include_kept: bool) -> None:
+    """A backend whose VMs record their owner (run, host, PID and start time, state dir)
+    judges a VM with no lease in this ledger (a run from another state dir or checkout, or a
+    state dir that was lost): removed when that owner is this host's and gone, live when the
+    owner may still run (``Backend.judge_unleased``). Leased VMs keep the ledger's rules;
+    VMs the backend cannot judge are left as they were."""
     from . import sweep as rules
 
+    if not plan.unleased:
+        return
     labels = {vm.name: vm.labels for vm in listing}
     if any(vm.name not in labels for vm in plan.unleased):  # the plan listed again meanwhile
         labels.update({vm.name: vm.labels for vm in parts.backend.list_vms()})
     left = []
     for vm in plan.unleased:
-        verdict, why = orchard.judge_unleased(vm.name, labels.get(vm.name) or {}, include_kept)
+        verdict, why = parts.backend.judge_unleased(vm.name, labels.get(vm.name) or {}, include_kept)
         if verdict == "orphan":
             plan.actions.append(rules.Action("vm", vm.name, why))
         elif verdict == "live":

@@ -4,8 +4,10 @@ A run is a table of stages (``RUN_STAGES`` on the host, ``VM_STAGES`` per VM, de
 vmtasks/run.py and vmtasks/vm.py). Each entry has a name, the function that does it, the
 ``timeouts`` key that bounds it, and a one-line description with the commands it runs.
 ``StageRunner`` is the only code that times a stage, records it, reports it and turns its
-errors into a ``StageError``; ``--dry-run`` walks the same tables, so the plan cannot drift
-from the run. Nothing here is module-level state: several VMs' pipelines run at once.
+errors into a ``StageError``; ``--dry-run`` walks the same tables, so the plan lists the
+stages the run takes (tests/test_run.py checks the order; each stage's commands are its
+own ``commands`` text, or what the machine says it runs). Nothing here is module-level
+state: several VMs' pipelines run at once.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
-from .backend import Cancelled, NoLongerNeeded
-from .errors import CommandTimeout, Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
+from .errors import (Cancelled, CommandTimeout, Interrupted, NoLongerNeeded, RemoteTimeout, StageError, VmtasksError,
+                     describe_unexpected)
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import images
-from .backend import Cancelled
-from .errors import StageError, VmtasksError
 
 
 @dataclass(frozen=True)
@@ -43,8 +40,7 @@ def image_plan(parts, listed=None, bundle: Optional[bytes] = None) -> ImagePlan:
     from .vm import tool_bundle
 
     cfg = parts.cfg
-    tart = parts.tart
-    identity = dict(images.base_identity(tart, cfg.vm.base), vm_cpu=cfg.vm.cpu, vm_memory=cfg.vm.memory)
+    identity = dict(parts.backend.image_identity(cfg.vm.base), vm_cpu=cfg.vm.cpu, vm_memory=cfg.vm.memory)
     digest_of_bundle = images.bundle_digest(bundle if bundle is not None else tool_bundle(cfg))
     inputs = images.image_inputs(identity, cfg.setup, cfg.prepare, digest_of_bundle)
     digest = images.hash_inputs(inputs)
@@ -141,78 +137,11 @@ def doctor_checks(parts, listing) -> List[tuple]:
         current = ""
     out = []
     for image in found:
-        use = images.disk_use(parts.tart, image.name)
-        size = " {:.1f} GB".format(use.total_gb) if use is not None else ""
+        used = parts.backend.image_disk_gb(image.name)
+        size = " {:.1f} GB".format(used) if used is not None else ""
         if image.hash == current:
             out.append(("prepared", "ok", "{} (hash {}, current){}".format(image.name, image.hash, size), ""))
         else:
             out.append(("prepared", "warn", "{} is stale (hash {}, config needs {}){}".format(
                 image.name, image.hash, current or "?", size), parts.cleanup_command + " --prepared"))
     return out
-
-
-def build_suspended_slots(run, plan: ImagePlan, count: int) -> List[str]:
-    """Where Tart can suspend (macOS 14+): one suspended copy of the prepared image per VM
-    slot, ``<image>-s1`` .. ``-sN``, so a run resumes instead of cold-booting. A saved state
-    is tied to its MAC address, so two VMs resumed at once need one each: slot N serves the
-    run's N-th VM. Each is booted from the stopped image (a fresh MAC), left to come up,
-    suspended and renamed into place; nothing of a failed attempt is kept, and a host that
-    cannot suspend just gets no slot images (runs boot cold). Returns the names made."""
-
-    from .machine_tart import sleep_or_cancel
-
-    cfg, tart, ledger = run.cfg, run.parts.tart, run.ledger
-    prefix = cfg.vm.name_prefix
-    made: List[str] = []
-    listing = {vm.name: vm for vm in run.backend.list_vms()}
-    for slot in range(1, count + 1):
-        final = images.prepared_name(prefix, plan.hash, slot)
-        if final in listing and listing[final].state == "suspended":
-            continue
-        temp = images.building_name(prefix, plan.hash, slot)
-        ledger.write(ledger.new_lease(temp, run.run_id, keep=False, base=plan.name))
-        proc = None
-        try:
-            if final in listing:  # a slot image whose state is gone: replace it
-                tart.delete(final)
-            tart.clone(plan.name, temp, timeout=cfg.timeouts.clone, cancel=run.cancel)
-            with open(run.record.path("suspend-{}.log".format(slot)), "wb") as log:
-                proc = tart.start(temp, log, suspendable=True)
-            deadline = time.monotonic() + cfg.timeouts.boot
-            while not tart.exec(temp, ["true"], timeout=30, cancel=run.cancel).ok:  # the agent is up: booted
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise StageError("prepare", temp, "the slot image did not come up to be suspended",
-                                     "see suspend-{}.log in the run record".format(slot))
-                sleep_or_cancel(0.2, run.cancel)
-            if not tart.suspend(temp):
-                raise StageError("prepare", temp, "this Tart cannot suspend VMs (needs macOS 14+)",
-                                 "runs boot the prepared image cold")
-            try:
-                code = proc.wait(timeout=cfg.timeouts.teardown)
-            except subprocess.TimeoutExpired:
-                # Saving a large VM's memory can outlast timeouts.teardown: no slot image
-                # then (the handler below stops and deletes the half-saved VM).
-                raise StageError("prepare", temp, "suspending took longer than {:g}s (timeouts.teardown)".format(
-                    cfg.timeouts.teardown), "raise timeouts.teardown for a VM with much memory; runs boot the "
-                    "prepared image cold meanwhile") from None
-            state = (tart.get(temp) or {}).get("State")
-            if code != 0 or state != "suspended":
-                raise StageError("prepare", temp, "suspending failed (`tart run` exited {}, state {})".format(
-                    code, state), "runs boot the prepared image cold; see suspend-{}.log".format(slot))
-            tart.rename(temp, final)
-            images.save_record(ledger.state_dir, final, plan.inputs, run.run_id, config=cfg.source)
-            made.append(final)
-        except VmtasksError as exc:
-            run.reporter.warn("no suspended image for slot {}: {}".format(slot, exc.message))
-            try:
-                if proc is not None and proc.poll() is None:
-                    tart.stop(temp, timeout=30)
-                tart.delete(temp)
-            except VmtasksError as again:
-                run.reporter.warn("{} is left (the sweep removes it): {}".format(temp, again.message))
-            if isinstance(exc, Cancelled):
-                raise
-            break  # the next slot would fail the same way
-        finally:
-            ledger.remove(temp)
-    return made

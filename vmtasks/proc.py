@@ -54,7 +54,7 @@ class Runner:
             on_start: Optional[Callable[[int], None]] = None) -> Result:
         """Run to completion. ``cancel`` set: the child is stopped and ``Cancelled`` raised.
         ``timeout``: the child is killed and ``CommandTimeout`` raised with its output."""
-        from .backend import Cancelled
+        from .errors import Cancelled
 
         argv = [argv] if isinstance(argv, str) else list(argv)
         started = time.monotonic()

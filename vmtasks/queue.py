@@ -40,9 +40,6 @@ class TestQueue:
         self.assignments: List[Assignment] = []
         self._by_key: Dict[tuple, Assignment] = {}
 
-    def __bool__(self) -> bool:  # a queue with no tests is still queue mode
-        return True
-
     def take(self, vm: str) -> Optional[TestItem]:
         with self._lock:
             if self._next >= len(self.items):

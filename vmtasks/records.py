@@ -319,12 +319,3 @@ def record_owner_alive(record_dir: Path, me: Optional[Dict[str, Any]] = None) ->
         return True  # cannot tell: keep it
     except (ValueError, TypeError, KeyError, AttributeError):
         return False
-
-
-def latest_run(root: Path) -> Optional[Path]:
-    """The run directory ``latest`` points at, or None (no run yet, or unreadable)."""
-    latest = Path(root) / "latest"
-    try:
-        return latest.resolve() if latest.exists() else None
-    except (OSError, RuntimeError):
-        return None

@@ -20,13 +20,12 @@ event, so several per-VM pipelines can report from their own threads at once.
   record's ``commands.log``.
 
 The reporter reads a summary through a small duck type (:class:`SummaryView`,
-:class:`TestView`), so it does not depend on the results package; any object with those
-attributes will do.
+:class:`TestView`) with the results model's own names, so the model is read as it is
+(nothing renames it) and the reporter does not import the results package.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -41,6 +40,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from .results.model import format_duration
 from .visible import visible, visible_line
 
 
@@ -77,12 +77,29 @@ class TestView(Protocol):
 
 
 class SummaryView(Protocol):
-    """A run's results as the reporter reads them: ``tests`` (top-level, each a
-    :class:`TestView`) and ``package_errors`` (package -> output: build errors, a failing
+    """A run's results as the reporter reads them, the results model's own names
+    (vmtasks/results/model.py ``Summary``): ``results`` (top-level, each a
+    :class:`TestView`) and ``package_failures`` (package -> output: build errors, a failing
     ``TestMain``, a package that never finished)."""
 
-    tests: Sequence[TestView]
-    package_errors: Mapping[str, str]
+    @property
+    def results(self) -> Sequence[TestView]: ...
+
+    @property
+    def package_failures(self) -> Mapping[str, str]: ...
+
+    @property
+    def counts(self) -> "CountsView": ...
+
+
+class CountsView(Protocol):
+    """The model's top-level counts (``results.Counts``): the summary's rows read them."""
+
+    passed: int
+    failed: int
+    skipped: int
+    interrupted: int
+    notrun: int
 
 
 Verdict = Union[str, Callable[[Optional[SummaryView], float], str]]
@@ -90,17 +107,9 @@ Verdict = Union[str, Callable[[Optional[SummaryView], float], str]]
 
 # -- formatting ----------------------------------------------------------------
 def format_seconds(seconds: Optional[float]) -> str:
-    """A duration for the summary: ``0.42s``, ``12.30s``, ``1m05s``, ``2h03m04s``."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        seconds = 0.0
-    if seconds < 60:
-        return "{:.2f}s".format(seconds)
-    whole = int(round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return "{}h{:02d}m{:02d}s".format(hours, minutes, secs)
-    return "{}m{:02d}s".format(minutes, secs)
+    """A duration for the summary: ``0.42s``, ``12.30s``, ``1m05s``, ``2h03m04s`` (the
+    results model's ``format_duration``; None shows as ``0.00s``)."""
+    return format_duration(0.0 if seconds is None else seconds)
 
 
 def format_clock(seconds: float) -> str:
@@ -179,7 +188,7 @@ class VmShare:
 
 def vm_shares(summary: SummaryView) -> List[VmShare]:
     """The per-VM balance of a run, in VM name order (tests with no VM are left out)."""
-    tests = [t for t in summary.tests if getattr(t, "vm", "")]
+    tests = [t for t in summary.results if getattr(t, "vm", "")]
     timed = _spans(tests)
     window = (min(s for s, _, _ in timed), max(e for _, e, _ in timed)) if timed else None
     shares = []
@@ -219,10 +228,10 @@ def summary_lines(summary: Optional[SummaryView], seconds: float, verdict_text: 
     """
     lines: List[Text] = []
     if summary is not None:
-        tests = list(summary.tests)
-        errors = dict(getattr(summary, "package_errors", None) or {})
+        tests = list(summary.results)
+        errors = dict(summary.package_failures)
         several_vms = len({t.vm for t in tests if getattr(t, "vm", "")}) > 1
-        lines += _count_lines(tests, errors, seconds)
+        lines += _count_lines(tests, summary.counts, errors, seconds)
         if several_vms:
             lines += _vm_lines(summary)
         lines += _slow_lines(tests, slow_threshold, several_vms)
@@ -238,22 +247,22 @@ def _row(what: str, value: str, style: str = "") -> Text:
     return Text("{:<12} {}".format(what, value), style=style)
 
 
-def _count_lines(tests: Sequence[TestView], errors: Mapping[str, str], seconds: float) -> List[Text]:
-    counts = _status_counts(tests)
+def _count_lines(tests: Sequence[TestView], counts: CountsView, errors: Mapping[str, str],
+                 seconds: float) -> List[Text]:
     subtests = [sub for test in tests for sub in _all_subtests(test)]
     # One count on screen: the verdict counts subtests too (as gotestsum does), so say so here.
     total = str(len(tests)) if not subtests else "{} (+ {} subtests = {}, the verdict's count)".format(
         len(tests), len(subtests), len(tests) + len(subtests))
     lines = [Text("e2e results", style="bold"),
              _row("tests", total),
-             _row("passed", str(counts["pass"]), "green" if counts["pass"] else ""),
-             _row("failed", str(counts["fail"]), "bold red" if counts["fail"] else ""),
-             _row("skipped", str(counts["skip"]))]
+             _row("passed", str(counts.passed), "green" if counts.passed else ""),
+             _row("failed", str(counts.failed), "bold red" if counts.failed else ""),
+             _row("skipped", str(counts.skipped))]
     # Rows that only matter when they are not zero.
-    if counts["interrupted"]:
-        lines.append(_row("interrupted", str(counts["interrupted"]), "yellow"))
-    if counts["notrun"]:
-        lines.append(_row("not run", str(counts["notrun"]), "bold red"))
+    if counts.interrupted:
+        lines.append(_row("interrupted", str(counts.interrupted), "yellow"))
+    if counts.notrun:
+        lines.append(_row("not run", str(counts.notrun), "bold red"))
     if errors:
         lines.append(_row("errors", "{} (package or build)".format(len(errors)), "bold red"))
     if subtests:
@@ -343,7 +352,7 @@ def _problem_lines(tests: Sequence[TestView], errors: Mapping[str, str], several
 def timeline_text(summary: SummaryView) -> str:
     """Which VM ran which test and when, one test a line in start order (for the run
     record): start offset, elapsed, status, VM, package, name. Tests that never ran last."""
-    tests = list(summary.tests)
+    tests = list(summary.results)
     ran = _spans(tests)
     origin = ran[0][0] if ran else 0.0
     rows = []

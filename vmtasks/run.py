@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import signal
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from . import gotest, orphans, results, schedule
-from .backend import Cancelled, Owner
-from .errors import Interrupted, StageError, VmtasksError
+from .backend import Owner, PreparedImages, ResumableMachine
+from .errors import Cancelled, Interrupted, StageError, VmtasksError, describe_unexpected
 from .factory import task_command
-from .machine_tart import NoSlot
 from .pipeline import Stage, StageRunner, plan_lines
 from .queue import TestQueue
 from .signals import SignalGuard
-from .vm import VmPipeline, guest_env_words
-
-EXIT_NO_TESTS = 5  # as pytest: nothing was collected / ran
-
+from .finish import RunEnd
+from .vm import VmPipeline, VmServices, guest_env_words
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
@@ -49,14 +46,6 @@ class RunRequest:
     rerun_source: str = ""  # "--rerun-failed took these from run X"
     prepared: str = "auto"  # auto: use a matching prepared image; build: make it if missing; never
     only_prepare: bool = False  # vm-prepare: build the image, run no tests
-
-
-class SummaryView:
-    """The results model as the reporter reads it (vmtasks/report.py SummaryView)."""
-
-    def __init__(self, summary) -> None:
-        self.tests = summary.results
-        self.package_errors = summary.package_failures
 
 
 class RunContext:
@@ -91,7 +80,7 @@ class Run:
         self._bundle: Optional[bytes] = None
         self._bundle_lock = threading.Lock()
         self.expected: List[gotest.TestItem] = []
-        self.listed_tests: Optional[List[Tuple[str, str]]] = None  # one VM: the tests that count
+        self.listed_tests: Optional[List[gotest.TestId]] = None  # one VM: the tests that count
         self.no_test_matched = False  # one VM: the host's listing matched nothing, so no VM boots
         self.listed = None
         self.bin_dir: Optional[Path] = None
@@ -136,8 +125,8 @@ class Run:
         lines += plan_lines(self.run_stages(), self.ctx, self.cfg)
         if self.vm_count > 1:
             self.queue = TestQueue([], gotest.GoSuite((), (), (), self.request.test), Path("<bin>"), True, [])
-        example = VmPipeline(self, "{}-{}".format(self.cfg.vm.name_prefix, self.run_id),
-                             self.backend.machine("<vm>", self._owner(), self.cfg))
+        name = "{}-{}".format(self.cfg.vm.name_prefix, self.run_id)
+        example = self._pipeline(name)
         if self.vm_count > 1:
             lines.append("  then, for each of the {} VMs ({}-{}-<n>), in its own thread:".format(
                 self.vm_count, self.cfg.vm.name_prefix, self.run_id))
@@ -151,21 +140,55 @@ class Run:
 
     # -- the whole run ---------------------------------------------------------
     def execute(self) -> int:
+        """The whole run under one guard: a signal, an error or a bug anywhere (the host
+        stages, starting the VMs, the merge) still ends in teardown and result.json."""
         with self.guard:
             try:
-                self._run_level()
-                if not self.cancel.is_set() and not self.request.only_prepare and not self.no_test_matched:
-                    self._vms()
-            except (Interrupted, Cancelled):
-                pass
-            except VmtasksError as exc:
-                self.exit_code = exc.exit_code
-                self.reporter.error(exc.render())
-                self.vm_errors.append(exc.message)
-            finally:
-                self._wait_for_teardown()
-        self._announce_signals()
-        return self._finish()
+                try:
+                    self._run_level()
+                    if not self.cancel.is_set() and not self.request.only_prepare and not self.no_test_matched:
+                        self._vms()
+                except (Interrupted, Cancelled):
+                    pass
+                except VmtasksError as exc:
+                    self.exit_code = exc.exit_code
+                    self.reporter.error(exc.render())
+                    self.vm_errors.append(exc.message)
+                except Exception as exc:  # a bug: stop the VMs, keep its traceback, still finish
+                    self.cancel.set()
+                    self._note_bug("run", exc)
+                finally:
+                    self._wait_for_teardown()
+                self._announce_signals()
+                return self._finish()
+            except Exception as exc:  # a bug in the merge or the result files: the record still ends
+                self._note_bug("finish", exc)
+                return self._finish_after_bug()
+
+    def _note_bug(self, where: str, exc: Exception) -> None:
+        """An unexpected error outside any stage: its traceback goes to errors.log."""
+        text = traceback.format_exc()
+        path = self.record.note_traceback("host", where, text)
+        if getattr(self.reporter, "verbose", False):
+            self.reporter.error(text.rstrip())
+        error = VmtasksError("unexpected error ({}): {}".format(where, describe_unexpected(exc)),
+                             "this is a bug in vmtasks; the traceback is in " + path)
+        self.reporter.error(error.render())
+        self.vm_errors.append(error.message)
+        self.exit_code = 1
+
+    def _finish_after_bug(self) -> int:
+        """result.json when the normal end failed: exit 1, what is known of the run."""
+        interrupted = self.guard.received is not None
+        code = (self.guard.exit_code or 130) if interrupted else 1
+        try:
+            self.record.finish(vms=[p.name for p in self.pipelines], exit_code=code,
+                               kept=[p.name for p in self.pipelines if p.ctx.kept], test=self.request.test,
+                               interrupted=interrupted, errors=list(self.vm_errors))
+        except Exception:  # noqa: BLE001 - the record itself is what broke: the exit code still says it
+            pass
+        self.exit_code = code
+        return code
 
     def _run_level(self) -> None:
         runner = self.host_runner = StageRunner(self.cfg, self.reporter, self.record, "host", self.cancel)
@@ -208,7 +231,7 @@ class Run:
         framing = bool(packages) and gotest.supports_test2json_framing(
             self.runner, self.bin_dir / packages[0].binary, str(Path(self.cfg.project_dir) / packages[0].rel_dir))
         history = results.History.load(self.cfg.suite.durations)
-        ids = {schedule.TestId(i.package.import_path, i.name): i for i in items}
+        ids = {i.key: i for i in items}
         estimates = {t: history.estimate(t.package, t.name) for t in ids}
         ordered = [ids[t] for t in schedule.longest_first(list(ids), estimates.get)]
         self.expected = ordered
@@ -233,14 +256,15 @@ class Run:
             raise
         except VmtasksError as exc:
             # go's own last line says why (a wrong module root, a build error): show it.
-            listed, why = [], exc.message + ("; go said: " + exc.tail[-1].strip() if getattr(exc, "tail", None) else "")
+            tail = getattr(exc, "tail", None) or []
+            listed, why = [], exc.message + ("; go said: " + tail[-1].strip() if tail else "")
         else:
             if not listed:  # nothing matches: say so now, with the nearest names, and boot no VM
                 self.no_test_matched = bool(self.request.test)
                 if self.no_test_matched:
+                    left = max(1.0, ctx.deadline - time.monotonic())
                     self.notes.append(gotest.no_match_note(self.runner, self.cfg.project_dir, self.cfg.suite.all,
-                                                           self.request.test, max(1.0, ctx.deadline - time.monotonic()),
-                                                           self.cancel))
+                                                           self.request.test or "", left, self.cancel))
                 ctx.stage_status, ctx.stage_note = "ok", "no test listed" + (": no VM booted" * self.no_test_matched)
                 return
         if not listed:
@@ -267,7 +291,7 @@ class Run:
 
     # -- prepared images -------------------------------------------------------
     def _images_apply(self) -> bool:
-        if self.backend.name != "tart" or self.request.prepared == "never":
+        if not isinstance(self.backend, PreparedImages) or self.request.prepared == "never":
             return False
         return self.request.only_prepare or self.request.prepared == "build" or self.cfg.prepared
 
@@ -301,7 +325,7 @@ class Run:
     def _build_image(self, plan) -> List[str]:
         """Under the image's lock: build it unless it exists (another run may have built it
         while we waited), then its suspended slot copies. Returns the slot images made."""
-        from . import images, prepare
+        from . import images
 
         prefix, state = self.cfg.vm.name_prefix, self.ledger.state_dir
         with images.BuildLock(state, plan.hash, image=plan.name, run_id=self.run_id, on_wait=self.reporter.info,
@@ -312,7 +336,8 @@ class Run:
             elif not plan.exists:
                 self.reporter.info("   {} was built meanwhile by another run".format(plan.name))
             slots = min(self.vm_count, self.backend.slots() or self.vm_count)
-            return prepare.build_suspended_slots(self, plan, slots)
+            assert isinstance(self.backend, PreparedImages)  # the image stage runs only then
+            return self.backend.build_suspended_slots(self.services(), plan, slots)
 
     def _build_stopped_image(self, plan, listing) -> None:
         from . import images
@@ -320,11 +345,13 @@ class Run:
         prefix = self.cfg.vm.name_prefix
         # We hold the build lock: a VM under this build's name is a dead build's.
         for vm in images.leftover_builds(listing, prefix):
-            if images.parse_building(prefix, vm.name).hash == plan.hash:
+            building = images.parse_building(prefix, vm.name)
+            if building is not None and building.hash == plan.hash:
                 self.backend.remove(vm.name, self.cfg.timeouts.teardown)
                 self.ledger.remove(vm.name)
         self.reporter.info("   building prepared image {}: {}".format(plan.name, plan.why))
-        builder = VmPipeline(self, plan.building, self.backend.machine(plan.building, self._owner(), self.cfg),
+        builder = VmPipeline(self.services(), plan.building,
+                             self.backend.machine(plan.building, self._owner(), self.cfg), image=self.cfg.vm.base,
                              building=plan)
         self.reporter.vm_added(plan.building)
         self._start([builder])
@@ -348,11 +375,11 @@ class Run:
             ["{}-{}-{}".format(self.cfg.vm.name_prefix, self.run_id, n + 1) for n in range(count)]
         suspended = self._suspended_slots() if self.skip_setup else {}
         for index, name in enumerate(names, 1):
-            pipeline = VmPipeline(self, name, self.backend.machine(name, self._owner(), self.cfg))
-            if index in suspended:
+            pipeline = self._pipeline(name)
+            if index in suspended and isinstance(pipeline.ctx.machine, ResumableMachine):
                 # Slot N's saved state serves the run's N-th VM: one saved state per MAC.
                 pipeline.image = suspended[index]
-                pipeline.ctx.machine.resume = True
+                pipeline.ctx.machine.resume_saved_state()
             self.pipelines.append(pipeline)
             self.reporter.vm_added(name, label="vm{}".format(index) if len(names) > 1 else "")
         # Lines and rows say vm1, vm2: the full names once, here.
@@ -362,6 +389,19 @@ class Run:
             ", test regex {!r}".format(self.request.test) if self.request.test else ""))
         self._start(self.pipelines)
 
+    def services(self) -> VmServices:
+        """What a VM pipeline gets of this run."""
+        return VmServices(cfg=self.cfg, backend=self.backend, cancel=self.cancel, ledger=self.ledger,
+                          record=self.record, reporter=self.reporter, runner=self.runner, run_id=self.run_id,
+                          tool_bundle=self.tool_bundle, sync_excludes=self.sync_excludes,
+                          cleanup_command=self.cleanup_command, queue=self.queue)
+
+    def _pipeline(self, name: str) -> VmPipeline:
+        """A VM that runs tests (all of them, or its share of the queue)."""
+        return VmPipeline(self.services(), name, self.backend.machine(name, self._owner(), self.cfg),
+                          image=self.image, prepared=self.skip_setup, own_folder=self.vm_count > 1,
+                          test=self.request.test, expected=self.listed_tests)
+
     def _start(self, pipelines: List[VmPipeline]) -> None:
         self.running = pipelines
         for pipeline in pipelines:
@@ -369,12 +409,12 @@ class Run:
 
     def _suspended_slots(self):
         """{slot: image} of the prepared image's suspended copies (vm-prepare makes them
-        where Tart can suspend)."""
+        where the backend can suspend)."""
         from . import images
 
         prefix = self.cfg.vm.name_prefix
         plan = images.parse_prepared(prefix, self.image)
-        if plan is None or self.backend.name != "tart":
+        if plan is None or not isinstance(self.backend, PreparedImages):
             return {}
         out = {}
         for vm in self.backend.list_vms():
@@ -405,145 +445,19 @@ class Run:
             self.reporter.warn(line)
 
     # -- results -----------------------------------------------------------------
-    def on_test_event(self, vm: str, event) -> None:
-        if event.kind in ("pass", "fail", "skip", "interrupted") and not event.subtest:
-            self.reporter.test_finished(vm, event.test, event.kind, event.elapsed, event.output)
-        elif event.kind == "run" and not event.subtest:
-            # A queued test has its own deadline (timeouts.test): its row shows it.
-            self.reporter.test_started(vm, event.test, self.cfg.timeouts.test if self.queue is not None else None)
-        elif event.kind == "package-fail":
-            self.reporter.package_failed(vm, event.package, event.output)
-
     def _finish(self) -> int:
-        interrupted = self.guard.received is not None
-        if interrupted:
-            where = [r.interrupted_at for r in [self.host_runner] + [p.runner for p in self.pipelines]
-                     if r is not None and r.interrupted_at]
-            self.reporter.error(Interrupted(self.guard.received, where[0] if where else "").render())
-        if self.request.only_prepare:
-            return self._finish_prepare(interrupted)
-        parts = []
-        for p in self.pipelines:
-            error = p.ctx.error
-            if error is not None and not isinstance(error, Interrupted):
-                if isinstance(error, NoSlot) and self.vm_count > 1:
-                    self.notes.append("{} got no VM slot: its tests went to the other VMs".format(p.name))
-                else:
-                    self.reporter.error(error.render())
-                    self.vm_errors.append(error.message)
-            if p.ctx.teardown_failed:
-                self.vm_errors.append("teardown of {} failed".format(p.name))
-            for summary in p.ctx.summaries:
-                parts.append((p.name if self.vm_count > 1 else "", summary))
-        summary = results.merge(parts) if parts else None
-        if self.queue is not None and self.expected:
-            summary = results.mark_not_run(summary or results.merge([]),
-                                           [(i.package.import_path, i.name) for i in self.expected])
-        self.summary = summary
-        code = self._exit_code(summary, interrupted)
-        if summary is not None:
-            for problem in self._write_results(summary):
-                self.reporter.error(problem)
-                code = code or 1
-        self.exit_code = code
-        if self.bin_dir is not None:
-            shutil.rmtree(str(self.bin_dir), ignore_errors=True)
-        self.record.finish(vms=[p.name for p in self.pipelines], exit_code=code,
-                           kept=[p.name for p in self.pipelines if p.ctx.kept],
-                           failed_tests=results.failed_tests(summary) if summary is not None else [],
-                           tests_run=summary.total if summary is not None else 0,
-                           unfinished_tests=_unfinished(summary),
-                           test=self.request.test, interrupted=interrupted)
-        seconds = self.record.total_seconds()
-        stopped_by = signal.Signals(self.guard.received).name if interrupted else ""
-        verdict = results.verdict_line(summary, seconds, stopped_by) if summary is not None else \
-            "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
-        if self.no_test_matched and summary is None and not interrupted:
-            verdict = results.verdict_line(results.Summary(), seconds).replace(" in ", ", no test matched in ", 1)
-        view = SummaryView(summary) if summary is not None else None
-        extra = self.notes + ([self.record.incomplete()] if self.record.incomplete() else [])
-        if self.request.rerun_source:
-            extra.append("rerun of the failed tests of " + self.request.rerun_source)
-        from .html_report import write_for_run
-
-        extra += filter(None, [write_for_run(self.record, summary, verdict)])  # never raises: "report: <path>"
-        text = self.reporter.run_done(view, seconds, verdict, str(self.record.dir), extra)
-        self.record.write_text("summary.txt", text)
-        if view is not None and self.vm_count > 1:
-            from .report import timeline_text
-
-            self.record.write_text("timeline.txt", timeline_text(view))
-        self.record.prune(self.cfg.records.keep_last)
-        return code
-
-    def _finish_prepare(self, interrupted: bool) -> int:
-        """vm-prepare's end: one line saying which image is ready (or why not)."""
-        code = (self.guard.exit_code or 130) if interrupted else (self.exit_code or 1 if self.vm_errors else 0)
-        self.record.finish(image=self.image_name, exit_code=code, interrupted=interrupted)
-        verdict = "DONE prepared image {} ready".format(self.image_name) if code == 0 else \
-            "FAILED: no prepared image built (exit {})".format(code)
-        self.reporter.run_done(None, self.record.total_seconds(), verdict, str(self.record.dir), self.notes)
-        return code
-
-    def _exit_code(self, summary, interrupted: bool) -> int:
-        if interrupted:
-            return self.guard.exit_code or 130
-        pipeline_codes = [p.ctx.exit_code for p in self.pipelines if p.ctx.error is None]
-        if self.vm_errors:
-            return next((p.ctx.error.exit_code for p in self.pipelines
-                         if p.ctx.error is not None and not isinstance(p.ctx.error, NoSlot)),
-                        self.exit_code) or 1  # a run-level error's own code (a config error: 2)
-        if self.vm_count == 1 and self.pipelines:
-            code = self.pipelines[0].ctx.exit_code
-            if code == 0 and summary is not None and summary.total == 0 and not self.request.allow_no_tests:
-                self.notes.append("no test ran: check the --test regex (exit {}; --allow-no-tests to accept)"
-                                  .format(EXIT_NO_TESTS))
-                return EXIT_NO_TESTS
-            if code == 0 and summary is not None and not summary.exit_ok:
-                # The verdict and the exit code agree: a failure the results count fails the run.
-                self.notes.append("the suite exited 0, but its results have {}: exit 1".format(summary.headline()))
-                return 1
-            return code
-        if summary is None or summary.total == 0:
-            if self.request.allow_no_tests and not self.pipelines:
-                return 0
-            self.notes.append("no test ran: check the --test regex (exit {}; --allow-no-tests to accept)".format(
-                EXIT_NO_TESTS))
-            return EXIT_NO_TESTS
-        if not summary.exit_ok or any(c != 0 for c in pipeline_codes):
-            return 1
-        return 0
-
-    def _write_results(self, summary) -> List[str]:
-        """JUnit, --jsonfile, durations. Returns what could not be written of what the user
-        asked for by name (--junitfile, --jsonfile): that fails the run, as in gotestsum."""
-        asked: List[str] = []
+        where = [r.interrupted_at for r in [self.host_runner] + [p.runner for p in self.pipelines]
+                 if r is not None and r.interrupted_at]
+        end = RunEnd(cfg=self.cfg, request=self.request, record=self.record, reporter=self.reporter,
+                     pipelines=self.pipelines, vm_count=self.vm_count, queued=self.queue is not None,
+                     expected=self.expected, notes=self.notes, vm_errors=self.vm_errors, exit_code=self.exit_code,
+                     signal=self.guard.received, signal_exit_code=self.guard.exit_code,
+                     interrupted_at=where[0] if where else "", image_name=self.image_name,
+                     no_test_matched=self.no_test_matched)
         try:
-            results.write_junit(summary, self.record.path("junit.xml"))
-        except VmtasksError as exc:
-            self.record.note_problem("junit.xml", exc.message)
-        if self.request.junitfile:
-            try:
-                results.write_junit(summary, Path(self.request.junitfile))
-            except VmtasksError as exc:
-                asked.append("--junitfile: " + exc.render())
-        if self.request.jsonfile:
-            problem = self.record.copy_streams(Path(self.request.jsonfile), "suite-output.txt",
-                                               [p.record_key for p in self.pipelines])
-            if problem:
-                asked.append("--jsonfile: " + problem)
-        try:
-            note = results.History.update(self.cfg.suite.durations, summary)
-            if note:
-                self.reporter.warn(note)
-        except VmtasksError as exc:
-            self.record.note_problem("durations", exc.message)
-        return asked
-
-
-def _unfinished(summary) -> List[str]:
-    """Top-level tests a run listed but did not finish (interrupted, not run): what
-    --rerun-failed offers after an interrupted run."""
-    if summary is None:
-        return []
-    return [r.name for r in summary.results if "/" not in r.name and r.status in (results.INTERRUPTED, results.NOTRUN)]
+            self.exit_code = end.finish()
+        finally:
+            self.summary = end.summary
+            if self.bin_dir is not None:
+                shutil.rmtree(str(self.bin_dir), ignore_errors=True)
+        return self.exit_code

@@ -1,8 +1,8 @@
 """Which test runs where: the order of the VM queue, and static shards for CI matrices.
 
-Plain functions over :class:`TestId`; :func:`parse_test_list` reads the suite's own
-listing (``go test -list``), so no hand-written list decides what runs. ``estimate`` is how long a test will take in
-seconds: a callable taking a :class:`TestId`, a mapping from :class:`TestId` to seconds,
+Plain functions over :class:`vmtasks.gotest.TestId`, from the suite's own listing
+(``gotest.parse_listing``), so no hand-written list decides what runs. ``estimate`` is how
+long a test will take in seconds: a callable taking a :class:`TestId`, a mapping from :class:`TestId` to seconds,
 or a :class:`vmtasks.results.History` (its ``estimate(package, name)``).
 
 Every function is deterministic for the same tests and estimates, whatever order the
@@ -15,26 +15,12 @@ Imported inside the guest (shards are computed there): Python 3.9, standard libr
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Mapping, Tuple, Union
 
 from .errors import ConfigError
-
-
-@dataclass(frozen=True, order=True)
-class TestId:
-    """One top-level test: its Go package and name. Sorts by package, then name."""
-
-    __test__ = False  # not a pytest test class despite the name
-
-    package: str
-    name: str
-
-    def __str__(self) -> str:
-        return "%s.%s" % (self.package, self.name) if self.package else self.name
+from .gotest import TestId
 
 
 Estimate = Union[Callable[[TestId], float], Mapping[TestId, float], Any]
@@ -72,54 +58,6 @@ def _weighted(tests: Iterable[TestId], estimate: Estimate) -> List[Tuple[float, 
 
 # What `go test` runs as a test: Test*, Example* (with output) and Fuzz* (its seed corpus).
 # Benchmark* only runs with -bench.
-_LISTED = re.compile(r"^(Test|Example|Fuzz)\S*$")
-# go's per-package verdict after the listing: "ok  \tpkg\t0.01s", "FAIL\tpkg\t...",
-# "?   \tpkg\t[no test files]".
-_VERDICT = re.compile(r"^(ok|FAIL|\?)\s+(\S+)(\s|$)")
-
-
-def parse_test_list(text: str, package: str = "") -> List[TestId]:
-    """The tests in the output of ``go test -list REGEX [-json] ./...`` or a test binary's
-    ``-test.list REGEX`` (then pass its ``package``), in listing order, each once.
-
-    Prefer ``-json``: each name then carries go's own ``Package``. In plain text, names are
-    given to the package of the ``ok``/``FAIL`` line that follows them, and names after the
-    last such line to ``package``. A package's ``TestMain`` still runs for ``-list`` and
-    its prints are listed too; a printed name that is no test ends up "not run" in the
-    summary (an error someone sees), never a test silently skipped.
-    """
-    found: List[TestId] = []
-    pending: List[str] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("{"):
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                ev = None
-            if isinstance(ev, dict):
-                out, pkg = ev.get("Output"), ev.get("Package")
-                if ev.get("Action") == "output" and isinstance(out, str) and isinstance(pkg, str):
-                    if _LISTED.match(out.strip()):
-                        found.append(TestId(pkg, out.strip()))
-                continue
-        if _LISTED.match(line):
-            pending.append(line)
-            continue
-        m = _VERDICT.match(line)
-        if m:
-            found.extend(TestId(m.group(2), name) for name in pending)
-            pending = []
-    found.extend(TestId(package, name) for name in pending)
-    seen = set()
-    unique = []
-    for test in found:
-        if test not in seen:
-            seen.add(test)
-            unique.append(test)
-    return unique
-
-
 def longest_first(tests: Iterable[TestId], estimate: Estimate) -> List[TestId]:
     """The dynamic queue's order: longest estimate first, ties by package and name.
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .errors import RemoteTimeout, SshError, StateError
+from .errors import Cancelled, RemoteTimeout, SshError, StateError
 
 SSH_PORT = 22
 
@@ -65,11 +64,6 @@ def _generate_key(key_dir: Path, comment: str) -> RunKey:
     known_hosts = key_dir / "known_hosts"
     known_hosts.touch(mode=0o600)
     return RunKey(key_dir, private, public_line, known_hosts)
-
-
-def key_is_private(key: RunKey) -> bool:
-    return (stat.S_IMODE(key.dir.stat().st_mode) == 0o700
-            and stat.S_IMODE(key.private.stat().st_mode) == 0o600)
 
 
 def sshd_banner(host: str, timeout: float = 2.0) -> bool:
@@ -167,8 +161,6 @@ def open_when_ready(open_socket: Callable[[float], socket.socket], host: str, us
                                "another machine answered at the VM's address: check for a stale DHCP lease "
                                "(vm.random_mac: true)") from None
         if cancel is not None and cancel.wait(min(poll, max(0, deadline - time.monotonic()))):
-            from .backend import Cancelled
-
             raise Cancelled("the run is stopping")
         elif cancel is None:
             time.sleep(min(poll, max(0, deadline - time.monotonic())))
@@ -275,19 +267,15 @@ def remote_exec(conn, command: str, *, timeout: Optional[float] = None, on_outpu
             if timeout is not None and time.monotonic() - started > timeout:
                 raise RemoteTimeout(command, timeout, "".join(kept)[-4096:])
             if cancel is not None and cancel.is_set():
-                from .backend import Cancelled
-
                 raise Cancelled("the run is stopping")
         rest = decoder.decode(b"", final=True)
         if rest:
             deliver(rest)
         code = chan.recv_exit_status() if chan.exit_status_ready() else -1
         return RemoteResult(command, code, "".join(kept)[-TAIL_BYTES:])
-    except (RemoteTimeout, SshError):
+    except (RemoteTimeout, SshError, Cancelled):
         raise
     except Exception as exc:
-        if type(exc).__name__ == "Cancelled":
-            raise
         raise SshError("the SSH session broke: {}".format(describe(exc)),
                        "the guest may have crashed or dropped the connection; see the VM console") from None
     finally:

@@ -26,7 +26,6 @@ has a lease when it appears.
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -74,6 +73,7 @@ class SweepPlan:
     problems: List[str] = field(default_factory=list)
     cleanup_command: str = DEFAULT_CLEANUP
     unleased_after: float = UNLEASED_AFTER
+    stop_command: Callable[[str], str] = lambda name: ""  # the backend's, for the notes
 
     def notes(self) -> List[str]:
         """What is left alone and why, each with a command that removes it when pasted."""
@@ -84,8 +84,10 @@ class SweepPlan:
         for vm in self.unleased:
             if vm.running:
                 lines.append("no lease (not touched): {} is running, {} {} ago; it may be another "
-                             "checkout's run (another state dir). If it is an orphan: tart stop {}; {} "
-                             "--include-unleased".format(vm.name, vm.since, _age(vm.age), shlex.quote(vm.name), cmd))
+                             "checkout's run (another state dir). If it is an orphan: {}{} "
+                             "--include-unleased".format(vm.name, vm.since, _age(vm.age),
+                                                         self.stop_command(vm.name) + "; " if self.stop_command(
+                                                             vm.name) else "stop it, then: ", cmd))
             else:
                 lines.append("no lease (not touched yet): {} is stopped, {} {} ago; a sweep removes it "
                              "{} after that, or now: {} --include-unleased".format(
@@ -126,7 +128,7 @@ def why_dead(lease: Lease) -> str:
     return "owner PID {} of run {} is now another process".format(lease.pid, lease.run_id)
 
 
-def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
+def plan(source, ledger: Ledger, prefix: str, include_kept: bool = False,
          kept_max_age: Optional[float] = None, now: Optional[float] = None,
          listed: Optional[Sequence] = None, *, include_unleased: bool = False,
          unleased_after: float = UNLEASED_AFTER, child_wait: float = CHILD_WAIT,
@@ -134,7 +136,7 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
          on_wait: Callable[[str], None] = lambda text: None) -> SweepPlan:
     """Decide what to remove, with a reason for each, and what to leave and why.
 
-    ``tart``: the ``Tart`` driver or a ``backend.Backend``; its VMs have ``name``,
+    ``source``: a ``backend.Backend`` or a backend's driver; its VMs have ``name``,
     ``running``, ``state`` (and optionally ``created``). ``listed``: a listing already read (pre-flight's); it must
     be older than the leases we read, see below. ``now``: wall clock, for tests.
 
@@ -143,12 +145,13 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
     saw then has its lease visible by the time we read them. After waiting for a child we list
     again (the child may have made its VM meanwhile), in the same order."""
     now = time.time() if now is None else now
-    result = SweepPlan(cleanup_command=cleanup_command, unleased_after=unleased_after)
+    result = SweepPlan(cleanup_command=cleanup_command, unleased_after=unleased_after,
+                       stop_command=source.stop_command)
     deadline = time.monotonic() + max(0.0, child_wait)
     announced: Dict[str, Child] = {}
     while True:
         key_dirs = ledger.key_dirs()
-        everything = _list(tart) if listed is None else list(listed)
+        everything = _list(source) if listed is None else list(listed)
         vms = [vm for vm in everything if vm.name.startswith(prefix + "-")]
         scan = ledger.scan()
         # Judged once per pass: an owner dying mid-plan must not look alive to one rule
@@ -168,7 +171,7 @@ def plan(tart, ledger: Ledger, prefix: str, include_kept: bool = False,
         listed = None
     _decide(result, ledger, vms, scan, alive, key_dirs, pending, prefix, now,
             include_kept, kept_max_age, include_unleased, unleased_after, child_wait)
-    _decide_other_prefixes(result, ledger, everything, scan, prefix, getattr(tart, "name", "tart"),
+    _decide_other_prefixes(result, ledger, everything, scan, prefix, source.name,
                            include_kept, kept_max_age, now)
     return result
 
@@ -292,10 +295,10 @@ def _decide_unleased(result: SweepPlan, ledger: Ledger, vms: Sequence, now: floa
             result.unleased.append(UnleasedVm(vm.name, bool(vm.running), since, age, label))
 
 
-def apply(plan_: SweepPlan, tart, ledger: Ledger, stop_timeout: float = 30,
+def apply(plan_: SweepPlan, source, ledger: Ledger, stop_timeout: float = 30,
           on_action: Callable[[Action], None] = lambda a: None) -> List[str]:
-    """Carry out a plan with the same ``tart`` (driver or backend) it was made from; one
-    action failing (a hung or failing ``tart stop``) does not stop the others. Returns one
+    """Carry out a plan with the same ``source`` (backend or driver) it was made from; one
+    action failing (a hung or failing stop) does not stop the others. Returns one
     line per failure, each saying what to run next."""
     errors = []
     for action in plan_.actions:
@@ -304,7 +307,7 @@ def apply(plan_: SweepPlan, tart, ledger: Ledger, stop_timeout: float = 30,
             if action.kind == "child":
                 _stop_child(ledger, action.name)
             elif action.kind == "vm":
-                _remove_vm(action, tart, ledger, stop_timeout)
+                _remove_vm(action, source, ledger, stop_timeout)
             elif action.kind == "lease":
                 ledger.release(action.name)
             elif action.kind == "key":
@@ -318,7 +321,7 @@ def apply(plan_: SweepPlan, tart, ledger: Ledger, stop_timeout: float = 30,
 
 
 def _list(source) -> list:
-    """The VMs of a ``Tart`` driver (``list``) or a ``backend.Backend`` (``list_vms``)."""
+    """The VMs of a driver (``list``) or a ``backend.Backend`` (``list_vms``)."""
     return source.list_vms() if hasattr(source, "list_vms") else source.list()
 
 

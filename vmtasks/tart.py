@@ -7,11 +7,12 @@ implementation, so the same code drives real Tart on a Mac and the Linux stand-i
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from dataclasses import dataclass
 from typing import IO, List, Optional, Sequence
 
-from .errors import TartError
+from .errors import VmtasksError
 from .proc import Result, Runner
 
 # Tart's exit codes (see shared/design/tart-cli.md).
@@ -36,7 +37,22 @@ def _agent_not_ready(result: Result) -> bool:
     return result.returncode == EXIT_RUNTIME and ("agent" in text or "control socket" in text)
 
 
+class TartError(VmtasksError):
+    """A ``tart`` command failed."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str, hint: str = "") -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+        super().__init__(
+            "`{}` exited {}: {}".format(" ".join(self.argv), returncode, detail[:500]), hint
+        )
+
+
 class Tart:
+    name = "tart"  # the backend it drives (the sweep takes a driver or a backend)
+
     def __init__(self, runner: Optional[Runner] = None, binary: str = "tart") -> None:
         self.runner = runner or Runner()
         self.binary = binary
@@ -154,6 +170,14 @@ class Tart:
             return False
         self._check(result)
         return True
+
+    def stop_command(self, name: str) -> str:
+        """``stop`` as a person pastes it."""
+        return "{} stop {}".format(shlex.quote(self.binary), shlex.quote(name))
+
+    def remove_command(self, name: str) -> str:
+        """Stop, then delete, as a person pastes it."""
+        return "{0}; {1} delete {2}".format(self.stop_command(name), shlex.quote(self.binary), shlex.quote(name))
 
     def rename(self, name: str, new_name: str) -> None:
         """``tart rename``: how a finished prepared image gets its final name at once (a

@@ -294,11 +294,11 @@ def vm_login(c, target, config=None):
 
     def go(reporter):
         parts = factory.Parts(_load(c, config), reporter)
-        argv = inventory.login_argv(parts, target)
-        for line in inventory.login_banner(parts, target):
+        how = inventory.login(parts, target)
+        for line in inventory.login_banner(parts, how):
             reporter.info(line)
         reporter.close()
-        os.execvp(argv[0], argv)
+        os.execvpe(how.argv[0], how.argv, dict(os.environ, **how.env))
 
     _host_call(c, go)
 

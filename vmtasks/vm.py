@@ -15,15 +15,17 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import gotest, results, ssh, sync
-from .backend import Cancelled, Machine, NoLongerNeeded
-from .errors import Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
+from .backend import Machine, SealableMachine
+from .errors import Cancelled, NoLongerNeeded, Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
 from .pipeline import Stage, StageRunner
+from .queue import TestQueue
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-GUEST_TASKS = '"""vmtasks in the guest: the collection, from the bundled package."""\nfrom vmtasks.tasks import ns  # noqa: F401\n'
+GUEST_TASKS = ('"""vmtasks in the guest: the collection, from the bundled package."""\n'
+               "from vmtasks.tasks import ns  # noqa: F401\n")
 
 
 def tool_bundle(cfg) -> bytes:
@@ -114,20 +116,49 @@ class VmContext:
     busy: float = 0.0
 
 
-class VmPipeline:
-    """``building``: an ImagePlan when this VM builds a prepared image (vm-prepare) instead
-    of running tests; it then clones the base and ends by sealing itself as the image."""
+@dataclasses.dataclass
+class VmServices:
+    """What a VM pipeline may use of the run it belongs to, and nothing more (as nox's
+    ``Session`` is a small facade over its runner): a pipeline can be built and tested
+    without a ``Run``."""
 
-    def __init__(self, run, name: str, machine: Machine, building=None) -> None:
-        self.run = run  # vmtasks.run.Run: cfg, request, ledger, reporter, record, cancel, queue
-        self.cfg = run.cfg
+    cfg: Any
+    backend: Any
+    cancel: threading.Event
+    ledger: Any
+    record: Any  # the run record (vmtasks/records.py)
+    reporter: Any
+    runner: Any  # the process runner (rsync)
+    run_id: str
+    tool_bundle: Callable[[], bytes]
+    sync_excludes: List[str]
+    cleanup_command: str
+    queue: Optional[TestQueue] = None  # several VMs: the shared test queue
+
+
+class VmPipeline:
+    """One VM, from clone to teardown. ``image``: what it is created from; ``prepared``:
+    that image is a prepared one (the setup steps are skipped); ``own_folder``: its files
+    go to its own folder of the run record (several VMs); ``test``: the ``--test`` regex;
+    ``expected``: one VM, the listed ``(package, name)`` tests whose events count;
+    ``building``: an ImagePlan when this VM builds a prepared image (vm-prepare) instead
+    of running tests: it then ends by sealing itself as the image."""
+
+    def __init__(self, services: VmServices, name: str, machine: Machine, *, image: str, prepared: bool = False,
+                 own_folder: bool = False, test: Optional[str] = None,
+                 expected: Optional[Sequence[Tuple[str, str]]] = None, building=None) -> None:
+        self.services = services
+        self.cfg = services.cfg
+        self.queue = services.queue if building is None else None
         self.building = building
-        self.image = run.cfg.vm.base if building is not None else run.image
-        self.prepared = building is None and run.skip_setup  # cloned from a prepared image
-        self.record_key = name if run.vm_count > 1 else None  # one VM: its files at the record's top
+        self.image = image
+        self.prepared = prepared
+        self.test = test
+        self.expected = expected
+        self.record_key = name if own_folder else None  # one VM: its files at the record's top
         self.ctx = VmContext(name=name, machine=machine,
-                             dir=run.record.vm_dir(name) if self.record_key else run.record.dir)
-        self.runner = StageRunner(self.cfg, run.reporter, run.record, name, run.cancel,
+                             dir=services.record.vm_dir(name) if self.record_key else services.record.dir)
+        self.runner = StageRunner(self.cfg, services.reporter, services.record, name, services.cancel,
                                   console_tail=machine.console_tail)
         self.teardown_done = threading.Event()
         self.tearing_down = False
@@ -138,45 +169,42 @@ class VmPipeline:
 
     # -- the stage table -------------------------------------------------------
     def stages(self) -> List[Stage]:
-        cfg, run = self.cfg, self.run
+        cfg, queue = self.cfg, self.queue
         q = shlex.quote
         testing = self.building is None
         return [
-            Stage("clone", "lease, run key, then clone {} to {}".format(self.image, self.name), self._clone,
-                  "clone", lambda ctx: ["tart clone {} {}".format(q(self.image), q(self.name))]),
-            Stage("boot", "start the VM headless (own session; console to the run record), wait for its IP",
-                  self._boot, "boot", lambda ctx: ["tart run --no-graphics {}  &".format(q(self.name)),
-                                                    "tart ip {}".format(q(self.name))]),
+            Stage("clone", "lease, run key, then create {} from {}".format(self.name, self.image), self._clone,
+                  "clone", lambda ctx: ctx.machine.plan("create", image=self.image)),
+            Stage("boot", "start the VM (console or events to the run record), wait until it runs",
+                  self._boot, "boot", lambda ctx: ctx.machine.plan("start")),
             Stage("ip+ssh", "wait for sshd's banner on port 22 (same deadline as boot)", self._wait_ssh, "boot"),
-            Stage("key", "install the run's ED25519 key through the guest agent, log in over SSH",
-                  self._key, "key", lambda ctx: ["tart exec {} sh -c '<append run key to ~/.ssh/authorized_keys>'"
-                                                 .format(q(self.name))]),
+            Stage("key", "install the run's ED25519 key, log in over SSH",
+                  self._key, "key", lambda ctx: ctx.machine.plan("install_key")),
             Stage("setup", "unpack vmtasks into ~/{}{}".format(
                       cfg.guest.tool_dir, " (prepared image: setup steps already done)" if self.prepared
                       else ", run the setup steps"),
                   self._setup, "setup", lambda ctx: [] if self.prepared else list(cfg.setup)),
-            Stage("sync", "rsync the project tree{}".format(" and the test binaries" if run.queue and testing else ""),
+            Stage("sync", "rsync the project tree{}".format(
+                      " and the test binaries" if queue is not None and testing else ""),
                   self._sync, "sync", lambda ctx: [" ".join(q(a) for a in self._rsync_argv(placeholder=True))],
                   enabled=lambda ctx: testing or bool(cfg.prepare)),
             Stage("suite", "run the suite in the guest over SSH, stream its events home", self._suite, "suite",
-                  lambda ctx: ["ssh: " + inner_command(cfg, run.request.test)],
-                  enabled=lambda ctx: testing and not run.queue),
+                  lambda ctx: ["ssh: " + inner_command(cfg, self.test)],
+                  enabled=lambda ctx: testing and queue is None),
             Stage("tests", "take tests from the shared queue, longest first, until it is empty", self._tests,
-                  None, lambda ctx: ["ssh: " + run.queue.command_for_display(cfg)] if run.queue else [],
-                  enabled=lambda ctx: testing and bool(run.queue)),
+                  None, lambda ctx: ["ssh: " + queue.command_for_display(cfg)] if queue is not None else [],
+                  enabled=lambda ctx: testing and queue is not None),
             Stage("prepare", "the config's prepare steps (warm caches from the synced tree)", self._prepare_steps,
                   "prepare", lambda ctx: list(cfg.prepare), enabled=lambda ctx: not testing and bool(cfg.prepare)),
-            Stage("seal", "remove the build's key, flush the disks, stop, rename to the image's name",
-                  self._seal, "teardown", lambda ctx: ["tart rename {} {}".format(
-                      q(self.name), q(self.building.name if self.building else "<image>"))],
+            Stage("seal", "remove the build's key, flush the disks, stop, become the image",
+                  self._seal, "teardown", lambda ctx: ctx.machine.plan(
+                      "seal", into=self.building.name if self.building else "<image>"),
                   enabled=lambda ctx: not testing),
         ]
 
     def teardown_stage(self) -> Stage:
         return Stage("teardown", "keep={}: stop and delete the VM, remove its key and lease".format(self.cfg.keep),
-                     self._teardown, "teardown",
-                     lambda ctx: ["tart stop {0}; tart delete {0}".format(shlex.quote(self.name))],
-                     cancellable=False)
+                     self._teardown, "teardown", lambda ctx: ctx.machine.plan("destroy"), cancellable=False)
 
     # -- the whole pipeline ----------------------------------------------------
     def execute(self) -> None:
@@ -184,7 +212,7 @@ class VmPipeline:
         ctx = self.ctx
         try:
             for stage in self.stages():
-                if self.building is None and self.run.queue is not None and self.run.queue.exhausted():
+                if self.queue is not None and self.queue.exhausted():
                     # The other VMs took every test while this one was starting: stop here.
                     ctx.stage_note = "no tests left for this VM"
                     ctx.exit_code = 0
@@ -201,7 +229,7 @@ class VmPipeline:
         except BaseException as exc:  # noqa: BLE001 - a bug: still tear down, keep the traceback
             import traceback
 
-            where = self.run.record.note_traceback(self.name, self.runner.current, traceback.format_exc())
+            where = self.services.record.note_traceback(self.name, self.runner.current, traceback.format_exc())
             ctx.error = StageError(self.runner.current or "?", self.name, "unexpected error: " +
                                    describe_unexpected(exc), "this is a bug in vmtasks; the traceback is in " + where)
         finally:
@@ -215,55 +243,60 @@ class VmPipeline:
 
     # -- stages ------------------------------------------------------------
     def _clone(self, ctx: VmContext) -> None:
-        run = self.run
+        svc = self.services
         # The lease comes first: from here on, whatever exists is ours and sweepable.
-        lease = run.ledger.new_lease(self.name, run.run_id, keep=False, base=self.image)
+        lease = svc.ledger.new_lease(self.name, svc.run_id, keep=False, base=self.image)
         # One key per VM: a kept VM's key must not go when its sibling's teardown runs.
-        ctx.lease = dataclasses.replace(lease, key_dir=str(run.ledger.keys_dir / self.name))
-        run.ledger.write(ctx.lease)
-        ctx.key = ssh.generate_key(Path(ctx.lease.key_dir), "vmtasks-" + run.run_id)
+        ctx.lease = dataclasses.replace(lease, key_dir=str(svc.ledger.keys_dir / self.name))
+        svc.ledger.write(ctx.lease)
+        ctx.key = ssh.generate_key(Path(ctx.lease.key_dir), "vmtasks-" + svc.run_id)
         ctx.machine.prepare_key(ctx.key.public_line)
-        # A `tart clone` that outlives a killed run would make an unleased VM after the
+        # A local child (a clone) that outlives a killed run would make an unleased VM after the
         # sweep: the ledger notes the child, and a sweep waits for it (vmtasks/sweep.py).
         try:
-            ctx.machine.create(self.image, ctx.deadline, run.cancel,
-                               on_start=lambda pid: run.ledger.note_child(self.name, pid, ["tart", "clone"]))
+            ctx.machine.create(self.image, ctx.deadline, svc.cancel,
+                               on_start=lambda pid, argv: svc.ledger.note_child(self.name, pid, argv))
         finally:
-            run.ledger.clear_child(self.name)
+            svc.ledger.clear_child(self.name)
 
     def _boot(self, ctx: VmContext) -> None:
         def on_wait(text: str) -> None:
-            self.run.reporter.vm_waiting(self.name, text)
+            self.services.reporter.vm_waiting(self.name, text)
 
-        queue = self.run.queue if self.building is None else None
-        ctx.machine.start(ctx.dir / "console.log", ctx.deadline, self.run.cancel, on_wait,
+        queue = self.queue
+        ctx.machine.start(ctx.dir / "console.log", ctx.deadline, self.services.cancel, on_wait,
                           still_wanted=lambda: queue is None or not queue.exhausted())
-        path = getattr(ctx.machine, "boot_path", "")
-        if path and self.image != self.run.cfg.vm.base:
+        path = ctx.machine.boot_note()
+        if path and self.image != self.cfg.vm.base:
             ctx.stage_note, ctx.stage_status = "{} ({})".format(path, self.image), "ok"
         address = ctx.machine.address()
         if address:
             ctx.lease = dataclasses.replace(ctx.lease, ip=address)
-            self.run.ledger.write(ctx.lease)
+            self.services.ledger.write(ctx.lease)
 
     def _wait_ssh(self, ctx: VmContext) -> None:
-        ctx.machine.wait_ssh(ctx.deadline, self.run.cancel)
+        ctx.machine.wait_ssh(ctx.deadline, self.services.cancel)
+
+    def _run_key(self) -> ssh.RunKey:
+        """The VM's key (made in the clone stage, before any stage that needs it)."""
+        assert self.ctx.key is not None
+        return self.ctx.key
 
     def _key(self, ctx: VmContext) -> None:
-        ctx.machine.install_key(ctx.key.public_line, ctx.deadline, self.run.cancel)
+        ctx.machine.install_key(self._run_key().public_line, ctx.deadline, self.services.cancel)
         target = ctx.machine.ssh_target()
-        ctx.conn = ssh.open_when_ready(ctx.machine.open_socket, target.host, self.cfg.vm.user, ctx.key,
-                                       ctx.deadline, min(self.cfg.timeouts.poll, 0.5), self.run.cancel)
+        ctx.conn = ssh.open_when_ready(ctx.machine.open_socket, target.host, self.cfg.vm.user, self._run_key(),
+                                       ctx.deadline, min(self.cfg.timeouts.poll, 0.5), self.services.cancel)
 
     def remote(self, command: str, timeout: float, on_output=None, stdin: Optional[bytes] = None) -> ssh.RemoteResult:
         started = time.monotonic()
         try:
             result = ssh.remote_exec(self.ctx.conn, command, timeout=timeout, on_output=on_output, stdin=stdin,
-                                     cancel=self.run.cancel)
+                                     cancel=self.services.cancel)
         except VmtasksError:
-            self.run.record.command_ran(self.name, "ssh: " + command, None, time.monotonic() - started)
+            self.services.record.command_ran(self.name, "ssh: " + command, None, time.monotonic() - started)
             raise
-        self.run.record.command_ran(self.name, "ssh: " + command, result.exit_code, time.monotonic() - started)
+        self.services.record.command_ran(self.name, "ssh: " + command, result.exit_code, time.monotonic() - started)
         return result
 
     def _setup(self, ctx: VmContext) -> None:
@@ -275,7 +308,7 @@ class VmPipeline:
             payload = self.cfg.to_json().encode()
         else:
             command = "rm -rf {0} && mkdir -p {0} && tar -xzf - -C {0}".format(tool)
-            payload = self.run.tool_bundle()
+            payload = self.services.tool_bundle()
         result = self.remote(command, self.cfg.timeouts.setup, stdin=payload)
         if result.exit_code != 0:
             raise StageError("setup", self.name, "copying vmtasks into the guest failed (exit {})".format(
@@ -294,7 +327,7 @@ class VmPipeline:
                 from .errors import RemoteTimeout
 
                 raise RemoteTimeout(step, getattr(self.cfg.timeouts, key), "")
-            self.run.reporter.info("   $ " + step)
+            self.services.reporter.info("   $ " + step)
             result = self.remote(step, remaining, on_output=self._raw)
             if result.exit_code != 0:
                 raise StageError(key, self.name, "`{}` exited {}".format(step, result.exit_code),
@@ -316,46 +349,58 @@ class VmPipeline:
                              "check the guest's disk", result.output.splitlines()[-15:])
         ctx.conn.close()
         ctx.conn = None
-        ctx.machine.stop_cleanly(self.cfg.timeouts.teardown)
-        self.run.parts.tart.rename(self.name, self.building.name)
-        ctx.machine.sealed()
-        images.save_record(self.run.ledger.state_dir, self.building.name, self.building.inputs, self.run.run_id,
-                           config=self.cfg.source)
+        if not isinstance(ctx.machine, SealableMachine):
+            raise StageError("seal", self.name, "this backend cannot make prepared images")
+        ctx.machine.seal(self.building.name, self.cfg.timeouts.teardown)
+        images.save_record(self.services.ledger.state_dir, self.building.name, self.building.inputs,
+                           self.services.run_id, config=self.cfg.source)
         ctx.exit_code = 0
         ctx.stage_note = "image " + self.building.name
 
+    def _on_test_event(self, event) -> None:
+        reporter = self.services.reporter
+        if event.kind in ("pass", "fail", "skip", "interrupted") and not event.subtest:
+            reporter.test_finished(self.name, event.test, event.kind, event.elapsed, event.output)
+        elif event.kind == "run" and not event.subtest:
+            # A queued test has its own deadline (timeouts.test): its row shows it.
+            reporter.test_started(self.name, event.test,
+                                  self.cfg.timeouts.test if self.services.queue is not None else None)
+        elif event.kind == "package-fail":
+            reporter.package_failed(self.name, event.package, event.output)
+
     def _raw(self, text: str) -> None:
-        self.run.reporter.raw_output(self.name, text)
+        self.services.reporter.raw_output(self.name, text)
 
     def _rsync_argv(self, placeholder: bool = False, source: Optional[Path] = None, dest: Optional[str] = None,
                     excludes=None, delete: bool = True) -> List[str]:
         ctx = self.ctx
-        if placeholder:
+        if placeholder:  # --dry-run: the machine says how it is reached, before it exists
             key_dir = Path("<run key dir>")
             key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
-            host, proxy = "<vm address>", None
+            target = ctx.machine.ssh_target()
+            host, proxy = target.host or "<vm address>", target.proxy_command
         else:
-            key = ctx.key
+            key = self._run_key()
             target = ctx.machine.ssh_target()
             host, proxy = target.host, target.proxy_command
         return sync.rsync_argv(source or Path(self.cfg.project_dir), self.cfg.vm.user, host,
                                dest or self.cfg.guest.dir, key,
-                               self.run.sync_excludes if excludes is None else excludes,
+                               self.services.sync_excludes if excludes is None else excludes,
                                compress=self.cfg.sync.compress, proxy_command=proxy, delete=delete)
 
     def _sync(self, ctx: VmContext) -> None:
-        dirs = [self.cfg.guest.dir] + ([self.run.queue.guest_bin_dir(self.cfg)] if self.run.queue else [])
+        dirs = [self.cfg.guest.dir] + ([self.queue.guest_bin_dir(self.cfg)] if self.queue is not None else [])
         mkdir = "mkdir -p " + " ".join(shlex.quote(d) for d in dirs)
         result = self.remote(mkdir, self.cfg.timeouts.sync)
         if result.exit_code != 0:
             raise StageError("sync", self.name, "cannot create {} in the guest".format(self.cfg.guest.dir),
                              "check guest.dir in the config", result.output.splitlines()[-15:])
         argvs = [self._rsync_argv()]
-        if self.run.queue:
-            argvs.append(self._rsync_argv(source=self.run.queue.bin_dir, dest=dirs[1], excludes=[]))
+        if self.queue is not None:
+            argvs.append(self._rsync_argv(source=self.queue.bin_dir, dest=dirs[1], excludes=[]))
         for argv in argvs:
             left = max(1.0, ctx.deadline - time.monotonic())
-            done = self.run.runner.run(argv, timeout=left, cancel=self.run.cancel,
+            done = self.services.runner.run(argv, timeout=left, cancel=self.services.cancel,
                                        env=self._rsync_env())
             if not done.ok:
                 raise StageError("sync", self.name, "rsync exited {}".format(done.returncode),
@@ -372,9 +417,9 @@ class VmPipeline:
 
     def _suite(self, ctx: VmContext) -> None:
         """Single-VM mode: the whole suite (or the --test regex) as one `go test -json`."""
-        command = gotest.note_pid(running_pid_file(self.cfg)) + inner_command(self.cfg, self.run.request.test, True)
+        command = gotest.note_pid(running_pid_file(self.cfg)) + inner_command(self.cfg, self.test, True)
         try:
-            ctx.exit_code = self._stream_command(ctx, command, "suite", expected=self.run.listed_tests)
+            ctx.exit_code = self._stream_command(ctx, command, "suite", expected=self.expected)
         except TestTimedOut as exc:
             raise StageError("suite", self.name, exc.reason + "; the suite was stopped in the guest",
                              "raise timeouts.suite in the config if the suite is just slow") from None
@@ -390,8 +435,8 @@ class VmPipeline:
         killed, what was running fails as timed out, and :class:`TestTimedOut` says so: the
         VM itself is fine. A broken session is a lost VM (StageError)."""
         timeout = getattr(self.cfg.timeouts, timeout_key)
-        raw = self.run.record.open_stream("suite-output.txt", self.record_key)
-        stream = results.SuiteStream(on_event=lambda event: self.run.on_test_event(self.name, event),
+        raw = self.services.record.open_stream("suite-output.txt", self.record_key)
+        stream = results.SuiteStream(on_event=self._on_test_event,
                                      on_output=self._raw, expected=expected)
         reason = None
         code = -1
@@ -433,7 +478,7 @@ class VmPipeline:
         """Kill the timed-out command's process group in the guest (it ignores a closed
         channel: nothing reads its output, but a hung test writes nothing). A VM that cannot
         even do that is lost."""
-        self.run.reporter.warn("{}: {}: killing it in the guest".format(self.name, reason))
+        self.services.reporter.warn("{}: {}: killing it in the guest".format(self.name, reason))
         try:
             result = self.remote(gotest.kill_command(running_pid_file(self.cfg)), min(30.0, self.cfg.timeouts.teardown))
         except VmtasksError as exc:
@@ -441,7 +486,7 @@ class VmPipeline:
             raise StageError(self.runner.current, self.name, lost, "see the VM console in the run record",
                              ctx.machine.console_tail()) from None
         if result.exit_code != 0:
-            self.run.reporter.warn("{}: the kill exited {} (the command may have ended meanwhile)".format(
+            self.services.reporter.warn("{}: the kill exited {} (the command may have ended meanwhile)".format(
                 self.name, result.exit_code))
 
     def _lost_reason(self, what: str) -> str:
@@ -453,9 +498,10 @@ class VmPipeline:
     def _tests(self, ctx: VmContext) -> None:
         """Queue mode: run one test at a time from the shared queue until it is empty. A test
         that outlives timeouts.test is killed and failed; the VM takes the next one."""
-        queue = self.run.queue
+        queue = self.queue
+        assert queue is not None  # the stage runs only with a queue
         pid_file = running_pid_file(self.cfg)
-        while not self.run.cancel.is_set():
+        while not self.services.cancel.is_set():
             item = queue.take(self.name)
             if item is None:
                 break
@@ -496,33 +542,34 @@ class VmPipeline:
         try:
             ctx.machine.destroy(self.cfg.timeouts.teardown)
             if ctx.lease is not None:
-                self.run.ledger.release(self.name)
+                self.services.ledger.release(self.name)
                 shutil.rmtree(ctx.lease.key_dir, ignore_errors=True)
         except VmtasksError as exc:
-            self.run.reporter.error("teardown of {} failed: {}".format(self.name, exc.message))
-            self.run.reporter.error(self.leftovers())
+            self.services.reporter.error("teardown of {} failed: {}".format(self.name, exc.message))
+            self.services.reporter.error(self.leftovers())
             ctx.teardown_failed = True
             raise
 
     def _keep(self, ctx: VmContext) -> None:
         ctx.kept = True
         ctx.lease = dataclasses.replace(ctx.lease, keep=True)
-        self.run.ledger.write(ctx.lease)
+        self.services.ledger.write(ctx.lease)
         target = ctx.machine.ssh_target()
-        attach = ssh.attach_command(target.host, self.cfg.vm.user, ctx.key, target.proxy_command)
+        attach = ssh.attach_command(target.host, self.cfg.vm.user, self._run_key(), target.proxy_command)
         from .factory import task_command
 
-        self.run.reporter.vm_kept(self.name, attach, self.remove_command(), sweep_cmd=self.run.cleanup_command +
-                                  " --include-kept", login_cmd=task_command(self.cfg, "vm-login " + self.name))
+        self.services.reporter.vm_kept(self.name, attach, self.remove_command(),
+                                       sweep_cmd=self.services.cleanup_command + " --include-kept",
+                                       login_cmd=task_command(self.cfg, "vm-login " + self.name))
 
     def remove_command(self) -> str:
         """Paste-able: removes the VM, its key dir and its lease."""
         parts = [self.ctx.machine.remove_by_hand()]
         if self.ctx.lease is not None:
-            parts.append(self.run.ledger.forget_command(self.name, self.ctx.lease.key_dir))
+            parts.append(self.services.ledger.forget_command(self.name, self.ctx.lease.key_dir))
         return "; ".join(parts)
 
     def leftovers(self) -> str:
         return ("left behind: VM {vm} and its key (the lease stays so the sweep can find them)\n"
                 "  remove with: {sweep}\n  or by hand:  {hand}".format(
-                    vm=self.name, sweep=self.run.cleanup_command, hand=self.remove_command()))
+                    vm=self.name, sweep=self.services.cleanup_command, hand=self.remove_command()))

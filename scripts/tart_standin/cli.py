@@ -180,7 +180,7 @@ def parse(command, argv):
             choices = getattr(kind, "choices", None)
             if choices:
                 msg += ". Please provide one of %s." % ", ".join("'%s'" % c for c in choices)
-            raise UsageError(msg, command)
+            raise UsageError(msg, command) from None
 
     while i < len(argv):
         arg = argv[i]

@@ -81,7 +81,7 @@ def make_host_key(path, comment):
                        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise TartError("cannot generate the guest's SSH host key with ssh-keygen (%s): "
-                        "apt-get install openssh-client" % exc)
+                        "apt-get install openssh-client" % exc) from None
 
 
 def cmd_create(args):
@@ -338,7 +338,7 @@ def cmd_delete(args):
         try:
             fd = os.open(vm.config_path, os.O_RDWR)
         except FileNotFoundError:
-            raise VMDoesNotExist(name)
+            raise VMDoesNotExist(name) from None
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # see below
         try:
             if not linux.try_write_lock(fd):
@@ -431,7 +431,7 @@ def cmd_stop(args):
     except ProcessLookupError:
         pass
     except OSError as exc:
-        raise TartError('failed to forcefully terminate the VM "%s": %s' % (args.name, exc))
+        raise TartError('failed to forcefully terminate the VM "%s": %s' % (args.name, exc)) from None
     # Tart returns right after SIGKILL; the stand-in also takes the guest down and waits
     # for it, so that no guest process outlives `tart stop`.
     init_pid = state and state.get("init_pid")
@@ -465,5 +465,5 @@ def cmd_suspend(args):
         os.kill(pid, signal.SIGUSR1)
     except OSError:
         raise TartError('Failed to suspend the VM: failed to send SIGUSR1 signal to the "tart run" '
-                        'process running VM "%s"' % args.name)
+                        'process running VM "%s"' % args.name) from None
     return 0

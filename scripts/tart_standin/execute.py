@@ -65,7 +65,7 @@ def cmd_exec(args):
         ns = {name: os.open("/proc/%d/ns/%s" % (init_pid, name), os.O_RDONLY | os.O_CLOEXEC)
               for name in ("pid", "mnt", "uts")}
     except OSError:
-        raise VMNotRunning(args.name)
+        raise VMNotRunning(args.name) from None
     if linux.proc_starttime(init_pid) != state["init_starttime"]:
         raise VMNotRunning(args.name)
 

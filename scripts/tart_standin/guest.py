@@ -52,7 +52,7 @@ def knob_seconds(name, default=None):
         if value < 0 or value != value:
             raise ValueError
     except ValueError:
-        raise TartError("invalid %s=%r: expected a number of seconds >= 0" % (name, raw))
+        raise TartError("invalid %s=%r: expected a number of seconds >= 0" % (name, raw)) from None
     return value
 
 
@@ -474,7 +474,7 @@ def cmd_run(args, log):
     try:
         vm.validate()
     except VMDoesNotExist as exc:
-        raise GenericError(exc.message)  # Tart reports this one through its validation path
+        raise GenericError(exc.message) from None  # Tart reports this one through its validation path
     config = vm.read_config()
     # A suspended VM runs suspendable whatever the flags say (as in Tart's validate()).
     suspendable = bool(args.suspendable) or vm.state() == "suspended"

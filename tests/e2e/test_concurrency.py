@@ -29,7 +29,7 @@ def test_three_runs_and_a_sweep(world):
     assert sweep.code == 0, sweep.text
     assert "removing vm" not in sweep.err, sweep.err
     outputs = [run.communicate(timeout=300) for run in runs]
-    for run, (out, err) in zip(runs, outputs):
+    for run, (_, err) in zip(runs, outputs):
         assert run.returncode == 0, err
     waited = [err for _, err in outputs if "waiting for a slot" in err]
     assert waited, "no run had to wait although only 2 VMs may run at once"

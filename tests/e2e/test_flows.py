@@ -10,7 +10,8 @@ from .conftest import BASE, junit_cases, junit_counts
 
 pytestmark = pytest.mark.e2e
 
-ALL_TOP_LEVEL = {"TestShellRC", "TestDotfilesDirs", "TestDefaultsWrite", "TestPackages", "TestExampleFailure", "TestSlow"}
+ALL_TOP_LEVEL = {"TestShellRC", "TestDotfilesDirs", "TestDefaultsWrite", "TestPackages", "TestExampleFailure",
+                 "TestSlow"}
 
 
 def test_full_suite_runs_in_the_guest_and_leaves_nothing(world):

@@ -194,7 +194,8 @@ def test_a_hung_queued_test_times_out_and_the_vm_goes_on(world):
     # The VM that ran TestHang took more tests after it (the other one was busy with 3 s tests).
     rows = [line.split() for line in (record / "timeline.txt").read_text().splitlines()]
     hang = next(row for row in rows if row[-1] == "TestHang")
-    after = [row[-1] for row in rows if row[0] != "-" and row[3] == hang[3] and float(row[0].strip("+s")) > float(hang[0].strip("+s"))]
+    after = [row[-1] for row in rows
+             if row[0] != "-" and row[3] == hang[3] and float(row[0].strip("+s")) > float(hang[0].strip("+s"))]
     assert after, "the VM that ran TestHang was not used again:\n" + (record / "timeline.txt").read_text()
     assert time.monotonic() - started < 200
     assert_clean(world)

@@ -92,7 +92,7 @@ def test_login_argv_runs_a_command_over_real_ssh(kept):
         "from vmtasks import config, factory, inventory\n"
         "from vmtasks.report import Reporter\n"
         "cfg = config.load(Path(sys.argv[1]))\n"
-        "print(json.dumps(inventory.login_argv(factory.Parts(cfg, Reporter()), sys.argv[2])))\n"
+        "print(json.dumps(inventory.login(factory.Parts(cfg, Reporter()), sys.argv[2]).argv))\n"
     )
     made = subprocess.run([sys.executable, "-c", code, str(world.default_config()), run_id], cwd=str(world.cwd),
                           env=dict(world.env, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)

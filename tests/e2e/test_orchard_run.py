@@ -89,6 +89,11 @@ class Client:
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         return done.returncode, done.stdout + done.stderr
 
+    def invoke_with_input(self, *args: str, config: Path, text: str, timeout: float = 60):
+        done = subprocess.run(self.argv(*args, config=config), cwd=str(self.cwd), env=self.env, input=text,
+                              capture_output=True, text=True, timeout=timeout)
+        return done.returncode, done.stdout, done.stderr
+
     def start(self, *args: str, config: Path) -> subprocess.Popen:
         return subprocess.Popen(self.argv(*args, config=config), cwd=str(self.cwd), env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -286,6 +291,32 @@ def test_kill_9_then_cleanup_orphans_leaves_nothing_and_spares_a_live_run(client
                 pass
     client.assert_nothing_left()
     live.assert_nothing_left()
+
+
+# --- issue 19: vm-login on a kept Orchard VM goes through the controller -------------------------------------
+
+
+def test_vm_login_on_a_kept_orchard_vm_opens_a_shell_through_the_controller(client, fleet):
+    config = client.config(keep="always")
+    code, text = client.invoke("test-vm", config=config)
+    assert code == 0, text
+    vm, = [name[:-len(".json")] for name in client.leases()]
+    assert fleet.vms() == [vm]
+    run_id = json.loads((client.record() / "result.json").read_text())["run_id"]
+    try:
+        for target in (run_id, vm):
+            # Like `ssh host`, vm-login reads the session from stdin; the exit code comes home.
+            code, out, err = client.invoke_with_input("vm-login", target, config=config,
+                                                      text="echo login-ok-$((6 * 7)); cat .gosuite-ran/TestShellRC; "
+                                                           "exit 3\n")
+            assert "login-ok-42" in out, out + err
+            assert "OPENBOOT_IN_VM=1" in out, "not the VM the run used: " + out + err
+            assert code == 3, out + err
+            assert "Traceback" not in err
+    finally:
+        code, text = client.invoke("cleanup-orphans", "--include-kept", config=config)
+    assert code == 0, text
+    client.assert_nothing_left()
 
 
 # --- pre-flight errors, vm-doctor ---------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_two_runs_needing_the_same_image_build_it_once(world, cleanup_images):
     cfg = world.write_config(setup=SLOW_SETUP)
     runs = [start(world, "test-vm-run", "--test=TestShellRC", "--prepare", config=cfg) for _ in range(2)]
     outs = [run.communicate(timeout=300) for run in runs]
-    for run, (out, err) in zip(runs, outs):
+    for run, (_, err) in zip(runs, outs):
         assert run.returncode == 0, err
     errs = [err for _, err in outs]
     assert sum("building prepared image" in err for err in errs) == 1, errs

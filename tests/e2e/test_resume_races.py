@@ -46,7 +46,8 @@ def release(world, names, runs):
         world.tart("delete", name)
 
 
-def test_a_resume_at_the_vm_limit_waits_for_a_slot_and_still_resumes(world, cleanup_images):
+@pytest.mark.usefixtures("cleanup_images")
+def test_a_resume_at_the_vm_limit_waits_for_a_slot_and_still_resumes(world):
     """Both slots taken: the resumed clone prints the restore lines, then the limit error. The
     driver must wait for a slot (not trust the slot's old lease, not take it for a refused
     state) and then resume a fresh clone of the slot image."""
@@ -67,7 +68,8 @@ def test_a_resume_at_the_vm_limit_waits_for_a_slot_and_still_resumes(world, clea
     world.assert_nothing_left()
 
 
-def test_a_refused_restore_falls_back_although_the_old_lease_answers(world, cleanup_images):
+@pytest.mark.usefixtures("cleanup_images")
+def test_a_refused_restore_falls_back_although_the_old_lease_answers(world):
     cfg = prepared_with_slots(world, 1)
     done = world.invoke("test-vm-run", "--test=TestShellRC", config=cfg, env={"TART_STANDIN_REFUSE_RESTORE": "1"})
     assert done.code == 0, done.text
@@ -75,7 +77,8 @@ def test_a_refused_restore_falls_back_although_the_old_lease_answers(world, clea
     world.assert_nothing_left()
 
 
-def test_two_runs_resuming_the_same_slot_each_use_their_own_vm(world, cleanup_images):
+@pytest.mark.usefixtures("cleanup_images")
+def test_two_runs_resuming_the_same_slot_each_use_their_own_vm(world):
     """Clones of one slot share its MAC, hence its lease and address: the second `tart run`
     gets a new MAC and boots cold; its driver must not connect to the first run's VM."""
     cfg = prepared_with_slots(world, 1)

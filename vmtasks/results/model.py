@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..gotest import TestId
+
 PASS = "pass"
 FAIL = "fail"
 SKIP = "skip"
@@ -88,9 +90,9 @@ class TestResult:
         return "/" in self.name
 
     @property
-    def key(self) -> Tuple[str, str]:
-        """``(package, name)``: what identifies a test across runs and VMs."""
-        return (self.package, self.name)
+    def key(self) -> TestId:
+        """What identifies a test across runs and VMs (the queue's and the listing's too)."""
+        return TestId(self.package, self.name)
 
     def walk(self) -> Iterable["TestResult"]:
         """Yield this result, then its subtests depth-first (parent before children)."""
@@ -149,6 +151,16 @@ class Counts:
     notrun: int = 0
     errors: int = 0
     subtests: int = 0
+
+
+@dataclass
+class Totals:
+    """Tests and subtests together (the verdict line's numbers, as gotestsum counts)."""
+
+    tests: int = 0
+    skipped: int = 0
+    failed: int = 0
+    interrupted: int = 0
 
 
 @dataclass
@@ -242,6 +254,22 @@ class Summary:
         ran = [r for r in self.results if r.status != NOTRUN and r.elapsed >= threshold]
         return sorted(ran, key=lambda r: r.elapsed, reverse=True)[: max(n, 0)]
 
+    @property
+    def totals(self) -> "Totals":
+        """gotestsum's totals: every test and subtest that ran (not-run ones are not)."""
+        totals = Totals()
+        for r in self.all_results():
+            if r.status == NOTRUN:
+                continue
+            totals.tests += 1
+            if r.status == SKIP:
+                totals.skipped += 1
+            elif r.status == FAIL:
+                totals.failed += 1
+            elif r.status == INTERRUPTED:
+                totals.interrupted += 1
+        return totals
+
     def all_results(self) -> List[TestResult]:
         """Every test and subtest, flattened depth-first."""
         out: List[TestResult] = []
@@ -282,17 +310,8 @@ def verdict_line(summary: Summary, seconds: float, stopped_by: str = "") -> str:
     ``stopped_by`` names the signal that stopped the run: a run stopped when no test was
     running says ``, interrupted (SIGHUP)``, never a plain ``DONE 0 tests``.
     """
-    tests = skipped = failures = interrupted = 0
-    for r in summary.all_results():
-        if r.status == NOTRUN:
-            continue
-        tests += 1
-        if r.status == SKIP:
-            skipped += 1
-        elif r.status == FAIL:
-            failures += 1
-        elif r.status == INTERRUPTED:
-            interrupted += 1
+    totals = summary.totals
+    tests, skipped, failures, interrupted = totals.tests, totals.skipped, totals.failed, totals.interrupted
     parts = ["DONE " + _plural(tests, "test")]
     if skipped:
         parts.append("%d skipped" % skipped)
@@ -433,8 +452,8 @@ def no_test_reason(summary: Summary, exit_code: int, limit: int = 300) -> str:
 def mark_not_run(summary: Summary, expected: Iterable[Tuple[str, str]]) -> Summary:
     """A copy of ``summary`` where every expected top-level test nobody reported is ``notrun``.
 
-    ``expected`` holds ``(package, name)`` pairs (or anything with ``.package`` and
-    ``.name``, such as :class:`vmtasks.schedule.TestId`), typically from ``go test -list``.
+    ``expected`` holds :class:`vmtasks.gotest.TestId` (``(package, name)`` pairs),
+    typically from ``go test -list``.
     An empty package matches the name in any package. Not-run tests are counted
     (:attr:`Counts.notrun`), listed (:attr:`Summary.not_run`), make the run not ok, are
     never rerun as failures, and appear in JUnit as ``<error message="not run">``.
@@ -444,7 +463,7 @@ def mark_not_run(summary: Summary, expected: Iterable[Tuple[str, str]]) -> Summa
     added: List[TestResult] = []
     seen = set()
     for item in expected:
-        package, name = (item.package, item.name) if hasattr(item, "package") else item  # type: ignore
+        package, name = item
         if (package, name) in seen:
             continue
         seen.add((package, name))

@@ -95,7 +95,7 @@ _TIME = re.compile(
 _MINUTES: Dict[Tuple[str, ...], Optional[float]] = {}
 
 
-def _parse_time(value: Any) -> Optional[float]:
+def parse_time(value: Any) -> Optional[float]:
     """Parse go's RFC 3339 (nanosecond) timestamp to epoch seconds, or None.
 
     ``datetime.fromisoformat`` on 3.9 rejects both ``Z`` and nine fractional digits,
@@ -546,7 +546,7 @@ class SuiteStream:
 
     def _event(self, ev: Dict[str, Any]) -> None:
         action = ev["Action"]
-        t = _parse_time(ev.get("Time"))
+        t = parse_time(ev.get("Time"))
         if t is not None:
             if self._first_time is None or t < self._first_time:
                 self._first_time = t
