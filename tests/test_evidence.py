@@ -107,7 +107,7 @@ def test_a_command_that_prints_100_mb_is_cut_and_one_that_hangs_is_stopped(tmp_p
     assert time.monotonic() - started < 30
     assert len(data) < 3 * MB
     files, notes = evidence.unpack(io.BytesIO(data), str(tmp_path / "dest"), 2 * MB)
-    assert (tmp_path / "dest/collect/flood.txt").stat().st_size == 2 * MB
+    assert (tmp_path / "dest/collect/flood.txt").stat().st_size == MB  # its fair share: half, for two commands
     assert any("flood: output cut" in n for n in notes) and any("hang: did not finish within" in n for n in notes)
     # the hung command's whole process group is gone (its background sleep too)
     left = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()

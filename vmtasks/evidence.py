@@ -240,25 +240,16 @@ def _arcname(path: str, home: str) -> str:
 
 def pack(artifacts: Sequence[str], commands: Mapping[str, str], out: IO[bytes], *, home: str,
          max_bytes: int, timeout: float) -> None:
-    """Write a tar stream of the artifact files and command outputs to ``out``, at most
-    ``max_bytes`` of content in all (what did not fit is named in ``NOTES.txt``), the
-    commands within ``timeout`` seconds together. Links are not followed (a link is noted,
-    not packed)."""
+    """Write a tar stream of the artifact files, then the command outputs, to ``out``: at
+    most ``max_bytes`` of content in all (what did not fit is named in ``NOTES.txt``), the
+    files first (they are what a failure left), the commands within ``timeout`` seconds
+    together, each given a fair share of what is left. Links are not followed (a link is
+    noted, not packed)."""
     notes: List[str] = []
     budget = max_bytes
     deadline = time.monotonic() + timeout
     tar = tarfile.open(fileobj=out, mode="w|")
     try:
-        for name, command in commands.items():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                notes.append("collect {}: not run, the collection's {:g}s were used up".format(name, timeout))
-                continue
-            data, note = run_bounded(command, left, max(0, budget), cwd=home)
-            budget -= len(data)
-            _add(tar, "collect/" + _safe_part(name) + ".txt", data)
-            if note:
-                notes.append("collect {}: {}".format(name, note))
         seen = set()
         for pattern in artifacts:
             matches = _expand(pattern, home)
@@ -294,12 +285,26 @@ def pack(artifacts: Sequence[str], commands: Mapping[str, str], out: IO[bytes], 
                 data = data[:budget]
                 budget -= len(data)
                 _add(tar, _arcname(path, home), data)
+        names = list(commands)
+        for i, name in enumerate(names):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                notes.append("collect {}: not run, the collection's {:g}s were used up".format(name, timeout))
+                continue
+            # A fair share of the time and bytes left: one hung or flooding command cannot
+            # starve the others.
+            share = len(names) - i
+            data, note = run_bounded(commands[name], left / share, max(0, budget) // share, cwd=home)
+            budget -= len(data)
+            _add(tar, "collect/" + safe_part(name) + ".txt", data)
+            if note:
+                notes.append("collect {}: {}".format(name, note))
         _add(tar, NOTES_MEMBER, "".join(n + "\n" for n in notes).encode("utf-8", "replace"))
     finally:
         tar.close()
 
 
-def _safe_part(name: str) -> str:
+def safe_part(name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80].lstrip(".")
     return cleaned or "unnamed"
 

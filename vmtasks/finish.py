@@ -82,7 +82,8 @@ class RunEnd:
             "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
         if self.no_test_matched and summary is None and not interrupted:
             verdict = results.verdict_line(results.Summary(), seconds).replace(" in ", ", no test matched in ", 1)
-        extra = self.notes + ([self.record.incomplete()] if self.record.incomplete() else [])
+        extra = self.notes + [line for p in self.pipelines for line in p.ctx.evidence]
+        extra += [self.record.incomplete()] if self.record.incomplete() else []
         if self.request.rerun_source:
             extra.append("rerun of the failed tests of " + self.request.rerun_source)
         from .html_report import write_for_run

@@ -55,6 +55,9 @@ def guest_env_words(cfg) -> List[str]:
     return [shlex.quote("{}={}".format(k, v)) for k, v in env.items()]
 
 
+MAX_EVIDENCE_TESTS = 20  # one `go test` with more failures than this: the first ones only
+
+
 def tool_path(cfg) -> str:
     return '"$HOME"/' + shlex.quote(cfg.guest.tool_dir)
 
@@ -114,6 +117,7 @@ class VmContext:
     teardown_failed: bool = False
     tests_run: int = 0
     busy: float = 0.0
+    evidence: List[str] = dataclasses.field(default_factory=list)  # what was collected of failures, for the summary
 
 
 @dataclasses.dataclass
@@ -426,6 +430,43 @@ class VmPipeline:
         if ctx.exit_code != 0:
             ctx.stage_status = "failed"
             ctx.stage_note = results.no_test_reason(ctx.summaries[-1], ctx.exit_code) if ctx.summaries else ""
+            failed = results.failed_tests(ctx.summaries[-1]) if ctx.summaries else []
+            # One `go test` for the whole suite: collected once it is over, for each failed test.
+            self._collect_evidence(ctx, [name for name in failed if "/" not in name][:MAX_EVIDENCE_TESTS])
+
+    def _collect_evidence(self, ctx: VmContext, tests: Sequence[str]) -> None:
+        """Copy the config's ``artifacts`` and the output of its ``collect`` commands out of
+        this VM into the run record (``artifacts/<test>/<vm>/``), bounded by
+        ``artifacts_max_mb`` and ``timeouts.collect``. Never fails the run: what went wrong
+        is a note in the summary. Named in the summary and in JUnit (an attachment line)."""
+        if not (self.cfg.artifacts or self.cfg.collect) or not tests or ctx.conn is None:
+            return
+        from . import evidence
+
+        command = evidence.pack_command(self.cfg.guest.python, tool_path(self.cfg), guest_env_words(self.cfg),
+                                        self.cfg.artifacts, self.cfg.collect, self.cfg.artifacts_max_mb << 20,
+                                        self.cfg.timeouts.collect)
+        for test in tests:
+            dest = self.services.record.dir / "artifacts" / evidence.safe_part(test) / self.name
+            started = time.monotonic()
+            files, notes = evidence.fetch(self.remote, command, str(dest), self.cfg.artifacts_max_mb << 20,
+                                          self.cfg.timeouts.collect + 15)
+            if notes:  # all of them, for a person; the summary shows the first few
+                try:
+                    (dest / "collection-notes.txt").write_text("".join(n + "\n" for n in notes))
+                except OSError:
+                    pass
+            shown = dest.relative_to(self.services.record.dir).as_posix()
+            line = "evidence of {} ({}): {} file{} in {}{}".format(
+                test, self.name, len(files), "" if len(files) == 1 else "s", shown,
+                "; " + "; ".join(notes[:3]) + (" (+{} more notes)".format(len(notes) - 3) if len(notes) > 3 else "")
+                if notes else "")
+            ctx.evidence.append(line)
+            self.services.reporter.info("{}: {} ({:.1f}s)".format(self.name, line, time.monotonic() - started))
+            for summary in ctx.summaries[-1:]:
+                for result in summary.results:
+                    if result.name == test:
+                        result.attachments.extend(str(dest / f) for f in files)
 
     def _stream_command(self, ctx: VmContext, command: str, timeout_key: str, expected=None, label: str = "") -> int:
         """Run a `go test -json`-speaking command, parse its events live, keep its summary.
@@ -518,6 +559,8 @@ class VmPipeline:
                 queue.done(item)
             if code != 0:
                 ctx.exit_code = code
+                # Evidence first: nothing else may touch this VM before it is copied out.
+                self._collect_evidence(ctx, [item.name])
         if ctx.exit_code == 1 and ctx.tests_run and all(s.exit_ok for s in ctx.summaries):
             ctx.exit_code = 0
         if ctx.tests_run == 0:

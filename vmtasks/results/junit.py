@@ -57,6 +57,10 @@ def _case(suite: ET.Element, package: str, r: TestResult, counts: Dict[str, int]
     if r.status == FAIL:
         counts["failures"] += 1
         ET.SubElement(case, "failure", message="Failed").text = out
+        if r.attachments:
+            # The Jenkins JUnit Attachments convention: one [[ATTACHMENT|path]] line each.
+            ET.SubElement(case, "system-out").text = _xml_text(
+                "".join("[[ATTACHMENT|{}]]\n".format(path) for path in r.attachments))
         return
     if r.status in (INTERRUPTED, NOTRUN):
         counts["errors"] += 1

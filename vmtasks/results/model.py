@@ -70,6 +70,7 @@ class TestResult:
     reported a result and vmtasks decided the status (stream ended, package timed out,
     Ctrl-C, VM lost). ``vm`` names the VM that ran it (set by :func:`merge`), ``started``
     is the wall clock (epoch seconds, from go's ``Time``) of its ``run`` event, or None.
+    ``attachments``: the evidence of a failure copied into the run record (vmtasks/evidence.py).
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -83,6 +84,7 @@ class TestResult:
     unreported: bool = False
     vm: str = ""
     started: Optional[float] = None
+    attachments: List[str] = field(default_factory=list)  # evidence files copied out of the VM (paths)
 
     @property
     def is_subtest(self) -> bool:

@@ -97,6 +97,12 @@ func TestPackages(t *testing.T) {
 func TestExampleFailure(t *testing.T) {
 	requireEphemeralHost(t)
 	if os.Getenv("GOSUITE_FAIL") == "1" {
+		// What a failing openboot step leaves: its log, which the host copies out as evidence.
+		home, _ := os.UserHomeDir()
+		logs := filepath.Join(home, "Library", "Logs", "gosuite")
+		if err := os.MkdirAll(logs, 0o755); err == nil {
+			_ = os.WriteFile(filepath.Join(logs, "failure.log"), []byte("step 3: brew bundle exited 1\n"), 0o644)
+		}
 		t.Log("failing on purpose: GOSUITE_FAIL=1")
 		t.Fatal("intentional failure")
 	}
