@@ -83,6 +83,12 @@ class RunEnd:
         if self.no_test_matched and summary is None and not interrupted:
             verdict = results.verdict_line(results.Summary(), seconds).replace(" in ", ", no test matched in ", 1)
         extra = self.notes + [line for p in self.pipelines for line in p.ctx.evidence]
+        changed = sum(len(p.ctx.changed) for p in self.pipelines)
+        if changed:
+            cost = sum(p.ctx.changes_seconds for p in self.pipelines) / changed
+            extra.append("changes: what each of {} test{} changed is in {}/changes/ ({:.2f}s per test for the "
+                         "snapshots and the comparison)".format(changed, "" if changed == 1 else "s",
+                                                                 self.record.dir, cost))
         extra += [self.record.incomplete()] if self.record.incomplete() else []
         if self.request.rerun_source:
             extra.append("rerun of the failed tests of " + self.request.rerun_source)

@@ -70,6 +70,9 @@ class Run:
         self.cleanup_command = parts.cleanup_command
         self.cancel = threading.Event()
         self.vm_count = max(1, request.vms)
+        # The queue runs each test as its own invocation: with several VMs, and with --changes
+        # (what each test changed is only known test by test), one VM too.
+        self.queued = self.vm_count > 1 or self.cfg.suite.changes
         self.queue: Optional[TestQueue] = None
         self.image = getattr(self.backend, "image", None) or self.cfg.vm.base
         self.skip_setup = False
@@ -109,11 +112,11 @@ class Run:
             Stage("compile", "list the suite's tests and compile one test binary per package (`go test -c`)",
                   self._compile, "build", lambda ctx: ["go list ...; go test -c -o <bin>/<pkg>.test ...; "
                                                        "<pkg>.test -test.list <regex>"],
-                  enabled=lambda ctx: self.vm_count > 1 and not self.request.only_prepare),
+                  enabled=lambda ctx: self.queued and not self.request.only_prepare),
             Stage("list", "list the suite's tests on the host (`go test -list`, never destructive): only they "
                   "count, whatever a test prints", self._list, "build",
                   lambda ctx: ["go test -list <regex> -json <build flags> <packages>"],
-                  enabled=lambda ctx: self.vm_count == 1 and not self.request.only_prepare),
+                  enabled=lambda ctx: not self.queued and not self.request.only_prepare),
         ]
 
     def plan(self) -> List[str]:
@@ -123,7 +126,7 @@ class Run:
                  "  backend: {}, {} VM{}".format(self.backend.describe(), self.vm_count,
                                                   "s" if self.vm_count > 1 else "")]
         lines += plan_lines(self.run_stages(), self.ctx, self.cfg)
-        if self.vm_count > 1:
+        if self.queued:
             self.queue = TestQueue([], gotest.GoSuite((), (), (), self.request.test), Path("<bin>"), True, [])
         name = "{}-{}".format(self.cfg.vm.name_prefix, self.run_id)
         example = self._pipeline(name)

@@ -19,7 +19,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import gotest, results, ssh, sync
 from .backend import Machine, SealableMachine
-from .errors import Cancelled, NoLongerNeeded, Interrupted, RemoteTimeout, StageError, VmtasksError, describe_unexpected
+from .errors import (Cancelled, Interrupted, NoLongerNeeded, RemoteTimeout, SshError, StageError, VmtasksError,
+                     describe_unexpected)
 from .pipeline import Stage, StageRunner
 from .queue import TestQueue
 
@@ -118,6 +119,8 @@ class VmContext:
     tests_run: int = 0
     busy: float = 0.0
     evidence: List[str] = dataclasses.field(default_factory=list)  # what was collected of failures, for the summary
+    changed: List[Tuple[str, int]] = dataclasses.field(default_factory=list)  # suite.changes: (test, lines), in order
+    changes_seconds: float = 0.0  # suite.changes: what the snapshots and diffs cost on this VM
 
 
 @dataclasses.dataclass
@@ -546,6 +549,8 @@ class VmPipeline:
             item = queue.take(self.name)
             if item is None:
                 break
+            if self.cfg.suite.changes:
+                self._snapshot(ctx, "before")
             started = time.monotonic()
             try:
                 # Only this test and its subtests count: whatever else go reports, a test printed.
@@ -557,6 +562,8 @@ class VmPipeline:
                 ctx.busy += time.monotonic() - started
                 ctx.tests_run += 1
                 queue.done(item)
+            if self.cfg.suite.changes:
+                self._record_changes(ctx, item.name, failed=code != 0)
             if code != 0:
                 ctx.exit_code = code
                 # Evidence first: nothing else may touch this VM before it is copied out.
@@ -566,6 +573,73 @@ class VmPipeline:
         if ctx.tests_run == 0:
             ctx.exit_code = 0
         ctx.stage_note = "{} tests".format(ctx.tests_run)
+
+    # -- what each test changed (suite.changes) --------------------------------
+    def _evidence_command(self, *words: str) -> str:
+        return " ".join(["env"] + guest_env_words(self.cfg) + ["PYTHONPATH=" + tool_path(self.cfg),
+                                                                 shlex.quote(self.cfg.guest.python), "-m",
+                                                                 "vmtasks.evidence"] + [shlex.quote(w) for w in words])
+
+    def _snapshot(self, ctx: VmContext, which: str) -> bool:
+        """Record the guest home's state (and the probes') in the guest; False if it failed
+        (a note, never a failed test)."""
+        words = ["snapshot", ".vmtasks/changes/{}.json".format(which), "--timeout", "{:g}".format(
+            self.cfg.timeouts.collect)]
+        home = "/Users/" + self.cfg.vm.user + "/"
+        if self.cfg.guest.dir.startswith(home):  # the synced tree is not the test's doing
+            synced = self.cfg.guest.dir[len(home):]
+            words += ["--exclude", synced, "--exclude", synced + "/*"]
+        for pattern in self.cfg.changes.exclude:
+            words += ["--exclude", pattern]
+        for name, command in self.cfg.changes.probes.items():
+            words += ["--probe", "{}={}".format(name, command)]
+        started = time.monotonic()
+        try:
+            result = self.remote("cd && " + self._evidence_command(*words),
+                                 self.cfg.timeouts.collect * (1 + len(self.cfg.changes.probes)) + 30)
+            ok = result.exit_code == 0
+        except (RemoteTimeout, SshError) as exc:
+            ctx.evidence.append("changes: the {} snapshot failed on {}: {}".format(which, self.name, exc.message))
+            ok = False
+        ctx.changes_seconds += time.monotonic() - started
+        return ok
+
+    def _record_changes(self, ctx: VmContext, test: str, failed: bool) -> None:
+        """After a test: snapshot again, keep the difference in ``changes/<test>.txt``; for a
+        failed test, the summary gets its first lines and what the tests before it changed."""
+        from . import evidence
+
+        if not self._snapshot(ctx, "after"):
+            return
+        out: List[str] = []
+        started = time.monotonic()
+        try:
+            self.remote("cd && " + self._evidence_command("diff", ".vmtasks/changes/before.json",
+                                                          ".vmtasks/changes/after.json"),
+                        self.cfg.timeouts.collect, on_output=out.append)
+        except (RemoteTimeout, SshError) as exc:
+            ctx.evidence.append("changes of {}: the comparison failed: {}".format(test, exc.message))
+            return
+        finally:
+            ctx.changes_seconds += time.monotonic() - started
+        text = "".join(out)
+        lines = [line for line in text.splitlines() if line.strip()]
+        name = evidence.safe_part(test) + ".txt"
+        if self.record_key:  # several VMs (or attempts) may run the same test: name the VM
+            name = evidence.safe_part(test) + "." + evidence.safe_part(self.name) + ".txt"
+        try:
+            path = self.services.record.dir / "changes" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as exc:
+            ctx.evidence.append("changes of {}: not kept: {}".format(test, exc.strerror or exc))
+        if failed:
+            head = "; ".join(lines[:3]) + (" (+{} more)".format(len(lines) - 3) if len(lines) > 3 else "")
+            before = ", ".join("{} ({} change{})".format(t, n, "" if n == 1 else "s") for t, n in ctx.changed)
+            ctx.evidence.append("changes of {} on {}: {}{}".format(
+                test, self.name, head or "none", "; before it on this VM: " + before if before else
+                "; it was the first test on this VM"))
+        ctx.changed.append((test, len(lines)))
 
     # -- teardown ----------------------------------------------------------
     def keep_wanted(self) -> bool:

@@ -49,3 +49,35 @@ def test_no_evidence_configured_collects_nothing(world):
     assert done.code == 1 and "evidence of" not in done.text
     assert not (world.latest_record() / "artifacts").exists()
     world.assert_nothing_left()
+
+
+def changes_of(record, test):
+    return (record / "changes" / (test + ".txt")).read_text().splitlines()
+
+
+def test_changes_name_exactly_what_each_test_did_to_the_machine(world):
+    """One VM with --changes runs each test as its own invocation and keeps, per test, the
+    files it added or changed under the home and the probes' differences; nothing from the
+    synced tree, the tool's own files or caches."""
+    cfg = world.write_config(suite={"changes": True}, guest={"env": {"GOSUITE_FAIL": "1"}},
+                             changes={"probes": {"prefs": "cat ~/Library/Preferences/*.plist 2>/dev/null || true"}})
+    done = world.invoke("test-vm-run", "--test=TestShellRC|TestDotfilesDirs|TestDefaultsWrite|TestExampleFailure",
+                        config=cfg)
+    assert done.code == 1, done.text
+    record = world.latest_record()
+    # Every test leaves its mark in ~/.gosuite-ran (the first one makes the folder): the rest is its own.
+    shell_rc = changes_of(record, "TestShellRC")
+    assert "+ .gosuite-ran/TestShellRC (file, 17 bytes, mode 644)" in shell_rc
+    assert [line for line in shell_rc if ".gosuite-ran" not in line] == ["+ .zshrc (file, 42 bytes, mode 644)"]
+    dirs = changes_of(record, "TestDotfilesDirs")
+    assert "+ .config/openboot (dir)" in dirs and "+ .dotfiles (dir)" in dirs
+    assert not any(".zshrc" in line for line in dirs)  # TestShellRC's change is not TestDotfilesDirs'
+    prefs = changes_of(record, "TestDefaultsWrite")
+    assert "probe prefs:" in prefs and "  +AppleShowAllFiles=true" in prefs, prefs
+    everything = "\n".join(line for p in (record / "changes").iterdir() for line in p.read_text().splitlines())
+    assert not any(line[2:].startswith("gosuite") for line in everything.splitlines())  # the synced tree
+    assert ".vmtasks" not in everything and ".cache" not in everything
+    # The failed test's summary names its own changes and what ran before it on that VM.
+    assert "changes of TestExampleFailure on" in done.out and "before it on this VM:" in done.out, done.out
+    assert "per test for the snapshots" in done.out
+    world.assert_nothing_left()
