@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TWO_LINES = '"""This repository\'s tasks: the vmtasks collection."""\nfrom vmtasks.tasks import ns  # noqa: F401\n'
 TASKS = {"test-vm", "test-vm-run", "test-vm-inner", "test-vm-inner-run", "cleanup-orphans", "build",
-         "vm-doctor", "vm-list", "vm-login", "vm-prepare", "vm-report", "vm-init"}
+         "vm-doctor", "vm-list", "vm-login", "vm-prepare", "vm-report", "vm-init", "vm-changes"}
 
 
 def _clean_env(**extra: str) -> Dict[str, str]:

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_task_and_argument_has_help():
     collection = Collection.from_module(tasks)
     assert {"test-vm", "test-vm-run", "test-vm-inner", "test-vm-inner-run", "cleanup-orphans", "build",
-            "vm-doctor", "vm-list", "vm-login", "vm-prepare", "vm-report"} <= set(collection.task_names)
+            "vm-doctor", "vm-list", "vm-login", "vm-prepare", "vm-report", "vm-changes"} <= set(collection.task_names)
     for name in collection.task_names:
         task = collection[name]
         assert task.__doc__ and task.__doc__.strip(), name

@@ -326,6 +326,38 @@ def vm_report(c, run=None, open=False, config=None):
     _host_call(c, go)
 
 
+@task(help={"test": "The test whose changes to show, e.g. TestShellRC (required).",
+            "run": "A run id (or a unique start of one, or a record's path); default: the latest run of this config.",
+            "config": COMMON_HELP["config"]})
+def vm_changes(c, test=None, run=None, config=None):
+    """Print what one test changed on its VM in a run made with --changes (suite.changes)."""
+    from vmtasks import evidence, factory, html_report
+    from vmtasks.errors import ConfigError
+
+    def go(reporter):
+        if not test:
+            raise ConfigError("vm-changes: --test is empty", "name a test, e.g. --test=TestShellRC")
+        run_dir = html_report.find_run(factory.Parts(_load(c, config), reporter).records_root, run)
+        folder = run_dir / "changes"
+        stem = evidence.safe_part(test)
+        files = sorted(p for p in folder.glob("*.txt") if p.name == stem + ".txt" or p.name.startswith(stem + "."))
+        if not files:
+            known = sorted({p.name.split(".")[0] for p in folder.glob("*.txt")}) if folder.is_dir() else []
+            raise ConfigError("run {} kept no changes for {}".format(run_dir.name, test),
+                              "tests with changes in that run: {}".format(", ".join(known)) if known else
+                              "run with suite.changes: true in the config to record what each test changes")
+        reporter.close()
+        from vmtasks.visible import visible
+
+        for path in files:
+            if len(files) > 1:
+                print("== " + visible(path.name))
+            print(visible(path.read_text(errors="replace")), end="")
+        return 0
+
+    _host_call(c, go)
+
+
 @task(help={"config": "Where to write the config (default: config/vm.yaml beside tasks.py); an existing "
                       "file is never overwritten."})
 def vm_init(c, config=None):
@@ -357,4 +389,4 @@ def vm_init(c, config=None):
 
 
 ns = Collection(test_vm, test_vm_run, test_vm_inner, test_vm_inner_run, cleanup_orphans, build, vm_doctor,
-                vm_list, vm_login, vm_prepare, vm_report, vm_init)
+                vm_list, vm_login, vm_prepare, vm_report, vm_init, vm_changes)

@@ -80,4 +80,8 @@ def test_changes_name_exactly_what_each_test_did_to_the_machine(world):
     # The failed test's summary names its own changes and what ran before it on that VM.
     assert "changes of TestExampleFailure on" in done.out and "before it on this VM:" in done.out, done.out
     assert "per test for the snapshots" in done.out
+    shown = world.invoke("vm-changes", "--test=TestShellRC", config=cfg)
+    assert shown.code == 0 and shown.out.splitlines() == shell_rc, shown.text
+    missing = world.invoke("vm-changes", "--test=TestNope", config=cfg)
+    assert missing.code == 2 and "TestShellRC" in missing.err, missing.text
     world.assert_nothing_left()
