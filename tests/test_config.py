@@ -727,3 +727,13 @@ def test_evidence_settings_load_and_are_checked(tmp_path):
 def test_evidence_settings_refuse_nonsense(tmp_path, text, needle):
     err = load_error(write(tmp_path, text))
     assert needle in err.message and err.exit_code == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "9000"])
+def test_keep_for_is_bounded(tmp_path, value):
+    err = load_error(write(tmp_path, "keep_for: {}\n".format(value)))
+    assert "keep_for" in err.message and err.exit_code == 2
+
+
+def test_keep_for_default_is_a_day(tmp_path):
+    assert config.load(write(tmp_path, "keep: never\n"), environ={}, cwd=tmp_path).keep_for == 24.0

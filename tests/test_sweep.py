@@ -398,3 +398,17 @@ def test_dead_leases_under_another_prefix_are_removed_or_named(ledger):
     assert [c[-1] for c in touched(runner)] == ["q-dead", "q-dead"]
     assert sorted(ledger.all()) == ["q-kept", "q-live", "q-old", "q-orch"]
     assert not Path(gone.key_dir).exists()
+
+
+def test_a_kept_vm_goes_once_its_keep_for_has_run_out(ledger):
+    """keep_for bounds a kept VM's life: past it, the sweep removes it without --include-kept."""
+    now = time.time()
+    fresh = lease_for(ledger, "p-fresh", pid=dead_pid(), keep=True)
+    ledger.write(Lease(**dict(fresh.__dict__, keep_until=now + 3600)))
+    old = lease_for(ledger, "p-old", pid=dead_pid(), keep=True)
+    ledger.write(Lease(**dict(old.__dict__, keep_until=now - 7200)))
+    lease_for(ledger, "p-legacy", pid=dead_pid(), keep=True)  # an older lease without keep_until: kept as before
+    runner = listing(("p-fresh", True), ("p-old", True), ("p-legacy", True))
+    plan = sweep.plan(Tart(runner), ledger, "p", cleanup_command=CLEANUP, now=now)
+    assert kinds(plan) == [("vm", "p-old")] and sorted(plan.kept) == ["p-fresh", "p-legacy"]
+    assert "past its keep_for (expired 2 h ago)" in plan.actions[0].reason

@@ -160,6 +160,7 @@ class Config:
     prepare: List[str] = field(default_factory=list)
     prepared: bool = True
     keep: str = "never"
+    keep_for: float = 24.0  # hours a kept VM lives; cleanup-orphans removes it after that
     vms: int = 1
     backend: str = "tart"
     state_dir: str = ""
@@ -907,6 +908,9 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
             if not command.strip():
                 raise fail(key, "'{}.{}' is an empty command".format(key, name),
                            "give a guest command, e.g. brew: brew list --versions")
+    if not 0 < cfg.keep_for <= 24 * 365:
+        raise fail("keep_for", "'keep_for' must be more than 0 and at most a year (in hours), got {:g}".format(
+            cfg.keep_for), "for example 24 (a kept VM is removed by cleanup-orphans a day after its run)")
     if not 1 <= cfg.artifacts_max_mb <= 10240:
         raise fail("artifacts_max_mb", "'artifacts_max_mb' must be between 1 and 10240 (MB per failed test), "
                    "got {}".format(cfg.artifacts_max_mb))

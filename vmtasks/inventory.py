@@ -35,6 +35,10 @@ def rows(parts) -> List[List[str]]:
             continue
         if lease.owner_alive():
             state = "live"
+        elif lease.keep and lease.keep_until:
+            left = lease.keep_until - now
+            state = "kept, expires in {}".format(_age(left)) if left > 0 else \
+                "kept, expired {} ago (cleanup-orphans removes it)".format(_age(-left))
         elif lease.keep:
             state = "kept"
         else:

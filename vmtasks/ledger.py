@@ -167,6 +167,7 @@ class Lease:
     user: str = ""  # who started the run (vm-list: two users share one Mac)
     backend: str = ""  # "tart" or "orchard": where the VM lives (older leases: unknown)
     cleanup: str = ""  # the `invoke cleanup-orphans --config ...` line of the run's own config
+    keep_until: float = 0.0  # a kept VM: when its keep_for runs out (epoch seconds; 0: not recorded)
 
     def owner_alive(self) -> bool:
         return process_alive(self.pid, self.pid_start, self.host)
@@ -187,9 +188,9 @@ class Lease:
         for name in ("vm", "run_id", "pid_start", "host", "key_dir", "base", "ip", "user", "backend", "cleanup"):
             if name in values and not isinstance(values[name], str):
                 raise ValueError("field {} is not a string".format(name))
-        if "created" in values and (isinstance(values["created"], bool)
-                                    or not isinstance(values["created"], (int, float))):
-            raise ValueError("field created is not a number")
+        for name in ("created", "keep_until"):
+            if name in values and (isinstance(values[name], bool) or not isinstance(values[name], (int, float))):
+                raise ValueError("field {} is not a number".format(name))
         if "keep" in values and not isinstance(values["keep"], bool):
             raise ValueError("field keep is not true/false")
         return cls(**values)

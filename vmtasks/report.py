@@ -590,11 +590,12 @@ class Reporter:
 
     # -- messages ----------------------------------------------------------
     def vm_kept(self, vm: str, attach_cmd: str, cleanup_cmd: str, login_cmd: str = "",
-                sweep_cmd: str = "invoke cleanup-orphans --include-kept") -> None:
+                sweep_cmd: str = "invoke cleanup-orphans --include-kept", until: str = "") -> None:
         """``vm`` is kept: how to log in, attach and remove it, each command on one line
         (the tasks' lines name the config, so they work wherever they are pasted)."""
         with self._lock:
-            lines = [Text("kept VM {}".format(visible(vm)), style="bold")]
+            lines = [Text("kept VM {}{}".format(visible(vm), "  (" + visible(until) + ")" if until else ""),
+                          style="bold")]
             if login_cmd:
                 lines.append(Text("  log in:   " + visible(login_cmd)))
             lines += [Text("  attach:   " + visible(attach_cmd)),

@@ -118,6 +118,11 @@ def _age(seconds: float) -> str:
     return "{:.0f} h".format(seconds / 3600)
 
 
+def _expired(lease: Lease, now: float) -> bool:
+    """A kept VM whose keep_for has run out (recorded in its lease when it was kept)."""
+    return bool(lease.keep_until) and now > lease.keep_until
+
+
 def why_dead(lease: Lease) -> str:
     """Why ``lease``'s owner counts as dead, for the plan's reasons."""
     state, _ = probe_process(lease.pid)
@@ -198,7 +203,8 @@ def _decide_other_prefixes(result: SweepPlan, ledger: Ledger, everything: Sequen
             continue
         cmd = lease.cleanup or "invoke cleanup-orphans --config <the config that made it>"
         age = now - lease.created
-        if lease.keep and not (include_kept or (kept_max_age is not None and age > kept_max_age)):
+        if lease.keep and not (include_kept or _expired(lease, now) or
+                               (kept_max_age is not None and age > kept_max_age)):
             if name in listed:
                 result.kept.append(name)
             continue
@@ -257,7 +263,10 @@ def _decide(result: SweepPlan, ledger: Ledger, vms: Sequence, scan: Scan, alive:
             result.live.append(vm.name)
         elif lease.keep:
             age = now - lease.created
-            if include_kept or (kept_max_age is not None and age > kept_max_age):
+            if _expired(lease, now):
+                result.actions.append(Action("vm", vm.name, "kept VM past its keep_for (expired {} ago), {}".format(
+                    _age(now - lease.keep_until), why_dead(lease))))
+            elif include_kept or (kept_max_age is not None and age > kept_max_age):
                 result.actions.append(Action("vm", vm.name, "kept VM, {} old, {}".format(_age(age), why_dead(lease))))
             else:
                 result.kept.append(vm.name)

@@ -669,15 +669,18 @@ class VmPipeline:
 
     def _keep(self, ctx: VmContext) -> None:
         ctx.kept = True
-        ctx.lease = dataclasses.replace(ctx.lease, keep=True)
+        ctx.lease = dataclasses.replace(ctx.lease, keep=True, keep_until=time.time() + self.cfg.keep_for * 3600)
         self.services.ledger.write(ctx.lease)
         target = ctx.machine.ssh_target()
         attach = ssh.attach_command(target.host, self.cfg.vm.user, self._run_key(), target.proxy_command)
         from .factory import task_command
 
+        until = time.strftime("%Y-%m-%d %H:%M", time.localtime(ctx.lease.keep_until))
         self.services.reporter.vm_kept(self.name, attach, self.remove_command(),
                                        sweep_cmd=self.services.cleanup_command + " --include-kept",
-                                       login_cmd=task_command(self.cfg, "vm-login " + self.name))
+                                       login_cmd=task_command(self.cfg, "vm-login " + self.name),
+                                       until="until {} (keep_for {:g} h); then cleanup-orphans removes it".format(
+                                           until, self.cfg.keep_for))
 
     def remove_command(self) -> str:
         """Paste-able: removes the VM, its key dir and its lease."""

@@ -59,7 +59,8 @@ def test_vm_list_shows_the_kept_vm_with_its_run_and_state(kept):
     assert set(rows) == {vm}, listed.out
     name, run, owner, state, age, address = rows[vm]
     assert run == run_id
-    assert state == "kept", "a kept VM whose run ended is 'kept', got {!r}".format(state)
+    # keep_for (default 24 h) bounds its life; vm-list says when it ends
+    assert state in ("kept, expires in 24.0h", "kept, expires in 23.9h"), state
     assert address == _lease(world, vm)["ip"] and address.startswith("127.")
     assert "pid {}".format(_lease(world, vm)["pid"]) in owner
     assert age.endswith(("m", "h", "d"))
@@ -166,3 +167,18 @@ def test_vm_list_shows_hostile_vm_names_as_text(world):
         assert list(rows) == [PREFIX + "-^[]0;pwned\\x07^[[2J\\x9b31m\\nTestFake"], listed.out
     finally:
         world.tart("delete", hostile)
+
+
+def test_an_expired_kept_vm_is_removed_without_include_kept(kept):
+    world, vm, _ = kept
+    lease_path = world.state / "leases" / (vm + ".json")
+    lease = json.loads(lease_path.read_text())
+    assert lease["keep_until"] > time.time() + 23 * 3600
+    swept = world.invoke("cleanup-orphans")
+    assert swept.code == 0 and vm in world.vms(), swept.text  # not expired: kept
+    lease["keep_until"] = time.time() - 60  # as if its day had passed
+    lease_path.write_text(json.dumps(lease))
+    assert "expired" in world.invoke("vm-list").out
+    swept = world.invoke("cleanup-orphans")
+    assert swept.code == 0 and "past its keep_for" in swept.err, swept.text
+    world.assert_nothing_left()
