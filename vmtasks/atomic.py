@@ -28,9 +28,7 @@ def write_atomic(path: Union[str, "os.PathLike[str]"], data: Union[bytes, str], 
             target.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, payload)
             if durable:
                 os.fsync(fd)
         finally:
@@ -42,6 +40,13 @@ def write_atomic(path: Union[str, "os.PathLike[str]"], data: Union[bytes, str], 
         except OSError:
             pass
         raise StateError("cannot write {}: {}".format(target, exc.strerror or exc), write_hint(exc)) from None
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def write_hint(exc: OSError) -> str:

@@ -38,6 +38,8 @@ import tarfile
 import time
 from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .atomic import write_all
+
 SMALL_FILE = 64 * 1024  # files up to this size are compared by content hash, larger by size+mtime
 MAX_ENTRIES = 200000  # a snapshot stops here (and says so): a home is not a file server
 NOTES_MEMBER = "NOTES.txt"  # the pack's own notes, read by unpack
@@ -397,9 +399,7 @@ def _write_new(dest: str, rel: str, data: bytes) -> str:
             dir_fd = next_fd
         fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         except OSError:
             os.close(fd)
             try:

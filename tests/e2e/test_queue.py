@@ -123,15 +123,7 @@ def test_ctrl_c_stops_handing_out_tests_and_leaves_nothing(world):
 def run_shard(world, shard: str) -> List[str]:
     """`invoke test-vm-inner --shard K/N` here, as a CI job does on its fresh runner (the
     uneven suite only sleeps and writes under HOME, which is the test's own)."""
-    data = yaml.safe_load((UNEVEN / "vm.yaml").read_text())
-    data["guest"]["dir"] = str(UNEVEN)
-    data["suite"]["durations"] = str(world.root / "durations.json")
-    cfg = world.root / "inner.json"
-    cfg.write_text(json.dumps(data))
-    env = dict(world.env, OPENBOOT_IN_VM="1", OPENBOOT_VM_CONFIG=str(cfg), UNEVEN_SCALE="0.01")
-    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(REPO), "test-vm-inner",
-                           "--shard", shard, "--json-output"], cwd=str(world.cwd), env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = inner_shard(world, shard)
     assert done.returncode == 0, done.stdout + done.stderr
     names = []
     for line in done.stdout.splitlines():
