@@ -98,3 +98,9 @@ def test_no_retries_changes_nothing():
     summary = first_pass()
     assert results.with_retries(summary, {}) is summary
     assert "flaky" not in results.verdict_line(summary, 1.0)
+
+
+def test_the_durations_history_keeps_a_flaky_tests_passing_time():
+    history = results.History()
+    assert history.record(retried()) == 3
+    assert history.samples(PKG, "TestB") == [0.5]
