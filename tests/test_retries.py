@@ -49,3 +49,15 @@ def test_suite_retries_defaults_to_0_and_takes_the_flag(tmp_path):
     assert load(path, environ={}, overrides={"suite.retries": 1}, cwd=tmp_path).suite.retries == 1
     path.write_text("vms: 1\n")
     assert load(path, environ={}, cwd=tmp_path).suite.retries == 0
+
+
+def test_the_dry_run_plan_says_how_failed_tests_are_retried(tmp_path):
+    import dataclasses
+
+    from conftest import FakeRunner
+    from test_run import make_run
+
+    run = make_run(tmp_path, FakeRunner())
+    assert not any("fresh VM" in line for line in run.plan())
+    run.request = dataclasses.replace(run.request, retries=2)
+    assert any("up to 2 times: run it again alone on a fresh VM" in line for line in run.plan())

@@ -140,6 +140,11 @@ class Run:
         lines += ["  " + line for line in plan_lines(example.stages() + [example.teardown_stage()], example.ctx,
                                                       self.cfg)]
         self.queue = None
+        if self.request.retries:
+            lines.append("  then, for each failed test, up to {} time{}: run it again alone on a fresh VM ({}-{}-r<n>, "
+                         "the same stages; at most {} at once)".format(
+                             self.request.retries, "s" if self.request.retries > 1 else "", self.cfg.vm.name_prefix,
+                             self.run_id, self.vm_count))
         lines.append("  finally: one summary, JUnit, durations update, exit code")
         return lines
 
