@@ -102,6 +102,10 @@ def test_a_flaky_test_passes_the_run_unless_fail_on_flaky(world):
 
 
 def test_ctrl_c_while_a_retry_vm_is_being_cloned_leaves_nothing(world):
+    """The retry's `tart clone` is held in flight (the test takes the stand-in's storage lock,
+    Tart's global flock on TART_HOME, as soon as the retry's lease appears, before the
+    clone can), then Ctrl-C: the run stops, the clone ends, nothing stays."""
+    import fcntl
     import os
     import signal
     import time
@@ -110,14 +114,28 @@ def test_ctrl_c_while_a_retry_vm_is_being_cloned_leaves_nothing(world):
 
     config = uneven_config(world, "0.05", UNEVEN_FAIL="TestShort03")
     proc = start(world, "test-vm-run", "--test", "TestShort0[13]$", "--vms", "1", "--retries", "2", config=config)
-    deadline = time.monotonic() + 120
-    # The retry VM's lease is written just before its clone starts: interrupt right then.
-    while not list((world.state / "leases").glob("*-r1.json")) and time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before its retry: {}".format(proc.communicate())
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)
+    home = os.open(world.env["TART_HOME"], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((world.state / "leases").glob("*-r1.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        fcntl.flock(home, fcntl.LOCK_EX)
+        children = world.state / "children"
+        while not (children.is_dir() and list(children.iterdir())):  # the run waits for its clone
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+    finally:
+        fcntl.flock(home, fcntl.LOCK_UN)
+        os.close(home)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
     assert "retry 1 of 2" in err, err
+    stages = json.loads((world.latest_record() / "stages.json").read_text())
+    clone = [s for s in stages if s.get("vm", "").endswith("-r1") and s.get("stage") == "clone"]
+    assert clone and clone[0]["status"] != "ok", clone
+    assert "-r2" not in out + err, "no retry starts after Ctrl-C"
     world.assert_nothing_left()
     assert uneven_vms(world) == []
