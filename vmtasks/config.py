@@ -44,6 +44,7 @@ ALIAS_PREFIX = "OPENBOOT_"
 DEFAULT_CONFIG = Path("config") / "vm.yaml"
 MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: anything longer is a typo, and never "no deadline"
 MAX_VMS = 100
+MAX_RETRIES = 10
 MAX_FILE_BYTES = 256 << 10  # a config is a few KB; refuse to read (and parse) a runaway file
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _GUEST_PATH_RE = re.compile(r"^/[A-Za-z0-9._@+/-]*$")
@@ -98,6 +99,7 @@ class SuiteSettings:
     one: str = "go test -v -timeout 45m -run {test} ./..."
     durations: str = ".vmtasks/durations.json"  # per-test durations the sharding reads
     changes: bool = False  # record what each test changed on the machine (changes/<test>.txt)
+    retries: int = 0  # run a failed test again, up to this many times, each time on a fresh VM
 
 
 @dataclass(frozen=True)
@@ -882,6 +884,9 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
             "use tart (VMs on this Mac) or orchard (VMs from an Orchard controller)")
     if not 1 <= cfg.vms <= MAX_VMS:
         raise fail("vms", "'vms' must be between 1 and {}, got {}".format(MAX_VMS, cfg.vms))
+    if not 0 <= cfg.suite.retries <= MAX_RETRIES:
+        raise fail("suite.retries", "'suite.retries' must be between 0 and {}, got {}".format(
+            MAX_RETRIES, cfg.suite.retries), "each retry boots a fresh VM; 1 or 2 tell flaky from broken")
     for f in dataclasses.fields(Timeouts):
         key = "timeouts." + f.name
         seconds = getattr(cfg.timeouts, f.name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import results
 from .errors import Interrupted, NoSlot, VmtasksError
@@ -37,6 +37,8 @@ class RunEnd:
     interrupted_at: str = ""  # the stage a signal stopped
     image_name: str = ""  # vm-prepare: the image it made
     no_test_matched: bool = False  # one VM: the host's listing matched nothing, so no VM booted
+    retries: Dict[Any, List[Any]] = field(default_factory=dict)  # TestId -> [(vm, Summary or None)] per retry
+    retry_pipelines: List[Any] = field(default_factory=list)  # the fresh VMs the retries ran on
     summary: Any = None
 
     def finish(self) -> int:
@@ -47,7 +49,7 @@ class RunEnd:
         if self.request.only_prepare:
             return self._finish_prepare(interrupted)
         parts = []
-        for p in self.pipelines:
+        for p in self.pipelines + self.retry_pipelines:
             error = p.ctx.error
             if error is not None and not isinstance(error, Interrupted):
                 if isinstance(error, NoSlot) and self.vm_count > 1:
@@ -57,12 +59,17 @@ class RunEnd:
                     self.vm_errors.append(error.message)
             if p.ctx.teardown_failed:
                 self.vm_errors.append("teardown of {} failed".format(p.name))
-            for summary in p.ctx.summaries:
-                parts.append((p.name if self.vm_count > 1 else "", summary))
+            if p in self.retry_pipelines:
+                continue  # a retry's results are its test's attempts (below), not more tests
+            for summary in p.ctx.summaries:  # named when the results come from several VMs
+                parts.append((p.name if self.vm_count > 1 or self.retries else "", summary))
         summary = results.merge(parts) if parts else None
         if self.queued and self.expected:
             summary = results.mark_not_run(summary or results.merge([]),
                                            [i.key for i in self.expected])
+        if summary is not None and self.retries:
+            summary = results.with_retries(summary, self.retries)
+            self.notes.extend(results.retry_notes(summary))
         self.summary = summary
         code = self._exit_code(summary, interrupted)
         if summary is not None:
@@ -70,9 +77,12 @@ class RunEnd:
                 self.reporter.error(problem)
                 code = code or 1
         self.exit_code = code
-        self.record.finish(vms=[p.name for p in self.pipelines], exit_code=code,
-                           kept=[p.name for p in self.pipelines if p.ctx.kept],
+        every = self.pipelines + self.retry_pipelines
+        self.record.finish(vms=[p.name for p in every], exit_code=code,
+                           kept=[p.name for p in every if p.ctx.kept],
                            failed_tests=results.failed_tests(summary) if summary is not None else [],
+                           flaky_tests=[r.name for r in summary.flaky] if summary is not None else [],
+                           attempts=results.attempts_data(summary) if summary is not None else {},
                            tests_run=summary.total if summary is not None else 0,
                            unfinished_tests=_unfinished(summary),
                            test=self.request.test, interrupted=interrupted)
@@ -114,6 +124,13 @@ class RunEnd:
         return code
 
     def _exit_code(self, summary, interrupted: bool) -> int:
+        code = self._tests_exit_code(summary, interrupted)
+        if code == 0 and summary is not None and summary.flaky and self.request.fail_on_flaky:
+            self.notes.append("--fail-on-flaky: {} flaky: exit 1".format(", ".join(r.name for r in summary.flaky)))
+            return 1
+        return code
+
+    def _tests_exit_code(self, summary, interrupted: bool) -> int:
         if interrupted:
             return self.signal_exit_code or 130
         pipeline_codes = [p.ctx.exit_code for p in self.pipelines if p.ctx.error is None]
@@ -127,6 +144,8 @@ class RunEnd:
                 self.notes.append("no test ran: check the --test regex (exit {}; --allow-no-tests to accept)"
                                   .format(EXIT_NO_TESTS))
                 return EXIT_NO_TESTS
+            if code != 0 and self.retries and summary is not None and summary.exit_ok and summary.total:
+                return 0  # every test the suite failed passed on a fresh VM: flaky, not failed
             if code == 0 and summary is not None and not summary.exit_ok:
                 # The verdict and the exit code agree: a failure the results count fails the run.
                 self.notes.append("the suite exited 0, but its results have {}: exit 1".format(summary.headline()))
@@ -138,6 +157,8 @@ class RunEnd:
             self.notes.append("no test ran: check the --test regex (exit {}; --allow-no-tests to accept)".format(
                 EXIT_NO_TESTS))
             return EXIT_NO_TESTS
+        if self.retries:
+            return 0 if summary.exit_ok else 1  # the pipelines' codes count the first attempts
         if not summary.exit_ok or any(c != 0 for c in pipeline_codes):
             return 1
         return 0

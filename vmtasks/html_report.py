@@ -41,8 +41,7 @@ HISTORY_RUNS = 20  # earlier records read for medians and the trend
 SLOWEST = 10
 IDLE_MIN = 0.5  # seconds: a gap between a VM's tests shorter than this is not drawn
 
-# Verdict word -> (css class, label). "flaky" is not produced by the results model yet; a
-# record that has it is drawn as such.
+# Verdict word -> (css class, label). "flaky": failed, then passed on a fresh VM (--retries).
 VERDICTS = {
     "pass": ("pass", "passed"), "fail": ("fail", "failed"), "flaky": ("flaky", "flaky"),
     "skip": ("skip", "skipped"), "interrupted": ("interrupted", "interrupted"), "notrun": ("notrun", "not run"),
@@ -70,7 +69,12 @@ def tests_data(summary, verdict: str = "") -> Dict[str, Any]:
                          for s in r.walk() if s is not r],
         }
         if r.status != "pass":
-            entry["output"] = _tail(r.output)
+            failed = [a for a in r.attempts if a.status == "fail"]
+            entry["output"] = _tail(failed[0].output if r.status == "flaky" and failed else r.output)
+        if r.attempts:  # --retries: every run of the test, the first on the VM that ran the suite's share
+            entry["attempts"] = len(r.attempts)
+            entry["tries"] = [{"vm": a.vm, "started": a.started, "elapsed": round(a.elapsed or 0.0, 4),
+                               "status": a.status, "ran_after": list(a.ran_after)} for a in r.attempts]
         tests.append(entry)
     return {"version": TESTS_VERSION, "verdict": verdict, "elapsed": summary.elapsed,
             "started": summary.started, "finished": summary.finished, "tests": tests,

@@ -259,6 +259,9 @@ def _count_lines(tests: Sequence[TestView], counts: CountsView, errors: Mapping[
              _row("failed", str(counts.failed), "bold red" if counts.failed else ""),
              _row("skipped", str(counts.skipped))]
     # Rows that only matter when they are not zero.
+    flaky = getattr(counts, "flaky", 0)  # --retries: failed, then passed on a fresh VM
+    if flaky:
+        lines.append(_row("flaky", str(flaky), "yellow"))
     if counts.interrupted:
         lines.append(_row("interrupted", str(counts.interrupted), "yellow"))
     if counts.notrun:

@@ -10,6 +10,7 @@ summary, one JUnit file, one durations update and one exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import gotest, orphans, results, schedule
 from .backend import Owner, PreparedImages, ResumableMachine
@@ -46,6 +47,8 @@ class RunRequest:
     rerun_source: str = ""  # "--rerun-failed took these from run X"
     prepared: str = "auto"  # auto: use a matching prepared image; build: make it if missing; never
     only_prepare: bool = False  # vm-prepare: build the image, run no tests
+    retries: int = 0  # a failed test runs again up to this many times, each time alone on a fresh VM
+    fail_on_flaky: bool = False  # a flaky test (failed, then passed on a fresh VM) fails the run
 
 
 class RunContext:
@@ -78,6 +81,8 @@ class Run:
         self.skip_setup = False
         self.sync_excludes = parts.sync_excludes
         self.pipelines: List[VmPipeline] = []  # the VMs that run tests
+        self.retry_pipelines: List[VmPipeline] = []  # fresh VMs that each ran one failed test again
+        self.retries: Dict[gotest.TestId, List[Tuple[str, VmPipeline]]] = {}  # test -> (vm, pipeline) per retry
         self.running: List[VmPipeline] = []  # the pipelines started last (tests, or an image build)
         self.image_name = ""
         self._bundle: Optional[bytes] = None
@@ -138,6 +143,11 @@ class Run:
         lines += ["  " + line for line in plan_lines(example.stages() + [example.teardown_stage()], example.ctx,
                                                       self.cfg)]
         self.queue = None
+        if self.request.retries:
+            lines.append("  then, for each failed test, up to {} time{}: run it again alone on a fresh VM ({}-{}-r<n>, "
+                         "the same stages; at most {} at once)".format(
+                             self.request.retries, "s" if self.request.retries > 1 else "", self.cfg.vm.name_prefix,
+                             self.run_id, self.vm_count))
         lines.append("  finally: one summary, JUnit, durations update, exit code")
         return lines
 
@@ -151,6 +161,7 @@ class Run:
                     self._run_level()
                     if not self.cancel.is_set() and not self.request.only_prepare and not self.no_test_matched:
                         self._vms()
+                        self._retry_failed()
                 except (Interrupted, Cancelled):
                     pass
                 except VmtasksError as exc:
@@ -161,7 +172,7 @@ class Run:
                     self.cancel.set()
                     self._note_bug("run", exc)
                 finally:
-                    self._wait_for_teardown()
+                    self._wait_for_teardown(self.pipelines + self.retry_pipelines)
                 self._announce_signals()
                 return self._finish()
             except Exception as exc:  # a bug in the merge or the result files: the record still ends
@@ -185,8 +196,9 @@ class Run:
         interrupted = self.guard.received is not None
         code = (self.guard.exit_code or 130) if interrupted else 1
         try:
-            self.record.finish(vms=[p.name for p in self.pipelines], exit_code=code,
-                               kept=[p.name for p in self.pipelines if p.ctx.kept], test=self.request.test,
+            every = self.pipelines + self.retry_pipelines
+            self.record.finish(vms=[p.name for p in every], exit_code=code,
+                               kept=[p.name for p in every if p.ctx.kept], test=self.request.test,
                                interrupted=interrupted, errors=list(self.vm_errors))
         except Exception:  # noqa: BLE001 - the record itself is what broke: the exit code still says it
             pass
@@ -392,6 +404,71 @@ class Run:
             ", test regex {!r}".format(self.request.test) if self.request.test else ""))
         self._start(self.pipelines)
 
+    # -- retries -----------------------------------------------------------------
+    def _retry_failed(self) -> None:
+        """--retries: after the first pass, each failed test runs again alone on a fresh VM
+        (a new clone of the run's image, never one that ran anything), up to N times or until
+        it passes; at most ``vms`` retry VMs at once. One VM: the retry runs the suite command
+        with ``-run ^TestX$``; a queue: the queue's own per-test command."""
+        if self.request.retries <= 0:
+            return
+        self._wait_for_teardown(self.pipelines)
+        first = [s for p in self.pipelines for s in p.ctx.summaries]
+        failing = [r.key for s in first for r in s.results if r.status == results.FAIL and "/" not in r.name]
+        failing = list(dict.fromkeys(failing))
+        for round_no in range(1, self.request.retries + 1):
+            if not failing or self.cancel.is_set() or self.guard.abandon.is_set():
+                return
+            self.reporter.info("retry {} of {}: {} on fresh VMs".format(
+                round_no, self.request.retries, ", ".join(name for _, name in failing)))
+            for start in range(0, len(failing), self.vm_count):
+                batch = [self._retry_pipeline(key, index) for index, key in
+                         enumerate(failing[start:start + self.vm_count], 1)]
+                self._start(batch)
+                self._wait_for_teardown(batch)
+                if self.cancel.is_set():
+                    return
+            failing = [key for key in failing
+                       if results.attempt_failed(self._last_attempt(key), key)]
+
+    def _retry_results(self):
+        """Each retried test's attempts as (vm, summary); a retry that a stop (Ctrl-C) kept from
+        running its test is no attempt at all (a retry VM that failed is a failed attempt)."""
+        out = {}
+        for key, tries in self.retries.items():
+            ran = [(vm, p.ctx.summaries[-1] if p.ctx.summaries else None) for vm, p in tries
+                   if p.ctx.summaries or not self.cancel.is_set()]
+            if ran:
+                out[key] = ran
+        return out
+
+    def _last_attempt(self, key):
+        pipeline = self.retries[key][-1][1]
+        return pipeline.ctx.summaries[-1] if pipeline.ctx.summaries else None
+
+    def _retry_pipeline(self, key: gotest.TestId, slot: int) -> VmPipeline:
+        number = len(self.retry_pipelines) + 1
+        name = "{}-{}-r{}".format(self.cfg.vm.name_prefix, self.run_id, number)
+        machine = self.backend.machine(name, self._owner(), self.cfg)
+        if self.queue is not None:
+            item = next(i for i in self.expected if i.key == key)
+            queue = TestQueue([item], self.queue.suite, self.queue.bin_dir, self.queue.framing,
+                              self.queue.env_words)
+            services = dataclasses.replace(self.services(), queue=queue)
+            pipeline = VmPipeline(services, name, machine, image=self.image, prepared=self.skip_setup,
+                                  own_folder=True)
+        else:
+            pipeline = VmPipeline(self.services(), name, machine, image=self.image, prepared=self.skip_setup,
+                                  own_folder=True, test=results.rerun_regex([key.name]), expected=[key])
+        suspended = self._suspended_slots() if self.skip_setup else {}
+        if slot in suspended and isinstance(machine, ResumableMachine):
+            pipeline.image = suspended[slot]
+            machine.resume_saved_state()
+        self.retry_pipelines.append(pipeline)
+        self.retries.setdefault(key, []).append((name, pipeline))
+        self.reporter.vm_added(name, label="retry{}".format(number))
+        return pipeline
+
     def services(self) -> VmServices:
         """What a VM pipeline gets of this run."""
         return VmServices(cfg=self.cfg, backend=self.backend, cancel=self.cancel, ledger=self.ledger,
@@ -449,14 +526,16 @@ class Run:
 
     # -- results -----------------------------------------------------------------
     def _finish(self) -> int:
-        where = [r.interrupted_at for r in [self.host_runner] + [p.runner for p in self.pipelines]
-                 if r is not None and r.interrupted_at]
+        runners = [self.host_runner] + [p.runner for p in self.pipelines + self.retry_pipelines]
+        where = [r.interrupted_at for r in runners if r is not None and r.interrupted_at]
         end = RunEnd(cfg=self.cfg, request=self.request, record=self.record, reporter=self.reporter,
                      pipelines=self.pipelines, vm_count=self.vm_count, queued=self.queue is not None,
                      expected=self.expected, notes=self.notes, vm_errors=self.vm_errors, exit_code=self.exit_code,
                      signal=self.guard.received, signal_exit_code=self.guard.exit_code,
                      interrupted_at=where[0] if where else "", image_name=self.image_name,
-                     no_test_matched=self.no_test_matched)
+                     no_test_matched=self.no_test_matched,
+                     retries=self._retry_results(),
+                     retry_pipelines=self.retry_pipelines)
         try:
             self.exit_code = end.finish()
         finally:

@@ -29,11 +29,15 @@ COMMON_HELP = {
     "jsonfile": "Also write the raw `go test -json` stream to this path (as gotestsum --jsonfile).",
     "allow_no_tests": "Exit 0 when no test matched (default: exit 5 and say so).",
     "rerun_failed": "Run only the tests that failed in the last recorded run of this config.",
+    "retries": "Run a failed test again, up to N times (0-10), each time alone on a fresh VM "
+               "(config `suite.retries`, default 0): failed then passed is `flaky`.",
+    "fail_on_flaky": "Exit 1 when a test was flaky (by default only tests that failed on every attempt fail the run).",
     "prepare": "Build the prepared image for this setup first when it is missing or stale (see vm-prepare).",
     "no_prepared": "Ignore prepared images: clone the base and run the setup steps (config `prepared: false`).",
 }
 
-FLAG_NAMES = {"keep": "--keep", "vm.base": "--base", "timeouts.boot": "--boot-timeout", "vms": "--vms"}
+FLAG_NAMES = {"keep": "--keep", "vm.base": "--base", "timeouts.boot": "--boot-timeout", "vms": "--vms",
+              "suite.retries": "--retries"}
 FLAG_NAMES.update({"prepared": "--no-prepared"})
 
 
@@ -81,7 +85,8 @@ def _load(c, config, overrides=None):
 
 
 def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
-           junitfile, jsonfile, allow_no_tests, prepare=False, no_prepared=False, only_prepare=False):
+           junitfile, jsonfile, allow_no_tests, prepare=False, no_prepared=False, only_prepare=False,
+           retries=None, fail_on_flaky=False):
     from vmtasks import config as config_mod
     from vmtasks import factory, rerun
     from vmtasks.run import Run, RunRequest
@@ -89,7 +94,7 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
     def go(reporter):
         chosen_keep = "always" if keep is True else (config_mod.keep_from_env(keep) if keep is not None else None)
         cfg = _load(c, config, {"keep": chosen_keep, "vm.base": base, "timeouts.boot": boot_timeout,
-                                "vms": _int_flag("--vms", vms)})
+                                "vms": _int_flag("--vms", vms), "suite.retries": _int_flag("--retries", retries)})
         parts = factory.Parts(cfg, reporter)
         chosen = test if test is not None else config_mod.test_from_env(os.environ)
         source = ""
@@ -108,7 +113,7 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
         mode = "build" if prepare else ("never" if no_prepared else "auto")
         request = RunRequest(test=chosen, vms=cfg.vms, junitfile=junitfile, jsonfile=jsonfile,
                              allow_no_tests=allow_no_tests, rerun_source=source, prepared=mode,
-                             only_prepare=only_prepare)
+                             only_prepare=only_prepare, retries=cfg.suite.retries, fail_on_flaky=fail_on_flaky)
         run = Run(parts, request)
         if dry_run:
             reporter.close()
@@ -137,22 +142,22 @@ SUITE_HELP = dict(COMMON_HELP)
 @task(help=SUITE_HELP, optional=["keep"])
 def test_vm(c, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
             boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
-            allow_no_tests=False, prepare=False, no_prepared=False):
+            allow_no_tests=False, prepare=False, no_prepared=False, retries=None, fail_on_flaky=False):
     """Run the whole e2e suite in fresh throwaway VMs (env VMTASKS_VM_TEST limits it)."""
     _suite(c, None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
-           junitfile, jsonfile, allow_no_tests, prepare, no_prepared)
+           junitfile, jsonfile, allow_no_tests, prepare, no_prepared, retries=retries, fail_on_flaky=fail_on_flaky)
 
 
 @task(help=dict(SUITE_HELP, test="The go test -run regex, e.g. 'TestA|TestB' (required)."), optional=["keep"])
 def test_vm_run(c, test=None, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
                 boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
-                allow_no_tests=False, prepare=False, no_prepared=False):
+                allow_no_tests=False, prepare=False, no_prepared=False, retries=None, fail_on_flaky=False):
     """Run the tests matching --test (a go test -run regex) in fresh throwaway VMs."""
     if not test and not rerun_failed:
         raise Exit("test-vm-run: --test is empty; pass a go test -run regex, e.g. --test='TestA|TestB' "
                    "(or --rerun-failed)", code=2)
     _suite(c, test or None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
-           junitfile, jsonfile, allow_no_tests, prepare, no_prepared)
+           junitfile, jsonfile, allow_no_tests, prepare, no_prepared, retries=retries, fail_on_flaky=fail_on_flaky)
 
 
 @task(help={"config": COMMON_HELP["config"], "base": COMMON_HELP["base"], "dry_run": COMMON_HELP["dry_run"],

@@ -408,3 +408,21 @@ def test_a_controller_restart_during_the_suite_leaves_no_vm_running(client, flee
     assert proc.returncode == 1, out
     assert "teardown of" not in out, out  # it did not fail
     client.assert_nothing_left()
+
+
+# --- retries -------------------------------------------------------------------------------------
+
+
+def test_retries_run_on_fresh_orchard_vms(client, fleet):
+    """--retries on the fleet: the polluted test ends flaky, the broken one fails on two VMs."""
+    env = {"UNEVEN_SCALE": "0.05", "UNEVEN_POLLUTER": "TestShort01", "UNEVEN_POLLUTED": "TestShort02",
+           "UNEVEN_FAIL": "TestShort03"}
+    code, text = client.invoke("test-vm-run", "--test", "TestShort0[123]$", "--vms", "1", "--retries", "1",
+                               config=client.config(UNEVEN, guest_env=env))
+    assert code == 1, text
+    result = json.loads((client.record() / "result.json").read_text())
+    assert result["flaky_tests"] == ["TestShort02"] and result["failed_tests"] == ["TestShort03"], result
+    broken = result["attempts"]["TestShort03"]
+    assert [t["result"] for t in broken] == ["fail", "fail"] and broken[0]["vm"] != broken[1]["vm"]
+    assert "DONE 3 tests, 1 flaky, 1 failure in" in text
+    client.assert_nothing_left()

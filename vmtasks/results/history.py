@@ -20,7 +20,7 @@ import os
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from ..atomic import write_atomic
-from .model import FAIL, PASS, Summary, TestResult
+from .model import FAIL, FLAKY, PASS, Summary, TestResult
 
 DEFAULT_PATH = os.path.join(".vmtasks", "durations.json")
 KEEP = 10
@@ -120,7 +120,7 @@ class History:
         items = results.results if isinstance(results, Summary) else results
         recorded = 0
         for r in items:
-            if r.is_subtest or r.unreported or r.status not in (PASS, FAIL):
+            if r.is_subtest or r.unreported or r.status not in (PASS, FAIL, FLAKY):  # flaky: its passing run
                 continue
             value = _seconds(r.elapsed)
             if value is None:

@@ -95,8 +95,9 @@ def _render(summary: Summary, suite_name: str = "vmtasks", include_subtests: boo
         suite = ET.SubElement(root, "testsuite")
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
         for r in top:
-            for each in (r.walk() if include_subtests else [r]):
-                _case(suite, pkg_name, each, counts)
+            for attempt in r.attempts or [r]:  # a retried test: every attempt is its own testcase
+                for each in (attempt.walk() if include_subtests else [attempt]):
+                    _case(suite, pkg_name, each, counts)
         for e in pkg_errors:
             case = ET.SubElement(suite, "testcase", classname=_xml_text(pkg_name),
                                  name="[build failed]" if e.build_failed else "[package failed]",
@@ -145,6 +146,10 @@ def write_junit(summary: Summary, target: Union[str, "os.PathLike[str]", IO[Any]
     failed]`` or ``[package failed]``; a not-run test is its testcase with ``<error
     message="not run">`` (an error of the run, not of the test: CI shows it red, where a
     skip would look green); an interrupted test likewise with ``message="interrupted"``.
+
+    A retried test (``--retries``) has one testcase per attempt, in order, each with its
+    own result and output (as gotestsum writes its reruns): a flaky test is a failed
+    testcase followed by a passed one of the same name.
 
     By default the testcases are the top-level tests (subtest output is inside the
     parent's); with ``include_subtests=True`` every subtest is a testcase too. In every

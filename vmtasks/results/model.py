@@ -7,7 +7,8 @@ console). Nothing here parses, prints or writes files.
 
 Statuses of a test: ``pass``, ``fail``, ``skip``; ``interrupted`` (it was running when the
 run was stopped on purpose, Ctrl-C: neither passed nor failed, never rerun as a failure);
-``notrun`` (the suite listed it, no stream ever reported it).
+``notrun`` (the suite listed it, no stream ever reported it); ``flaky`` (it failed, then
+passed when run again alone on a fresh VM: see :func:`with_retries`).
 
 Counting follows gotestsum: the verdict line counts every test **and subtest** (a failing
 subtest fails its parent too, so both count as failures); :attr:`Summary.total`,
@@ -32,6 +33,7 @@ SKIP = "skip"
 INTERRUPTED = "interrupted"
 NOTRUN = "notrun"
 RUNNING = "running"  # only while a stream is being parsed
+FLAKY = "flaky"  # failed, then passed on a fresh VM (only after with_retries)
 
 # Below this a test is not worth listing as "slow" (a fast passing run lists none).
 SLOW_THRESHOLD = 0.5
@@ -85,6 +87,8 @@ class TestResult:
     vm: str = ""
     started: Optional[float] = None
     attachments: List[str] = field(default_factory=list)  # evidence files copied out of the VM (paths)
+    attempts: List["TestResult"] = field(default_factory=list)  # every run of a retried test, in order
+    ran_after: List[str] = field(default_factory=list)  # an attempt: the tests its VM ran before it
 
     @property
     def is_subtest(self) -> bool:
@@ -153,6 +157,7 @@ class Counts:
     notrun: int = 0
     errors: int = 0
     subtests: int = 0
+    flaky: int = 0
 
 
 @dataclass
@@ -163,6 +168,7 @@ class Totals:
     skipped: int = 0
     failed: int = 0
     interrupted: int = 0
+    flaky: int = 0
 
 
 @dataclass
@@ -219,6 +225,11 @@ class Summary:
         return self._count(SKIP)
 
     @property
+    def flaky(self) -> List[TestResult]:
+        """Top-level tests that failed, then passed on a fresh VM (see :func:`with_retries`)."""
+        return [r for r in self.results if r.status == FLAKY]
+
+    @property
     def interrupted(self) -> List[TestResult]:
         """Top-level tests stopped by an interruption (Ctrl-C): neither passed nor failed."""
         return [r for r in self.results if r.status == INTERRUPTED]
@@ -238,14 +249,15 @@ class Summary:
         """The final :class:`Counts` (``running`` is always 0)."""
         subtests = sum(1 for r in self.results for s in r.walk() if s is not r)
         return Counts(self.passed, self.failed, self.skipped, 0, len(self.interrupted),
-                      len(self.not_run), self.errors, subtests)
+                      len(self.not_run), self.errors, subtests, len(self.flaky))
 
     @property
     def exit_ok(self) -> bool:
         """True when every test that ran passed or skipped, and nothing else went wrong.
 
         False for a failed test, a package error, an interrupted or not-run test, or a
-        test reported twice. This judges the results only: combine it with the remote
+        test reported twice; a flaky test is ok here (``--fail-on-flaky`` is the caller's).
+        This judges the results only: combine it with the remote
         command's exit status (an empty stream is "ok" here).
         """
         return not (self.failures or self.package_errors or self.duplicates
@@ -270,6 +282,8 @@ class Summary:
                 totals.failed += 1
             elif r.status == INTERRUPTED:
                 totals.interrupted += 1
+            elif r.status == FLAKY:
+                totals.flaky += 1
         return totals
 
     def all_results(self) -> List[TestResult]:
@@ -284,6 +298,8 @@ class Summary:
         text = "%d passed, %d failed" % (self.passed, self.failed)
         if self.skipped:
             text += ", %d skipped" % self.skipped
+        if self.flaky:
+            text += ", %d flaky" % len(self.flaky)
         if self.interrupted:
             text += ", %d interrupted" % len(self.interrupted)
         if self.not_run:
@@ -305,7 +321,7 @@ def _verdict_seconds(seconds: float) -> str:
 def verdict_line(summary: Summary, seconds: float, stopped_by: str = "") -> str:
     """The run's last line, in gotestsum's style.
 
-    ``DONE 101 tests, 3 skipped, 2 failures, 1 error in 12.3s``, with ``, 2 interrupted``
+    ``DONE 101 tests, 3 skipped, 1 flaky, 2 failures, 1 error in 12.3s``, with ``, 2 interrupted``
     and ``, 4 not run`` when non-zero, ``DONE 0 tests in 0.0s`` when nothing ran. Tests,
     skips and failures count subtests too (as gotestsum does); errors are package errors;
     ``seconds`` is the wall time to show (the caller's clock: suite or whole run).
@@ -317,6 +333,8 @@ def verdict_line(summary: Summary, seconds: float, stopped_by: str = "") -> str:
     parts = ["DONE " + _plural(tests, "test")]
     if skipped:
         parts.append("%d skipped" % skipped)
+    if totals.flaky:
+        parts.append("%d flaky" % totals.flaky)
     if failures:
         parts.append(_plural(failures, "failure"))
     if summary.package_errors:
@@ -474,3 +492,85 @@ def mark_not_run(summary: Summary, expected: Iterable[Tuple[str, str]]) -> Summa
         output = "[vmtasks] %s was listed by the suite but never reported: it did not run.\n" % name
         added.append(TestResult(package, name, NOTRUN, output=output, unreported=True))
     return replace(summary, results=list(summary.results) + added)
+
+
+def attempt_failed(summary: Optional[Summary], key: Tuple[str, str]) -> bool:
+    """True when ``summary`` (one attempt's, or the first pass's) has top-level test ``key`` failed."""
+    return summary is not None and any(r.key == key and r.status == FAIL for r in summary.results)
+
+
+def _ran_before(summary: Summary, first: TestResult) -> List[str]:
+    """The top-level tests ``first``'s VM ran before it (by start time, else by order)."""
+    same_vm = [r for r in summary.results if r.vm == first.vm and r.status != NOTRUN]
+    if first.started is not None:
+        return [r.name for r in same_vm if r.started is not None and r.started < first.started and r is not first]
+    names = [r.name for r in same_vm]
+    return names[:names.index(first.name)] if first.name in names else []
+
+
+def _attempt(summary: Optional[Summary], key: Tuple[str, str], vm: str) -> TestResult:
+    """One retry's result for ``key`` (a failure saying why when the retry did not report it)."""
+    for r in (summary.results if summary is not None else []):
+        if r.key == key:
+            return _with_vm(r, vm)
+    why = "".join(e.text for e in summary.package_errors) if summary is not None else ""
+    return TestResult(key[0], key[1], FAIL, output="[vmtasks] the retry on {} did not report {}.\n{}".format(
+        vm, key[1], why), unreported=True, vm=vm)
+
+
+def with_retries(summary: Summary, retries: Dict[Tuple[str, str], List[Tuple[str, Optional[Summary]]]]) -> Summary:
+    """A copy of ``summary`` where every retried test has its final verdict.
+
+    ``retries`` maps a failed top-level test's ``(package, name)`` to its retries, in order,
+    as ``(vm, summary of that retry)`` (None: the retry VM never ran it). The test becomes
+    ``flaky`` when a retry passed (the passing run is its result), else stays ``fail`` with
+    the last attempt's result. :attr:`TestResult.attempts` keeps every run (the first
+    one's ``ran_after`` names the tests its VM ran before it); a flaky test leaves
+    :attr:`Summary.failures`.
+    """
+    if not retries:
+        return summary
+    replaced: Dict[int, TestResult] = {}
+    for r in summary.results:
+        tries = retries.get(r.key)
+        if r.status != FAIL or not tries:
+            continue
+        first = replace(r, ran_after=_ran_before(summary, r))
+        attempts = [first] + [_attempt(s, r.key, vm) for vm, s in tries]
+        passed = next((a for a in attempts[1:] if a.status == PASS), None)
+        if passed is not None:
+            final = replace(passed, status=FLAKY, attempts=attempts)
+        else:
+            last = next((a for a in reversed(attempts) if a.status == FAIL), first)
+            final = replace(last, status=FAIL, attempts=attempts)
+        replaced[id(r)] = final
+    results = [replaced.get(id(r), r) for r in summary.results]
+    failures = [replaced.get(id(r), r) for r in summary.failures if replaced.get(id(r), r).status != FLAKY]
+    return replace(summary, results=results, failures=failures)
+
+
+def retry_notes(summary: Summary, label=lambda vm: vm) -> List[str]:
+    """One line per flaky test: where it failed and, when its VM had run other tests first,
+    which ones (``passed alone; failed on vm2 after TestA, TestB: order-dependent?``); one
+    per retried test that failed on every attempt, naming the VMs."""
+    notes = []
+    for r in summary.flaky:
+        failed = [a for a in r.attempts if a.status == FAIL]
+        first = failed[0] if failed else r
+        where = label(first.vm) or "the VM"
+        if first.ran_after:
+            notes.append("flaky {}: passed alone; failed on {} after {}: order-dependent?".format(
+                r.name, where, ", ".join(first.ran_after)))
+        else:
+            notes.append("flaky {}: failed on {}, passed on a fresh VM ({})".format(r.name, where, label(r.vm)))
+    for r in summary.results:
+        if r.status == FAIL and r.attempts:
+            notes.append("failed {} on every attempt ({}): {}".format(
+                r.name, len(r.attempts), ", ".join(label(a.vm) or "the VM" for a in r.attempts)))
+    return notes
+
+
+def attempts_data(summary: Summary) -> Dict[str, List[Dict[str, object]]]:
+    """Every attempt of each retried test, for result.json: VM, start, seconds, result."""
+    return {r.name: [{"vm": a.vm, "started": a.started, "seconds": round(a.elapsed or 0.0, 3), "result": a.status}
+                     for a in r.attempts] for r in summary.results if r.attempts}

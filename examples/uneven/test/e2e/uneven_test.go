@@ -4,7 +4,9 @@
 // short ones, the total several times the longest. Each test sleeps for its share of
 // UNEVEN_SCALE seconds (default 1), leaves a mark in ~/.uneven-ran (so the host can check
 // that every test ran exactly once), and refuses outside a throwaway VM. UNEVEN_FAIL=TestX
-// makes that test fail, printing UNEVEN_FAIL_SAYS.
+// makes that test fail, printing UNEVEN_FAIL_SAYS. UNEVEN_POLLUTER=TestX leaves
+// ~/.uneven-polluted behind, and UNEVEN_POLLUTED=TestY fails when it finds that file: TestY
+// fails only on a machine where TestX ran first (an order-dependent failure).
 package e2e
 
 import (
@@ -42,6 +44,17 @@ func work(t *testing.T, units float64) {
 	fmt.Fprintln(f, time.Now().Format(time.RFC3339Nano))
 	f.Close()
 	time.Sleep(time.Duration(units * scale * float64(time.Second)))
+	polluted := filepath.Join(home, ".uneven-polluted")
+	if os.Getenv("UNEVEN_POLLUTED") == t.Name() {
+		if _, err := os.Stat(polluted); err == nil {
+			t.Fatalf("found %s: a test that ran before this one on this machine left it", polluted)
+		}
+	}
+	if os.Getenv("UNEVEN_POLLUTER") == t.Name() {
+		if err := os.WriteFile(polluted, []byte(t.Name()+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if os.Getenv("UNEVEN_FAIL") == t.Name() {
 		// UNEVEN_FAIL_SAYS: what the failing test prints (the report's hostile-output check).
 		t.Fatalf("asked to fail (UNEVEN_FAIL=%s)%s", t.Name(), os.Getenv("UNEVEN_FAIL_SAYS"))

@@ -1,0 +1,141 @@
+"""--retries end to end through the stand-in (examples/uneven): a failed test runs again
+alone on a fresh VM. A test polluted by an earlier one on the same machine ends flaky with
+its polluter named; a broken test fails on two different VMs; JUnit, result.json, tests.json,
+the summary and the verdict agree; nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from .test_queue import uneven_config, uneven_vms
+
+pytestmark = pytest.mark.e2e
+
+POLLUTE = dict(UNEVEN_POLLUTER="TestShort01", UNEVEN_POLLUTED="TestShort02", UNEVEN_FAIL="TestShort03")
+
+
+def junit_attempts(path: Path) -> Dict[str, List[str]]:
+    """Test name -> the result of each of its testcases, in file order."""
+    out: Dict[str, List[str]] = defaultdict(list)
+    for case in ET.parse(str(path)).getroot().iter("testcase"):
+        out[case.get("name") or ""].append("fail" if case.find("failure") is not None else "pass")
+    return dict(out)
+
+
+def check_agreement(done, record: Path) -> dict:
+    """JUnit, result.json, tests.json, the summary and the verdict say the same thing."""
+    result = json.loads((record / "result.json").read_text())
+    junit = junit_attempts(record / "junit.xml")
+    final = {name: ("flaky" if "pass" in tries and "fail" in tries else tries[-1]) for name, tries in junit.items()}
+    flaky = sorted(n for n, v in final.items() if v == "flaky")
+    failed = sorted(n for n, v in final.items() if v == "fail")
+    assert sorted(result["flaky_tests"]) == flaky
+    assert sorted(result["failed_tests"]) == failed
+    assert result["tests_run"] == len(junit)
+    for name, tries in result["attempts"].items():
+        assert [t["result"] for t in tries] == junit[name], name
+    tests = json.loads((record / "tests.json").read_text())["tests"]
+    assert sorted(t["name"] for t in tests if t["status"] == "flaky") == flaky
+    assert sorted(t["name"] for t in tests if t["status"] == "fail") == failed
+    verdict = "DONE {} tests{}{} in".format(
+        len(junit), ", {} flaky".format(len(flaky)) if flaky else "",
+        ", {} failure{}".format(len(failed), "" if len(failed) == 1 else "s") if failed else "")
+    assert verdict in done.out, done.out
+    assert verdict in (record / "summary.txt").read_text()
+    return result
+
+
+def test_one_vm_retry_tells_flaky_from_broken(world):
+    config = uneven_config(world, "0.05", **POLLUTE)
+    done = world.invoke("test-vm-run", "--test", "TestShort0[123]$", "--vms", "1", "--retries", "1",
+                        config=config, timeout=400)
+    assert done.code == 1, done.text
+    record = world.latest_record()
+    result = check_agreement(done, record)
+    assert result["failed_tests"] == ["TestShort03"] and result["flaky_tests"] == ["TestShort02"]
+    first_vm = result["vms"][0]
+    polluted, broken = result["attempts"]["TestShort02"], result["attempts"]["TestShort03"]
+    assert [t["result"] for t in polluted] == ["fail", "pass"]
+    assert [t["result"] for t in broken] == ["fail", "fail"]
+    # Each retry on its own fresh VM: never the suite's VM, never one another retry used.
+    retry_vms = [polluted[1]["vm"], broken[1]["vm"]]
+    assert len(set(retry_vms)) == 2 and first_vm not in retry_vms, result
+    assert len(result["vms"]) == 3
+    assert "flaky TestShort02: passed alone; failed on {} after TestShort01: order-dependent?".format(
+        first_vm) in done.out, done.out
+    world.assert_nothing_left()
+    assert uneven_vms(world) == []
+
+
+def test_queue_retry_goes_to_a_fresh_vm(world):
+    config = uneven_config(world, "0.05", UNEVEN_FAIL="TestShort03")
+    done = world.invoke("test-vm-run", "--test", "TestShort0[1234]$", "--vms", "2", "--retries", "1",
+                        config=config, timeout=400)
+    assert done.code == 1, done.text
+    result = check_agreement(done, world.latest_record())
+    assert result["failed_tests"] == ["TestShort03"] and result["flaky_tests"] == []
+    tries = result["attempts"]["TestShort03"]
+    assert [t["result"] for t in tries] == ["fail", "fail"]
+    assert tries[0]["vm"] != tries[1]["vm"] and tries[1]["vm"].endswith("-r1"), tries
+    world.assert_nothing_left()
+    assert uneven_vms(world) == []
+
+
+def test_a_flaky_test_passes_the_run_unless_fail_on_flaky(world):
+    config = uneven_config(world, "0.05", UNEVEN_POLLUTER="TestShort01", UNEVEN_POLLUTED="TestShort02")
+    done = world.invoke("test-vm-run", "--test", "TestShort0[12]$", "--vms", "1", "--retries", "1",
+                        config=config, timeout=400)
+    assert done.code == 0, done.text
+    assert check_agreement(done, world.latest_record())["flaky_tests"] == ["TestShort02"]
+    done = world.invoke("test-vm-run", "--test", "TestShort0[12]$", "--vms", "1", "--retries", "1",
+                        "--fail-on-flaky", config=config, timeout=400)
+    assert done.code == 1, done.text
+    assert "--fail-on-flaky" in done.text
+    world.assert_nothing_left()
+    assert uneven_vms(world) == []
+
+
+def test_ctrl_c_while_a_retry_vm_is_being_cloned_leaves_nothing(world):
+    """The retry's `tart clone` is held in flight (the test takes the stand-in's storage lock,
+    Tart's global flock on TART_HOME, as soon as the retry's lease appears, before the
+    clone can), then Ctrl-C: the run stops, the clone ends, nothing stays."""
+    import fcntl
+    import os
+    import signal
+    import time
+
+    from .test_queue import start
+
+    config = uneven_config(world, "0.05", UNEVEN_FAIL="TestShort03")
+    proc = start(world, "test-vm-run", "--test", "TestShort0[13]$", "--vms", "1", "--retries", "2", config=config)
+    home = os.open(world.env["TART_HOME"], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((world.state / "leases").glob("*-r1.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        fcntl.flock(home, fcntl.LOCK_EX)
+        children = world.state / "children"
+        while not (children.is_dir() and list(children.iterdir())):  # the run waits for its clone
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+    finally:
+        fcntl.flock(home, fcntl.LOCK_UN)
+        os.close(home)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "retry 1 of 2" in err, err
+    stages = json.loads((world.latest_record() / "stages.json").read_text())
+    clone = [s for s in stages if s.get("vm", "").endswith("-r1") and s.get("stage") == "clone"]
+    assert clone and clone[0]["status"] != "ok", clone
+    assert "-r2" not in out + err, "no retry starts after Ctrl-C"
+    world.assert_nothing_left()
+    assert uneven_vms(world) == []
