@@ -307,6 +307,9 @@ def test_worker_going_offline_kills_the_machine_with_a_reason(fleet, backend, tm
     machine = backend.machine("vmt-off-1", OWNER, None, public_key=key.public_line)
     machine.create("tahoe-base", deadline, cancel)
     machine.start(tmp_path / "console.log", deadline, cancel, lambda text: None)
+    # The worker runs the startup script over SSH after `running`: let it finish, so the VM
+    # dies of the worker going offline, not of a startup script cut short.
+    machine.install_key(key.public_line, deadline + 40, cancel)
     assert machine.alive()
     worker = fleet.vm(machine.name)["worker"]
     offline = [sys.executable, str(REPO / "scripts" / "orchard"), "standin", "worker-offline", "--data", fleet.data,

@@ -187,7 +187,10 @@ def test_four_vms_on_two_single_slot_workers_queue_as_pending_and_run_every_test
     # frees up or, when the others have taken every test meanwhile, give up without
     # booting (a VM nobody needs is not started). (A third may wait a moment too: the image
     # probe's guest holds its slot while it goes.)
-    pending = [vm for vm in vms if "[{}]    waiting: pending on Orchard: position".format(vm) in text]
+    # Lines name the VMs vm1 .. vm4 (the run's N-th VM, its name's -N), the full names once.
+    labels = {vm: "vm" + vm.rsplit("-", 1)[1] for vm in vms}
+    assert all("{} = {}".format(label, vm) in text for vm, label in labels.items()), text
+    pending = [labels[vm] for vm in vms if "[{}]    waiting: pending on Orchard: position".format(labels[vm]) in text]
     assert len(pending) >= 2, text
     for vm in pending:
         waited = text.index("[{}]    waiting: pending on Orchard".format(vm))
