@@ -212,3 +212,13 @@ def test_one_listing_parser_for_the_queue_the_shard_and_a_one_vm_run():
         assert listing.tests == expected
         assert listing.rejected == {pkg: ["TestB\x00evil"]}
     assert expected[0] == (pkg, "TestA") and str(expected[0]) == pkg + ".TestA"
+
+
+def test_launch_failure_hints_name_the_loaders_refusal_only():
+    from vmtasks.gotest import launch_failure_hint
+
+    assert "Exec format error" in launch_failure_hint(
+        ["sh: 1: /Users/admin/.vmtasks/bin/e2e.test: cannot execute binary file: Exec format error"])
+    assert "CGO_ENABLED=0" in launch_failure_hint(["dyld[1]: Library not loaded: /opt/homebrew/lib/libfoo.dylib"])
+    assert launch_failure_hint(["--- FAIL: TestA (0.00s)", "FAIL"]) == ""
+    assert launch_failure_hint([]) == ""

@@ -88,3 +88,34 @@ def test_the_plan_of_a_pipeline_comes_from_its_machine(tmp_path):
     assert commands[:3] == ["fake create base", "fake start", "fake install_key"]
     assert commands[-1] == "fake destroy"
     assert any("test-vm-inner-run" in cmd and "TestA" in cmd for cmd in commands)
+
+
+def test_a_shipped_binary_that_cannot_start_in_the_guest_says_why(tmp_path):
+    """A test binary built on the host that the guest's loader refuses (cgo against a newer
+    macOS, another architecture) names the cause and the fix, once per VM, beside its error."""
+    from vmtasks import ssh
+
+    svc = services(tmp_path, queue=object())
+    svc.cfg.timeouts.test = 5
+    pipeline = VmPipeline(svc, "p-r1", Machine(), image="base")
+    said = "dyld[4711]: Symbol not found: _SecKeyCopyExternalRepresentation\n" \
+           "  Referenced from: /Users/admin/.vmtasks/bin/e2e.test (built for macOS 15.0 which is newer than " \
+           "running OS)\n"
+
+    def remote(command, timeout, on_output=None, stdin=None):
+        on_output(said)
+        return ssh.RemoteResult(command, 134, said)
+
+    pipeline.remote = remote
+    for _ in range(2):
+        code = pipeline._stream_command(pipeline.ctx, "./e2e.test -test.run '^TestA$'", "test",
+                                        expected=[("example.com/e2e", "TestA")], label="TestA")
+        assert code == 134
+    hints = [line for line in pipeline.ctx.evidence if "did not start in the guest" in line]
+    assert len(hints) == 1 and "MACOSX_DEPLOYMENT_TARGET" in hints[0] and "built for macOS 15.0" in hints[0]
+    # An ordinary failure of the same kind is not taken for one.
+    plain = VmPipeline(svc, "p-r2", Machine(), image="base")
+    plain.remote = lambda command, timeout, on_output=None, stdin=None: (
+        on_output("panic: boom\n"), ssh.RemoteResult(command, 2, "panic: boom\n"))[1]
+    plain._stream_command(plain.ctx, "./e2e.test", "test", expected=[("example.com/e2e", "TestA")], label="TestA")
+    assert plain.ctx.evidence == []

@@ -372,3 +372,25 @@ def no_match_note(runner, project_dir: str, suite_all: str, regex: str, timeout:
     near = difflib.get_close_matches(regex, names, n=3, cutoff=0.5) or names[:3]
     return "no test matches -run {!r}; the suite has {} test{}, the nearest: {}".format(
         regex, len(names), "" if len(names) == 1 else "s", ", ".join(near))
+
+
+# What a loader prints when a binary built on the host cannot start in the guest: dyld on
+# macOS (a cgo binary linked against a newer macOS than the guest's, or a missing dylib), the
+# kernel or shell for a binary of another architecture, glibc for a newer C library.
+_LAUNCH_FAILURES = ("built for newer macos version", "built for macos", "dyld[", "dyld:", "symbol not found",
+                    "library not loaded", "exec format error", "cannot execute binary file",
+                    "bad cpu type in executable", "glibc_", "no such file or directory: '/lib")
+
+
+def launch_failure_hint(lines: Sequence[str]) -> str:
+    """Why a test binary compiled on the host did not even start in the guest, and what to
+    do, from its last output ``lines``; "" when they do not look like a loader's refusal."""
+    for line in reversed([line for line in lines if line.strip()][-20:]):
+        low = line.lower()
+        if any(marker in low for marker in _LAUNCH_FAILURES):
+            shown = line.strip()[:200]
+            return ("the test binary compiled on the host did not start in the guest ({}): build it for the "
+                    "guest: with cgo, set MACOSX_DEPLOYMENT_TARGET to the guest's macOS version (e.g. 14.0) "
+                    "where vmtasks runs, or CGO_ENABLED=0 if the tests need no cgo; the same GOOS/GOARCH as "
+                    "the guest".format(shown))
+    return ""

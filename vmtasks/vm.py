@@ -512,6 +512,12 @@ class VmPipeline:
             raw.close()
             stream.close(reason)
             summary = stream.summary()
+            if reason is None and code > 0 and self.queue is not None and not summary.results:
+                # A shipped test binary that did not even start: say why (once per VM).
+                hint = gotest.launch_failure_hint(summary.raw_output)
+                if hint and hint not in ctx.evidence:
+                    ctx.evidence.append(hint)
+                    self.services.reporter.warn("{}: {}".format(self.name, hint))
             if reason is None and code > 0:
                 # The verdict and the exit code agree: a failure no test reported is an error.
                 summary = results.explain_exit(summary, code, "the test {}".format(label) if label else "the suite",
