@@ -102,6 +102,11 @@ class RunEnd:
         extra += [self.record.incomplete()] if self.record.incomplete() else []
         if self.request.rerun_source:
             extra.append("rerun of the failed tests of " + self.request.rerun_source)
+        if self.request.replay is not None:
+            from .replay import verdict as replay_verdict
+
+            extra.append(replay_verdict(self.request.replay,
+                                        results.failed_tests(summary) if summary is not None else []))
         from .html_report import write_for_run
 
         extra += filter(None, [write_for_run(self.record, summary, verdict)])  # never raises: "report: <path>"

@@ -19,9 +19,9 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from . import gotest, orphans, results, schedule
+from . import gotest, orphans, replay, results, schedule
 from .backend import Owner, PreparedImages, ResumableMachine
 from .errors import Cancelled, Interrupted, StageError, VmtasksError, describe_unexpected
 from .factory import task_command
@@ -49,6 +49,7 @@ class RunRequest:
     only_prepare: bool = False  # vm-prepare: build the image, run no tests
     retries: int = 0  # a failed test runs again up to this many times, each time alone on a fresh VM
     fail_on_flaky: bool = False  # a flaky test (failed, then passed on a fresh VM) fails the run
+    replay: Any = None  # --replay: a vmtasks.replay.Replay, the tests one VM of a recorded run ran, in order
 
 
 class RunContext:
@@ -72,10 +73,10 @@ class Run:
         self.runner = parts.runner_for(self.record)
         self.cleanup_command = parts.cleanup_command
         self.cancel = threading.Event()
-        self.vm_count = max(1, request.vms)
+        self.vm_count = 1 if request.replay is not None else max(1, request.vms)
         # The queue runs each test as its own invocation: with several VMs, and with --changes
         # (what each test changed is only known test by test), one VM too.
-        self.queued = self.vm_count > 1 or self.cfg.suite.changes
+        self.queued = self.vm_count > 1 or self.cfg.suite.changes or request.replay is not None
         self.queue: Optional[TestQueue] = None
         self.image = getattr(self.backend, "image", None) or self.cfg.vm.base
         self.skip_setup = False
@@ -249,14 +250,19 @@ class Run:
         ids = {i.key: i for i in items}
         estimates = {t: history.estimate(t.package, t.name) for t in ids}
         ordered = [ids[t] for t in schedule.longest_first(list(ids), estimates.get)]
+        if self.request.replay is not None:  # one fresh VM, the recorded VM's tests in its order
+            ordered, missing = replay.order(ordered, self.request.replay)
+            if missing:
+                self.notes.append("replay: the suite no longer has {}: left out".format(", ".join(missing)))
         self.expected = ordered
         self.queue = TestQueue(ordered, suite, self.bin_dir, framing, guest_env_words(self.cfg))
-        total = sum(estimates.values())
+        total = sum(estimates[i.key] for i in ordered)
         ctx.stage_note = "{} tests in {} packages, ~{:.0f}s of work".format(len(ordered), len(packages), total)
         ctx.stage_status = "ok"
-        self.reporter.info("   {} tests, longest first, over {} VMs (estimated {:.0f}s of work, "
-                           "lower bound {:.0f}s)".format(len(ordered), self.vm_count, total,
-                                                         schedule.lower_bound(list(estimates.values()), self.vm_count)))
+        self.reporter.info("   {} tests, {}, over {} VMs (estimated {:.0f}s of work, ".format(
+            len(ordered), "longest first" if self.request.replay is None else "in the replayed order",
+            self.vm_count, total) + "lower bound {:.0f}s)".format(
+                schedule.lower_bound([estimates[i.key] for i in ordered], self.vm_count)))
 
     def _list(self, ctx) -> None:
         """One VM: the suite's own listing decides which of go's test events count (go before

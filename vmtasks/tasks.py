@@ -86,7 +86,7 @@ def _load(c, config, overrides=None):
 
 def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
            junitfile, jsonfile, allow_no_tests, prepare=False, no_prepared=False, only_prepare=False,
-           retries=None, fail_on_flaky=False):
+           retries=None, fail_on_flaky=False, replay=None):
     from vmtasks import config as config_mod
     from vmtasks import factory, rerun
     from vmtasks.run import Run, RunRequest
@@ -110,10 +110,21 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
             from vmtasks.errors import ConfigError
 
             raise ConfigError("--prepare and --no-prepared contradict each other", "pass one of them")
+        recorded = None
+        if replay is not None:
+            from vmtasks import replay as replay_mod
+            from vmtasks.errors import ConfigError
+
+            if rerun_failed:
+                raise ConfigError("--replay and --rerun-failed contradict each other", "pass one of them")
+            recorded = replay_mod.load(parts.records_root, replay)
+            reporter.info("replaying {}: {} (one fresh VM, this order)".format(
+                recorded.source, ", ".join(name for _, name in recorded.tests)))
         mode = "build" if prepare else ("never" if no_prepared else "auto")
         request = RunRequest(test=chosen, vms=cfg.vms, junitfile=junitfile, jsonfile=jsonfile,
                              allow_no_tests=allow_no_tests, rerun_source=source, prepared=mode,
-                             only_prepare=only_prepare, retries=cfg.suite.retries, fail_on_flaky=fail_on_flaky)
+                             only_prepare=only_prepare, retries=cfg.suite.retries, fail_on_flaky=fail_on_flaky,
+                             replay=recorded)
         run = Run(parts, request)
         if dry_run:
             reporter.close()
@@ -139,13 +150,16 @@ def _int_flag(flag, value):
 SUITE_HELP = dict(COMMON_HELP)
 
 
-@task(help=SUITE_HELP, optional=["keep"])
+@task(help=dict(SUITE_HELP, replay="RUN[:VM]: run exactly the tests that VM (vm2, or its name) ran in that "
+                                  "recorded run, in the same order, on one fresh VM, and say whether its failures "
+                                  "come back."), optional=["keep"])
 def test_vm(c, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
             boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
-            allow_no_tests=False, prepare=False, no_prepared=False, retries=None, fail_on_flaky=False):
+            allow_no_tests=False, prepare=False, no_prepared=False, retries=None, fail_on_flaky=False, replay=None):
     """Run the whole e2e suite in fresh throwaway VMs (env VMTASKS_VM_TEST limits it)."""
     _suite(c, None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
-           junitfile, jsonfile, allow_no_tests, prepare, no_prepared, retries=retries, fail_on_flaky=fail_on_flaky)
+           junitfile, jsonfile, allow_no_tests, prepare, no_prepared, retries=retries, fail_on_flaky=fail_on_flaky,
+           replay=replay)
 
 
 @task(help=dict(SUITE_HELP, test="The go test -run regex, e.g. 'TestA|TestB' (required)."), optional=["keep"])

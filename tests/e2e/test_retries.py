@@ -139,3 +139,23 @@ def test_ctrl_c_while_a_retry_vm_is_being_cloned_leaves_nothing(world):
     assert "-r2" not in out + err, "no retry starts after Ctrl-C"
     world.assert_nothing_left()
     assert uneven_vms(world) == []
+
+
+def test_replay_reproduces_an_order_dependent_failure(world):
+    """--replay RUN: one fresh VM runs the tests that VM ran, in the same order, each as its own
+    invocation; the polluted test fails again after its polluter, and the summary says so."""
+    config = uneven_config(world, "0.05", UNEVEN_POLLUTER="TestShort01", UNEVEN_POLLUTED="TestShort02")
+    first = world.invoke("test-vm-run", "--test", "TestShort0[12]$", "--vms", "1", config=config, timeout=400)
+    assert first.code == 1 and "TestShort02" in first.out, first.text
+    run_id = world.latest_record().name
+    again = world.invoke("test-vm", "--replay", run_id, config=config, timeout=400)
+    assert again.code == 1, again.text
+    assert "replaying {}: TestShort01, TestShort02".format(run_id) in again.err, again.text
+    assert "replay of {} (2 tests, the same order); reproduced: TestShort02".format(run_id) in again.out, again.out
+    record = world.latest_record()
+    tests = json.loads((record / "tests.json").read_text())["tests"]
+    ran = [t["name"] for t in sorted(tests, key=lambda t: t["started"] or 0)]
+    assert ran == ["TestShort01", "TestShort02"]  # exactly those, in that order, nothing else
+    missing = world.invoke("test-vm", "--replay", run_id + ":vm7", config=config)
+    assert missing.code == 2 and "has no VM 'vm7'" in missing.err, missing.text
+    assert uneven_vms(world) == [] and world.key_dirs() == [] and world.leases() == []
