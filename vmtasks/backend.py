@@ -174,6 +174,26 @@ class ResumableMachine(abc.ABC):
         resume it in ``start`` (falling back to a cold boot when it is refused)."""
 
 
+class SuspendableMachine(abc.ABC):
+    """Optional Machine interface: a kept VM is suspended, so it holds none of the host's
+    running-VM slots, and resumed when someone logs in to it."""
+
+    @abc.abstractmethod
+    def suspend_kept(self, timeout: float) -> str:
+        """Suspend the running VM; "" when its state is saved, else why not (it then stays
+        running, as before)."""
+
+    @abc.abstractmethod
+    def suspended(self) -> bool:
+        """True when the VM is suspended now."""
+
+    @abc.abstractmethod
+    def wake(self, console_log: Path, deadline: float, cancel: threading.Event,
+             on_wait: Callable[[str], None]) -> str:
+        """Resume a suspended VM (waiting for a slot if the host is at its limit, and saying so)
+        until its sshd answers; returns its address. The VM runs on after this process ends."""
+
+
 @dataclass(frozen=True)
 class SshTarget:
     """What OpenSSH needs: ``host`` for ``user@host``, and an optional ProxyCommand

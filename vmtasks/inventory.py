@@ -3,14 +3,17 @@ the way Test Kitchen has ``list`` and ``login``."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
 from . import images, ssh
+from .backend import SuspendableMachine
 from .errors import VmtasksError
 from .factory import task_command
 from .visible import visible_line
@@ -45,7 +48,8 @@ def rows(parts) -> List[List[str]]:
             state = "orphan"
         out.append([vm.name, lease.run_id, "{}@{} pid {}".format(getattr(lease, "user", "") or "?", lease.host,
                                                                 lease.pid),
-                    state + ("" if vm.running else " (stopped)"), _age(now - lease.created), lease.ip or "-"])
+                    state + ("" if vm.running else " ({})".format(vm.state or "stopped")), _age(now - lease.created),
+                    lease.ip or "-"])
     return out
 
 
@@ -134,9 +138,11 @@ def login_banner(parts, how: Login) -> List[str]:
             "  when done: exit, then remove it: {} --include-kept".format(parts.cleanup_command)]
 
 
-def login(parts, target: str) -> Login:
+def login(parts, target: str, on_wait=None) -> Login:
     """The ssh command line into a kept (or live) VM, by VM name or run id. The VM's
-    backend says how to reach it (``Machine.login_target``)."""
+    backend says how to reach it (``Machine.login_target``). A kept VM that was suspended (it
+    held no slot) is resumed first, waiting for a slot if the host is at its limit (said
+    through ``on_wait``); it then runs on until it is removed."""
     leases = parts.ledger.all()
     matches = [lease for name, lease in leases.items() if target in (name, lease.run_id)]
     if not matches:
@@ -152,6 +158,15 @@ def login(parts, target: str) -> Login:
                            "its key was removed)".format(lease.vm), "run with --keep=always to keep a VM to log in to")
     key = ssh.RunKey(key_dir, key_dir / "id_ed25519", "", key_dir / "known_hosts")
     machine = parts.backend.machine(lease.vm, parts.owner(lease.run_id), parts.cfg)
+    if isinstance(machine, SuspendableMachine) and machine.suspended():
+        say = on_wait or (lambda text: None)
+        say("resuming kept VM {} (suspended to free its slot)".format(lease.vm))
+        cfg = parts.cfg
+        ip = machine.wake(key_dir / "console-login.log", time.monotonic() + cfg.timeouts.boot + cfg.timeouts.slot_wait,
+                          threading.Event(), lambda text: say(text) if text else None)
+        if ip and ip != lease.ip:
+            lease = dataclasses.replace(lease, ip=ip)
+            parts.ledger.write(lease)
     where = machine.login_target(lease.ip)
     return Login(["ssh"] + ssh.ssh_options(key, proxy_command=where.proxy_command) +
                  [parts.cfg.vm.user + "@" + where.host], dict(where.env), lease)

@@ -6,6 +6,7 @@ real Tart on a Mac and the Linux stand-in (scripts/tart).
 
 from __future__ import annotations
 
+import platform
 import secrets
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import shlex
 
 from . import ssh
 from .backend import (Backend, Check, ListedVm, Machine, Owner, PreparedImages, ResumableMachine, SealableMachine,
-                      SshTarget, backoff, sleep_or_cancel)
+                      SshTarget, SuspendableMachine, backoff, sleep_or_cancel)
 from .errors import Cancelled, CommandTimeout, NoLongerNeeded, NoSlot, PreflightError, StageError
 from .proc import tail_file, which
 from .tart import INSTALL_HINT, Tart, TartError
@@ -134,7 +135,7 @@ def remove_command(name: str) -> str:
     return Tart().remove_command(name)
 
 
-class TartMachine(Machine, SealableMachine, ResumableMachine):
+class TartMachine(Machine, SealableMachine, ResumableMachine, SuspendableMachine):
     def __init__(self, tart: Tart, name: str, cfg) -> None:
         self.tart = tart
         self.name = name
@@ -186,7 +187,7 @@ class TartMachine(Machine, SealableMachine, ResumableMachine):
             # Each attempt gets a fresh console: a slot wait must not fill it with copies of
             # the limit line.
             with open(console_log, "wb") as log:
-                self.proc = self.tart.start(self.name, log)
+                self.proc = self.tart.start(self.name, log, suspendable=self.suspendable())
             boot_deadline = time.monotonic() + self.cfg.timeouts.boot
             waits = backoff(poll)
             resumed_at: Optional[float] = None
@@ -435,6 +436,47 @@ class TartMachine(Machine, SealableMachine, ResumableMachine):
                 raise StageError("seal", self.name, "`tart run` did not exit within {:g}s of `tart stop` "
                                  "(timeouts.teardown)".format(timeout), "raise timeouts.teardown; teardown "
                                  "removes the VM", self.console_tail()) from None
+
+    # -- kept VMs that hold no slot -----------------------------------------
+    def suspendable(self) -> bool:
+        """Run with ``--suspendable`` when the VM may be kept (it is then suspended, so it
+        holds no running-VM slot) and the host can suspend (macOS 14+; `--suspendable` drops
+        the audio and entropy devices, so not otherwise)."""
+        if self.cfg.keep == "never":
+            return False
+        if platform.system() != "Darwin":
+            return True  # the stand-in
+        release = platform.mac_ver()[0]
+        return release.split(".")[0].isdigit() and int(release.split(".")[0]) >= 14
+
+    def suspend_kept(self, timeout: float) -> str:
+        if self.proc is None or self.proc.poll() is not None:
+            return "it is not running"
+        if not self.suspendable():
+            return "this host cannot suspend VMs (macOS 14+ can)"
+        try:
+            if not self.tart.suspend(self.name):
+                return "this Tart cannot suspend (2.27.1+ can)"
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "`tart suspend` did not finish within {:g}s (timeouts.teardown)".format(timeout)
+        except TartError as exc:
+            return exc.message
+        if code != 0 or not self.suspended():
+            return "`tart run` exited {}: {}".format(code, " / ".join(self.console_tail(2)) or "no output")
+        self.proc = None
+        return ""
+
+    def suspended(self) -> bool:
+        return (self.tart.get(self.name) or {}).get("State") == "suspended"
+
+    def wake(self, console_log: Path, deadline: float, cancel: threading.Event,
+             on_wait: Callable[[str], None]) -> str:
+        self.resume = True  # its own saved state, with its own MAC
+        self.exists = True
+        self.start(console_log, deadline, cancel, on_wait)
+        self.wait_ssh(deadline, cancel)
+        return self.ip or ""
 
     def sealed(self) -> None:
         """The VM was renamed into a prepared image: teardown must leave it alone."""

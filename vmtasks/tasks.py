@@ -313,7 +313,7 @@ def vm_login(c, target, config=None):
 
     def go(reporter):
         parts = factory.Parts(_load(c, config), reporter)
-        how = inventory.login(parts, target)
+        how = inventory.login(parts, target, on_wait=reporter.info)
         for line in inventory.login_banner(parts, how):
             reporter.info(line)
         reporter.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import gotest, results, ssh, sync
-from .backend import Machine, SealableMachine
+from .backend import Machine, SealableMachine, SuspendableMachine
 from .errors import (Cancelled, Interrupted, NoLongerNeeded, RemoteTimeout, SshError, StageError, VmtasksError,
                      describe_unexpected)
 from .pipeline import Stage, StageRunner
@@ -682,11 +682,17 @@ class VmPipeline:
         from .factory import task_command
 
         until = time.strftime("%Y-%m-%d %H:%M", time.localtime(ctx.lease.keep_until))
+        slot = ""
+        if isinstance(ctx.machine, SuspendableMachine):
+            # Its evidence is collected and its tests are over: suspended, it holds no VM slot.
+            why = ctx.machine.suspend_kept(self.cfg.timeouts.teardown)
+            slot = "; suspended: it holds no VM slot, vm-login resumes it" if not why else \
+                "; not suspended ({}): it holds a VM slot until it is removed".format(why)
         self.services.reporter.vm_kept(self.name, attach, self.remove_command(),
                                        sweep_cmd=self.services.cleanup_command + " --include-kept",
                                        login_cmd=task_command(self.cfg, "vm-login " + self.name),
-                                       until="until {} (keep_for {:g} h); then cleanup-orphans removes it".format(
-                                           until, self.cfg.keep_for))
+                                       until="until {} (keep_for {:g} h); then cleanup-orphans removes it{}".format(
+                                           until, self.cfg.keep_for, slot))
 
     def remove_command(self) -> str:
         """Paste-able: removes the VM, its key dir and its lease."""

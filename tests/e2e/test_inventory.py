@@ -60,7 +60,8 @@ def test_vm_list_shows_the_kept_vm_with_its_run_and_state(kept):
     name, run, owner, state, age, address = rows[vm]
     assert run == run_id
     # keep_for (default 24 h) bounds its life; vm-list says when it ends
-    assert state in ("kept, expires in 24.0h", "kept, expires in 23.9h"), state
+    # suspended once its tests were over: it holds no VM slot
+    assert state in ("kept, expires in 24.0h (suspended)", "kept, expires in 23.9h (suspended)"), state
     assert address == _lease(world, vm)["ip"] and address.startswith("127.")
     assert "pid {}".format(_lease(world, vm)["pid"]) in owner
     assert age.endswith(("m", "h", "d"))
@@ -182,3 +183,16 @@ def test_an_expired_kept_vm_is_removed_without_include_kept(kept):
     swept = world.invoke("cleanup-orphans")
     assert swept.code == 0 and "past its keep_for" in swept.err, swept.text
     world.assert_nothing_left()
+
+
+def test_a_kept_vm_is_suspended_and_holds_no_slot(kept):
+    """The host runs 2 VMs at most: with a kept (suspended) VM, a new run still gets both
+    slots at once; vm-login then resumes the kept VM and finds what its test left."""
+    world, vm, _ = kept
+    assert world.tart("get", vm, "--format", "json").stdout.count('"suspended"') == 1
+    done = world.invoke("test-vm", "--vms", "2", env={"TART_STANDIN_MAX_VMS": "2"})
+    assert done.code == 0, done.text
+    assert "waiting for a slot" not in done.text, done.text
+    session = _invoke_with_input(world, ["vm-login", vm], "cat .gosuite-ran/TestShellRC; exit 0\n")
+    assert "OPENBOOT_IN_VM=1" in session.stdout, session.stdout + session.stderr
+    assert "resuming kept VM " + vm in session.stderr, session.stderr
