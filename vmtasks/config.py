@@ -99,6 +99,7 @@ class SuiteSettings:
     one: str = "go test -v -timeout 45m -run {test} ./..."
     durations: str = ".vmtasks/durations.json"  # per-test durations the sharding reads
     changes: bool = False  # record what each test changed on the machine (changes/<test>.txt)
+    isolation: str = "shared"  # shared: a VM runs many tests; test: every test on its own fresh VM
     retries: int = 0  # run a failed test again, up to this many times, each time on a fresh VM
 
 
@@ -913,6 +914,9 @@ def _check(cfg: Config, layers: Mapping[str, _Layer]) -> Config:
             if not command.strip():
                 raise fail(key, "'{}.{}' is an empty command".format(key, name),
                            "give a guest command, e.g. brew: brew list --versions")
+    if cfg.suite.isolation not in ("shared", "test"):
+        raise fail("suite.isolation", "'suite.isolation' must be shared or test, got {}".format(
+            excerpt(cfg.suite.isolation)), "shared: VMs run many tests; test: every test on its own fresh VM")
     if not 0 < cfg.keep_for <= 24 * 365:
         raise fail("keep_for", "'keep_for' must be more than 0 and at most a year (in hours), got {:g}".format(
             cfg.keep_for), "for example 24 (a kept VM is removed by cleanup-orphans a day after its run)")

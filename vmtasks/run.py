@@ -50,6 +50,7 @@ class RunRequest:
     retries: int = 0  # a failed test runs again up to this many times, each time alone on a fresh VM
     fail_on_flaky: bool = False  # a flaky test (failed, then passed on a fresh VM) fails the run
     replay: Any = None  # --replay: a vmtasks.replay.Replay, the tests one VM of a recorded run ran, in order
+    isolate: bool = False  # --isolate: every test on its own fresh VM
 
 
 class RunContext:
@@ -76,7 +77,7 @@ class Run:
         self.vm_count = 1 if request.replay is not None else max(1, request.vms)
         # The queue runs each test as its own invocation: with several VMs, and with --changes
         # (what each test changed is only known test by test), one VM too.
-        self.queued = self.vm_count > 1 or self.cfg.suite.changes or request.replay is not None
+        self.queued = self.vm_count > 1 or self.cfg.suite.changes or request.replay is not None or request.isolate
         self.queue: Optional[TestQueue] = None
         self.image = getattr(self.backend, "image", None) or self.cfg.vm.base
         self.skip_setup = False
@@ -161,7 +162,10 @@ class Run:
                 try:
                     self._run_level()
                     if not self.cancel.is_set() and not self.request.only_prepare and not self.no_test_matched:
-                        self._vms()
+                        if self.request.isolate:
+                            self._isolated()
+                        else:
+                            self._vms()
                         self._retry_failed()
                 except (Interrupted, Cancelled):
                     pass
@@ -386,6 +390,38 @@ class Run:
     def _owner(self) -> Owner:
         return self.parts.owner(self.run_id)
 
+    def _isolated(self) -> None:
+        """--isolate: every test on its own fresh VM (a new clone of the run's image on which
+        nothing else ran), at most ``vms`` at once, each torn down once its test (and its
+        evidence) is done. The summary says what that costs per test."""
+        assert self.queue is not None  # isolation runs each test as its own invocation
+        items = list(self.queue.items)
+        started = time.monotonic()
+        for start in range(0, len(items), self.vm_count):
+            if self.cancel.is_set() or self.guard.abandon.is_set():
+                break
+            batch = []
+            for item in items[start:start + self.vm_count]:
+                number = len(self.pipelines) + 1
+                name = "{}-{}-t{}".format(self.cfg.vm.name_prefix, self.run_id, number)
+                queue = TestQueue([item], self.queue.suite, self.queue.bin_dir, self.queue.framing,
+                                  self.queue.env_words)
+                pipeline = VmPipeline(dataclasses.replace(self.services(), queue=queue), name,
+                                      self.backend.machine(name, self._owner(), self.cfg), image=self.image,
+                                      prepared=self.skip_setup, own_folder=True)
+                batch.append(pipeline)
+                self.pipelines.append(pipeline)
+                self.reporter.vm_added(name, label="t{}".format(number))
+            self._start(batch)
+            self._wait_for_teardown(batch)
+        ran = [p for p in self.pipelines if p.ctx.tests_run]
+        if ran:
+            wall = time.monotonic() - started
+            per_test = max(0.0, wall * min(self.vm_count, len(ran)) - sum(p.ctx.busy for p in ran)) / len(ran)
+            self.notes.append("isolation: {} test{} on {} fresh VMs, about {:.1f}s per test for its VM (clone to "
+                              "teardown) beyond the test itself".format(len(ran), "" if len(ran) == 1 else "s",
+                                                                         len(ran), per_test))
+
     def _vms(self) -> None:
         count = self.vm_count
         if self.queue is not None:
@@ -535,7 +571,9 @@ class Run:
         runners = [self.host_runner] + [p.runner for p in self.pipelines + self.retry_pipelines]
         where = [r.interrupted_at for r in runners if r is not None and r.interrupted_at]
         end = RunEnd(cfg=self.cfg, request=self.request, record=self.record, reporter=self.reporter,
-                     pipelines=self.pipelines, vm_count=self.vm_count, queued=self.queue is not None,
+                     pipelines=self.pipelines,
+                     vm_count=max(self.vm_count, len(self.pipelines)) if self.request.isolate else self.vm_count,
+                     queued=self.queue is not None,
                      expected=self.expected, notes=self.notes, vm_errors=self.vm_errors, exit_code=self.exit_code,
                      signal=self.guard.received, signal_exit_code=self.guard.exit_code,
                      interrupted_at=where[0] if where else "", image_name=self.image_name,

@@ -32,6 +32,8 @@ COMMON_HELP = {
     "retries": "Run a failed test again, up to N times (0-10), each time alone on a fresh VM "
                "(config `suite.retries`, default 0): failed then passed is `flaky`.",
     "fail_on_flaky": "Exit 1 when a test was flaky (by default only tests that failed on every attempt fail the run).",
+    "isolate": "Run every test on its own fresh VM, at most --vms at once (config suite.isolation: test): "
+               "does each test pass on a clean machine?",
     "prepare": "Build the prepared image for this setup first when it is missing or stale (see vm-prepare).",
     "no_prepared": "Ignore prepared images: clone the base and run the setup steps (config `prepared: false`).",
 }
@@ -86,7 +88,7 @@ def _load(c, config, overrides=None):
 
 def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
            junitfile, jsonfile, allow_no_tests, prepare=False, no_prepared=False, only_prepare=False,
-           retries=None, fail_on_flaky=False, replay=None):
+           retries=None, fail_on_flaky=False, replay=None, isolate=False):
     from vmtasks import config as config_mod
     from vmtasks import factory, rerun
     from vmtasks.run import Run, RunRequest
@@ -124,7 +126,7 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
         request = RunRequest(test=chosen, vms=cfg.vms, junitfile=junitfile, jsonfile=jsonfile,
                              allow_no_tests=allow_no_tests, rerun_source=source, prepared=mode,
                              only_prepare=only_prepare, retries=cfg.suite.retries, fail_on_flaky=fail_on_flaky,
-                             replay=recorded)
+                             replay=recorded, isolate=isolate or cfg.suite.isolation == "test")
         run = Run(parts, request)
         if dry_run:
             reporter.close()
@@ -155,23 +157,26 @@ SUITE_HELP = dict(COMMON_HELP)
                                   "come back."), optional=["keep"])
 def test_vm(c, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
             boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
-            allow_no_tests=False, prepare=False, no_prepared=False, retries=None, fail_on_flaky=False, replay=None):
+            allow_no_tests=False, prepare=False, no_prepared=False, retries=None, fail_on_flaky=False, replay=None,
+            isolate=False):
     """Run the whole e2e suite in fresh throwaway VMs (env VMTASKS_VM_TEST limits it)."""
     _suite(c, None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
            junitfile, jsonfile, allow_no_tests, prepare, no_prepared, retries=retries, fail_on_flaky=fail_on_flaky,
-           replay=replay)
+           replay=replay, isolate=isolate)
 
 
 @task(help=dict(SUITE_HELP, test="The go test -run regex, e.g. 'TestA|TestB' (required)."), optional=["keep"])
 def test_vm_run(c, test=None, keep=None, base=None, config=None, dry_run=False, quiet=False, verbose=False,
                 boot_timeout=None, rerun_failed=False, vms=None, junitfile=None, jsonfile=None,
-                allow_no_tests=False, prepare=False, no_prepared=False, retries=None, fail_on_flaky=False):
+                allow_no_tests=False, prepare=False, no_prepared=False, retries=None, fail_on_flaky=False,
+                isolate=False):
     """Run the tests matching --test (a go test -run regex) in fresh throwaway VMs."""
     if not test and not rerun_failed:
         raise Exit("test-vm-run: --test is empty; pass a go test -run regex, e.g. --test='TestA|TestB' "
                    "(or --rerun-failed)", code=2)
     _suite(c, test or None, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
-           junitfile, jsonfile, allow_no_tests, prepare, no_prepared, retries=retries, fail_on_flaky=fail_on_flaky)
+           junitfile, jsonfile, allow_no_tests, prepare, no_prepared, retries=retries, fail_on_flaky=fail_on_flaky,
+           isolate=isolate)
 
 
 @task(help={"config": COMMON_HELP["config"], "base": COMMON_HELP["base"], "dry_run": COMMON_HELP["dry_run"],

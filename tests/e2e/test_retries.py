@@ -159,3 +159,21 @@ def test_replay_reproduces_an_order_dependent_failure(world):
     missing = world.invoke("test-vm", "--replay", run_id + ":vm7", config=config)
     assert missing.code == 2 and "has no VM 'vm7'" in missing.err, missing.text
     assert uneven_vms(world) == [] and world.key_dirs() == [] and world.leases() == []
+
+
+def test_isolate_runs_every_test_on_its_own_fresh_vm(world):
+    """--isolate: the polluted test passes (nothing ran before it on its VM), only the broken
+    one fails; every test had a VM of its own, and the summary says what that cost per test."""
+    config = uneven_config(world, "0.05", **POLLUTE)
+    done = world.invoke("test-vm-run", "--test", "TestShort0[123]$", "--vms", "2", "--isolate",
+                        config=config, timeout=400)
+    assert done.code == 1, done.text
+    record = world.latest_record()
+    tests = json.loads((record / "tests.json").read_text())["tests"]
+    status = {t["name"]: t["status"] for t in tests}
+    assert status == {"TestShort01": "pass", "TestShort02": "pass", "TestShort03": "fail"}, status
+    vms = [t["vm"] for t in tests]
+    assert len(set(vms)) == 3 and all(vm.rsplit("-", 1)[1].startswith("t") for vm in vms), vms
+    assert "isolation: 3 tests on 3 fresh VMs" in done.out and "per test for its VM" in done.out, done.out
+    assert "DONE 3 tests, 1 failure" in done.out
+    assert uneven_vms(world) == [] and world.key_dirs() == [] and world.leases() == []
