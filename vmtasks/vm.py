@@ -574,6 +574,12 @@ class VmPipeline:
                 ctx.exit_code = code
                 # Evidence first: nothing else may touch this VM before it is copied out.
                 self._collect_evidence(ctx, [item.name])
+                if self.cfg.keep == "on-failure" and self.record_key:  # one of several VMs
+                    # Kept for this failure: it stays as the failure left it; the queue's
+                    # other VMs take the remaining tests.
+                    self.services.reporter.info("{}: kept for the failure of {}: it takes no more tests".format(
+                        self.name, item.name))
+                    break
         if ctx.exit_code == 1 and ctx.tests_run and all(s.exit_ok for s in ctx.summaries):
             ctx.exit_code = 0
         if ctx.tests_run == 0:

@@ -177,3 +177,24 @@ def test_isolate_runs_every_test_on_its_own_fresh_vm(world):
     assert "isolation: 3 tests on 3 fresh VMs" in done.out and "per test for its VM" in done.out, done.out
     assert "DONE 3 tests, 1 failure" in done.out
     assert uneven_vms(world) == [] and world.key_dirs() == [] and world.leases() == []
+
+
+def test_a_vm_kept_for_a_failure_stops_taking_tests(world):
+    """--keep=on-failure with --vms 2: the VM where a test failed stays as the failure left it
+    (it takes no more tests; the other VM runs the rest) and is kept, suspended."""
+    config = uneven_config(world, "0.05", UNEVEN_FAIL="TestShort01")
+    done = world.invoke("test-vm", "--vms", "2", "--keep=on-failure", config=config, timeout=400)
+    assert done.code == 1, done.text
+    tests = json.loads((world.latest_record() / "tests.json").read_text())["tests"]
+    failed = next(t for t in tests if t["name"] == "TestShort01")
+    after = [t["name"] for t in tests if t["vm"] == failed["vm"] and (t["started"] or 0) > failed["started"]]
+    assert after == [], after
+    assert sorted(t["name"] for t in tests if "/" not in t["name"]) == sorted(
+        t["name"] for t in tests if "/" not in t["name"] and t["status"] in ("pass", "fail"))  # every test ran
+    assert "it takes no more tests" in done.err and "kept VM " + failed["vm"] in done.text, done.text
+    kept = uneven_vms(world)
+    assert kept == [failed["vm"]], kept
+    assert world.tart("get", kept[0], "--format", "json").stdout.count('"suspended"') == 1
+    cleaned = world.invoke("cleanup-orphans", "--include-kept", config=config)
+    assert cleaned.code == 0 and uneven_vms(world) == [], cleaned.text
+    assert world.key_dirs() == [] and world.leases() == []
