@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,17 @@ class Env:
 
     def vms(self) -> List[str]:
         return _list(self.env)
+
+    def resume(self, vm: str, timeout: float = 60) -> None:
+        """Resume a kept VM (kept VMs are suspended: they hold no slot) so a test can look
+        inside with `tart exec`; the sweep or the fixture removes it afterwards."""
+        with open(str(self.root / (vm + ".resume.log")), "wb") as log:
+            subprocess.Popen(["tart", "run", "--no-graphics", vm], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while self.tart("exec", vm, "true").returncode != 0:
+            assert time.monotonic() < deadline, "kept VM {} did not resume".format(vm)
+            time.sleep(0.3)
 
     def ephemeral_vms(self) -> List[str]:
         """The run VMs with our prefix (prepared images are kept on purpose: not counted)."""

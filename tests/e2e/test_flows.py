@@ -41,6 +41,8 @@ def test_tests_really_ran_inside_with_in_vm_set(world):
     vms = world.ephemeral_vms()
     assert len(vms) == 1
     assert "attach:" in done.err and "clean up:" in done.err
+    assert "suspended: it holds no VM slot" in done.err, done.err
+    world.resume(vms[0])
     ran = world.tart("exec", vms[0], "sh", "-c", "ls .gosuite-ran && cat .gosuite-ran/TestShellRC && cat .zshrc")
     assert ran.returncode == 0, ran.stderr
     assert "TestDefaultsWrite" in ran.stdout and "OPENBOOT_IN_VM=1" in ran.stdout
@@ -98,6 +100,7 @@ def test_hostile_test_name_is_never_interpreted(world):
     try:
         assert done.code == 0, done.text
         assert not list(world.cwd.glob("pwned*")) and not list(world.home.glob("pwned*"))
+        world.resume(vms[0])
         guest = world.tart("exec", vms[0], "sh", "-c", "ls -a /Users/admin /Users/admin/gosuite")
         assert guest.returncode == 0 and "pwned" not in guest.stdout
         # ...and the regex reached go test intact: exactly the one test it names ran.
