@@ -694,6 +694,8 @@ class VmPipeline:
             why = ctx.machine.suspend_kept(self.cfg.timeouts.teardown)
             slot = "; suspended: it holds no VM slot, vm-login resumes it" if not why else \
                 "; not suspended ({}): it holds a VM slot until it is removed".format(why)
+            if not why:
+                attach += "   (once vm-login has resumed it)"
         self.services.reporter.vm_kept(self.name, attach, self.remove_command(),
                                        sweep_cmd=self.services.cleanup_command + " --include-kept",
                                        login_cmd=task_command(self.cfg, "vm-login " + self.name),

@@ -86,7 +86,8 @@ def test_keep_on_failure_keeps_only_failed_runs(world):
     assert bad.code == 1
     vms = world.ephemeral_vms()
     assert len(vms) == 1 and "attach:" in bad.err and "ssh " in bad.err
-    attach = re.search(r"attach:\s+(ssh .*)", bad.err).group(1)
+    attach = re.search(r"attach:\s+(ssh .*?)   \(once vm-login has resumed it\)", bad.err).group(1)
+    world.resume(vms[0])  # kept VMs are suspended: they hold no slot
     import shlex
     import subprocess
 
