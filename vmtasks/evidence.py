@@ -443,20 +443,23 @@ class _Base64Writer(io.RawIOBase):
 
 # --- on the host: over SSH ---------------------------------------------------------------------
 
-def pack_command(python: str, tool_dir: str, env_words: Sequence[str], artifacts: Sequence[str],
-                 commands: Mapping[str, str], max_bytes: int, timeout: float) -> str:
-    """The guest command line that prints the evidence as base64 text. ``tool_dir``: a shell
-    expression (``"$HOME"/.vmtasks/tool``); every other word is quoted here."""
+def guest_command(python: str, tool_dir: str, env_words: Sequence[str], words: Sequence[str]) -> str:
+    """The guest command line ``python3 -m vmtasks.evidence WORDS...`` from the tool bundle.
+    ``tool_dir``: a shell expression (``"$HOME"/.vmtasks/tool``) and ``env_words`` already
+    quoted; every one of ``words`` is quoted here."""
     import shlex
 
-    words = ["env"] + list(env_words) + ["PYTHONPATH=" + tool_dir, shlex.quote(python), "-m", "vmtasks.evidence",
-                                         "pack", "--base64", "--max-bytes", str(int(max_bytes)),
-                                         "--timeout", "{:g}".format(timeout)]
-    for pattern in artifacts:
-        words.append(shlex.quote("--artifact=" + pattern))
-    for name, command in commands.items():
-        words.append(shlex.quote("--command={}={}".format(name, command)))
-    return " ".join(words)
+    return " ".join(["env"] + list(env_words) + ["PYTHONPATH=" + tool_dir, shlex.quote(python), "-m",
+                                                 "vmtasks.evidence"] + [shlex.quote(w) for w in words])
+
+
+def pack_command(python: str, tool_dir: str, env_words: Sequence[str], artifacts: Sequence[str],
+                 commands: Mapping[str, str], max_bytes: int, timeout: float) -> str:
+    """The guest command line that prints the evidence as base64 text (see :func:`guest_command`)."""
+    words = ["pack", "--base64", "--max-bytes", str(int(max_bytes)), "--timeout", "{:g}".format(timeout)]
+    words += ["--artifact=" + pattern for pattern in artifacts]
+    words += ["--command={}={}".format(name, command) for name, command in commands.items()]
+    return guest_command(python, tool_dir, env_words, words)
 
 
 def fetch(remote: Callable[..., Any], command: str, dest: str, max_bytes: int,

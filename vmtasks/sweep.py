@@ -123,6 +123,11 @@ def _expired(lease: Lease, now: float) -> bool:
     return bool(lease.keep_until) and now > lease.keep_until
 
 
+def _kept_goes(lease: Lease, now: float, include_kept: bool, kept_max_age: Optional[float]) -> bool:
+    """A dead run's kept VM is removed: asked to, past its keep_for, or older than --max-age."""
+    return include_kept or _expired(lease, now) or (kept_max_age is not None and now - lease.created > kept_max_age)
+
+
 def why_dead(lease: Lease) -> str:
     """Why ``lease``'s owner counts as dead, for the plan's reasons."""
     state, _ = probe_process(lease.pid)
@@ -202,9 +207,7 @@ def _decide_other_prefixes(result: SweepPlan, ledger: Ledger, everything: Sequen
             result.busy.append("{}: its dead run's child `{}` was still running".format(name, child.command()))
             continue
         cmd = lease.cleanup or "invoke cleanup-orphans --config <the config that made it>"
-        age = now - lease.created
-        if lease.keep and not (include_kept or _expired(lease, now) or
-                               (kept_max_age is not None and age > kept_max_age)):
+        if lease.keep and not _kept_goes(lease, now, include_kept, kept_max_age):
             if name in listed:
                 result.kept.append(name)
             continue
@@ -266,7 +269,7 @@ def _decide(result: SweepPlan, ledger: Ledger, vms: Sequence, scan: Scan, alive:
             if _expired(lease, now):
                 result.actions.append(Action("vm", vm.name, "kept VM past its keep_for (expired {} ago), {}".format(
                     _age(now - lease.keep_until), why_dead(lease))))
-            elif include_kept or (kept_max_age is not None and age > kept_max_age):
+            elif _kept_goes(lease, now, include_kept, kept_max_age):
                 result.actions.append(Action("vm", vm.name, "kept VM, {} old, {}".format(_age(age), why_dead(lease))))
             else:
                 result.kept.append(vm.name)

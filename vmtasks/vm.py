@@ -588,9 +588,9 @@ class VmPipeline:
 
     # -- what each test changed (suite.changes) --------------------------------
     def _evidence_command(self, *words: str) -> str:
-        return " ".join(["env"] + guest_env_words(self.cfg) + ["PYTHONPATH=" + tool_path(self.cfg),
-                                                                 shlex.quote(self.cfg.guest.python), "-m",
-                                                                 "vmtasks.evidence"] + [shlex.quote(w) for w in words])
+        from .evidence import guest_command
+
+        return guest_command(self.cfg.guest.python, tool_path(self.cfg), guest_env_words(self.cfg), words)
 
     def _snapshot(self, ctx: VmContext, which: str) -> bool:
         """Record the guest home's state (and the probes') in the guest; False if it failed
