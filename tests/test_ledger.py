@@ -1,5 +1,6 @@
 """Leases, liveness and in-flight children: a dead owner is proved dead, everything else is alive."""
 
+import contextlib
 import json
 import os
 import socket
@@ -131,11 +132,18 @@ def test_unwritable_state_dir_is_a_state_error(tmp_path):
     assert "VMTASKS_STATE_DIR" in err.value.hint
 
 
-def test_full_disk_while_writing_the_lease_is_a_clear_error(tmp_path):
+@contextlib.contextmanager
+def full_state_dir(tmp_path):
+    """A ledger whose state dir is on a real small disk, made and then filled up."""
     with mounted_tmpfs(tmp_path / "disk", "64k") as disk:
         ledger = Ledger(disk / "state")
         ledger.ensure()
         fill_disk(disk)
+        yield ledger
+
+
+def test_full_disk_while_writing_the_lease_is_a_clear_error(tmp_path):
+    with full_state_dir(tmp_path) as ledger:
         with pytest.raises(StateError) as err:
             ledger.write(ledger.new_lease("p-full", "full", keep=False, base="b"))
         assert "No space left" in err.value.message and "disk is full" in err.value.hint
@@ -143,10 +151,7 @@ def test_full_disk_while_writing_the_lease_is_a_clear_error(tmp_path):
 
 
 def test_full_disk_in_pre_flight_leaves_no_probe_file(tmp_path):
-    with mounted_tmpfs(tmp_path / "disk", "64k") as disk:
-        ledger = Ledger(disk / "state")
-        ledger.ensure()
-        fill_disk(disk)
+    with full_state_dir(tmp_path) as ledger:
         with pytest.raises(StateError) as err:
             ledger.ensure()
         assert "disk is full" in err.value.hint
@@ -156,10 +161,7 @@ def test_full_disk_in_pre_flight_leaves_no_probe_file(tmp_path):
 def test_full_disk_while_making_the_run_key_is_a_state_error(tmp_path):
     from vmtasks import ssh
 
-    with mounted_tmpfs(tmp_path / "disk", "64k") as disk:
-        ledger = Ledger(disk / "state")
-        ledger.ensure()
-        fill_disk(disk)
+    with full_state_dir(tmp_path) as ledger:
         with pytest.raises(StateError) as err:
             ssh.generate_key(ledger.keys_dir / "vm-1", "vmtasks-test")
         assert "run's SSH key" in err.value.message and "disk is full" in err.value.hint
