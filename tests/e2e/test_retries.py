@@ -176,6 +176,14 @@ def test_isolate_runs_every_test_on_its_own_fresh_vm(world):
     assert len(set(vms)) == 3 and all(vm.rsplit("-", 1)[1].startswith("t") for vm in vms), vms
     assert "isolation: 3 tests on 3 fresh VMs" in done.out and "per test for its VM" in done.out, done.out
     assert "DONE 3 tests, 1 failure" in done.out
+    # VMs are recycled per slot: the third VM was cloned while a first one still ran its test,
+    # and booted only once that one had given its slot back; never more than 2 at once.
+    spans = vm_spans(record)
+    order = sorted(spans, key=lambda vm: spans[vm]["boot"])
+    third, firsts = spans[order[2]], [spans[vm] for vm in order[:2]]
+    assert third["clone"] < max(s["end"] for s in firsts), spans
+    assert third["boot"] >= min(s["end"] for s in firsts), spans
+    assert most_running(spans) <= 2, spans
     assert uneven_vms(world) == [] and world.key_dirs() == [] and world.leases() == []
 
 
@@ -198,3 +206,56 @@ def test_a_vm_kept_for_a_failure_stops_taking_tests(world):
     cleaned = world.invoke("cleanup-orphans", "--include-kept", config=config)
     assert cleaned.code == 0 and uneven_vms(world) == [], cleaned.text
     assert world.key_dirs() == [] and world.leases() == []
+
+
+def vm_spans(record: Path) -> Dict[str, Dict[str, float]]:
+    """Per VM, from stages.json: when its clone started, when its boot started (it took a
+    slot) and when its teardown ended (it gave the slot back), wall clock."""
+    spans: Dict[str, Dict[str, float]] = defaultdict(dict)
+    for s in json.loads((record / "stages.json").read_text()):
+        vm = s.get("vm")
+        if not vm:
+            continue
+        if s["stage"] == "clone":
+            spans[vm]["clone"] = s["started"]
+        elif s["stage"] == "boot":
+            spans[vm]["boot"] = s["started"]
+        elif s["stage"] == "teardown":
+            spans[vm]["end"] = s["started"] + s["seconds"]
+    return dict(spans)
+
+
+def most_running(spans: Dict[str, Dict[str, float]]) -> int:
+    """The most VMs that held a slot (boot to the end of teardown) at the same moment."""
+    edges = sorted([(s["boot"], 1) for s in spans.values() if "boot" in s] +
+                   [(s["end"], -1) for s in spans.values() if "boot" in s], key=lambda e: (e[0], e[1]))
+    now = peak = 0
+    for _, step in edges:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def test_queue_retry_starts_as_soon_as_a_slot_frees(world):
+    """--vms 2 --retries 1: TestShort03 fails on the VM that ran the short tests; that VM ends
+    its share and is torn down while the other still runs TestLongA (4 s), and the retry's
+    fresh VM is cloned at once on the freed slot: before the last shared VM's teardown ends.
+    Never more than 2 VMs hold a slot."""
+    config = uneven_config(world, "1", UNEVEN_FAIL="TestShort03")
+    done = world.invoke("test-vm-run", "--test", "TestLongA$|TestShort0[13]$", "--vms", "2", "--retries", "1",
+                        config=config, timeout=400)
+    assert done.code == 1, done.text
+    record = world.latest_record()
+    result = check_agreement(done, record)
+    assert result["failed_tests"] == ["TestShort03"]
+    tries = result["attempts"]["TestShort03"]
+    assert [t["result"] for t in tries] == ["fail", "fail"] and tries[1]["vm"].endswith("-r1"), tries
+    spans = vm_spans(record)
+    shared = {vm: s for vm, s in spans.items() if not vm.endswith("-r1")}
+    assert len(shared) == 2, spans
+    last_shared_end = max(s["end"] for s in shared.values())
+    retry = spans[tries[1]["vm"]]
+    assert retry["clone"] < last_shared_end, "the retry waited for the whole first pass: {}".format(spans)
+    assert most_running(spans) <= 2, spans
+    world.assert_nothing_left()
+    assert uneven_vms(world) == []
