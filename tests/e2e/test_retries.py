@@ -6,6 +6,7 @@ the summary and the verdict agree; nothing is left behind."""
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +25,9 @@ def junit_attempts(path: Path) -> Dict[str, List[str]]:
     """Test name -> the result of each of its testcases, in file order."""
     out: Dict[str, List[str]] = defaultdict(list)
     for case in ET.parse(str(path)).getroot().iter("testcase"):
-        out[case.get("name") or ""].append("fail" if case.find("failure") is not None else "pass")
+        error = case.find("error")
+        lost = error is not None and error.get("message") == "VM lost"
+        out[case.get("name") or ""].append("fail" if case.find("failure") is not None else "lost" if lost else "pass")
     return dict(out)
 
 
@@ -32,7 +35,9 @@ def check_agreement(done, record: Path) -> dict:
     """JUnit, result.json, tests.json, the summary and the verdict say the same thing."""
     result = json.loads((record / "result.json").read_text())
     junit = junit_attempts(record / "junit.xml")
-    final = {name: ("flaky" if "pass" in tries and "fail" in tries else tries[-1]) for name, tries in junit.items()}
+    final = {name: ("flaky" if "pass" in tries and "fail" in tries else "fail" if "fail" in tries else tries[-1])
+             for name, tries in junit.items()}
+    lost = sum(tries.count("lost") for tries in junit.values())
     flaky = sorted(n for n, v in final.items() if v == "flaky")
     failed = sorted(n for n, v in final.items() if v == "fail")
     assert sorted(result["flaky_tests"]) == flaky
@@ -43,9 +48,10 @@ def check_agreement(done, record: Path) -> dict:
     tests = json.loads((record / "tests.json").read_text())["tests"]
     assert sorted(t["name"] for t in tests if t["status"] == "flaky") == flaky
     assert sorted(t["name"] for t in tests if t["status"] == "fail") == failed
-    verdict = "DONE {} tests{}{} in".format(
+    verdict = "DONE {} tests{}{}{} in".format(
         len(junit), ", {} flaky".format(len(flaky)) if flaky else "",
-        ", {} failure{}".format(len(failed), "" if len(failed) == 1 else "s") if failed else "")
+        ", {} failure{}".format(len(failed), "" if len(failed) == 1 else "s") if failed else "",
+        ", {} {} lost".format(lost, "retry" if lost == 1 else "retries") if lost else "")
     assert verdict in done.out, done.out
     assert verdict in (record / "summary.txt").read_text()
     return result
@@ -259,3 +265,43 @@ def test_queue_retry_starts_as_soon_as_a_slot_frees(world):
     assert most_running(spans) <= 2, spans
     world.assert_nothing_left()
     assert uneven_vms(world) == []
+
+
+def test_a_vm_lost_mid_retry_is_a_lost_attempt_not_a_failure(world):
+    """The retry's guest dies while its test runs (`tart stop` under the run): that attempt is
+    `lost`, the test goes back on the list and runs again on another fresh VM; the verdict,
+    the summary, JUnit (an error "VM lost") and result.json say so; nothing is left."""
+    from .test_queue import start
+
+    config = uneven_config(world, "6", UNEVEN_FAIL="TestShort03")
+    proc = start(world, "test-vm-run", "--test", "TestShort0[13]$", "--vms", "1", "--retries", "2", config=config)
+    deadline = time.monotonic() + 240
+    victim = None
+    while victim is None:  # the retry's VM, once its test has started (it leaves a mark, then sleeps 3 s)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        for lease in (world.state / "leases").glob("*-r1.json"):
+            name = lease.name[:-len(".json")]
+            if world.tart("exec", name, "test", "-e", "/Users/admin/.uneven-ran/TestShort03").returncode == 0:
+                victim = name
+        time.sleep(0.1)
+    assert world.tart("stop", victim).returncode == 0  # the retry's guest dies under its test
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    record = world.latest_record()
+    result = check_agreement(_Done(out, err), record)
+    tries = result["attempts"]["TestShort03"]
+    assert [t["result"] for t in tries] == ["fail", "lost", "fail"], tries
+    assert tries[1]["vm"] == victim and tries[2]["vm"].endswith("-r2"), tries
+    assert "DONE 2 tests, 1 failure, 1 retry lost in" in out, out
+    assert "lost retry of TestShort03 on {}".format(victim) in out, out
+    assert "failed TestShort03 on every attempt that ran (2 of 3)" in out, out
+    assert result["failed_tests"] == ["TestShort03"]
+    world.assert_nothing_left()
+    assert uneven_vms(world) == []
+
+
+class _Done:
+    """What check_agreement reads of a finished command started with start()."""
+
+    def __init__(self, out: str, err: str) -> None:
+        self.out, self.err = out, err
