@@ -34,10 +34,13 @@ class FakeVm:
         self.teardown_done = threading.Event()
         self.cancelled_at_gate = False
         self.clone_fails = threading.Event()
+        self.clone_may_end = threading.Event()
+        self.clone_may_end.set()
 
     def execute(self) -> None:
         try:
             self.log.add(self.name, "clone")
+            assert self.clone_may_end.wait(WAIT)
             self.cloned.set()
             if self.clone_fails.wait(0.3 if self.gate is not None else 0):
                 return  # its clone failed: it tears down without ever waiting for its slot
@@ -90,10 +93,13 @@ class Harness:
                                     cancel=self.cancel, retries=retries)
         self.thread: Optional[threading.Thread] = None
         self.shared_failures: Dict[str, List[str]] = {}
+        self.slow_clones: set = set()  # VMs whose clone goes on until the test lets it end
 
     def make(self, job: FreshJob, slot: int, gate: SlotGate) -> FakeVm:
         name = "{}#{}".format(job.key, job.attempt)
         vm = FakeVm(name, gate, self.cancel, self.log, fails=(job.key, job.attempt) in self.fail)
+        if name in self.slow_clones:
+            vm.clone_may_end.clear()
         self.vms[name] = vm
         return vm
 
@@ -309,3 +315,21 @@ def test_gate_raises_cancelled_and_says_it_waits():
     gate = SlotGate(1)
     threading.Timer(0.1, gate.open).start()
     assert gate.wait(threading.Event()) >= 0.05 and gate.opened_at is not None
+
+
+def test_the_next_vm_is_cloned_only_once_the_slots_vm_is_past_its_own_clone():
+    h = Harness(slots=1)
+    h.slow_clones.add("A#0")
+    h.sched.add_tests(["A", "B"])
+    h.run()
+    a = h.vm("A#0")
+    time.sleep(0.3)
+    assert "B#0" not in h.vms, "two clones for one slot at once"
+    a.clone_may_end.set()
+    b = h.vm("B#0")
+    wait(b.cloned, "B cloned ahead while A runs")
+    assert not b.running.is_set()
+    a.finish.set()
+    wait(b.running, "B runs once A is torn down")
+    b.finish.set()
+    h.done()

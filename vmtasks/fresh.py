@@ -16,8 +16,9 @@ What runs on the slots:
 
 As soon as a slot frees (its VM torn down), the VM cloned ahead for it starts, or a job
 gets a new VM there. While a fresh VM holds a slot, the next job's VM is cloned ahead for
-that slot (a shared VM's end is unknown, so nothing waits on its slot). A retry that fails
-(or whose VM was lost) goes back on the list while it has attempts left. Cancel: no new VM,
+that slot, once that VM is past its own clone (a shared VM's end is unknown, so nothing
+waits on its slot). A retry that fails (or whose VM was lost) goes back on the list while
+it has attempts left. Cancel: no new VM,
 every gate raises ``Cancelled``, and :meth:`FreshScheduler.run` returns once every VM it
 started has been torn down.
 
@@ -45,6 +46,7 @@ class SlotGate:
         self.slot = slot
         self._open = threading.Event()
         self.opened_at: Optional[float] = None  # time.monotonic() when the slot became its VM's
+        self.passed_at: Optional[float] = None  # ...and when its VM, cloned, went on to boot
 
     def open(self) -> None:
         self.opened_at = time.monotonic()
@@ -68,7 +70,8 @@ class SlotGate:
             raise Cancelled("the run is stopping")
         if told and on_wait is not None:
             on_wait("")
-        return time.monotonic() - started
+        self.passed_at = time.monotonic()
+        return self.passed_at - started
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,10 @@ class FreshScheduler:
                 if job is not None:
                     entry.holder = self._launch(job, entry.number, hold=True)
         for entry in self._slots:
-            if entry.holder is not None and not entry.shared and entry.next is None and not stopping:
+            # The next VM is cloned once the slot's VM is past its own clone (booting, testing):
+            # two clones of one slot never compete, and the next one is ready when the slot frees.
+            if entry.holder is not None and not entry.shared and entry.next is None and not stopping \
+                    and entry.holder.gate.passed_at is not None:
                 job = self._next_job()
                 if job is not None:
                     entry.next = self._launch(job, entry.number, hold=False)

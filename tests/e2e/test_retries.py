@@ -107,23 +107,19 @@ def test_a_flaky_test_passes_the_run_unless_fail_on_flaky(world):
     assert uneven_vms(world) == []
 
 
-def test_ctrl_c_while_a_retry_vm_is_being_cloned_leaves_nothing(world):
-    """The retry's `tart clone` is held in flight (the test takes the stand-in's storage lock,
-    Tart's global flock on TART_HOME, as soon as the retry's lease appears, before the
-    clone can), then Ctrl-C: the run stops, the clone ends, nothing stays."""
+def ctrl_c_while_cloning(world, proc, vm_suffix: str) -> None:
+    """Hold the clone of the VM whose name ends with ``vm_suffix`` in flight (take the
+    stand-in's storage lock, Tart's global flock on TART_HOME, as soon as that VM's lease
+    appears, before its clone can), then Ctrl-C as a terminal sends it: SIGINT to the whole
+    process group. The lock goes a second later, so the clone can end."""
     import fcntl
     import os
     import signal
-    import time
 
-    from .test_queue import start
-
-    config = uneven_config(world, "0.05", UNEVEN_FAIL="TestShort03")
-    proc = start(world, "test-vm-run", "--test", "TestShort0[13]$", "--vms", "1", "--retries", "2", config=config)
     home = os.open(world.env["TART_HOME"], os.O_RDONLY | os.O_DIRECTORY)
     try:
         deadline = time.monotonic() + 120
-        while not list((world.state / "leases").glob("*-r1.json")):
+        while not list((world.state / "leases").glob("*{}.json".format(vm_suffix))):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.005)
         fcntl.flock(home, fcntl.LOCK_EX)
@@ -136,13 +132,70 @@ def test_ctrl_c_while_a_retry_vm_is_being_cloned_leaves_nothing(world):
     finally:
         fcntl.flock(home, fcntl.LOCK_UN)
         os.close(home)
+
+
+def stage_of(record: Path, vm_suffix: str, stage: str) -> List[dict]:
+    return [s for s in json.loads((record / "stages.json").read_text())
+            if s.get("vm", "").endswith(vm_suffix) and s.get("stage") == stage]
+
+
+def test_ctrl_c_while_a_retry_vm_is_being_cloned_leaves_nothing(world):
+    """One VM: the retry's `tart clone` is in flight when Ctrl-C comes: the run stops, the
+    clone ends, nothing stays, no further retry starts."""
+    from .test_queue import start
+
+    config = uneven_config(world, "0.05", UNEVEN_FAIL="TestShort03")
+    proc = start(world, "test-vm-run", "--test", "TestShort0[13]$", "--vms", "1", "--retries", "2", config=config)
+    ctrl_c_while_cloning(world, proc, "-r1")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
     assert "retry 1 of 2" in err, err
-    stages = json.loads((world.latest_record() / "stages.json").read_text())
-    clone = [s for s in stages if s.get("vm", "").endswith("-r1") and s.get("stage") == "clone"]
+    clone = stage_of(world.latest_record(), "-r1", "clone")
     assert clone and clone[0]["status"] != "ok", clone
     assert "-r2" not in out + err, "no retry starts after Ctrl-C"
+    world.assert_nothing_left()
+    assert uneven_vms(world) == []
+
+
+def test_ctrl_c_while_a_queue_retry_is_cloned_beside_a_running_vm_leaves_nothing(world):
+    """--vms 2: TestShort03 failed, its VM is torn down and the retry's VM is being cloned on
+    the freed slot while the other VM still runs TestLongA; Ctrl-C (to the process group)
+    stops both: the clone ends, the running test is interrupted, nothing stays (no VM in
+    `tart list`, no key, no lease)."""
+    from .test_queue import start
+
+    config = uneven_config(world, "3", UNEVEN_FAIL="TestShort03")
+    proc = start(world, "test-vm-run", "--test", "TestLongA$|TestShort0[13]$", "--vms", "2", "--retries", "1",
+                 config=config)
+    ctrl_c_while_cloning(world, proc, "-r1")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    record = world.latest_record()
+    clone = stage_of(record, "-r1", "clone")
+    assert clone and clone[0]["status"] != "ok", clone
+    assert stage_of(record, "-r1", "boot") == [], "the retry VM never booted"
+    tests = {t["name"]: t["status"] for t in json.loads((record / "tests.json").read_text())["tests"]}
+    assert tests.get("TestLongA") == "interrupted", tests  # the other VM was still running it
+    world.assert_nothing_left()
+    assert uneven_vms(world) == []
+
+
+def test_ctrl_c_while_an_isolated_vm_is_cloned_ahead_leaves_nothing(world):
+    """--isolate --vms 1: while t1 runs its test, t2 is being cloned ahead; Ctrl-C stops
+    both: t2 never boots, nothing stays, and no t3 is made."""
+    from .test_queue import start
+
+    config = uneven_config(world, "3")
+    proc = start(world, "test-vm-run", "--test", "TestShort0[123]$", "--vms", "1", "--isolate", config=config)
+    ctrl_c_while_cloning(world, proc, "-t2")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    record = world.latest_record()
+    clone = stage_of(record, "-t2", "clone")
+    assert clone and clone[0]["status"] != "ok", clone
+    assert stage_of(record, "-t2", "boot") == [], "the VM cloned ahead never booted"
+    assert stage_of(record, "-t1", "boot"), "t1 had its slot"
+    assert "-t3" not in out + err
     world.assert_nothing_left()
     assert uneven_vms(world) == []
 
