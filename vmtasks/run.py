@@ -150,9 +150,13 @@ class Run:
         self.queue = None
         if self.request.retries:
             lines.append("  then, for each failed test, up to {} time{}: run it again alone on a fresh VM ({}-{}-r<n>, "
-                         "the same stages; at most {} at once)".format(
+                         "the same stages), as soon as a VM slot frees; at most {} VMs hold a slot at once".format(
                              self.request.retries, "s" if self.request.retries > 1 else "", self.cfg.vm.name_prefix,
                              self.run_id, self.vm_count))
+        if self.request.isolate:
+            lines.append("  --isolate: instead of shared VMs, each test on its own fresh VM ({}-{}-t<n>), at most {} "
+                         "at once; each slot's next VM is cloned while its current one runs".format(
+                             self.cfg.vm.name_prefix, self.run_id, self.vm_count))
         lines.append("  finally: one summary, JUnit, durations update, exit code")
         return lines
 
