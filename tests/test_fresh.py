@@ -84,13 +84,13 @@ class Harness:
     """A scheduler over fake VMs, run in a thread; ``fail`` names the tests that fail
     (a set of (test, attempt) pairs; attempt 0 is the first run)."""
 
-    def __init__(self, slots: int, retries: int = 0, fail=()) -> None:
+    def __init__(self, slots: int, retries: int = 0, fail=(), movable: bool = False) -> None:
         self.cancel = threading.Event()
         self.log = Log()
         self.vms: Dict[str, FakeVm] = {}
         self.fail = set(fail)
         self.sched = FreshScheduler(slots=slots, make=self.make, start=self.start, failures=self.failures,
-                                    cancel=self.cancel, retries=retries)
+                                    cancel=self.cancel, retries=retries, movable=movable)
         self.thread: Optional[threading.Thread] = None
         self.shared_failures: Dict[str, List[str]] = {}
         self.slow_clones: set = set()  # VMs whose clone goes on until the test lets it end
@@ -333,3 +333,32 @@ def test_the_next_vm_is_cloned_only_once_the_slots_vm_is_past_its_own_clone():
     wait(b.running, "B runs once A is torn down")
     b.finish.set()
     h.done()
+
+
+@pytest.mark.parametrize("movable", [True, False])
+def test_a_vm_cloned_ahead_takes_the_slot_that_frees_first_unless_it_is_tied_to_its_slot(movable):
+    """A holds slot 1 and C is cloned ahead for it; B (slot 2) ends first. Without a suspended
+    copy per slot (movable) C starts on slot 2 at once; tied to slot 1's copy (its MAC), C
+    waits for A."""
+    h = Harness(slots=2, movable=movable)
+    h.slow_clones.add("B#0")  # A is past its clone first, so C is bound to A's slot
+    h.sched.add_tests(["A", "B", "C"])
+    h.run()
+    a, b = h.vm("A#0"), h.vm("B#0")
+    c = h.vm("C#0")
+    wait(c.cloned, "C cloned ahead")
+    b.clone_may_end.set()
+    wait(b.running, "B runs")
+    b.finish.set()
+    wait(b.teardown_done, "B torn down")
+    if movable:
+        wait(c.running, "C takes B's slot")
+        assert not a.teardown_done.is_set()
+    else:
+        time.sleep(0.3)
+        assert not c.running.is_set(), "C runs only on its own slot"
+    a.finish.set()
+    wait(c.running, "C runs")
+    c.finish.set()
+    h.done()
+    assert h.log.peak == 2

@@ -15,7 +15,8 @@ What runs on the slots:
   otherwise when its VM has ended); retries go before first runs.
 
 As soon as a slot frees (its VM torn down), the VM cloned ahead for it starts, or a job
-gets a new VM there. While a fresh VM holds a slot, the next job's VM is cloned ahead for
+gets a new VM there (or, when VMs do not depend on their slot, ``movable``, a VM cloned
+ahead for a slot still busy moves there). While a fresh VM holds a slot, the next job's VM is cloned ahead for
 that slot, once that VM is past its own clone (a shared VM's end is unknown, so nothing
 waits on its slot). A retry that fails (or whose VM was lost) goes back on the list while
 it has attempts left. Cancel: no new VM,
@@ -114,6 +115,9 @@ class FreshScheduler:
     failures: Callable[[Any], List[Any]]
     cancel: threading.Event
     retries: int = 0
+    # True when a fresh VM does not depend on its slot (no suspended copy per slot): a VM cloned
+    # ahead for a slot still busy takes another slot that frees first.
+    movable: bool = False
     events: List[SlotEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -190,6 +194,11 @@ class FreshScheduler:
                 entry.holder, entry.shared = None, False
         stopping = self.cancel.is_set()
         for entry in self._slots:
+            if entry.holder is None and entry.next is None and self.movable and not stopping:
+                donor = next((e for e in self._slots if e.next is not None and e.holder is not None), None)
+                if donor is not None:
+                    entry.next, donor.next = donor.next, None
+                    entry.next.gate.slot = entry.number
             if entry.holder is None and entry.next is not None and not stopping:
                 entry.holder, entry.next = entry.next, None
                 entry.holder.gate.open()

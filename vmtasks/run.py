@@ -402,7 +402,8 @@ class Run:
         follows on its slot runs its test, and boots (resumes) once that one is torn down."""
         self.scheduler = FreshScheduler(slots=self.vm_count, make=self._fresh_pipeline, start=self._start_one,
                                         failures=self._vm_ended, cancel=self.cancel,
-                                        retries=max(0, self.request.retries))
+                                        retries=max(0, self.request.retries),
+                                        movable=not self._slot_images())
         self.running = []
         started = time.monotonic()
         if self.request.isolate:
