@@ -109,9 +109,9 @@ class Bench:
     # --- the tunnel against direct SSH ---
 
     def tunnel(self, reps: int) -> dict:
-        from vmtasks import ssh
-        from vmtasks.backend import Owner
-        from vmtasks.orchard import OrchardBackend, load_settings
+        from vmtasks.transport import ssh
+        from vmtasks.lifecycle.backend import Owner
+        from vmtasks.backends.orchard.fleet import OrchardBackend, load_settings
 
         settings = load_settings(env=dict(self.fleet.env(), HOME=str(self.home)))
         backend = OrchardBackend(settings, "tahoe-base", prefix="bench", poll=0.1, probe_image=False)

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import FakeRunner, fail, ok, tart_list_json
-from vmtasks.tart import TartError
-from vmtasks.tart import Tart
+from vmtasks.backends.tart.cli import TartError
+from vmtasks.backends.tart.cli import Tart
 
 
 def test_list_parses_json_and_keeps_local_vms():
