@@ -11,6 +11,7 @@ Imported inside the guest (Python 3.9, standard library only).
 from __future__ import annotations
 
 from typing import Optional, Sequence
+import signal
 
 
 class VmtasksError(Exception):
@@ -116,8 +117,6 @@ class Interrupted(VmtasksError):
     """The run got SIGINT, SIGTERM or SIGHUP; exit code is 128 + signal number."""
 
     def __init__(self, signum: int, stage: str = "") -> None:
-        import signal
-
         self.signum = signum
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name

@@ -37,6 +37,8 @@ import sys
 import tarfile
 import time
 from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+import shlex
+import tempfile
 
 from .atomic import write_all
 
@@ -447,8 +449,6 @@ def guest_command(python: str, tool_dir: str, env_words: Sequence[str], words: S
     """The guest command line ``python3 -m vmtasks.guest.evidence WORDS...`` from the tool bundle.
     ``tool_dir``: a shell expression (``"$HOME"/.vmtasks/tool``) and ``env_words`` already
     quoted; every one of ``words`` is quoted here."""
-    import shlex
-
     return " ".join(["env"] + list(env_words) + ["PYTHONPATH=" + tool_dir, shlex.quote(python), "-m",
                                                  "vmtasks.guest.evidence"] + [shlex.quote(w) for w in words])
 
@@ -468,7 +468,6 @@ def fetch(remote: Callable[..., Any], command: str, dest: str, max_bytes: int,
     on_output=...)`` and unpack what it prints into ``dest``; ``(files, notes)``. Never
     raises for the guest, the connection or the disk: each is a note. Memory stays bounded:
     the text goes to a temporary file, then is decoded and unpacked from disk."""
-    import tempfile
 
     from .errors import VmtasksError
 

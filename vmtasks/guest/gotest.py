@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+import difflib
 
 from .errors import ConfigError, StageError, VmtasksError
 
@@ -360,8 +361,6 @@ def no_match_note(runner, project_dir: str, suite_all: str, regex: str, timeout:
     """What to say when ``regex`` matches none of the suite's tests: the nearest names, from
     the whole listing (best effort: the listing of every test may fail where the regex's
     did not)."""
-    import difflib
-
     try:
         every = list_suite(runner, project_dir, parse_suite(suite_all, None), timeout, cancel)
     except VmtasksError:

@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 from typing import Dict, List, Mapping, Optional
+import sys
 
 from .config import Config
 from .errors import NotInVm, VmtasksError
@@ -79,7 +80,6 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
     Every job lists the tests the same way (``go test -list``), reads the same durations
     file and partitions them with the same deterministic longest-processing-time rule, so
     N jobs together run every selected test exactly once."""
-    import sys
 
     from . import gotest, schedule
     from .results import History

@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
+import os
+import traceback
 
 from vmtasks.guest import gotest, results
 from vmtasks.transport import ssh, sync
@@ -237,8 +239,6 @@ class VmPipeline:
         except VmtasksError as exc:
             ctx.error = exc
         except BaseException as exc:  # noqa: BLE001 - a bug: still tear down, keep the traceback
-            import traceback
-
             where = self.services.record.note_traceback(self.name, self.runner.current, traceback.format_exc())
             ctx.error = StageError(self.runner.current or "?", self.name, "unexpected error: " +
                                    describe_unexpected(exc), "this is a bug in vmtasks; the traceback is in " + where)
@@ -421,8 +421,6 @@ class VmPipeline:
         extra = self.ctx.machine.ssh_target().env
         if not extra:
             return None
-        import os
-
         return dict(os.environ, **extra)
 
     def _suite(self, ctx: VmContext) -> None:

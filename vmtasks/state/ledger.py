@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+import getpass
 
 from vmtasks.guest.atomic import write_atomic, write_hint
 from vmtasks.guest.errors import StateError
@@ -132,8 +133,6 @@ def process_alive(pid: int, pid_start: str, host: str = "", this_host: Optional[
 
 
 def current_user() -> str:
-    import getpass
-
     try:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - no passwd entry (a container): the uid says enough

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, List, Mapping, Optional, Sequence
+import shutil
 
 from vmtasks.guest.errors import CommandFailed, CommandTimeout
 
@@ -129,8 +130,6 @@ def _stop(proc: "subprocess.Popen[str]"):
 
 
 def which(name: str, path: Optional[str] = None) -> Optional[str]:
-    import shutil
-
     return shutil.which(name, path=path)
 
 

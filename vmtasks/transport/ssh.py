@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
+import codecs
+import shlex
 
 from vmtasks.guest.errors import Cancelled, RemoteTimeout, SshError, StateError
 
@@ -194,8 +196,6 @@ def ssh_options(key: RunKey, connect_timeout: int = 10, proxy_command: Optional[
 
 def attach_command(host: str, user: str, key: RunKey, proxy_command: Optional[str] = None) -> str:
     """The exact command a person can paste to attach to a kept VM."""
-    import shlex
-
     return "ssh " + " ".join(shlex.quote(a) for a in ssh_options(key, proxy_command=proxy_command)) + \
         " " + shlex.quote(user + "@" + host)
 
@@ -222,8 +222,6 @@ def remote_exec(conn, command: str, *, timeout: Optional[float] = None, on_outpu
     ``on_output(text)`` as they arrive; only a bounded tail is kept. No secret ever appears
     in ``command``.
     """
-    import codecs
-
     try:
         chan = conn.client.get_transport().open_session()
     except Exception as exc:  # paramiko.SSHException, EOFError, OSError

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import shutil
 from typing import Callable, List, Optional
+import shlex
+import subprocess
 
 from vmtasks.state import orphans, sweep
 from vmtasks.lifecycle.backend import Check
@@ -65,8 +67,6 @@ def project_checks(cfg, run_go: Optional[Callable] = None) -> List[Check]:
     go.mod (as pre-flight checks them), go where the run calls it (the queue compiles on the
     host; one VM lists the tests there, best effort), the suite's packages as go sees them,
     and the programs the `build` commands start."""
-    import shlex
-    import subprocess
 
     from vmtasks.guest import config as config_mod
     from vmtasks.guest import gotest
@@ -124,8 +124,6 @@ _SHELL_WORDS = frozenset(["cd", "export", "set", "test", "[", "echo", "true", "f
 
 def _program(command: str) -> str:
     """The program a shell command line starts (after VAR=value assignments), or ""."""
-    import shlex
-
     try:
         words = shlex.split(command)
     except ValueError:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
+import json
 
 from vmtasks.lifecycle import images
 from vmtasks.transport import ssh
@@ -113,7 +114,6 @@ def login_banner(parts, how: Login) -> List[str]:
     """What vm-login says before the session: the run and VM, where the synced tree is, and
     the line that reruns the run's failed test in there with the guard set (the suite's
     destructive tests refuse without it)."""
-    import json
 
     from vmtasks.guest.inner import suite_argv
     from vmtasks.guest.results import rerun_regex

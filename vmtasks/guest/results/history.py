@@ -18,6 +18,7 @@ import json
 import math
 import os
 from typing import Dict, Iterable, List, Optional, Tuple, Union
+import fcntl
 
 from ..atomic import write_atomic
 from .model import FAIL, FLAKY, PASS, Summary, TestResult
@@ -214,8 +215,6 @@ class _Locked:
 
     def __enter__(self) -> "_Locked":
         try:
-            import fcntl
-
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self.fd, fcntl.LOCK_EX)
