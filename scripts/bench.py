@@ -458,8 +458,8 @@ class Bench:
             self.reap(run)
 
     def run_floor(self, tree: Path, cfg, n: int):
-        from vmtasks.transport.ssh import ssh_options
         from vmtasks.lifecycle.vm import inner_command
+        from vmtasks.transport.ssh import ssh_options
 
         vm = "bench-floor-{}".format(n)
         known_hosts = self.root / "floor-known_hosts"
@@ -505,11 +505,11 @@ class Bench:
         same pinned known_hosts), alternating, into fresh directories of one VM. The stage
         runs in a real pipeline with a real Run's services (factory.Parts, a quiet Reporter), on a VM the
         floor's way brought up; its record is never created, so nothing is logged."""
+        from vmtasks.lifecycle.run import Run, RunRequest
+        from vmtasks.lifecycle.vm import VmPipeline
         from vmtasks.settings import factory
         from vmtasks.transport import ssh
         from vmtasks.ui.report import Reporter
-        from vmtasks.lifecycle.run import Run, RunRequest
-        from vmtasks.lifecycle.vm import VmPipeline
 
         vm = "bench-sync"
         key = ssh.generate_key(self.root / "sync-key-{}".format(time.monotonic_ns()), "bench-sync")

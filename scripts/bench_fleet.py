@@ -52,7 +52,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import yaml  # noqa: E402
-
 from orchard_standin.harness import Fleet  # noqa: E402
 
 UNEVEN = REPO / "examples" / "uneven"
@@ -109,9 +108,9 @@ class Bench:
     # --- the tunnel against direct SSH ---
 
     def tunnel(self, reps: int) -> dict:
-        from vmtasks.transport import ssh
-        from vmtasks.lifecycle.backend import Owner
         from vmtasks.backends.orchard.fleet import OrchardBackend, load_settings
+        from vmtasks.lifecycle.backend import Owner
+        from vmtasks.transport import ssh
 
         settings = load_settings(env=dict(self.fleet.env(), HOME=str(self.home)))
         backend = OrchardBackend(settings, "tahoe-base", prefix="bench", poll=0.1, probe_image=False)

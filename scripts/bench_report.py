@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.browser import chromium, missing  # noqa: E402
-from vmtasks.ui import html_report  # noqa: E402
-from vmtasks.state.records import RunRecord  # noqa: E402
 from vmtasks.guest.results.model import FAIL, PASS, SKIP, Summary, TestResult, merge  # noqa: E402
+from vmtasks.state.records import RunRecord  # noqa: E402
+from vmtasks.ui import html_report  # noqa: E402
 
 VM_STAGES = (("clone", 0.4), ("boot", 14.0), ("ip+ssh", 1.5), ("key", 0.6), ("setup", 20.0), ("sync", 3.0))
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks.ui import adopt
 from vmtasks.guest import config
 from vmtasks.guest.errors import ConfigError
+from vmtasks.ui import adopt
 
 REPO = Path(__file__).resolve().parents[1]
 

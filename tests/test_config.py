@@ -608,7 +608,8 @@ def test_invoke_context_info_from_a_real_invoke(tmp_path):
 
 
 def test_load_for_task_with_an_invoke_context(tmp_path):
-    from invoke import Config as InvokeConfig, Context
+    from invoke import Config as InvokeConfig
+    from invoke import Context
 
     root, cwd = tmp_path / "repo", tmp_path / "elsewhere"
     cwd.mkdir()

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_records import fill_disk, mounted_tmpfs
+
 from vmtasks.guest import evidence
 
 REPO = Path(__file__).resolve().parent.parent

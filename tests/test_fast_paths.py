@@ -7,12 +7,13 @@ import itertools
 import socket
 
 from conftest import FakeRunner, ok, tart_list_json
-from vmtasks.guest import config
-from vmtasks.transport import ssh
-from vmtasks.state import sweep
+
 from vmtasks.backends.tart import machine as run_mod
-from vmtasks.state.ledger import Ledger
 from vmtasks.backends.tart.cli import Tart
+from vmtasks.guest import config
+from vmtasks.state import sweep
+from vmtasks.state.ledger import Ledger
+from vmtasks.transport import ssh
 
 
 def test_backoff_starts_at_20ms_and_doubles_up_to_poll():

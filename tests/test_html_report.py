@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks.ui import html_report
 from vmtasks.guest.errors import ConfigError
-from vmtasks.state.records import RunRecord
 from vmtasks.guest.results.model import FAIL, INTERRUPTED, NOTRUN, PASS, SKIP, Summary, TestResult, merge
+from vmtasks.state.records import RunRecord
+from vmtasks.ui import html_report
 
 HOSTILE_NAME = "TestX<script>window.pwned=1</script>"
 HOSTILE_OUTPUT = "</textarea><script>window.pwned=1</script>\n<a href=\"javascript:alert(1)\">x</a>\n\x1b[2Jbye\n"

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, FakeRunner, fail, ok, tart_list_json
-from vmtasks.lifecycle import images
+
 from vmtasks.backends.tart import images as tart_images
-from vmtasks.guest.errors import PreflightError, StateError
-from vmtasks.transport.proc import Runner
 from vmtasks.backends.tart.cli import Tart
+from vmtasks.guest.errors import PreflightError, StateError
+from vmtasks.lifecycle import images
+from vmtasks.transport.proc import Runner
 
 PREFIX = "openboot-ephemeral"
 GET_JSON = json.dumps({"OS": "darwin", "CPU": 4, "Memory": 8192, "Disk": 50, "DiskFormat": "raw",

@@ -7,10 +7,10 @@ import io
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from test_results import A, B, C, Clock, ev, mixed_stream, parse, run_test
+
 from vmtasks.guest.errors import StateError
-from vmtasks.guest.results import PackageError, Summary, SuiteStream, mark_not_run, merge, write_junit
+from vmtasks.guest.results import PackageError, SuiteStream, Summary, mark_not_run, merge, write_junit
 
 
 def counts(el: ET.Element) -> dict:

@@ -9,11 +9,21 @@ import sys
 import time
 
 import pytest
-
 from test_records import fill_disk, mounted_tmpfs
+
 from vmtasks.guest.errors import StateError
-from vmtasks.state.ledger import (GONE, RUNNING, ZOMBIE, Lease, Ledger, _probe_proc, _probe_ps, probe_process,
-                                  process_alive, process_start_time)
+from vmtasks.state.ledger import (
+    GONE,
+    RUNNING,
+    ZOMBIE,
+    Lease,
+    Ledger,
+    _probe_proc,
+    _probe_ps,
+    probe_process,
+    process_alive,
+    process_start_time,
+)
 
 
 @pytest.fixture

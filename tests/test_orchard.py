@@ -16,20 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks.transport import ssh
-from vmtasks.lifecycle.backend import Owner
-from vmtasks.guest.errors import BackendError, ConfigError, PreflightError, VmtasksError
 from vmtasks.backends.orchard.fleet import (
-                                            OrchardBackend,
-                                            OrchardSettings,
-                                            context_file_path,
-                                            fleet_slots,
-                                            load_settings,
-                                            online_workers,
-                                            owner_alive,
-                                            owner_of,
-                                            parse_time,
-                                            )
+    OrchardBackend,
+    OrchardSettings,
+    context_file_path,
+    fleet_slots,
+    load_settings,
+    online_workers,
+    owner_alive,
+    owner_of,
+    parse_time,
+)
+from vmtasks.guest.errors import BackendError, ConfigError, PreflightError, VmtasksError
+from vmtasks.lifecycle.backend import Owner
+from vmtasks.transport import ssh
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -519,8 +519,8 @@ def _owner_labels(pid, pid_start, host=None, **extra):
 
 
 def test_the_sweep_judges_unleased_orchard_vms_by_their_owner_records(tmp_path):
-    from vmtasks.state import orphans
     from vmtasks.lifecycle.backend import ListedVm
+    from vmtasks.state import orphans
     from vmtasks.state.ledger import Ledger, process_start_time
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -555,8 +555,8 @@ def test_the_sweep_judges_unleased_orchard_vms_by_their_owner_records(tmp_path):
 
 
 def test_dry_run_of_the_orchard_owner_rules_removes_nothing(tmp_path):
-    from vmtasks.state import orphans
     from vmtasks.lifecycle.backend import ListedVm
+    from vmtasks.state import orphans
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     backend = _FakeOrchard([ListedVm("vmt-dead-1", True, "running", _owner_labels(int(dead.stdout), "linux:1"))])

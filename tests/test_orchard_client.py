@@ -12,17 +12,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from vmtasks.lifecycle.backend import Owner
-from vmtasks.guest.errors import BackendError, ConfigError, PreflightError
 from vmtasks.backends.orchard.fleet import (
-                                            CLOSED_AT_ONCE,
-                                            PROBE_RAN,
-                                            OrchardBackend,
-                                            OrchardClient,
-                                            OrchardHTTPError,
-                                            OrchardSettings,
-                                            delete_vm,
-                                            )
+    CLOSED_AT_ONCE,
+    PROBE_RAN,
+    OrchardBackend,
+    OrchardClient,
+    OrchardHTTPError,
+    OrchardSettings,
+    delete_vm,
+)
+from vmtasks.guest.errors import BackendError, ConfigError, PreflightError
+from vmtasks.lifecycle.backend import Owner
 
 OWNER = Owner("run-1", "host-a", "alice", 4242, "987654")
 URL = "http://controller.test:6120"

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,8 +13,6 @@ from pathlib import Path
 import pytest
 
 from vmtasks.guest.errors import StateError
-import re
-
 from vmtasks.state.records import RunRecord, record_owner_alive
 
 REPO = Path(__file__).resolve().parent.parent

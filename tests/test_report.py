@@ -15,10 +15,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
-from vmtasks.guest.visible import visible
-
 import pytest
 
+from vmtasks.guest.visible import visible
 from vmtasks.ui.report import Reporter, format_clock, format_seconds, timeline_text, vm_shares
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from vmtasks.ui import rerun
 from vmtasks.guest.errors import ConfigError
+from vmtasks.ui import rerun
 
 
 def record(root, run_id, **result):

@@ -14,20 +14,20 @@ from typing import List, Optional
 import pytest
 
 from vmtasks.guest.results import (
-                                   PackageError,
-                                   Summary,
-                                   SuiteStream,
-                                   TestEvent,
-                                   TestResult,
-                                   failed_tests,
-                                   format_duration,
-                                   go_quote_meta,
-                                   mark_not_run,
-                                   merge,
-                                   rerun_regex,
-                                   verdict_line,
-                                   write_junit,
-                                   )
+    PackageError,
+    SuiteStream,
+    Summary,
+    TestEvent,
+    TestResult,
+    failed_tests,
+    format_duration,
+    go_quote_meta,
+    mark_not_run,
+    merge,
+    rerun_regex,
+    verdict_line,
+    write_junit,
+)
 
 A = "example.com/e2e/a"
 B = "example.com/e2e/b"

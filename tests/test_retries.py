@@ -6,14 +6,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from test_results_retries import PKG, first_pass, retried, retry
 
 from vmtasks.guest import results
 from vmtasks.guest.config import load
 from vmtasks.guest.errors import ConfigError
-from vmtasks.lifecycle.finish import RunEnd
 from vmtasks.guest.results import PASS
-
-from test_results_retries import PKG, first_pass, retried, retry
+from vmtasks.lifecycle.finish import RunEnd
 
 
 def run_end(summary, fail_on_flaky=False, retried=True):

@@ -7,15 +7,15 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import FakeRunner, fail
-from vmtasks.guest import config
-from vmtasks.settings import factory
-from vmtasks.guest.errors import CommandTimeout
-from vmtasks.ui.report import Reporter
-from vmtasks.lifecycle.run import Run, RunRequest
+
 from vmtasks.backends.tart.cli import Tart
+from vmtasks.guest import config
+from vmtasks.guest.errors import CommandTimeout
+from vmtasks.lifecycle.run import Run, RunRequest
 from vmtasks.lifecycle.vm import VmPipeline
+from vmtasks.settings import factory
+from vmtasks.ui.report import Reporter
 
 VM = "vmtasks-r1"
 

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from vmtasks.guest.errors import ConfigError
-from vmtasks.guest.results import History, TestResult
 from vmtasks.guest.gotest import TestId
 from vmtasks.guest.gotest import parse_listing as _parse_listing
+from vmtasks.guest.results import History, TestResult
 from vmtasks.guest.schedule import longest_first, lower_bound, makespan, parse_shard, partition, shard
 
 

@@ -12,14 +12,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import FakeRunner, fail, ok, tart_list_json
 from test_ledger import dead_pid, lease_for
-from vmtasks.state import sweep
+
+from vmtasks.backends.tart.cli import Tart
 from vmtasks.guest.errors import CommandTimeout
+from vmtasks.state import sweep
 from vmtasks.state.ledger import Lease, Ledger, process_start_time
 from vmtasks.transport.proc import Result, Runner
-from vmtasks.backends.tart.cli import Tart
 
 REPO = Path(__file__).resolve().parent.parent
 CLEANUP = "invoke cleanup-orphans --config /abs/vm.yaml"

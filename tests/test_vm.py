@@ -7,12 +7,12 @@ import json
 import threading
 import types
 
-from vmtasks.lifecycle.backend import SshTarget
 from vmtasks.guest.errors import BackendError
+from vmtasks.lifecycle.backend import SshTarget
+from vmtasks.lifecycle.vm import VmPipeline, VmServices
 from vmtasks.state.ledger import Ledger
 from vmtasks.state.records import RunRecord
 from vmtasks.ui.report import Reporter
-from vmtasks.lifecycle.vm import VmPipeline, VmServices
 
 
 class Machine:

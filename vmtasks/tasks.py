@@ -93,9 +93,9 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
            junitfile, jsonfile, allow_no_tests, prepare=False, no_prepared=False, only_prepare=False,
            retries=None, fail_on_flaky=False, replay=None, isolate=False):
     from .guest import config as config_mod
+    from .lifecycle.run import Run, RunRequest
     from .settings import factory
     from .ui import rerun
-    from .lifecycle.run import Run, RunRequest
 
     def go(reporter):
         chosen_keep = "always" if keep is True else (config_mod.keep_from_env(keep) if keep is not None else None)
@@ -118,8 +118,8 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
             raise ConfigError("--prepare and --no-prepared contradict each other", "pass one of them")
         recorded = None
         if replay is not None:
-            from .lifecycle import replay as replay_mod
             from .guest.errors import ConfigError
+            from .lifecycle import replay as replay_mod
 
             if rerun_failed:
                 raise ConfigError("--replay and --rerun-failed contradict each other", "pass one of them")
@@ -204,9 +204,9 @@ def vm_prepare(c, config=None, base=None, dry_run=False, quiet=False, verbose=Fa
 def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_unleased=False, prepared=False,
                     config=None):
     """Remove VMs, keys and leases whose owning run is gone (never a live run's)."""
+    from .guest.errors import ConfigError
     from .settings import factory
     from .state import orphans
-    from .guest.errors import ConfigError
 
     def go(reporter):
         cfg = _load(c, config)
@@ -320,9 +320,9 @@ def vm_report(c, run=None, open=False, config=None):
 def vm_changes(c, test=None, run=None, config=None):
     """Print what one test changed on its VM in a run made with --changes (suite.changes)."""
     from .guest import evidence
+    from .guest.errors import ConfigError
     from .settings import factory
     from .ui import html_report
-    from .guest.errors import ConfigError
 
     def go(reporter):
         if not test:
@@ -354,8 +354,8 @@ def vm_init(c, config=None):
     """Write a commented config for this Go module (suite, tags and prefix found with go list)."""
     from pathlib import Path
 
-    from .ui import adopt
     from .guest import config as config_mod
+    from .ui import adopt
 
     def go(reporter):
         root, _, _ = config_mod.invoke_context_info(c)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from . import gotest
 from .errors import ConfigError
 
 KEEP_CHOICES = ("never", "on-failure", "always")
@@ -1037,8 +1038,6 @@ def _check_go_module(cfg: Config, project: Path) -> None:
     ``go.mod`` (or a ``go.work``) right there, and the directories the suite's ``./dir/...``
     patterns name. Without them go exits before any test (``directory prefix ... does not
     contain main module``), after a VM was booted for nothing."""
-    from . import gotest
-
     try:
         suite = gotest.parse_suite(cfg.suite.all, None)
     except ConfigError:

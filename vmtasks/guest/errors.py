@@ -10,8 +10,8 @@ Imported inside the guest (Python 3.9, standard library only).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
 import signal
+from typing import Optional, Sequence
 
 
 class VmtasksError(Exception):

@@ -30,17 +30,18 @@ import json
 import os
 import posixpath
 import select
+import shlex
 import signal
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
-import shlex
-import tempfile
 
 from .atomic import write_all
+from .errors import VmtasksError
 
 SMALL_FILE = 64 * 1024  # files up to this size are compared by content hash, larger by size+mtime
 MAX_ENTRIES = 200000  # a snapshot stops here (and says so): a home is not a file server
@@ -468,8 +469,6 @@ def fetch(remote: Callable[..., Any], command: str, dest: str, max_bytes: int,
     on_output=...)`` and unpack what it prints into ``dest``; ``(files, notes)``. Never
     raises for the guest, the connection or the disk: each is a note. Memory stays bounded:
     the text goes to a temporary file, then is decoded and unpacked from disk."""
-
-    from .errors import VmtasksError
 
     notes: List[str] = []
     limit = max_bytes * 4 // 3 + 64 * 1024 + MAX_NOTES * 2  # base64 of the cap, the tar headers, the notes

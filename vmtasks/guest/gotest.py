@@ -10,6 +10,7 @@ no test, and the destructive tests refuse without that variable anyway.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -17,7 +18,6 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
-import difflib
 
 from .errors import ConfigError, StageError, VmtasksError
 

@@ -10,11 +10,13 @@ import os
 import re
 import shlex
 import subprocess
-from typing import Dict, List, Mapping, Optional
 import sys
+from typing import Dict, List, Mapping, Optional
 
-from .config import Config
+from . import gotest, schedule
+from .config import Config, alias_of, env_lookup
 from .errors import NotInVm, VmtasksError
+from .results import History
 
 IN_VM_VAR = "VMTASKS_IN_VM"  # the host sets it, and its alias OPENBOOT_IN_VM, in the guest
 
@@ -22,8 +24,6 @@ IN_VM_VAR = "VMTASKS_IN_VM"  # the host sets it, and its alias OPENBOOT_IN_VM, i
 def require_vm(environ: Mapping[str, str]) -> None:
     """Refuse unless VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM=1): the suite is destructive to the
     machine it runs on. Both set and disagreeing is an error too: one of them is wrong."""
-    from .config import alias_of, env_lookup
-
     try:
         value, name = env_lookup(environ, IN_VM_VAR)
     except VmtasksError as exc:
@@ -81,9 +81,6 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
     file and partitions them with the same deterministic longest-processing-time rule, so
     N jobs together run every selected test exactly once."""
 
-    from . import gotest, schedule
-    from .results import History
-
     env = dict(os.environ if environ is None else environ)
     require_vm(env)
     k, n = schedule.parse_shard(shard)
@@ -122,8 +119,6 @@ def run_shard(cfg: Config, test: Optional[str], json_output: bool, shard: str,
 def list_shard_candidates(suite, workdir: str, env: Mapping[str, str]):
     """Every selected top-level test as a ``gotest.TestId``, listed by ``go test -list``
     (the same parser as the host's queue)."""
-    from . import gotest
-
     top = gotest.top_level_pattern(suite.run_regex)
     argv = ["go", "test", "-list", top] + list(suite.build_flags) + list(suite.packages)
     done = subprocess.run(argv, cwd=workdir, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, List, Mapping, Tuple, Union
 from .errors import ConfigError
 from .gotest import TestId
 
-
 Estimate = Union[Callable[[TestId], float], Mapping[TestId, float], Any]
 
 

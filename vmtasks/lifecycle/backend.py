@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from vmtasks.guest.errors import Cancelled
-
-
+from vmtasks.state.ledger import current_user, owner_stamp
 
 # Steps of a VM's life a machine describes for ``--dry-run`` (``Machine.plan``).
 PLAN_STEPS = ("create", "start", "install_key", "seal", "destroy")
@@ -44,8 +43,6 @@ class Owner:
     @classmethod
     def this_process(cls, run_id: str) -> "Owner":
         """This process as the owner of ``run_id``'s VMs (the same stamp as its leases)."""
-        from vmtasks.state.ledger import current_user, owner_stamp
-
         stamp = owner_stamp()
         return cls(run_id, stamp["host"], current_user(), stamp["pid"], stamp["pid_start"])
 

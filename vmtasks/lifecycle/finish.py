@@ -11,6 +11,10 @@ from typing import Any, Dict, List, Optional
 
 from vmtasks.guest import results
 from vmtasks.guest.errors import Interrupted, NoSlot, VmtasksError
+from vmtasks.ui.html_report import write_for_run
+from vmtasks.ui.report import timeline_text
+
+from .replay import verdict as replay_verdict
 
 EXIT_NO_TESTS = 5  # as pytest: nothing was collected / ran
 
@@ -103,18 +107,12 @@ class RunEnd:
         if self.request.rerun_source:
             extra.append("rerun of the failed tests of " + self.request.rerun_source)
         if self.request.replay is not None:
-            from .replay import verdict as replay_verdict
-
             extra.append(replay_verdict(self.request.replay,
                                         results.failed_tests(summary) if summary is not None else []))
-        from vmtasks.ui.html_report import write_for_run
-
         extra += filter(None, [write_for_run(self.record, summary, verdict)])  # never raises: "report: <path>"
         text = self.reporter.run_done(summary, seconds, verdict, str(self.record.dir), extra)
         self.record.write_text("summary.txt", text)
         if summary is not None and self.vm_count > 1:
-            from vmtasks.ui.report import timeline_text
-
             self.record.write_text("timeline.txt", timeline_text(summary))
         self.record.prune(self.cfg.records.keep_last)
         return code

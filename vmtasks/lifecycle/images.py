@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from vmtasks.guest.atomic import write_atomic
-from vmtasks.guest.errors import StateError
+from vmtasks.guest.errors import Cancelled, StateError
 
 FORMAT_VERSION = 1
 """Bump when the way an image is built changes in a way the other inputs do not show."""
@@ -394,8 +394,6 @@ class BuildLock:
                             "if that run is stuck, stop it{}; a killed run frees the lock".format(
                                 " (kill {})".format(holder["pid"]) if holder.get("pid") else ""))
                     if self.cancel is not None and self.cancel.wait(self.poll):
-                        from vmtasks.guest.errors import Cancelled
-
                         raise Cancelled("stopped waiting for the image build: the run is stopping")
                     elif self.cancel is None:
                         time.sleep(self.poll)

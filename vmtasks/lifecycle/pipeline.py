@@ -18,8 +18,16 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
-from vmtasks.guest.errors import (Cancelled, CommandTimeout, Interrupted, NoLongerNeeded, RemoteTimeout, StageError,
-                                  VmtasksError, describe_unexpected)
+from vmtasks.guest.errors import (
+    Cancelled,
+    CommandTimeout,
+    Interrupted,
+    NoLongerNeeded,
+    RemoteTimeout,
+    StageError,
+    VmtasksError,
+    describe_unexpected,
+)
 
 
 @dataclass(frozen=True)

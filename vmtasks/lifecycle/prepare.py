@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from vmtasks.settings.factory import task_command
+
 from . import images
+from .vm import tool_bundle
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,6 @@ class ImagePlan:
 def image_plan(parts, listed=None, bundle: Optional[bytes] = None) -> ImagePlan:
     """The prepared image this config needs, and whether it exists. ``bundle``: the run's
     tool bundle, when it has one already."""
-    from .vm import tool_bundle
-
     cfg = parts.cfg
     identity = dict(parts.backend.image_identity(cfg.vm.base), vm_cpu=cfg.vm.cpu, vm_memory=cfg.vm.memory)
     digest_of_bundle = images.bundle_digest(bundle if bundle is not None else tool_bundle(cfg))
@@ -127,8 +128,6 @@ def doctor_checks(parts, listing) -> List[tuple]:
     prefix = parts.cfg.vm.name_prefix
     found = images.prepared_images(listing, prefix)
     if not found:
-        from vmtasks.settings.factory import task_command
-
         return [("prepared", "ok", "no prepared images (`{}` builds one)".format(
             task_command(parts.cfg, "vm-prepare")), "")]
     try:

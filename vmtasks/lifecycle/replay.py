@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 from vmtasks.guest.errors import ConfigError
+from vmtasks.ui.html_report import find_run
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,6 @@ def parse(spec: str) -> Tuple[str, str]:
 
 def load(records_root: Path, spec: str) -> Replay:
     """The sequence to replay from the record of ``spec``'s run (see :func:`parse`)."""
-    from vmtasks.ui.html_report import find_run
-
     run, vm = parse(spec)
     run_dir = find_run(records_root, run)
     try:

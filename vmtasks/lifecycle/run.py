@@ -22,16 +22,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from vmtasks.guest import gotest, results, schedule
-from vmtasks.state import orphans
-from . import replay
-from .backend import Owner, PreparedImages, ResumableMachine
 from vmtasks.guest.errors import Cancelled, Interrupted, StageError, VmtasksError, describe_unexpected
 from vmtasks.settings.factory import task_command
+from vmtasks.state import orphans
+from vmtasks.transport.signals import SignalGuard
+
+from . import images, prepare, replay
+from .backend import Owner, PreparedImages, ResumableMachine
+from .finish import RunEnd
 from .pipeline import Stage, StageRunner, plan_lines
 from .queue import TestQueue
-from vmtasks.transport.signals import SignalGuard
-from .finish import RunEnd
-from .vm import VmPipeline, VmServices, guest_env_words
+from .vm import VmPipeline, VmServices, guest_env_words, tool_bundle
+
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
@@ -311,8 +313,6 @@ class Run:
         """The guest-side tool bundle, built once per run (every VM and the image hash use it)."""
         with self._bundle_lock:
             if self._bundle is None:
-                from .vm import tool_bundle
-
                 self._bundle = tool_bundle(self.cfg)
             return self._bundle
 
@@ -323,8 +323,6 @@ class Run:
         return self.request.only_prepare or self.request.prepared == "build" or self.cfg.prepared
 
     def _image(self, ctx) -> None:
-        from . import prepare
-
         plan = prepare.image_plan(self.parts, self.listed, bundle=self.tool_bundle())
         building = self.request.only_prepare or self.request.prepared == "build"
         if plan.exists:
@@ -352,8 +350,6 @@ class Run:
     def _build_image(self, plan) -> List[str]:
         """Under the image's lock: build it unless it exists (another run may have built it
         while we waited), then its suspended slot copies. Returns the slot images made."""
-        from . import images
-
         prefix, state = self.cfg.vm.name_prefix, self.ledger.state_dir
         with images.BuildLock(state, plan.hash, image=plan.name, run_id=self.run_id, on_wait=self.reporter.info,
                               timeout=self.cfg.timeouts.prepare, cancel=self.cancel):
@@ -367,8 +363,6 @@ class Run:
             return self.backend.build_suspended_slots(self.services(), plan, slots)
 
     def _build_stopped_image(self, plan, listing) -> None:
-        from . import images
-
         prefix = self.cfg.vm.name_prefix
         # We hold the build lock: a VM under this build's name is a dead build's.
         for vm in images.leftover_builds(listing, prefix):
@@ -534,8 +528,6 @@ class Run:
     def _suspended_slots(self):
         """{slot: image} of the prepared image's suspended copies (vm-prepare makes them
         where the backend can suspend)."""
-        from . import images
-
         prefix = self.cfg.vm.name_prefix
         plan = images.parse_prepared(prefix, self.image)
         if plan is None or not isinstance(self.backend, PreparedImages):

@@ -9,21 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import shlex
 import shutil
 import tarfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
-import os
-import traceback
 
-from vmtasks.guest import gotest, results
+from vmtasks.guest import evidence, gotest, results
+from vmtasks.guest.errors import (
+    Cancelled,
+    Interrupted,
+    NoLongerNeeded,
+    RemoteTimeout,
+    SshError,
+    StageError,
+    VmtasksError,
+    describe_unexpected,
+)
+from vmtasks.guest.evidence import guest_command
+from vmtasks.settings.factory import task_command
 from vmtasks.transport import ssh, sync
+
+from . import images
 from .backend import Machine, SealableMachine, SuspendableMachine
-from vmtasks.guest.errors import (Cancelled, Interrupted, NoLongerNeeded, RemoteTimeout, SshError, StageError,
-                                  VmtasksError, describe_unexpected)
 from .pipeline import Stage, StageRunner
 from .queue import TestQueue
 
@@ -334,8 +346,6 @@ class VmPipeline:
         for step in steps:
             remaining = ctx.deadline - time.monotonic()
             if remaining <= 0:
-                from vmtasks.guest.errors import RemoteTimeout
-
                 raise RemoteTimeout(step, getattr(self.cfg.timeouts, key), "")
             self.services.reporter.info("   $ " + step)
             result = self.remote(step, remaining, on_output=self._raw)
@@ -351,8 +361,6 @@ class VmPipeline:
         """Make this build the prepared image: no key of ours stays in it, the guest's
         writes are on disk (`tart stop` is a hard power-off), and the finished name appears
         only now, in one rename."""
-        from . import images
-
         result = self.remote("rm -f ~/.ssh/authorized_keys && sync", self.cfg.timeouts.teardown)
         if result.exit_code != 0:
             raise StageError("seal", self.name, "cleaning the image failed (exit {})".format(result.exit_code),
@@ -445,8 +453,6 @@ class VmPipeline:
         is a note in the summary. Named in the summary and in JUnit (an attachment line)."""
         if not (self.cfg.artifacts or self.cfg.collect) or not tests or ctx.conn is None:
             return
-        from vmtasks.guest import evidence
-
         command = evidence.pack_command(self.cfg.guest.python, tool_path(self.cfg), guest_env_words(self.cfg),
                                         self.cfg.artifacts, self.cfg.collect, self.cfg.artifacts_max_mb << 20,
                                         self.cfg.timeouts.collect)
@@ -589,8 +595,6 @@ class VmPipeline:
 
     # -- what each test changed (suite.changes) --------------------------------
     def _evidence_command(self, *words: str) -> str:
-        from vmtasks.guest.evidence import guest_command
-
         return guest_command(self.cfg.guest.python, tool_path(self.cfg), guest_env_words(self.cfg), words)
 
     def _snapshot(self, ctx: VmContext, which: str) -> bool:
@@ -620,8 +624,6 @@ class VmPipeline:
     def _record_changes(self, ctx: VmContext, test: str, failed: bool) -> None:
         """After a test: snapshot again, keep the difference in ``changes/<test>.txt``; for a
         failed test, the summary gets its first lines and what the tests before it changed."""
-        from vmtasks.guest import evidence
-
         if not self._snapshot(ctx, "after"):
             return
         out: List[str] = []
@@ -686,8 +688,6 @@ class VmPipeline:
         self.services.ledger.write(ctx.lease)
         target = ctx.machine.ssh_target()
         attach = ssh.attach_command(target.host, self.cfg.vm.user, self._run_key(), target.proxy_command)
-        from vmtasks.settings.factory import task_command
-
         until = time.strftime("%Y-%m-%d %H:%M", time.localtime(ctx.lease.keep_until))
         slot = ""
         if isinstance(ctx.machine, SuspendableMachine):

@@ -10,8 +10,11 @@ import shlex
 from pathlib import Path
 from typing import List, Mapping, Optional
 
+from vmtasks.guest import config
+from vmtasks.guest.config import BACKEND_MODULES
 from vmtasks.lifecycle.backend import Owner
 from vmtasks.state.ledger import Ledger, default_state_dir
+from vmtasks.state.records import RunRecord
 from vmtasks.transport.proc import Runner
 
 
@@ -30,8 +33,6 @@ class Parts:
         self.cleanup_command = cleanup_command(cfg)
 
     def new_record(self, run_id: str):
-        from vmtasks.state.records import RunRecord
-
         return RunRecord(self.records_root, run_id)
 
     def runner_for(self, record) -> Runner:
@@ -45,8 +46,6 @@ class Parts:
             self.record.command_ran("host", " ".join(shlex.quote(a) for a in argv), code, seconds)
 
     def check_host_paths(self) -> None:
-        from vmtasks.guest import config
-
         config.check_host_paths(self.cfg)
 
     def owner(self, run_id: str) -> Owner:
@@ -81,8 +80,6 @@ def state_dir(cfg, environ: Mapping[str, str]) -> Path:
 
 def make_backend(cfg, runner: Runner, driver=None):
     """The backend the config names: its module (``config.BACKEND_MODULES``) builds it."""
-    from vmtasks.guest.config import BACKEND_MODULES
-
     module = importlib.import_module(BACKEND_MODULES[cfg.backend])
     return module.backend_from_config(cfg, runner, driver)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import getpass
 import json
 import os
 import shlex
@@ -34,7 +35,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-import getpass
 
 from vmtasks.guest.atomic import write_atomic, write_hint
 from vmtasks.guest.errors import StateError

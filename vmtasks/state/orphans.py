@@ -10,11 +10,13 @@ from __future__ import annotations
 import socket
 from typing import Optional
 
+from vmtasks.lifecycle import images
+
+from . import sweep as rules
+
 
 def owned_listing(parts, listed=None):
     """The backend's VMs, minus finished prepared images (vmtasks/lifecycle/images.py names)."""
-    from vmtasks.lifecycle import images
-
     prefix = parts.cfg.vm.name_prefix
     vms = parts.backend.list_vms() if listed is None else listed
     return [vm for vm in vms if images.parse_prepared(prefix, vm.name) is None]
@@ -24,8 +26,6 @@ def sweep(reporter, parts, dry_run: bool = False, include_kept: bool = False,
           max_age: Optional[float] = None, quiet: bool = False, listed=None,
           include_unleased: bool = False, child_wait: Optional[float] = None) -> int:
     """Plan and (unless ``dry_run``) apply the sweep; 1 if something could not be removed."""
-    from . import sweep as rules
-
     extra = {} if child_wait is None else {"child_wait": child_wait}
     listing = owned_listing(parts, listed)
     plan = rules.plan(parts.backend, parts.ledger, parts.cfg.vm.name_prefix, include_kept=include_kept,
@@ -67,8 +67,6 @@ def judge_by_owner(plan, parts, listing, include_kept: bool) -> None:
     state dir that was lost): removed when that owner is this host's and gone, live when the
     owner may still run (``Backend.judge_unleased``). Leased VMs keep the ledger's rules;
     VMs the backend cannot judge are left as they were."""
-    from . import sweep as rules
-
     if not plan.unleased:
         return
     labels = {vm.name: vm.labels for vm in listing}

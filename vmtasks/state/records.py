@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from vmtasks.guest.atomic import write_atomic
 from vmtasks.guest.errors import StateError
+
 from .ledger import owner_stamp, process_alive
 
 OWNER_FILE = "owner.json"

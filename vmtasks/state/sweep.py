@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from vmtasks.guest.errors import StateError, VmtasksError
-from .ledger import GONE, ZOMBIE, Child, Ledger, Lease, Scan, Unreadable, probe_process
+
+from .ledger import GONE, ZOMBIE, Child, Lease, Ledger, Scan, Unreadable, probe_process
 
 DEFAULT_CLEANUP = "invoke cleanup-orphans"
 UNLEASED_AFTER = 24 * 3600.0

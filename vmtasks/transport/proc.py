@@ -12,6 +12,7 @@ is cancelled (``cancel``), and let teardown's commands finish.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -19,9 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, List, Mapping, Optional, Sequence
-import shutil
 
-from vmtasks.guest.errors import CommandFailed, CommandTimeout
+from vmtasks.guest.errors import Cancelled, CommandFailed, CommandTimeout
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,6 @@ class Runner:
             on_start: Optional[Callable[[int], None]] = None) -> Result:
         """Run to completion. ``cancel`` set: the child is stopped and ``Cancelled`` raised.
         ``timeout``: the child is killed and ``CommandTimeout`` raised with its output."""
-        from vmtasks.guest.errors import Cancelled
-
         argv = [argv] if isinstance(argv, str) else list(argv)
         started = time.monotonic()
         try:

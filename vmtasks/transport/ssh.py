@@ -9,15 +9,16 @@ or written.
 
 from __future__ import annotations
 
+import codecs
 import os
+import shlex
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
-import codecs
-import shlex
 
+from vmtasks.guest.atomic import write_hint
 from vmtasks.guest.errors import Cancelled, RemoteTimeout, SshError, StateError
 
 SSH_PORT = 22
@@ -39,8 +40,6 @@ def generate_key(key_dir: Path, comment: str) -> RunKey:
     try:
         return _generate_key(key_dir, comment)
     except OSError as exc:
-        from vmtasks.guest.atomic import write_hint
-
         raise StateError("cannot write the run's SSH key in {}: {}".format(key_dir, exc.strerror or exc),
                          write_hint(exc)) from None
 

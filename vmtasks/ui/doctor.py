@@ -6,20 +6,21 @@ left (the sweep's plan, nothing removed) and the state dir."""
 from __future__ import annotations
 
 import re
-import shutil
-from typing import Callable, List, Optional
 import shlex
+import shutil
 import subprocess
+from typing import Callable, List, Optional
 
-from vmtasks.state import orphans, sweep
-from vmtasks.lifecycle.backend import Check
+from vmtasks.guest import config as config_mod
+from vmtasks.guest import gotest
 from vmtasks.guest.errors import VmtasksError
+from vmtasks.lifecycle.backend import Check
+from vmtasks.settings.factory import Parts
+from vmtasks.state import orphans, sweep
 
 
 def checks(load_config: Callable, driver=None) -> List[Check]:
     """``driver``: the backend's command driver, for tests (see ``factory.Parts``)."""
-    from vmtasks.settings.factory import Parts
-
     out: List[Check] = []
     add = out.append
     try:
@@ -67,9 +68,6 @@ def project_checks(cfg, run_go: Optional[Callable] = None) -> List[Check]:
     go.mod (as pre-flight checks them), go where the run calls it (the queue compiles on the
     host; one VM lists the tests there, best effort), the suite's packages as go sees them,
     and the programs the `build` commands start."""
-
-    from vmtasks.guest import config as config_mod
-    from vmtasks.guest import gotest
 
     out = []
     try:

@@ -29,8 +29,11 @@ from types import SimpleNamespace
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import quote
 
+from vmtasks.guest.atomic import write_atomic
 from vmtasks.guest.errors import ConfigError, StateError
 from vmtasks.guest.visible import visible, visible_line
+
+from .report import vm_shares
 
 REPORT_NAME = "report.html"
 TESTS_NAME = "tests.json"
@@ -426,8 +429,6 @@ def _bar(t: Dict[str, Any], where: Optional[Dict[str, str]], at: str) -> Dict[st
 
 def _balance(tests: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     """Busy and idle time per VM, by the same rules as the terminal summary."""
-    from .report import vm_shares
-
     view = SimpleNamespace(results=[SimpleNamespace(name=str(t.get("name")), package=str(t.get("package") or ""),
                                                     status=str(t.get("status")),
                                                     elapsed=_number(t.get("elapsed")) or 0.0,
@@ -534,8 +535,6 @@ def build_html(run_dir: Path, history_dirs: Optional[Iterable[Path]] = None) -> 
 def write_report(run_dir: Path) -> Path:
     """(Re)write ``report.html`` in the record at ``run_dir``; returns its path.
     ``StateError`` when the record cannot be read or the file cannot be written."""
-    from vmtasks.guest.atomic import write_atomic
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise StateError("no run record at {}".format(run_dir), "check the run id (`invoke vm-report` lists them)")

@@ -4,6 +4,7 @@ the way Test Kitchen has ``list`` and ``login``."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 import threading
@@ -11,14 +12,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
-import json
 
-from vmtasks.lifecycle import images
-from vmtasks.transport import ssh
-from vmtasks.lifecycle.backend import SuspendableMachine
 from vmtasks.guest.errors import VmtasksError
-from vmtasks.settings.factory import task_command
+from vmtasks.guest.inner import suite_argv
+from vmtasks.guest.results import rerun_regex
 from vmtasks.guest.visible import visible_line
+from vmtasks.lifecycle import images
+from vmtasks.lifecycle.backend import SuspendableMachine
+from vmtasks.settings.factory import task_command
+from vmtasks.transport import ssh
 
 
 def rows(parts) -> List[List[str]]:
@@ -114,9 +116,6 @@ def login_banner(parts, how: Login) -> List[str]:
     """What vm-login says before the session: the run and VM, where the synced tree is, and
     the line that reruns the run's failed test in there with the guard set (the suite's
     destructive tests refuse without it)."""
-
-    from vmtasks.guest.inner import suite_argv
-    from vmtasks.guest.results import rerun_regex
 
     lease = how.lease
     cfg = parts.cfg

@@ -31,8 +31,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Protocol, Sequence,
-                    TextIO, Tuple, Union)
+from typing import (
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    TextIO,
+    Tuple,
+    Union,
+)
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -40,9 +52,9 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from vmtasks.guest.atomic import write_atomic
 from vmtasks.guest.results.model import format_duration
 from vmtasks.guest.visible import visible, visible_line
-
 
 STAGE_TITLES = {
     "preflight": "pre-flight", "sweep": "orphan sweep", "build": "build", "clone": "clone",
@@ -647,8 +659,6 @@ class Reporter:
                                   extra_lines)
             text = "\n".join(line.plain for line in lines) + "\n"
             if summary_path is not None:
-                from vmtasks.guest.atomic import write_atomic
-
                 write_atomic(summary_path, text)
             self.err.file.flush()
             self.out.print(Text(""))

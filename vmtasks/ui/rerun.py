@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from vmtasks.guest.errors import ConfigError
+from vmtasks.guest.results import rerun_regex
 
 
 @dataclass
@@ -35,8 +36,6 @@ def _top_level(names) -> List[str]:
 def choose(records_root: Path, run_command: str = "invoke test-vm") -> RerunChoice:
     """What to rerun: the failed tests of the newest run that ran tests and finished.
     ``run_command``: the command that makes a first run (it names the config)."""
-    from vmtasks.guest.results import rerun_regex
-
     notes: List[str] = []
     found_any = False
     for run in _runs(records_root):

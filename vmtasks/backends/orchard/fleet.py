@@ -43,9 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from vmtasks.lifecycle.backend import Backend, Check, ListedVm, Machine, Owner, SshTarget, backoff
+from vmtasks.guest.atomic import write_atomic
 from vmtasks.guest.config import excerpt, orchard_url_problem
 from vmtasks.guest.errors import BackendError, Cancelled, ConfigError, NoLongerNeeded, PreflightError, SshError
+from vmtasks.guest.results.stream import parse_time as parse_rfc3339
+from vmtasks.lifecycle.backend import Backend, Check, ListedVm, Machine, Owner, SshTarget, backoff
+from vmtasks.settings.factory import state_dir
+from vmtasks.settings.factory import state_dir as find_state_dir
+from vmtasks.state.ledger import Ledger, process_alive
 
 ENV_URL = "ORCHARD_URL"
 ENV_NAME = "ORCHARD_SERVICE_ACCOUNT_NAME"
@@ -128,8 +133,6 @@ def context_file_path(env=None) -> Path:
 def backend_from_config(cfg, runner=None, driver: Optional["OrchardClient"] = None) -> "OrchardBackend":
     """The Orchard backend for a loaded config (``backend: orchard``; ``orchard.*`` keys).
     ``runner``: unused (no local commands); ``driver``: an ``OrchardClient`` to use."""
-    from vmtasks.settings.factory import state_dir
-
     settings = load_settings(url=cfg.orchard.url or None, ca_cert=cfg.orchard.ca_cert or None,
                              context=cfg.orchard.context or None)
     return OrchardBackend(settings, image=cfg.orchard.image or cfg.vm.base, cpu=cfg.orchard.cpu,
@@ -405,8 +408,6 @@ def parse_time(text: str) -> Optional[float]:
     None for Go's zero time (a field the controller has not set)."""
     if not text or text.startswith("0001-01-01"):
         return None
-    from vmtasks.guest.results.stream import parse_time as parse_rfc3339
-
     return parse_rfc3339(text)
 
 
@@ -439,8 +440,6 @@ def owner_alive(labels: Dict[str, str], hostname: Optional[str] = None) -> Optio
     owner = owner_of(labels)
     if owner is None:
         return None
-    from vmtasks.state.ledger import process_alive
-
     return process_alive(owner.pid, owner.pid_start, owner.host or "?", this_host=hostname, stored=env_value)
 
 
@@ -460,8 +459,6 @@ def judge_unleased(name: str, labels: Dict[str, str], include_kept: bool = False
     why = "owner process {} of run {} on this host is gone (the VM's owner record)".format(owner.pid, owner.run_id)
     state_dir = labels.get("state_dir")
     if state_dir and Path(state_dir).is_dir():
-        from vmtasks.state.ledger import Ledger
-
         ledger = Ledger(Path(state_dir))
         lease = ledger.read(name)
         if lease is None and ledger.has_lease(name):
@@ -609,8 +606,6 @@ class OrchardBackend(Backend):
     def _remember_probe(self, image: str) -> None:
         if self.probe_cache is None:
             return
-        from vmtasks.guest.atomic import write_atomic
-
         data = {k: v for k, v in self._read_probe_cache().items() if time.time() - v < PROBE_TTL}
         data[self._probe_key(image)] = time.time()
         try:
@@ -728,8 +723,6 @@ class OrchardBackend(Backend):
     def machine(self, name: str, owner: Owner, cfg=None, public_key: Optional[str] = None) -> "OrchardMachine":
         state_dir = ""
         if cfg is not None:
-            from vmtasks.settings.factory import state_dir as find_state_dir
-
             state_dir = str(find_state_dir(cfg, os.environ).resolve())
         return OrchardMachine(self, name, owner, public_key=public_key, state_dir=state_dir)
 

@@ -13,14 +13,15 @@ import os
 import sys
 import threading
 
+from vmtasks.guest.errors import VmtasksError
+
+from .fleet import CLOSED_AT_ONCE, OrchardClient, send_until_eof, settings_from_proxy_env
+
 
 def main(argv) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python3 -m vmtasks.backends.orchard.proxy VM PORT", file=sys.stderr)
         return 2
-    from vmtasks.guest.errors import VmtasksError
-    from .fleet import CLOSED_AT_ONCE, OrchardClient, send_until_eof, settings_from_proxy_env
-
     vm, port = argv[0], int(argv[1])
     try:
         client = OrchardClient(settings_from_proxy_env())

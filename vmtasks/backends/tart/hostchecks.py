@@ -18,8 +18,13 @@ import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from vmtasks.lifecycle.backend import Check as DoctorCheck
 from vmtasks.guest.errors import VmtasksError
+from vmtasks.lifecycle import prepare
+from vmtasks.lifecycle.backend import Check as DoctorCheck
+from vmtasks.transport import proc
+
+from .cli import INSTALL_HINT
+from .machine import MACOS_VM_LIMIT, exec_hint, is_standin
 
 INTERNET_SHARING_PLIST = "/Library/Preferences/SystemConfiguration/com.apple.InternetSharing.default.plist"
 LEASES_FILE = "/var/db/dhcpd_leases"
@@ -135,24 +140,19 @@ def _tart_home() -> Path:
 def tart_checks(parts) -> List[DoctorCheck]:
     """vm-doctor's checks of the Tart backend: tools, tart, the host, the guest agent, the
     base image, disk, VM slots and prepared images (``TartBackend.doctor``)."""
-    from vmtasks.lifecycle import prepare
-    from .machine import MACOS_VM_LIMIT, is_standin
-    from vmtasks.transport.proc import which
-    from .cli import INSTALL_HINT
-
     cfg = parts.cfg
     out: List[DoctorCheck] = []
     add = out.append
     for tool in ("ssh", "rsync"):
-        path = which(tool)
+        path = proc.which(tool)
         add(DoctorCheck(tool, "ok", path) if path else DoctorCheck(tool, "fail", "not on PATH", "install " + tool))
     tart = parts.backend.tart
-    if which("tart") is None:
+    if proc.which("tart") is None:
         add(DoctorCheck("tart", "fail", "not on PATH", INSTALL_HINT))
         return out
     version = tart.version()
     standin = is_standin(version)
-    add(DoctorCheck("tart", "ok", "{} ({})".format(which("tart"), version or "version unknown")))
+    add(DoctorCheck("tart", "ok", "{} ({})".format(proc.which("tart"), version or "version unknown")))
     mac = platform.system() == "Darwin" and platform.machine() == "arm64"
     if mac:
         add(DoctorCheck("host", "ok", "Apple Silicon Mac"))
@@ -214,8 +214,6 @@ def host_checks(version: str, mac: bool) -> List[DoctorCheck]:
 def agent_user_check(tart, vms, cfg) -> DoctorCheck:
     """The guest agent answers and runs as vm.user (the key goes into the agent user's home),
     asked of a running VM of ours if there is one; doctor boots none."""
-    from .machine import exec_hint
-
     running = [vm.name for vm in vms if vm.running and vm.name.startswith(cfg.vm.name_prefix)]
     if not running:
         return DoctorCheck("guest agent", "ok", "not checked: no running VM of ours to ask; test-vm checks it "

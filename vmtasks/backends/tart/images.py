@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from vmtasks.guest.errors import Cancelled, PreflightError, StageError, VmtasksError
 from vmtasks.lifecycle import images
 from vmtasks.lifecycle.backend import sleep_or_cancel
-from vmtasks.guest.errors import Cancelled, PreflightError, StageError, VmtasksError
 from vmtasks.lifecycle.pipeline import Stage, StageRunner
+
 from .cli import Tart
 
 # What `tart get` tells that decides a clone's content (or the config a clone inherits).

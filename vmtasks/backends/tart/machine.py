@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import secrets
+import shlex
 import socket
 import subprocess
 import threading
@@ -15,13 +16,25 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import shlex
-
-from vmtasks.transport import ssh
-from vmtasks.lifecycle.backend import (Backend, Check, ListedVm, Machine, Owner, PreparedImages, ResumableMachine,
-                                       SealableMachine, SshTarget, SuspendableMachine, backoff, sleep_or_cancel)
 from vmtasks.guest.errors import Cancelled, CommandTimeout, NoLongerNeeded, NoSlot, PreflightError, StageError
+from vmtasks.lifecycle.backend import (
+    Backend,
+    Check,
+    ListedVm,
+    Machine,
+    Owner,
+    PreparedImages,
+    ResumableMachine,
+    SealableMachine,
+    SshTarget,
+    SuspendableMachine,
+    backoff,
+    sleep_or_cancel,
+)
+from vmtasks.transport import ssh
 from vmtasks.transport.proc import tail_file, which
+
+from . import images as tart_images
 from .cli import INSTALL_HINT, Tart, TartError
 
 LIMIT_MESSAGE = "exceeds the system limit"
@@ -114,19 +127,13 @@ class TartBackend(Backend, PreparedImages):
 
     # -- prepared images (vmtasks/lifecycle/prepare.py, vmtasks/lifecycle/images.py) ------------------------------
     def image_identity(self, base: str):
-        from . import images as tart_images
-
         return tart_images.base_identity(self.tart, base)
 
     def image_disk_gb(self, name: str) -> Optional[float]:
-        from . import images as tart_images
-
         use = tart_images.disk_use(self.tart, name)
         return use.total_gb if use is not None else None
 
     def build_suspended_slots(self, services, plan, count: int) -> List[str]:
-        from . import images as tart_images
-
         return tart_images.build_suspended_slots(services, self.tart, plan, count)
 
 

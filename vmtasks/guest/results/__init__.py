@@ -15,9 +15,30 @@ Imported inside the guest (Python 3.9, standard library only).
 from .history import DEFAULT_PATH as DURATIONS_PATH
 from .history import History
 from .junit import write_junit
-from .model import (FAIL, FLAKY, INTERRUPTED, NOTRUN, PASS, SKIP, Counts, PackageError, PackageResult, Summary,
-                    TestResult, attempt_failed, attempts_data, explain_exit, failed_tests, format_duration,
-                    mark_not_run, merge, no_test_reason, retry_notes, verdict_line, with_retries)
+from .model import (
+                    FAIL,
+                    FLAKY,
+                    INTERRUPTED,
+                    NOTRUN,
+                    PASS,
+                    SKIP,
+                    Counts,
+                    PackageError,
+                    PackageResult,
+                    Summary,
+                    TestResult,
+                    attempt_failed,
+                    attempts_data,
+                    explain_exit,
+                    failed_tests,
+                    format_duration,
+                    mark_not_run,
+                    merge,
+                    no_test_reason,
+                    retry_notes,
+                    verdict_line,
+                    with_retries,
+)
 from .rerun import go_quote_meta, rerun_regex
 from .stream import SuiteStream, TestEvent
 

@@ -14,11 +14,11 @@ Each test keeps its last :data:`KEEP` durations, oldest first. Imported inside t
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 from typing import Dict, Iterable, List, Optional, Tuple, Union
-import fcntl
 
 from ..atomic import write_atomic
 from .model import FAIL, FLAKY, PASS, Summary, TestResult

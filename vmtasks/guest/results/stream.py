@@ -70,8 +70,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
-from .model import (FAIL, INTERRUPTED, PASS, RUNNING, SKIP, PackageError, PackageResult, Counts,
-                                         Summary, TestResult)
+from .model import FAIL, INTERRUPTED, PASS, RUNNING, SKIP, Counts, PackageError, PackageResult, Summary, TestResult
 
 TAIL_LINES = 200
 TAIL_CHARS = 64 * 1024
