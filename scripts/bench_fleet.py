@@ -108,7 +108,8 @@ class Bench:
     # --- the tunnel against direct SSH ---
 
     def tunnel(self, reps: int) -> dict:
-        from vmtasks.backends.orchard.fleet import OrchardBackend, load_settings
+        from vmtasks.backends.orchard.backend import OrchardBackend
+        from vmtasks.backends.orchard.settings import load_settings
         from vmtasks.lifecycle.backend import Owner
         from vmtasks.transport import ssh
 

@@ -1,4 +1,4 @@
-"""The Orchard backend (vmtasks/backends/orchard/fleet.py): settings resolution as units, and the whole VM
+"""The Orchard backend (vmtasks/backends/orchard/): settings resolution as units, and the whole VM
 lifecycle against the controller stand-in (scripts/orchard) with real Tart stand-in guests,
 Paramiko over the port-forward tunnel and rsync through the ProxyCommand helper."""
 
@@ -16,17 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks.backends.orchard.fleet import (
-    OrchardBackend,
-    OrchardSettings,
-    context_file_path,
-    fleet_slots,
-    load_settings,
-    online_workers,
-    owner_alive,
-    owner_of,
-    parse_time,
-)
+from vmtasks.backends.orchard.backend import OrchardBackend
+from vmtasks.backends.orchard.fleet import fleet_slots, online_workers, owner_alive, owner_of, parse_time
+from vmtasks.backends.orchard.settings import OrchardSettings, context_file_path, load_settings
 from vmtasks.guest.errors import BackendError, ConfigError, PreflightError, VmtasksError
 from vmtasks.lifecycle.backend import Owner
 from vmtasks.transport import ssh
@@ -209,9 +201,11 @@ def test_lifecycle_ssh_and_rsync_through_the_tunnel(fleet, backend, tmp_path):
     assert target.env["ORCHARD_SERVICE_ACCOUNT_TOKEN"] not in target.proxy_command
     ssh_cmd = " ".join(shlex.quote(a)
                        for a in ["ssh", *ssh.ssh_options(key), "-o", "ProxyCommand=" + target.proxy_command])
+    # The ProxyCommand finds this vmtasks through PYTHONPATH, from any directory (not only the checkout's).
+    assert (Path(target.env["PYTHONPATH"].split(os.pathsep)[0]) / "vmtasks" / "__init__.py").is_file()
     env = dict(os.environ, **target.env)
     done = subprocess.run(["rsync", "-a", "-e", ssh_cmd, str(src) + "/", "admin@{}:tree/".format(target.host)],
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr
     with _ssh(machine, key) as conn:
         result = ssh.remote_exec(conn, "cat tree/a.txt; wc -c < tree/sub/b.bin", timeout=20)
@@ -480,7 +474,7 @@ class _FakeOrchard:
         return ""
 
     def judge_unleased(self, name, labels, include_kept):  # as OrchardBackend: by the VM's owner record
-        from vmtasks.backends.orchard.fleet import OrchardBackend
+        from vmtasks.backends.orchard.backend import OrchardBackend
 
         return OrchardBackend.judge_unleased(self, name, labels, include_kept)
 

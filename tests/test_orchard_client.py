@@ -12,15 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from vmtasks.backends.orchard.fleet import (
-    CLOSED_AT_ONCE,
-    PROBE_RAN,
-    OrchardBackend,
-    OrchardClient,
-    OrchardHTTPError,
-    OrchardSettings,
-    delete_vm,
-)
+from vmtasks.backends.orchard.backend import PROBE_RAN, OrchardBackend
+from vmtasks.backends.orchard.client import CLOSED_AT_ONCE, OrchardClient, OrchardHTTPError
+from vmtasks.backends.orchard.machine import delete_vm
+from vmtasks.backends.orchard.settings import OrchardSettings
 from vmtasks.guest.errors import BackendError, ConfigError, PreflightError
 from vmtasks.lifecycle.backend import Owner
 

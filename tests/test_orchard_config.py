@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vmtasks.backends.orchard.fleet import load_settings, settings_from_proxy_env
+from vmtasks.backends.orchard.settings import load_settings, settings_from_proxy_env
 from vmtasks.guest import config
 from vmtasks.guest.errors import ConfigError
 

@@ -159,7 +159,7 @@ def test_plain_install_declares_its_dependencies(installed, tmp_path):
     # Every host module the tasks import is there (nothing comes from the system).
     done = installed.py(tmp_path, "import vmtasks.tasks, vmtasks.lifecycle.run, vmtasks.ui.report, "
                                   "vmtasks.transport.ssh, vmtasks.guest.config, vmtasks.settings.yamlsafe, "
-                                  "vmtasks.backends.orchard.fleet, vmtasks.backends.tart.machine, "
+                                  "vmtasks.backends.orchard.backend, vmtasks.backends.tart.machine, "
                                   "vmtasks.guest.results")
     assert done.returncode == 0, done.stderr
     # The report's template is installed with the package (package data) and Jinja2 with it.

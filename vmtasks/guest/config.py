@@ -37,7 +37,7 @@ from .errors import ConfigError
 KEEP_CHOICES = ("never", "on-failure", "always")
 # The `backend` choices, each with the module that builds it (``backend_from_config``):
 # the one place outside the backends that names them.
-BACKEND_MODULES = {"tart": "vmtasks.backends.tart.machine", "orchard": "vmtasks.backends.orchard.fleet"}
+BACKEND_MODULES = {"tart": "vmtasks.backends.tart.machine", "orchard": "vmtasks.backends.orchard.backend"}
 BACKENDS = tuple(BACKEND_MODULES)
 ENV_PREFIX = "VMTASKS_VM_"
 # openboot's names, kept: every VMTASKS_<x> variable is also read as OPENBOOT_<x>.

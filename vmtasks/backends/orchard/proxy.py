@@ -15,7 +15,8 @@ import threading
 
 from vmtasks.guest.errors import VmtasksError
 
-from .fleet import CLOSED_AT_ONCE, OrchardClient, send_until_eof, settings_from_proxy_env
+from .client import CLOSED_AT_ONCE, OrchardClient, send_until_eof
+from .settings import settings_from_proxy_env
 
 
 def main(argv) -> int:
