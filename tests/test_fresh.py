@@ -1,4 +1,4 @@
-"""The fresh-VM scheduler (vmtasks/fresh.py) with fake pipelines: a fake VM clones, waits at
+"""The fresh-VM scheduler (vmtasks/lifecycle/fresh.py) with fake pipelines: a fake VM clones, waits at
 its slot gate, "runs" (holds its slot) until the test tells it to end, and records when it
 did each. Checked: the slot limit is never exceeded, retries start as soon as a slot frees
 (before the slowest shared VM ends), the next VM is cloned while the previous one runs, a
@@ -12,8 +12,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from vmtasks.errors import Cancelled
-from vmtasks.fresh import FreshJob, FreshScheduler, SlotGate
+from vmtasks.guest.errors import Cancelled
+from vmtasks.lifecycle.fresh import FreshJob, FreshScheduler, SlotGate
 
 WAIT = 5.0  # seconds a test waits for something the scheduler should do at once
 
