@@ -4,8 +4,10 @@ The run's own stages (``run_stages``: pre-flight, sweep, build, image, compile) 
 thread; then one ``VmPipeline`` per VM runs in its own thread (vmtasks/lifecycle/vm.py). With one VM
 the suite runs as one ``go test -json`` (as the old driver did); with several, the suite's
 own listing feeds a shared queue (vmtasks/lifecycle/queue.py) that each VM takes tests from, longest
-first. The main thread watches signals, waits, then merges the VMs' results into one
-summary, one JUnit file, one durations update and one exit code.
+first. Which VM may run when is the fresh-VM scheduler's (vmtasks/lifecycle/fresh.py): at most
+``vms`` hold a slot; ``--retries`` and ``--isolate`` VMs take slots as they free. The main
+thread drives it, watches signals, waits, then merges the VMs' results into one summary, one
+JUnit file, one durations update and one exit code.
 """
 
 from __future__ import annotations
