@@ -181,7 +181,6 @@ def test_a_shared_vm_failure_is_retried_as_soon_as_a_slot_frees():
     retry = h.vm("T#1")
     wait(retry.running, "the retry runs on vm1's slot")
     assert not vm2.teardown_done.is_set(), "the slowest shared VM is still running"
-    assert h.log.first("T#1", "clone") < time.monotonic()
     retry.finish.set()
     vm2.finish.set()
     h.done()
