@@ -181,3 +181,28 @@ def test_tart_doctor_rows_are_checks_when_tools_are_missing(tmp_path, monkeypatc
     assert by_name["rsync"].status == "fail" and by_name["rsync"].hint == "install rsync"
     assert by_name["tart"].status == "fail" and "brew" in by_name["tart"].hint
     assert "base image" not in by_name and "leftovers" not in by_name
+
+
+def test_teardown_stops_a_run_again_that_started_after_the_first_stop():
+    """`tart stop` while `tart run` still waits for Tart's global lock (another VM's clone
+    holds it) finds nothing running; the run then starts the VM. Teardown stops it again
+    instead of waiting out timeouts.teardown. A real child stands in for `tart run`: it
+    ends at the second stop."""
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stops = []
+
+    def stop(argv):
+        stops.append(time.monotonic())
+        if len(stops) == 2:
+            child.terminate()
+        return ok()(argv)
+
+    machine = TartMachine(Tart(FakeRunner({"stop": stop})), "vm", cfg())
+    machine.proc = child
+    started = time.monotonic()
+    machine.destroy(60)
+    assert child.poll() is not None and len(stops) == 2
+    assert time.monotonic() - started < 10, "teardown waited for its whole deadline"

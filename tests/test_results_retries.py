@@ -8,7 +8,7 @@ import io
 import xml.etree.ElementTree as ET
 
 from vmtasks.guest import results
-from vmtasks.guest.results import FAIL, FLAKY, PASS, Summary, TestResult
+from vmtasks.guest.results import FAIL, FLAKY, LOST, PASS, Summary, TestResult
 
 PKG = "example.com/e2e"
 
@@ -104,3 +104,47 @@ def test_the_durations_history_keeps_a_flaky_tests_passing_time():
     history = results.History()
     assert history.record(retried()) == 3
     assert history.samples(PKG, "TestB") == [0.5]
+
+
+def lost_retry(name, vm):
+    """A retry whose VM died while the test ran: the stream failed it with the reason."""
+    running = result(name, FAIL, vm, 10.0, output="=== RUN   {}\n".format(name))
+    return vm, results.mark_lost(Summary(results=[running], failures=[running]), (PKG, name),
+                                 "VM lost: tart run exited 0 (lost connection, or the guest crashed?)")
+
+
+def test_a_lost_retry_is_neither_a_pass_nor_a_failure_and_every_view_says_so():
+    summary = results.with_retries(first_pass(), {
+        (PKG, "TestB"): [lost_retry("TestB", "r1"), retry("TestB", PASS, "r2")],
+        (PKG, "TestC"): [lost_retry("TestC", "r3")],
+    })
+    by_name = {r.name: r for r in summary.results}
+    assert by_name["TestB"].status == FLAKY and [a.status for a in by_name["TestB"].attempts] == [FAIL, LOST, PASS]
+    # Failed on the only attempt that ran: still failed, the lost one decides nothing.
+    assert by_name["TestC"].status == FAIL and by_name["TestC"].vm == "vm2"
+    assert [a.status for a in by_name["TestC"].attempts] == [FAIL, LOST]
+    assert "this attempt's VM was lost while the test ran: VM lost" in by_name["TestC"].attempts[1].output
+    assert len(summary.lost_attempts) == 2
+    assert results.verdict_line(summary, 3.0) == "DONE 3 tests, 1 flaky, 1 failure, 2 retries lost in 3.0s"
+    notes = results.retry_notes(summary)
+    assert "failed TestC on every attempt that ran (1 of 2): vm2" in notes, notes
+    assert "lost retry of TestC on r3: its VM was lost while the test ran (not counted as a failure of the test)" \
+        in notes
+    buf = io.BytesIO()
+    counts = results.write_junit(summary, buf)
+    lost = [c.get("name") for c in ET.fromstring(buf.getvalue()).iter("testcase")
+            if c.find("error") is not None and c.find("error").get("message") == "VM lost"]
+    assert lost == ["TestB", "TestC"] and counts["errors"] == 2 and counts["failures"] == 2
+    attempts = results.attempts_data(summary)
+    assert [a["result"] for a in attempts["TestC"]] == ["fail", "lost"]
+    assert results.failed_tests(summary) == ["TestC"]
+
+
+def test_one_lost_retry_is_counted_in_the_singular():
+    summary = results.with_retries(first_pass(), {(PKG, "TestC"): [lost_retry("TestC", "r1")]})
+    assert results.verdict_line(summary, 1.0) == "DONE 3 tests, 2 failures, 1 retry lost in 1.0s"
+
+
+def test_mark_lost_of_a_retry_that_never_reported_the_test():
+    marked = results.mark_lost(None, (PKG, "TestX"), "VM lost: gone")
+    assert [(r.name, r.status) for r in marked.results] == [("TestX", LOST)] and marked.failures == []

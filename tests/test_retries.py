@@ -60,3 +60,15 @@ def test_the_dry_run_plan_says_how_failed_tests_are_retried(tmp_path):
     assert not any("fresh VM" in line for line in run.plan())
     run.request = dataclasses.replace(run.request, retries=2)
     assert any("up to 2 times: run it again alone on a fresh VM" in line for line in run.plan())
+
+
+def test_the_dry_run_plan_says_isolated_vms_are_cloned_ahead(tmp_path):
+    import dataclasses
+
+    from conftest import FakeRunner
+    from test_run import make_run
+
+    run = make_run(tmp_path, FakeRunner())
+    assert not any("--isolate" in line for line in run.plan())
+    run.request = dataclasses.replace(run.request, isolate=True, vms=2)
+    assert any("next VM is cloned while its current one runs" in line for line in run.plan())

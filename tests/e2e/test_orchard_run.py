@@ -429,3 +429,42 @@ def test_retries_run_on_fresh_orchard_vms(client, fleet):
     assert [t["result"] for t in broken] == ["fail", "fail"] and broken[0]["vm"] != broken[1]["vm"]
     assert "DONE 3 tests, 1 flaky, 1 failure in" in text
     client.assert_nothing_left()
+
+
+def test_isolate_and_replay_on_the_fleet(client, fleet):
+    """--isolate on the fleet: every test on its own fresh Orchard VM (two workers, one slot
+    each: never more than --vms at once), the polluted test passes, only the broken one
+    fails. Then --replay of a shared run on the fleet reproduces the order-dependent failure."""
+    env = {"UNEVEN_SCALE": "0.05", "UNEVEN_POLLUTER": "TestShort01", "UNEVEN_POLLUTED": "TestShort02",
+           "UNEVEN_FAIL": "TestShort03"}
+    config = client.config(UNEVEN, guest_env=env)
+    code, text = client.invoke("test-vm-run", "--test", "TestShort0[123]$", "--vms", "2", "--isolate",
+                               config=config, timeout=300)
+    assert code == 1, text
+    tests = json.loads((client.record() / "tests.json").read_text())["tests"]
+    assert {t["name"]: t["status"] for t in tests} == {"TestShort01": "pass", "TestShort02": "pass",
+                                                       "TestShort03": "fail"}, text
+    vms = [t["vm"] for t in tests]
+    assert len(set(vms)) == 3 and all(vm.rsplit("-", 1)[1].startswith("t") for vm in vms), vms
+    assert "isolation: 3 tests on 3 fresh VMs" in text and "DONE 3 tests, 1 failure" in text, text
+    # Never more than 2 VMs held a slot (boot to the end of teardown), from the record.
+    spans: Dict[str, Dict[str, float]] = {}
+    for s in json.loads((client.record() / "stages.json").read_text()):
+        if s.get("vm") and s["stage"] == "boot":
+            spans.setdefault(s["vm"], {})["boot"] = s["started"]
+        elif s.get("vm") and s["stage"] == "teardown":
+            spans.setdefault(s["vm"], {})["end"] = s["started"] + s["seconds"]
+    edges = sorted([(v["boot"], 1) for v in spans.values()] + [(v["end"], -1) for v in spans.values()])
+    running = [sum(step for _, step in edges[:i + 1]) for i in range(len(edges))]
+    assert max(running) <= 2, spans
+    client.assert_nothing_left()
+
+    code, text = client.invoke("test-vm-run", "--test", "TestShort0[12]$", "--vms", "1", config=config, timeout=300)
+    assert code == 1 and "TestShort02" in text, text
+    run_id = client.record().name
+    code, text = client.invoke("test-vm", "--replay", run_id, config=config, timeout=300)
+    assert code == 1, text
+    assert "replay of {} (2 tests, the same order); reproduced: TestShort02".format(run_id) in text, text
+    tests = json.loads((client.record() / "tests.json").read_text())["tests"]
+    assert [t["name"] for t in sorted(tests, key=lambda t: t["started"] or 0)] == ["TestShort01", "TestShort02"]
+    client.assert_nothing_left()

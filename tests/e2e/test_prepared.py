@@ -185,3 +185,27 @@ def test_prepared_clean_up_leaves_another_configs_image(world, cleanup_images):
     assert swept.code == 0 and "which is gone" in swept.err, swept.text
     assert images(world) == b_image
     assert all(name.startswith(b_image[0]) for name in all_images(world)), all_images(world)
+
+
+def test_isolated_and_retry_vms_resume_from_the_slot_copies_one_after_another(world, cleanup_images):
+    """--isolate --retries with suspended slot copies: every fresh VM resumes (none boots
+    cold), and each slot's copy serves several VMs of the run in turn (a clone of a suspended
+    VM keeps the copy's saved state and MAC, and the copy stays suspended: the next VM of
+    that slot is started only once the previous one is torn down, so no two run with one MAC)."""
+    cfg = world.write_config(setup=SLOW_SETUP, vms=2, guest={"env": {"GOSUITE_FAIL": "1"}})
+    built = world.invoke("vm-prepare", config=cfg)
+    assert built.code == 0, built.text
+    slots = sorted(name for name in all_images(world) if name.endswith(("-s1", "-s2")))
+    assert len(slots) == 2, world.tart("list").stdout
+
+    run = world.invoke("test-vm-run", "--test=TestShellRC|TestDefaultsWrite|TestDotfilesDirs|TestExampleFailure",
+                       "--isolate", "--retries", "1", config=cfg, timeout=400)
+    assert run.code == 1, run.text
+    resumed = re.findall(r"resumed \((" + re.escape(PREFIX) + r"-prepared-\S+-s\d)\)", run.err)
+    assert len(resumed) == 5, run.err  # 4 tests on their own VMs, and one retry
+    assert sorted(set(resumed)) == slots and max(resumed.count(s) for s in slots) >= 3, resumed
+    assert "cold boot" not in run.err, run.err
+    assert "failed TestExampleFailure on every attempt (2)" in run.out, run.out
+    world.assert_nothing_left()
+    states = json.loads(world.tart("list", "--format", "json").stdout)
+    assert {row["Name"]: row["State"] for row in states if row["Name"] in slots} == {s: "suspended" for s in slots}

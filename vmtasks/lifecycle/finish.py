@@ -58,6 +58,10 @@ class RunEnd:
             if error is not None and not isinstance(error, Interrupted):
                 if isinstance(error, NoSlot) and self.vm_count > 1:
                     self.notes.append("{} got no VM slot: its tests went to the other VMs".format(p.name))
+                elif p in self.retry_pipelines and p.ctx.lost:
+                    # The attempt is "lost" (its test's verdict says so); the VM's end alone
+                    # does not fail the run: the test's other attempts decide.
+                    self.reporter.warn(error.render())
                 else:
                     self.reporter.error(error.render())
                     self.vm_errors.append(error.message)

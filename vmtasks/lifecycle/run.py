@@ -4,8 +4,10 @@ The run's own stages (``run_stages``: pre-flight, sweep, build, image, compile) 
 thread; then one ``VmPipeline`` per VM runs in its own thread (vmtasks/lifecycle/vm.py). With one VM
 the suite runs as one ``go test -json`` (as the old driver did); with several, the suite's
 own listing feeds a shared queue (vmtasks/lifecycle/queue.py) that each VM takes tests from, longest
-first. The main thread watches signals, waits, then merges the VMs' results into one
-summary, one JUnit file, one durations update and one exit code.
+first. Which VM may run when is the fresh-VM scheduler's (vmtasks/lifecycle/fresh.py): at most
+``vms`` hold a slot; ``--retries`` and ``--isolate`` VMs take slots as they free. The main
+thread drives it, watches signals, waits, then merges the VMs' results into one summary, one
+JUnit file, one durations update and one exit code.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vmtasks.transport.signals import SignalGuard
 from . import images, prepare, replay
 from .backend import Owner, PreparedImages, ResumableMachine
 from .finish import RunEnd
+from .fresh import FreshJob, FreshScheduler, SlotGate
 from .pipeline import Stage, StageRunner, plan_lines
 from .queue import TestQueue
 from .vm import VmPipeline, VmServices, guest_env_words, tool_bundle
@@ -90,6 +93,8 @@ class Run:
         self.retry_pipelines: List[VmPipeline] = []  # fresh VMs that each ran one failed test again
         self.retries: Dict[gotest.TestId, List[Tuple[str, VmPipeline]]] = {}  # test -> (vm, pipeline) per retry
         self.running: List[VmPipeline] = []  # the pipelines started last (tests, or an image build)
+        self.scheduler: Optional[FreshScheduler] = None  # the test VMs' slots (vmtasks/lifecycle/fresh.py)
+        self._slot_image_cache: Optional[Dict[int, str]] = None
         self.image_name = ""
         self._bundle: Optional[bytes] = None
         self._bundle_lock = threading.Lock()
@@ -151,9 +156,13 @@ class Run:
         self.queue = None
         if self.request.retries:
             lines.append("  then, for each failed test, up to {} time{}: run it again alone on a fresh VM ({}-{}-r<n>, "
-                         "the same stages; at most {} at once)".format(
+                         "the same stages), as soon as a VM slot frees; at most {} VMs hold a slot at once".format(
                              self.request.retries, "s" if self.request.retries > 1 else "", self.cfg.vm.name_prefix,
                              self.run_id, self.vm_count))
+        if self.request.isolate:
+            lines.append("  --isolate: instead of shared VMs, each test on its own fresh VM ({}-{}-t<n>), at most {} "
+                         "at once; each slot's next VM is cloned while its current one runs".format(
+                             self.cfg.vm.name_prefix, self.run_id, self.vm_count))
         lines.append("  finally: one summary, JUnit, durations update, exit code")
         return lines
 
@@ -166,11 +175,7 @@ class Run:
                 try:
                     self._run_level()
                     if not self.cancel.is_set() and not self.request.only_prepare and not self.no_test_matched:
-                        if self.request.isolate:
-                            self._isolated()
-                        else:
-                            self._vms()
-                        self._retry_failed()
+                        self._fresh_vms()
                 except (Interrupted, Cancelled):
                     pass
                 except VmtasksError as exc:
@@ -181,7 +186,7 @@ class Run:
                     self.cancel.set()
                     self._note_bug("run", exc)
                 finally:
-                    self._wait_for_teardown(self.pipelines + self.retry_pipelines)
+                    self._wait_for_teardown(self._every_pipeline())
                 self._announce_signals()
                 return self._finish()
             except Exception as exc:  # a bug in the merge or the result files: the record still ends
@@ -386,39 +391,57 @@ class Run:
     def _owner(self) -> Owner:
         return self.parts.owner(self.run_id)
 
-    def _isolated(self) -> None:
-        """--isolate: every test on its own fresh VM (a new clone of the run's image on which
-        nothing else ran), at most ``vms`` at once, each torn down once its test (and its
-        evidence) is done. The summary says what that costs per test."""
-        assert self.queue is not None  # isolation runs each test as its own invocation
-        items = list(self.queue.items)
+    def _fresh_vms(self) -> None:
+        """The VMs that run tests, through one scheduler (vmtasks/lifecycle/fresh.py): at most ``vms``
+        hold a slot at once. Shared VMs (the queue's, or the one VM of the suite) take the
+        slots first; ``--isolate`` gives every test a fresh VM instead. ``--retries``: a test
+        that fails goes on the retry list at once and runs again alone on a fresh VM as soon as
+        a slot frees, while the other VMs go on. A fresh VM is cloned ahead while the VM it
+        follows on its slot runs its test, and boots (resumes) once that one is torn down."""
+        self.scheduler = FreshScheduler(slots=self.vm_count, make=self._fresh_pipeline, start=self._start_one,
+                                        failures=self._vm_ended, cancel=self.cancel,
+                                        retries=max(0, self.request.retries),
+                                        movable=not self._slot_images())
+        self.running = []
         started = time.monotonic()
-        for start in range(0, len(items), self.vm_count):
-            if self.cancel.is_set() or self.guard.abandon.is_set():
-                break
-            batch = []
-            for item in items[start:start + self.vm_count]:
-                number = len(self.pipelines) + 1
-                name = "{}-{}-t{}".format(self.cfg.vm.name_prefix, self.run_id, number)
-                queue = TestQueue([item], self.queue.suite, self.queue.bin_dir, self.queue.framing,
-                                  self.queue.env_words)
-                pipeline = VmPipeline(dataclasses.replace(self.services(), queue=queue), name,
-                                      self.backend.machine(name, self._owner(), self.cfg), image=self.image,
-                                      prepared=self.skip_setup, own_folder=True)
-                batch.append(pipeline)
-                self.pipelines.append(pipeline)
-                self.reporter.vm_added(name, label="t{}".format(number))
-            self._start(batch)
-            self._wait_for_teardown(batch)
+        if self.request.isolate:
+            assert self.queue is not None  # isolation runs each test as its own invocation
+            self.scheduler.add_tests([item.key for item in self.queue.items])
+        else:
+            self._vms()
+        self.scheduler.run(tick=self._tick)
+        if self.request.isolate:
+            self._isolation_note(time.monotonic() - started)
+
+    def _tick(self) -> bool:
+        self._announce_signals()
+        return not self.guard.abandon.is_set()
+
+    def _isolation_note(self, wall: float) -> None:
+        """What a VM of its own cost each test: the time its VM held a slot (its boot or
+        resume, key, sync, evidence, teardown: the clone was done ahead) beyond the test."""
         ran = [p for p in self.pipelines if p.ctx.tests_run]
-        if ran:
-            wall = time.monotonic() - started
-            per_test = max(0.0, wall * min(self.vm_count, len(ran)) - sum(p.ctx.busy for p in ran)) / len(ran)
-            self.notes.append("isolation: {} test{} on {} fresh VMs, about {:.1f}s per test for its VM (clone to "
-                              "teardown) beyond the test itself".format(len(ran), "" if len(ran) == 1 else "s",
-                                                                         len(ran), per_test))
+        if not ran:
+            return
+        held = [self._vm_overhead(p) for p in ran]
+        per_test = sum(held) / len(held)
+        self.notes.append("isolation: {} test{} on {} fresh VMs, about {:.1f}s per test for its VM (boot to "
+                          "teardown, each clone made ahead while the previous test ran) beyond the test itself; "
+                          "{:.0f}s wall on {} slot{}".format(
+                              len(ran), "" if len(ran) == 1 else "s", len(ran), per_test, wall, self.vm_count,
+                              "" if self.vm_count == 1 else "s"))
+
+    @staticmethod
+    def _vm_overhead(pipeline: VmPipeline) -> float:
+        """Seconds ``pipeline``'s VM held its slot beyond the time its tests ran."""
+        gate = pipeline.gate
+        since = gate.opened_at if gate is not None and gate.opened_at is not None else pipeline.started_at
+        if since is None or pipeline.ended_at is None:
+            return 0.0
+        return max(0.0, pipeline.ended_at - since - pipeline.ctx.busy)
 
     def _vms(self) -> None:
+        """The shared VMs: each holds a slot of the scheduler from the start."""
         count = self.vm_count
         if self.queue is not None:
             count = min(count, len(self.queue.items))
@@ -426,7 +449,7 @@ class Run:
                 return
         names = ["{}-{}".format(self.cfg.vm.name_prefix, self.run_id)] if self.vm_count == 1 else \
             ["{}-{}-{}".format(self.cfg.vm.name_prefix, self.run_id, n + 1) for n in range(count)]
-        suspended = self._suspended_slots() if self.skip_setup else {}
+        suspended = self._slot_images()
         for index, name in enumerate(names, 1):
             pipeline = self._pipeline(name)
             if index in suspended and isinstance(pipeline.ctx.machine, ResumableMachine):
@@ -440,79 +463,102 @@ class Run:
             self.run_id, ", ".join(names) if len(names) == 1 else
             ", ".join("vm{} = {}".format(i, n) for i, n in enumerate(names, 1)), self.image,
             ", test regex {!r}".format(self.request.test) if self.request.test else ""))
-        self._start(self.pipelines)
+        assert self.scheduler is not None
+        for index, pipeline in enumerate(self.pipelines, 1):
+            self.scheduler.add_shared(pipeline, index)
+            self._start_one(pipeline)
 
-    # -- retries -----------------------------------------------------------------
-    def _retry_failed(self) -> None:
-        """--retries: after the first pass, each failed test runs again alone on a fresh VM
-        (a new clone of the run's image, never one that ran anything), up to N times or until
-        it passes; at most ``vms`` retry VMs at once. One VM: the retry runs the suite command
-        with ``-run ^TestX$``; a queue: the queue's own per-test command."""
-        if self.request.retries <= 0:
-            return
-        self._wait_for_teardown(self.pipelines)
-        first = [s for p in self.pipelines for s in p.ctx.summaries]
-        failing = [r.key for s in first for r in s.results if r.status == results.FAIL and "/" not in r.name]
-        failing = list(dict.fromkeys(failing))
-        for round_no in range(1, self.request.retries + 1):
-            if not failing or self.cancel.is_set() or self.guard.abandon.is_set():
-                return
-            self.reporter.info("retry {} of {}: {} on fresh VMs".format(
-                round_no, self.request.retries, ", ".join(name for _, name in failing)))
-            for start in range(0, len(failing), self.vm_count):
-                batch = [self._retry_pipeline(key, index) for index, key in
-                         enumerate(failing[start:start + self.vm_count], 1)]
-                self._start(batch)
-                self._wait_for_teardown(batch)
-                if self.cancel.is_set():
-                    return
-            failing = [key for key in failing
-                       if results.attempt_failed(self._last_attempt(key), key)]
+    def _fresh_pipeline(self, job: FreshJob, slot: int, gate: SlotGate) -> VmPipeline:
+        """A fresh VM for one job, bound to ``slot``: resumed from that slot's suspended copy
+        where there is one (a clone of a suspended copy keeps its saved state and its MAC; the
+        copy itself stays suspended, so it serves every VM of its slot, one after another,
+        never two at once: the scheduler starts a slot's next VM only once the previous one is
+        torn down)."""
+        key = job.key
+        assert self.queue is not None or job.attempt > 0
+        if job.attempt == 0:
+            number = len(self.pipelines) + 1
+            name = "{}-{}-t{}".format(self.cfg.vm.name_prefix, self.run_id, number)
+            pipeline = self._one_test_pipeline(name, key)
+            self.pipelines.append(pipeline)
+            label = "t{}".format(number)
+        else:
+            number = len(self.retry_pipelines) + 1
+            name = "{}-{}-r{}".format(self.cfg.vm.name_prefix, self.run_id, number)
+            pipeline = self._one_test_pipeline(name, key)
+            self.retry_pipelines.append(pipeline)
+            self.retries.setdefault(key, []).append((name, pipeline))
+            label = "retry{}".format(number)
+            self.reporter.info("retry {} of {} for {}: on a fresh VM, {} (slot {})".format(
+                job.attempt, self.request.retries, key.name, name, slot))
+        suspended = self._slot_images()
+        if slot in suspended and isinstance(pipeline.ctx.machine, ResumableMachine):
+            pipeline.image = suspended[slot]
+            pipeline.ctx.machine.resume_saved_state()
+        pipeline.gate = gate
+        self.reporter.vm_added(name, label=label)
+        return pipeline
 
-    def _retry_results(self):
-        """Each retried test's attempts as (vm, summary); a retry that a stop (Ctrl-C) kept from
-        running its test is no attempt at all (a retry VM that failed is a failed attempt)."""
-        out = {}
-        for key, tries in self.retries.items():
-            ran = [(vm, p.ctx.summaries[-1] if p.ctx.summaries else None) for vm, p in tries
-                   if p.ctx.summaries or not self.cancel.is_set()]
-            if ran:
-                out[key] = ran
-        return out
-
-    def _last_attempt(self, key):
-        pipeline = self.retries[key][-1][1]
-        return pipeline.ctx.summaries[-1] if pipeline.ctx.summaries else None
-
-    def _retry_pipeline(self, key: gotest.TestId, slot: int) -> VmPipeline:
-        number = len(self.retry_pipelines) + 1
-        name = "{}-{}-r{}".format(self.cfg.vm.name_prefix, self.run_id, number)
+    def _one_test_pipeline(self, name: str, key: gotest.TestId) -> VmPipeline:
+        """A VM that runs one test: with a queue, the queue's own per-test command; with one
+        VM, the suite command with ``-run ^TestX$``."""
         machine = self.backend.machine(name, self._owner(), self.cfg)
+        services = dataclasses.replace(self.services(), on_test_failed=None)
         if self.queue is not None:
             item = next(i for i in self.expected if i.key == key)
             queue = TestQueue([item], self.queue.suite, self.queue.bin_dir, self.queue.framing,
                               self.queue.env_words)
-            services = dataclasses.replace(self.services(), queue=queue)
-            pipeline = VmPipeline(services, name, machine, image=self.image, prepared=self.skip_setup,
-                                  own_folder=True)
-        else:
-            pipeline = VmPipeline(self.services(), name, machine, image=self.image, prepared=self.skip_setup,
-                                  own_folder=True, test=results.rerun_regex([key.name]), expected=[key])
-        suspended = self._suspended_slots() if self.skip_setup else {}
-        if slot in suspended and isinstance(machine, ResumableMachine):
-            pipeline.image = suspended[slot]
-            machine.resume_saved_state()
-        self.retry_pipelines.append(pipeline)
-        self.retries.setdefault(key, []).append((name, pipeline))
-        self.reporter.vm_added(name, label="retry{}".format(number))
-        return pipeline
+            return VmPipeline(dataclasses.replace(services, queue=queue), name, machine, image=self.image,
+                              prepared=self.skip_setup, own_folder=True)
+        return VmPipeline(services, name, machine, image=self.image, prepared=self.skip_setup,
+                          own_folder=True, test=results.rerun_regex([key.name]), expected=[key])
+
+    def _vm_ended(self, pipeline: VmPipeline) -> List[gotest.TestId]:
+        """The scheduler's question once a VM is torn down: which tests failed on it (a first
+        run: every failed top-level test; a retry: its test, when that attempt failed, did not
+        report it, or its VM was lost). An isolated VM's cost is shown as it ends."""
+        assert self.scheduler is not None
+        job = self.scheduler.job_of(pipeline)
+        if self.request.isolate and job is not None and job.attempt == 0 and pipeline.ctx.tests_run:
+            self.reporter.info("{}: {:.1f}s of VM time beyond its test (waited {:.1f}s for its slot after "
+                               "its clone)".format(pipeline.name, self._vm_overhead(pipeline), pipeline.slot_wait))
+        if job is None or job.attempt == 0:
+            failed = [r.key for s in pipeline.ctx.summaries for r in s.results
+                      if r.status == results.FAIL and "/" not in r.name]
+            return list(dict.fromkeys(failed))
+        last = pipeline.ctx.summaries[-1] if pipeline.ctx.summaries else None
+        if last is None or pipeline.ctx.lost or results.attempt_failed(last, job.key):
+            return [job.key]
+        return []
+
+    def _retry_results(self):
+        """Each retried test's attempts as (vm, summary); a retry that a stop (Ctrl-C) kept from
+        running its test is no attempt at all (a retry VM that failed is a failed attempt). An
+        attempt whose VM was lost while it ran is ``lost``: the VM's doing, not the test's."""
+        out = {}
+        for key, tries in self.retries.items():
+            ran = []
+            for vm, p in tries:
+                if not p.ctx.summaries and self.cancel.is_set():
+                    continue
+                summary = p.ctx.summaries[-1] if p.ctx.summaries else None
+                if p.ctx.lost:
+                    why = p.ctx.error.message if p.ctx.error is not None else "VM lost"
+                    summary = results.mark_lost(summary, key, why)
+                ran.append((vm, summary))
+            if ran:
+                out[key] = ran
+        return out
 
     def services(self) -> VmServices:
         """What a VM pipeline gets of this run."""
+        scheduler = self.scheduler
         return VmServices(cfg=self.cfg, backend=self.backend, cancel=self.cancel, ledger=self.ledger,
                           record=self.record, reporter=self.reporter, runner=self.runner, run_id=self.run_id,
                           tool_bundle=self.tool_bundle, sync_excludes=self.sync_excludes,
-                          cleanup_command=self.cleanup_command, queue=self.queue)
+                          cleanup_command=self.cleanup_command, queue=self.queue,
+                          on_test_failed=scheduler.test_failed if scheduler is not None and scheduler.retries
+                          else None)
 
     def _pipeline(self, name: str) -> VmPipeline:
         """A VM that runs tests (all of them, or its share of the queue)."""
@@ -524,6 +570,20 @@ class Run:
         self.running = pipelines
         for pipeline in pipelines:
             threading.Thread(target=pipeline.execute, name=pipeline.name, daemon=True).start()
+
+    def _start_one(self, pipeline: VmPipeline) -> None:
+        """The scheduler's start: one more VM of the run, in its own thread."""
+        self.running.append(pipeline)
+        threading.Thread(target=pipeline.execute, name=pipeline.name, daemon=True).start()
+
+    def _every_pipeline(self) -> List[VmPipeline]:
+        return self.pipelines + self.retry_pipelines
+
+    def _slot_images(self) -> Dict[int, str]:
+        """{slot: suspended copy} for this run (looked up once; empty without a prepared image)."""
+        if self._slot_image_cache is None:
+            self._slot_image_cache = self._suspended_slots() if self.skip_setup else {}
+        return self._slot_image_cache
 
     def _suspended_slots(self):
         """{slot: image} of the prepared image's suspended copies (vm-prepare makes them
@@ -540,6 +600,10 @@ class Run:
         return out
 
     def _in_teardown(self) -> bool:
+        """A signal now only notes itself (teardown goes on) when every VM is in its teardown
+        and the scheduler will start no other."""
+        if self.scheduler is not None and self.scheduler.may_start_more():
+            return False
         return bool(self.running) and all(p.tearing_down for p in self.running)
 
     def _wait_for_teardown(self, pipelines: Optional[List[VmPipeline]] = None) -> None:

@@ -158,6 +158,9 @@ class VmServices:
     sync_excludes: List[str]
     cleanup_command: str
     queue: Optional[TestQueue] = None  # several VMs: the shared test queue
+    # --retries: told (from this VM's thread) the moment a queued test fails, so the retry
+    # can go to a fresh VM while this one goes on with the queue
+    on_test_failed: Optional[Callable[[Any, gotest.TestId], None]] = None
 
 
 class VmPipeline:
@@ -186,6 +189,12 @@ class VmPipeline:
                                   console_tail=machine.console_tail)
         self.teardown_done = threading.Event()
         self.tearing_down = False
+        # A fresh VM of the scheduler (vmtasks/lifecycle/fresh.py): cloned ahead, it waits here before
+        # its boot until its slot frees. None: it boots as soon as it is cloned.
+        self.gate: Any = None
+        self.slot_wait = 0.0  # how long it waited for its slot after its clone
+        self.started_at: Optional[float] = None  # time.monotonic(): execute() began, and ended
+        self.ended_at: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -234,6 +243,7 @@ class VmPipeline:
     def execute(self) -> None:
         """Run every stage in this thread; teardown always runs. Errors end up in ctx.error."""
         ctx = self.ctx
+        self.started_at = time.monotonic()
         try:
             for stage in self.stages():
                 if self.queue is not None and self.queue.exhausted():
@@ -241,6 +251,9 @@ class VmPipeline:
                     ctx.stage_note = "no tests left for this VM"
                     ctx.exit_code = 0
                     break
+                if stage.name == "boot" and self.gate is not None:
+                    self.slot_wait = self.gate.wait(
+                        self.services.cancel, lambda text: self.services.reporter.vm_waiting(self.name, text))
                 if stage.enabled(ctx):
                     self.runner.run(stage, ctx)
         except NoLongerNeeded:
@@ -261,6 +274,7 @@ class VmPipeline:
             except VmtasksError:
                 pass  # reported by _teardown itself
             finally:
+                self.ended_at = time.monotonic()
                 self.teardown_done.set()
 
     # -- stages ------------------------------------------------------------
@@ -575,6 +589,9 @@ class VmPipeline:
                 ctx.busy += time.monotonic() - started
                 ctx.tests_run += 1
                 queue.done(item)
+            if self.services.on_test_failed is not None and ctx.summaries and \
+                    results.attempt_failed(ctx.summaries[-1], item.key):
+                self.services.on_test_failed(self, item.key)
             if self.cfg.suite.changes:
                 self._record_changes(ctx, item.name, failed=code != 0)
             if code != 0:

@@ -53,6 +53,7 @@ AGENT_CONNECT_WAIT = 10.0  # `tart exec` tries the agent's control socket about 
 PRIVACY_PROBE_AFTER = 5.0  # port 22 failing this long: ask the agent whether the guest is up
 PRIVACY_GRACE = 5.0  # the agent answers but port 22 still fails this much later: blocked
 MACOS_VM_LIMIT = 2  # Apple's limit of running macOS guests per host
+STOP_AGAIN_AFTER = 2.0  # teardown: `tart run` still running this long after `tart stop`: stop it again
 STANDIN_HINT = "no Mac? the stand-in makes its base with: tart create {base}"
 
 
@@ -407,12 +408,7 @@ class TartMachine(Machine, SealableMachine, ResumableMachine, SuspendableMachine
         if not self.exists and self.proc is None:
             return  # nothing was made (a failed clone): no stop, no delete
         if self.proc is not None:
-            self.tart.stop(self.name, timeout=min(30, timeout))
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+            self._stop_run(self.proc, timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -425,6 +421,23 @@ class TartMachine(Machine, SealableMachine, ResumableMachine, SuspendableMachine
                     raise
                 self.tart.stop(self.name, timeout=10)
                 time.sleep(0.5)
+
+    def _stop_run(self, proc: subprocess.Popen, timeout: float) -> None:
+        """Stop our ``tart run`` and wait for it to exit. A ``tart stop`` that comes while the
+        run still waits for Tart's global lock (another clone holds it: a VM cloned ahead, a
+        retry's clone) finds no running VM and does nothing, and the run starts the VM right
+        after: so stop again while it has not exited, and kill it at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.tart.stop(self.name, timeout=min(30, max(1.0, deadline - time.monotonic())))
+            try:
+                proc.wait(timeout=max(0.1, min(STOP_AGAIN_AFTER, deadline - time.monotonic())))
+                return
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    proc.kill()
+                    proc.wait(timeout=30)
+                    return
 
     def seal(self, image: str, timeout: float) -> None:
         """Stop (the caller flushed the guest's disks: ``tart stop`` is a hard power-off),

@@ -19,6 +19,7 @@ from .model import (
                     FAIL,
                     FLAKY,
                     INTERRUPTED,
+                    LOST,
                     NOTRUN,
                     PASS,
                     SKIP,
@@ -32,6 +33,7 @@ from .model import (
                     explain_exit,
                     failed_tests,
                     format_duration,
+                    mark_lost,
                     mark_not_run,
                     merge,
                     no_test_reason,
@@ -43,10 +45,10 @@ from .rerun import go_quote_meta, rerun_regex
 from .stream import SuiteStream, TestEvent
 
 __all__ = [
-    "Counts", "DURATIONS_PATH", "FAIL", "FLAKY", "History", "INTERRUPTED", "NOTRUN", "PASS",
+    "Counts", "DURATIONS_PATH", "FAIL", "FLAKY", "History", "INTERRUPTED", "LOST", "NOTRUN", "PASS",
     "PackageError", "PackageResult", "SKIP", "Summary", "SuiteStream", "TestEvent", "TestResult",
     "attempt_failed", "attempts_data", "explain_exit", "failed_tests", "format_duration", "go_quote_meta",
-    "mark_not_run", "merge", "no_test_reason",
+    "mark_lost", "mark_not_run", "merge", "no_test_reason",
     "rerun_regex", "retry_notes",
     "verdict_line", "with_retries", "write_junit",
 ]

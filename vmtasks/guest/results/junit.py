@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from typing import IO, Any, Dict, List, Union
 
 from ..atomic import write_atomic
-from .model import FAIL, INTERRUPTED, NOTRUN, SKIP, Summary, TestResult
+from .model import FAIL, INTERRUPTED, LOST, NOTRUN, SKIP, Summary, TestResult
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
 _XML_FORBIDDEN = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -62,9 +62,9 @@ def _case(suite: ET.Element, package: str, r: TestResult, counts: Dict[str, int]
             ET.SubElement(case, "system-out").text = _xml_text(
                 "".join("[[ATTACHMENT|{}]]\n".format(path) for path in r.attachments))
         return
-    if r.status in (INTERRUPTED, NOTRUN):
+    if r.status in (INTERRUPTED, NOTRUN, LOST):
         counts["errors"] += 1
-        message = "interrupted" if r.status == INTERRUPTED else "not run"
+        message = {INTERRUPTED: "interrupted", NOTRUN: "not run", LOST: "VM lost"}[r.status]
         ET.SubElement(case, "error", message=message).text = out
         return
     if r.status == SKIP:

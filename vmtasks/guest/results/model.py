@@ -8,7 +8,9 @@ console). Nothing here parses, prints or writes files.
 Statuses of a test: ``pass``, ``fail``, ``skip``; ``interrupted`` (it was running when the
 run was stopped on purpose, Ctrl-C: neither passed nor failed, never rerun as a failure);
 ``notrun`` (the suite listed it, no stream ever reported it); ``flaky`` (it failed, then
-passed when run again alone on a fresh VM: see :func:`with_retries`).
+passed when run again alone on a fresh VM: see :func:`with_retries`). An attempt of a
+retried test may also be ``lost``: its VM died (or vanished) while it ran, which says
+nothing about the test (:func:`mark_lost`).
 
 Counting follows gotestsum: the verdict line counts every test **and subtest** (a failing
 subtest fails its parent too, so both count as failures); :attr:`Summary.total`,
@@ -34,6 +36,7 @@ INTERRUPTED = "interrupted"
 NOTRUN = "notrun"
 RUNNING = "running"  # only while a stream is being parsed
 FLAKY = "flaky"  # failed, then passed on a fresh VM (only after with_retries)
+LOST = "lost"  # an attempt (a retry) whose VM was lost while it ran: neither passed nor failed (only in attempts)
 
 # Below this a test is not worth listing as "slow" (a fast passing run lists none).
 SLOW_THRESHOLD = 0.5
@@ -169,6 +172,7 @@ class Totals:
     failed: int = 0
     interrupted: int = 0
     flaky: int = 0
+    lost: int = 0  # attempts of retried tests whose VM was lost while they ran
 
 
 @dataclass
@@ -284,7 +288,13 @@ class Summary:
                 totals.interrupted += 1
             elif r.status == FLAKY:
                 totals.flaky += 1
+        totals.lost = len(self.lost_attempts)
         return totals
+
+    @property
+    def lost_attempts(self) -> List[TestResult]:
+        """Attempts of retried tests whose VM was lost while they ran (see :func:`mark_lost`)."""
+        return [a for r in self.results for a in r.attempts if a.status == LOST]
 
     def all_results(self) -> List[TestResult]:
         """Every test and subtest, flattened depth-first."""
@@ -321,8 +331,9 @@ def _verdict_seconds(seconds: float) -> str:
 def verdict_line(summary: Summary, seconds: float, stopped_by: str = "") -> str:
     """The run's last line, in gotestsum's style.
 
-    ``DONE 101 tests, 3 skipped, 1 flaky, 2 failures, 1 error in 12.3s``, with ``, 2 interrupted``
-    and ``, 4 not run`` when non-zero, ``DONE 0 tests in 0.0s`` when nothing ran. Tests,
+    ``DONE 101 tests, 3 skipped, 1 flaky, 2 failures, 1 error in 12.3s``, with ``, 2 interrupted``,
+    ``, 1 retry lost`` (a retry whose VM was lost) and ``, 4 not run`` when non-zero,
+    ``DONE 0 tests in 0.0s`` when nothing ran. Tests,
     skips and failures count subtests too (as gotestsum does); errors are package errors;
     ``seconds`` is the wall time to show (the caller's clock: suite or whole run).
     ``stopped_by`` names the signal that stopped the run: a run stopped when no test was
@@ -341,6 +352,8 @@ def verdict_line(summary: Summary, seconds: float, stopped_by: str = "") -> str:
         parts.append(_plural(len(summary.package_errors), "error"))
     if interrupted:
         parts.append("%d interrupted" % interrupted)
+    if totals.lost:
+        parts.append("%d %s lost" % (totals.lost, "retry" if totals.lost == 1 else "retries"))
     if summary.not_run:
         parts.append("%d not run" % len(summary.not_run))
     if stopped_by and not interrupted:
@@ -518,13 +531,26 @@ def _attempt(summary: Optional[Summary], key: Tuple[str, str], vm: str) -> TestR
         vm, key[1], why), unreported=True, vm=vm)
 
 
+def mark_lost(summary: Optional[Summary], key: Tuple[str, str], why: str) -> Summary:
+    """A copy of one retry's ``summary`` where test ``key`` is ``lost``: its VM was lost while
+    it ran (``why`` says how), so the attempt is neither a pass nor a failure of the test."""
+    summary = summary if summary is not None else Summary()
+    note = "[vmtasks] this attempt's VM was lost while the test ran: {}\n".format(why)
+    results = [replace(r, status=LOST, output=r.output + note, subtests=[]) if r.key == key else r
+               for r in summary.results]
+    if not any(r.key == key for r in summary.results):
+        results.append(TestResult(key[0], key[1], LOST, output=note, unreported=True))
+    return replace(summary, results=results, failures=[r for r in summary.failures if r.key != key])
+
+
 def with_retries(summary: Summary, retries: Dict[Tuple[str, str], List[Tuple[str, Optional[Summary]]]]) -> Summary:
     """A copy of ``summary`` where every retried test has its final verdict.
 
     ``retries`` maps a failed top-level test's ``(package, name)`` to its retries, in order,
     as ``(vm, summary of that retry)`` (None: the retry VM never ran it). The test becomes
     ``flaky`` when a retry passed (the passing run is its result), else stays ``fail`` with
-    the last attempt's result. :attr:`TestResult.attempts` keeps every run (the first
+    the last failed attempt's result (a ``lost`` attempt, see :func:`mark_lost`, is kept
+    among the attempts but never decides the verdict). :attr:`TestResult.attempts` keeps every run (the first
     one's ``ran_after`` names the tests its VM ran before it); a flaky test leaves
     :attr:`Summary.failures`.
     """
@@ -564,9 +590,18 @@ def retry_notes(summary: Summary, label=lambda vm: vm) -> List[str]:
         else:
             notes.append("flaky {}: failed on {}, passed on a fresh VM ({})".format(r.name, where, label(r.vm)))
     for r in summary.results:
-        if r.status == FAIL and r.attempts:
-            notes.append("failed {} on every attempt ({}): {}".format(
-                r.name, len(r.attempts), ", ".join(label(a.vm) or "the VM" for a in r.attempts)))
+        if r.status != FAIL or not r.attempts:
+            continue
+        ran = [a for a in r.attempts if a.status != LOST]
+        lost = len(r.attempts) - len(ran)
+        notes.append("failed {} on every attempt{} ({}): {}".format(
+            r.name, " that ran" if lost else "", len(ran) if not lost else "{} of {}".format(len(ran), len(r.attempts)),
+            ", ".join(label(a.vm) or "the VM" for a in ran)))
+    for r in summary.results:
+        for a in r.attempts:
+            if a.status == LOST:
+                notes.append("lost retry of {} on {}: its VM was lost while the test ran (not counted as a "
+                             "failure of the test)".format(r.name, label(a.vm) or "a fresh VM"))
     return notes
 
 
