@@ -176,6 +176,23 @@ def test_flaky_is_drawn_when_a_record_says_so(tmp_path):
     assert [a["data-verdict"] for _, a in page.with_class("problem")] == ["fail", "flaky"]
 
 
+def test_each_attempt_of_a_retried_test_is_listed_a_lost_one_as_such(tmp_path):
+    record = a_run(tmp_path / "runs")
+    data = json.loads((record.dir / "tests.json").read_text())
+    data["tests"][1].update(status="fail", attempts=3, tries=[
+        {"vm": "vm-1", "elapsed": 1.0, "status": "fail", "ran_after": ["TestLong"]},
+        {"vm": "run-r1", "elapsed": 0.5, "status": "lost", "ran_after": []},
+        {"vm": "run-r2\x1b[2J", "elapsed": 0.9, "status": "fail", "ran_after": []}])
+    (record.dir / "tests.json").write_text(json.dumps(data))
+    html_report.write_report(record.dir)
+    page = page_of(record)
+    assert [a["data-verdict"] for t, a in page.tags if t == "li" and "data-verdict" in a] == [
+        "fail", "interrupted", "fail"]
+    text = "".join(page.text)
+    assert "failed on vm-1, 1.00 s, after TestLong" in text and "VM lost on run-r1, 0.50 s" in text
+    assert "\x1b" not in (record.dir / "report.html").read_text()  # the VM name is made visible
+
+
 def test_where_the_time_went_against_earlier_records(tmp_path):
     root = tmp_path / "runs"
     for n in range(5):

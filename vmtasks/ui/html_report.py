@@ -48,6 +48,7 @@ IDLE_MIN = 0.5  # seconds: a gap between a VM's tests shorter than this is not d
 VERDICTS = {
     "pass": ("pass", "passed"), "fail": ("fail", "failed"), "flaky": ("flaky", "flaky"),
     "skip": ("skip", "skipped"), "interrupted": ("interrupted", "interrupted"), "notrun": ("notrun", "not run"),
+    "lost": ("interrupted", "VM lost"),  # an attempt whose VM died under it (--retries): the VM's doing
 }
 PROBLEM_ORDER = ("fail", "flaky", "interrupted", "notrun")
 STAGE_ORDER = ("preflight", "sweep", "build", "image", "compile", "list", "clone", "boot", "ip+ssh", "key",
@@ -251,6 +252,20 @@ def _verdict(status: str) -> Tuple[str, str]:
     return VERDICTS.get(status, ("other", visible_line(str(status))))
 
 
+def _tries(test: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """--retries: each attempt of a test, in order (its VM, verdict, seconds, and the tests
+    that ran before it on that VM), as the page lists them."""
+    out = []
+    for a in test.get("tries") or []:
+        if not isinstance(a, dict):
+            continue
+        css, label = _verdict(str(a.get("status")))
+        after = [visible_line(str(n)) for n in a.get("ran_after") or [] if isinstance(n, str)]
+        out.append({"vm": visible_line(str(a.get("vm") or "")), "css": css, "label": label,
+                    "seconds": secs(_number(a.get("elapsed"))), "after": after})
+    return out
+
+
 def _links(run_dir: Path, test: Dict[str, Any]) -> List[Dict[str, str]]:
     """Files the run collected for a test (its VM's raw output and console log, anything
     under an ``artifacts/<test>`` folder), as relative, percent-encoded links."""
@@ -368,7 +383,8 @@ def build_view(run_dir: Path, history_dirs: Optional[Iterable[Path]] = None) -> 
                                          str(s.get("status")))[0], label=_verdict(str(s.get("status")))[1],
                                          seconds=secs(_number(s.get("elapsed")))) for s in t.get("subtests", [])
                                          if isinstance(s, dict) and s.get("status") in PROBLEM_ORDER],
-                                     attempts=int(t.get("attempts") or 1), links=_links(run_dir, t)))
+                                     attempts=int(t.get("attempts") or 1), tries=_tries(t),
+                                     links=_links(run_dir, t)))
     package_errors = [{"package": visible_line(str(e.get("package"))), "vm": visible_line(str(e.get("vm") or "")),
                        "text": visible(str(e.get("text") or ""))} for e in rec["package_errors"]]
 
