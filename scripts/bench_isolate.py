@@ -62,6 +62,10 @@ From those:
   over the pairs of runs with the same index;
 * the run's own figure: the "isolation: ... about X s per test ..." line of the isolated run's
   summary.txt, when the summary has one (it is reported as missing otherwise).
+* where an isolated run's wall beyond its bound goes: the tool's own cost per fresh VM beyond
+  R = fixed per VM in the run - R (times tests / N), and VM slots idle = N x (first clone to
+  last teardown end) - the sum of the VMs' lives (clone start to teardown end), over N;
+  with each isolated VM's stages (medians over every VM of every isolated run).
 
 The tables give medians over the runs (each ratio is the median of the per-run ratios), and
 every run with its 1-minute load average. Results: .vmtasks/bench/isolate-<stamp>.{json,md}
@@ -113,6 +117,14 @@ def added_per_test(isolated_wall: float, shared_wall: float, tests: int) -> floa
     return (isolated_wall - shared_wall) / tests
 
 
+def slots_idle(spans: Sequence[Tuple[float, float]], vms: int) -> float:
+    """VM-slot seconds with no VM in them: vms x (first clone to last teardown end) minus the
+    sum of the VMs' lives (clone start to teardown end). Negative when more than ``vms`` VMs
+    live at once (a clone made while another VM's test runs)."""
+    window = max(end for _, end in spans) - min(start for start, _ in spans)
+    return vms * window - sum(end - start for start, end in spans)
+
+
 def recycle_floor(floors: Dict[str, Sequence[float]]) -> Tuple[str, float]:
     """R: the smallest of the floors' medians (one per way up: cold, resume), and whose."""
     medians = {kind: bench.median(totals) for kind, totals in floors.items() if totals}
@@ -156,13 +168,17 @@ def derive(floors: Dict[str, List[float]], shared: List[dict], isolated: List[di
     def medians(rows: Iterable[dict]) -> dict:
         rows = list(rows)
         return {k: bench.median(r.get(k) for r in rows)
-                for k in ("total", "bound", "ratio", "work", "longest", "tests", "run_fixed", "vm_fixed", "load")}
+                for k in ("total", "bound", "ratio", "work", "longest", "tests", "run_fixed", "vm_fixed", "load",
+                          "slot_idle")}
 
     out = {"recycle": recycle, "recycle_from": kind,
            "floor": {k: bench.median(v) for k, v in floors.items()},
            "shared": medians(shared), "isolated": medians(isolated),
            "added_per_test": bench.median(added), "added_per_test_runs": added,
            "note_per_test": bench.median(notes), "note_runs": sum(n is not None for n in notes)}
+    # The isolated run's wall over its bound, when the even split decides the bound:
+    # tests x (fixed per VM in the run - R) / N (the tool's own cost per fresh VM) + slots idle / N.
+    out["extra_per_vm"] = out["isolated"]["vm_fixed"] - recycle if out["isolated"]["vm_fixed"] is not None else None
     out["goal_met"] = out["isolated"]["ratio"] is not None and out["isolated"]["ratio"] <= GOAL_ISOLATED
     return out
 
@@ -236,6 +252,7 @@ class IsolateBench(bench_queue.QueueBench):
         summary = Path(row["record"]) / "summary.txt"
         row["note"], row["note_per_test"] = isolation_note(summary.read_text() if summary.exists() else "")
         row["vms_used"] = len(row["vm_names"])
+        row["slot_idle"] = slots_idle([(v["clone"], v["teardown_end"]) for v in row["per_vm"].values()], vms)
         return row
 
     def main(self):
@@ -322,6 +339,9 @@ class IsolateBench(bench_queue.QueueBench):
         result["floor_phases"] = {k: {p: bench.median(r[p] for r in rows) for p in FLOOR_PHASES}
                                   for k, rows in floors.items()}
         result["floors"] = floors
+        result["isolated_vm_stages"] = {
+            stage: bench.median(v["stages"].get(stage) for r in isolated for v in r["per_vm"].values())
+            for stage in dict.fromkeys(k for r in isolated for v in r["per_vm"].values() for k in v["stages"])}
         for rows in (shared, isolated):
             for r in rows:
                 r.pop("timeline", None)
@@ -363,6 +383,14 @@ def markdown(result) -> str:
     lines += ["What `--isolate` adds per test: {:.2f} s ((isolated wall - shared wall) / {:.0f} tests, median over "
               "{} pairs of runs); the run's own \"isolation:\" note: {}.".format(
                   d["added_per_test"], iso["tests"], len(d["added_per_test_runs"]), note), ""]
+    if d["extra_per_vm"] is not None:
+        lines += ["Where the isolated run's wall beyond its bound goes (medians): the tool's own cost per fresh VM "
+                  "beyond R, {:.2f} s (fixed per VM in the run {:.2f} s - R {:.2f} s), x {:.0f} tests / {} = {:.2f} s; "
+                  "VM slots idle (a slot with no VM in it between the first clone and the last teardown: in "
+                  "batches, the slot of a batch's shorter test waits for the longer one), "
+                  "{:.2f} s / {} = {:.2f} s.".format(
+                      d["extra_per_vm"], iso["vm_fixed"], d["recycle"], iso["tests"], vms,
+                      d["extra_per_vm"] * iso["tests"] / vms, iso["slot_idle"], vms, iso["slot_idle"] / vms), ""]
     lines += ["The floor, per phase (medians, seconds):", "",
               "| floor | from | " + " | ".join(FLOOR_PHASES) + " |", "|---|---|" + "--:|" * len(FLOOR_PHASES)]
     for kind, phases in result["floor_phases"].items():
@@ -370,6 +398,10 @@ def markdown(result) -> str:
                                                  " | ".join("{:.3f}".format(phases[p]) for p in FLOOR_PHASES)))
     lines += ["", "test: one `ssh` running `go tool test2json` around the suite's test binary with `-test.run=^$` "
               "(the binary's start, no test), as a run invokes one test.", "",
+              "One fresh VM of the isolated runs, per stage (medians over every VM of every isolated run, "
+              "seconds; tests includes the test itself):", "",
+              "| " + " | ".join(result["isolated_vm_stages"]) + " |", "|" + "--:|" * len(result["isolated_vm_stages"]),
+              "| " + " | ".join("{:.3f}".format(v) for v in result["isolated_vm_stages"].values()) + " |", "",
               "Every run:", "", "| what | run | wall | bound | wall / bound | tests on VMs | isolation note | "
               "load (1 min) |", "|---|--:|--:|--:|--:|--:|---|--:|"]
     for kind, rows in result["floors"].items():

@@ -120,3 +120,10 @@ def test_derive_takes_medians_over_runs_and_judges_the_goal():
     assert derived["goal_met"] is True
     slow = bench_isolate.derive({"cold": [1.0]}, shared[:1], [run(18.0)], 2)
     assert slow["isolated"]["ratio"] == pytest.approx(18.0 / 16.0) and slow["goal_met"] is False
+
+
+def test_slots_idle():
+    # Two slots from 0 to 10: lives of 10, 4 and 5 s leave 1 s empty.
+    assert bench_isolate.slots_idle([(0.0, 10.0), (0.0, 4.0), (5.0, 10.0)], 2) == pytest.approx(1.0)
+    # Three VMs at once on two slots (a clone during a test): negative.
+    assert bench_isolate.slots_idle([(0.0, 10.0), (0.0, 10.0), (8.0, 10.0)], 2) == pytest.approx(-2.0)
