@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark per-test isolation (issue 20): `invoke test-vm --isolate` against the recycle floor.
 
-usage: python3 scripts/bench_isolate.py [--runs N] [--scale S] [--vms N] [--prepared] [--agent-delay S|default]
-                                       [--out DIR] [--tmp DIR]
+usage: python3 scripts/bench_isolate.py [--runs N] [--floors K] [--scale S] [--vms N] [--prepared]
+                                       [--agent-delay S|default] [--out DIR] [--tmp DIR]
 
 Everything runs in one benchmark, through the Linux stand-in `tart` with no artificial delays,
 set up as scripts/bench_queue.py does (its QueueBench, on scripts/bench.py's Bench: own
@@ -25,7 +25,8 @@ every timed run hands the tests out longest first (as any run after the first do
 --runs times, in an order that alternates from one run to the next (floor, shared, isolated;
 then isolated, shared, floor; ...):
 
-* floor, by hand, one fresh VM for one test (Bench.bring_up, then Bench.take_down):
+* floor, --floors times in a row (default 3), by hand, one fresh VM for one test
+  (Bench.bring_up, then Bench.take_down):
   `tart clone` of the image the runs use; `tart run --no-graphics` in the background;
   `tart ip` and the SSH banner polled every 20 ms; one `tart exec` with vmtasks' key
   script; one `ssh` running the test binary the way a run runs one test (`go tool test2json
@@ -53,8 +54,9 @@ inside the run).
 
 From those:
 
-* R = the median of the floor's totals over the runs (with two floors, the smaller of their
-  two medians: the cheapest fresh VM this host can give one test);
+* R = the median of the floor's totals, all runs x --floors of them (with two floors, cold
+  and resume, the smaller of their two medians: the cheapest fresh VM this host can give one
+  test);
 * isolated bound (issue 20) = run_fixed + max(longest + R, (work + tests x R) / N), per run;
   goal: wall / bound <= 1.10;
 * shared bound (issue 11, as bench_queue) = run_fixed + fixed per VM + max(longest, work / N);
@@ -261,7 +263,8 @@ class IsolateBench(bench_queue.QueueBench):
 
         opts = self.opts
         started = time.monotonic()
-        result = {"machine": bench.machine(), "runs": opts.runs, "scale": opts.scale, "vms": opts.vms,
+        result = {"machine": bench.machine(), "runs": opts.runs, "floors": opts.floors, "scale": opts.scale,
+                  "vms": opts.vms,
                   "agent_delay": opts.agent_delay,
                   "prepared": opts.prepared, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                   "load_before": os.getloadavg(),
@@ -318,13 +321,15 @@ class IsolateBench(bench_queue.QueueBench):
         for i in range(opts.runs):
             for what in kinds if i % 2 == 0 else kinds[::-1]:
                 if what == "floor":
-                    for kind, image in sorted(sources.items(), reverse=i % 2 == 1):
-                        row = self.floor(cfg, image, i, kind)
-                        row["load"] = os.getloadavg()[0]
-                        floors[kind].append(row)
-                        self.log("  floor ({}) run {}: {:.2f}s ({}), load {:.2f}".format(
-                            kind, i + 1, row["total"], ", ".join("{} {:.2f}".format(p, row[p])
-                                                                 for p in FLOOR_PHASES[:-1]), row["load"]))
+                    for j in range(opts.floors):
+                        for kind, image in sorted(sources.items(), reverse=(i + j) % 2 == 1):
+                            row = self.floor(cfg, image, i * opts.floors + j, kind)
+                            row["load"] = os.getloadavg()[0]
+                            row["run"] = "{}.{}".format(i + 1, j + 1)
+                            floors[kind].append(row)
+                            self.log("  floor ({}) run {}.{}: {:.2f}s ({}), load {:.2f}".format(
+                                kind, i + 1, j + 1, row["total"], ", ".join("{} {:.2f}".format(p, row[p])
+                                                                            for p in FLOOR_PHASES[:-1]), row["load"]))
                     continue
                 self.warm(tree)
                 row = self.timed_run(cfg_path, isolated_args if what == "isolated" else shared_args, vms)
@@ -373,11 +378,12 @@ def markdown(result) -> str:
                      "| {:.2f} |".format(label, md["total"], md["bound"], md["ratio"], goal,
                                          "met" if md["ratio"] <= goal else "**not met**", md["work"], md["longest"],
                                          md["vm_fixed"], md["run_fixed"], md["load"]))
-    lines += ["", "R (the recycle floor, one fresh VM for one test by hand) = {:.2f} s ({} floor). Isolated bound = "
+    lines += ["", "R (the recycle floor, one fresh VM for one test by hand) = {:.2f} s ({} floor, median of {}). "
+              "Isolated bound = "
               "run's own + max(longest + R, (work + tests x R) / {}); shared bound = run's own + fixed per VM + "
               "max(longest, work / {}). Fixed per VM in the run: clone start to its first test + its last test to "
               "the end of its teardown, mean over the run's VMs (with --isolate: one per test, R as the run pays "
-              "it).".format(d["recycle"], d["recycle_from"], vms, vms), ""]
+              "it).".format(d["recycle"], d["recycle_from"], len(result["floors"][d["recycle_from"]]), vms, vms), ""]
     note = "{:.2f} s per test (median of {} runs' summaries)".format(d["note_per_test"], d["note_runs"]) \
         if d["note_per_test"] is not None else "none: the summary has no isolation line"
     lines += ["What `--isolate` adds per test: {:.2f} s ((isolated wall - shared wall) / {:.0f} tests, median over "
@@ -407,7 +413,7 @@ def markdown(result) -> str:
     for kind, rows in result["floors"].items():
         for i, r in enumerate(rows):
             lines.append("| floor ({}) | {} | {:.2f} s | - | - | 1 on 1 | - | {:.2f} |".format(
-                kind, i + 1, r["total"], r["load"]))
+                kind, r.get("run", i + 1), r["total"], r["load"]))
     for label, rows in (("shared", result["shared"]), ("isolated", result["isolated"])):
         for i, r in enumerate(rows):
             lines.append("| {} | {} | {:.2f} s | {:.2f} s | {:.3f}x | {} on {} | {} | {:.2f} |".format(
@@ -425,6 +431,8 @@ def main(argv=None) -> int:
                                      usage=__doc__.split("\n\n", 2)[1].replace("usage: ", "", 1),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs of each kind (default 3)")
+    parser.add_argument("--floors", type=int, default=3,
+                        help="floors measured in a row per run (default 3; R is their median over all runs)")
     parser.add_argument("--scale", type=float, default=1.5,
                         help="UNEVEN_SCALE, seconds per unit (default 1.5: 25 s of work, as bench_queue)")
     parser.add_argument("--vms", type=int, default=2, help="VMs at once, shared and isolated (default 2)")
@@ -438,7 +446,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tmp", default=None, help="where TART_HOME and the VMs go (default: /dev/shm/bench-iso "
                                                     "when /dev/shm is a tmpfs with 2 GB free, else /tmp/bench-iso)")
     opts = parser.parse_args(argv)
-    if opts.runs < 1 or opts.scale <= 0:
+    if opts.runs < 1 or opts.floors < 1 or opts.scale <= 0:
         parser.error("nothing to run")
     if opts.agent_delay != "default":
         try:
