@@ -4,11 +4,12 @@
 usage: python3 scripts/bench_isolate.py [--runs N] [--floors K] [--scale S] [--vms N] [--prepared]
                                        [--agent-delay S|default] [--out DIR] [--tmp DIR]
 
-Everything runs in one benchmark, through the Linux stand-in `tart` with no artificial delays,
-set up as scripts/bench_queue.py does (its QueueBench, on scripts/bench.py's Bench: own
-TART_HOME and state under --tmp, default /dev/shm/bench-iso; the uneven sample suite,
-examples/uneven at UNEVEN_SCALE=--scale, default 1.5; a base image prepared once, untimed;
-the host's Go build cache warmed; everything removed at the end and on Ctrl-C). Needs root.
+Everything runs in one benchmark, through the Linux stand-in `tart` with no artificial delays
+(but the agent's, below), set up as scripts/bench_queue.py does (its QueueBench, on
+scripts/bench.py's Bench: own TART_HOME and state under --tmp, default /dev/shm/bench-iso; the
+uneven sample suite, examples/uneven at UNEVEN_SCALE=--scale, default 1.5; a base image
+prepared once, untimed; the host's Go build cache warmed; everything removed at the end and on
+Ctrl-C). Needs root.
 
 The stand-in's guest agent answers `tart exec` 10 s after a cold boot by default (as Tart's
 does on Cirrus Labs images; since 2026-12-05), and Bench clears every TART_STANDIN_* knob, so
@@ -360,7 +361,7 @@ class IsolateBench(bench_queue.QueueBench):
 def markdown(result) -> str:
     m, d, vms = result["machine"], result["derived"], result["vms"]
     sh, iso = d["shared"], d["isolated"]
-    lines = ["vmtasks isolation benchmark, {}: {} ({} cores), Linux {}, Python {}; stand-in tart, no delays; "
+    lines = ["vmtasks isolation benchmark, {}: {} ({} cores), Linux {}, Python {}; stand-in tart; "
              "VMs in {}; examples/uneven at UNEVEN_SCALE={} ({:.0f} tests); medians of {} runs, order alternating. "
              "Load average (1/5/15 min) {} before, {} after. Image: {}. Stand-in agent delay: {}.".format(
                  result["date"], m["cpu"], m["cores"], m["kernel"], m["python"], result["tmp"], result["scale"],
