@@ -246,7 +246,7 @@ class Bench:
         build cache is warmed (default: the example suite at ``cfg.guest.dir``);
         ``guest_script``: a shell script run in it last (in the guest user's home);
         ``files``: (guest dir, tar bytes) pairs unpacked in it, for a floor's own use."""
-        from vmtasks.vm import tool_bundle
+        from vmtasks.lifecycle.vm import tool_bundle
 
         self.tart("create", BASE, timeout=300)
         run = self.spawn(["tart", "run", "--no-graphics", BASE], stdin=subprocess.DEVNULL,
@@ -405,7 +405,7 @@ class Bench:
 
     def latest_record(self, cfg_path: Path) -> Path:
         """The run record the last run of ``cfg_path`` wrote (records.dir, beside the config)."""
-        from vmtasks import config as config_mod
+        from vmtasks.guest import config as config_mod
 
         cfg = config_mod.load(cfg_path, self.env, {}, self.cwd)
         return (Path(cfg.records.dir) / "latest").resolve()
@@ -414,8 +414,8 @@ class Bench:
         """The floor's way up: clone ``image``, `tart run` in the background (a clone of a
         suspended image resumes), `tart ip` and the SSH banner polled every 20 ms, one `tart
         exec` with the key script. Returns (Popen, ip)."""
-        from vmtasks.machine_tart import KEY_SCRIPT
-        from vmtasks.ssh import sshd_banner
+        from vmtasks.backends.tart.machine import KEY_SCRIPT
+        from vmtasks.transport.ssh import sshd_banner
 
         self.tart("clone", image, vm)
         lap("clone")
@@ -462,8 +462,8 @@ class Bench:
             self.reap(run)
 
     def run_floor(self, tree: Path, cfg, n: int):
-        from vmtasks.ssh import ssh_options
-        from vmtasks.vm import inner_command
+        from vmtasks.lifecycle.vm import inner_command
+        from vmtasks.transport.ssh import ssh_options
 
         vm = "bench-floor-{}".format(n)
         known_hosts = self.root / "floor-known_hosts"
@@ -509,10 +509,11 @@ class Bench:
         same pinned known_hosts), alternating, into fresh directories of one VM. The stage
         runs in a real pipeline with a real Run's services (factory.Parts, a quiet Reporter), on a VM the
         floor's way brought up; its record is never created, so nothing is logged."""
-        from vmtasks import factory, ssh
-        from vmtasks.report import Reporter
-        from vmtasks.run import Run, RunRequest
-        from vmtasks.vm import VmPipeline
+        from vmtasks.lifecycle.run import Run, RunRequest
+        from vmtasks.lifecycle.vm import VmPipeline
+        from vmtasks.settings import factory
+        from vmtasks.transport import ssh
+        from vmtasks.ui.report import Reporter
 
         vm = "bench-sync"
         key = ssh.generate_key(self.root / "sync-key-{}".format(time.monotonic_ns()), "bench-sync")
@@ -579,8 +580,8 @@ class Bench:
 
     # -- the whole benchmark --------------------------------------------------
     def main(self):
-        from vmtasks import config as config_mod
-        from vmtasks.ssh import generate_key
+        from vmtasks.guest import config as config_mod
+        from vmtasks.transport.ssh import generate_key
 
         opts = self.opts
         bench_started = time.monotonic()

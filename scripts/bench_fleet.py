@@ -52,7 +52,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import yaml  # noqa: E402
-
 from orchard_standin.harness import Fleet  # noqa: E402
 
 UNEVEN = REPO / "examples" / "uneven"
@@ -109,9 +108,10 @@ class Bench:
     # --- the tunnel against direct SSH ---
 
     def tunnel(self, reps: int) -> dict:
-        from vmtasks import ssh
-        from vmtasks.backend import Owner
-        from vmtasks.orchard import OrchardBackend, load_settings
+        from vmtasks.backends.orchard.backend import OrchardBackend
+        from vmtasks.backends.orchard.settings import load_settings
+        from vmtasks.lifecycle.backend import Owner
+        from vmtasks.transport import ssh
 
         settings = load_settings(env=dict(self.fleet.env(), HOME=str(self.home)))
         backend = OrchardBackend(settings, "tahoe-base", prefix="bench", poll=0.1, probe_image=False)

@@ -195,7 +195,7 @@ class IsolateBench(bench_queue.QueueBench):
 
     def floor(self, cfg, image: str, n: int, kind: str) -> dict:
         """One fresh VM for one test, by hand (see the module docstring). Returns its phases."""
-        from vmtasks.ssh import ssh_options
+        from vmtasks.transport.ssh import ssh_options
 
         vm = "bench-recycle-{}-{}".format(kind, n)
         known_hosts = self.root / "floor-known_hosts"
@@ -259,8 +259,8 @@ class IsolateBench(bench_queue.QueueBench):
         return row
 
     def main(self):
-        from vmtasks import config as config_mod
-        from vmtasks.ssh import generate_key
+        from vmtasks.guest import config as config_mod
+        from vmtasks.transport.ssh import generate_key
 
         opts = self.opts
         started = time.monotonic()

@@ -206,7 +206,7 @@ class QueueBench(bench.Bench):
         return path
 
     def main(self):
-        from vmtasks import config as config_mod
+        from vmtasks.guest import config as config_mod
 
         opts = self.opts
         started = time.monotonic()

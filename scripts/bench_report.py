@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark report.html (issue 22): a synthetic run of 500 tests over 4 VMs, with 19 earlier
-records of the same config for the history, rendered by vmtasks.html_report; then its size,
+records of the same config for the history, rendered by vmtasks.ui.html_report; then its size,
 the time to build it, and the time headless Chromium takes to load and lay it out.
 
 usage: python3 scripts/bench_report.py [--tests 500] [--vms 4] [--loads 5] [--out DIR]
@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.browser import chromium, missing  # noqa: E402
-from vmtasks import html_report  # noqa: E402
-from vmtasks.records import RunRecord  # noqa: E402
-from vmtasks.results.model import FAIL, PASS, SKIP, Summary, TestResult, merge  # noqa: E402
+from vmtasks.guest.results.model import FAIL, PASS, SKIP, Summary, TestResult, merge  # noqa: E402
+from vmtasks.state.records import RunRecord  # noqa: E402
+from vmtasks.ui import html_report  # noqa: E402
 
 VM_STAGES = (("clone", 0.4), ("boot", 14.0), ("ip+ssh", 1.5), ("key", 0.6), ("setup", 20.0), ("sync", 3.0))
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from vmtasks.proc import Result
+from vmtasks.transport.proc import Result
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""vm-init (vmtasks/adopt.py): the config it writes is found with go list, loads, and never
+"""vm-init (vmtasks/ui/adopt.py): the config it writes is found with go list, loads, and never
 replaces an existing file."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks import adopt, config
-from vmtasks.errors import ConfigError
+from vmtasks.guest import config
+from vmtasks.guest.errors import ConfigError
+from vmtasks.ui import adopt
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks import config
-from vmtasks.errors import ConfigError
+from vmtasks.guest import config
+from vmtasks.guest.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -566,7 +566,7 @@ TASKS_PY = '''
 import json, sys
 sys.path.insert(0, {repo!r})
 from invoke import task
-from vmtasks import config
+from vmtasks.guest import config
 
 @task
 def info(c):
@@ -608,7 +608,8 @@ def test_invoke_context_info_from_a_real_invoke(tmp_path):
 
 
 def test_load_for_task_with_an_invoke_context(tmp_path):
-    from invoke import Config as InvokeConfig, Context
+    from invoke import Config as InvokeConfig
+    from invoke import Context
 
     root, cwd = tmp_path / "repo", tmp_path / "elsewhere"
     cwd.mkdir()
@@ -687,8 +688,8 @@ def test_vmtasks_variables_and_their_openboot_aliases(tmp_path):
 
 
 def test_the_in_vm_guard_takes_either_name_and_refuses_when_they_disagree():
-    from vmtasks import inner
-    from vmtasks.errors import NotInVm
+    from vmtasks.guest import inner
+    from vmtasks.guest.errors import NotInVm
 
     inner.require_vm({"VMTASKS_IN_VM": "1"})
     inner.require_vm({"OPENBOOT_IN_VM": "1"})

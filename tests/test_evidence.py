@@ -1,4 +1,4 @@
-"""vmtasks.evidence: the guest's half run here on a real tree and real commands, the host's half
+"""vmtasks.guest.evidence: the guest's half run here on a real tree and real commands, the host's half
 on what a hostile guest could send."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_records import fill_disk, mounted_tmpfs
-from vmtasks import evidence
+
+from vmtasks.guest import evidence
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -190,7 +190,7 @@ def test_the_guest_command_line_round_trip(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = dict(os.environ, HOME=str(home), PYTHONPATH=str(REPO))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "vmtasks.evidence", *a], env=env,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vmtasks.guest.evidence", *a], env=env,  # noqa: E731
                                     capture_output=True, timeout=60)
     assert run("snapshot", str(home / ".vmtasks/c/1-before.json"), "--probe", "p=echo one").returncode == 0
     (home / "new.txt").write_text("hi")
@@ -219,7 +219,7 @@ class LocalRemote:
         self.fail_with = fail_with
 
     def __call__(self, command, timeout, on_output=None):
-        from vmtasks.errors import RemoteTimeout
+        from vmtasks.guest.errors import RemoteTimeout
 
         if self.fail_with is not None:
             raise self.fail_with
@@ -264,7 +264,7 @@ def test_fetch_over_a_text_channel_keeps_binary_files_intact(tmp_path):
 
 
 def test_fetch_notes_a_lost_connection_and_a_guest_that_floods(tmp_path):
-    from vmtasks.errors import SshError
+    from vmtasks.guest.errors import SshError
 
     home = tmp_path / "home"
     home.mkdir()

@@ -7,10 +7,13 @@ import itertools
 import socket
 
 from conftest import FakeRunner, ok, tart_list_json
-from vmtasks import config, ssh, sweep
-from vmtasks import machine_tart as run_mod
-from vmtasks.ledger import Ledger
-from vmtasks.tart import Tart
+
+from vmtasks.backends.tart import machine as run_mod
+from vmtasks.backends.tart.cli import Tart
+from vmtasks.guest import config
+from vmtasks.state import sweep
+from vmtasks.state.ledger import Ledger
+from vmtasks.transport import ssh
 
 
 def test_backoff_starts_at_20ms_and_doubles_up_to_poll():

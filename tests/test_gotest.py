@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from vmtasks import config, gotest
-from vmtasks.errors import ConfigError
-from vmtasks.queue import TestQueue
+from vmtasks.guest import config, gotest
+from vmtasks.guest.errors import ConfigError
+from vmtasks.lifecycle.queue import TestQueue
 
 
 def test_flags_go_where_they_belong():
@@ -105,7 +105,7 @@ class ListingRunner:
         self.calls = []
 
     def run(self, argv, **kwargs):
-        from vmtasks.proc import Result
+        from vmtasks.transport.proc import Result
 
         self.calls.append((list(argv), kwargs.get("env")))
         return Result(list(argv), 0, self.stdout, "")
@@ -200,7 +200,7 @@ def test_one_listing_parser_for_the_queue_the_shard_and_a_one_vm_run():
     (gotest.TestId), and a printed line that is no Go test name is rejected in each."""
     import json
 
-    from vmtasks.gotest import TestId, parse_listing
+    from vmtasks.guest.gotest import TestId, parse_listing
 
     pkg = "example.com/e2e"
     binary = "TestA\nTestB\x00evil\nBenchmarkC\nTestD\n"
@@ -215,7 +215,7 @@ def test_one_listing_parser_for_the_queue_the_shard_and_a_one_vm_run():
 
 
 def test_launch_failure_hints_name_the_loaders_refusal_only():
-    from vmtasks.gotest import launch_failure_hint
+    from vmtasks.guest.gotest import launch_failure_hint
 
     assert "Exec format error" in launch_failure_hint(
         ["sh: 1: /Users/admin/.vmtasks/bin/e2e.test: cannot execute binary file: Exec format error"])

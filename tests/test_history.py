@@ -1,4 +1,4 @@
-"""Tests for vmtasks.results.history: durations across runs and the estimate the scheduler reads."""
+"""Tests for vmtasks.guest.results.history: durations across runs and the estimate the scheduler reads."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from vmtasks.errors import StateError
-from vmtasks.results import History, Summary, TestResult
-from vmtasks.results.history import UNKNOWN, percentile
+from vmtasks.guest.errors import StateError
+from vmtasks.guest.results import History, Summary, TestResult
+from vmtasks.guest.results.history import UNKNOWN, percentile
 
 A = "example.com/e2e/a"
 B = "example.com/e2e/b"

@@ -1,18 +1,18 @@
 """Real-host checks (vm-doctor, hints) from files and strings, and the driver's pieces that
 read Tart's output: testable on any machine."""
 
-import plistlib
 import json
+import plistlib
 import subprocess
 import types
 
 import pytest
-
 from conftest import FakeRunner, fail, ok
-from vmtasks import hostchecks
-from vmtasks.errors import StageError
-from vmtasks.machine_tart import TartMachine, exec_hint
-from vmtasks.tart import Tart
+
+from vmtasks.backends.tart import hostchecks
+from vmtasks.backends.tart.cli import Tart
+from vmtasks.backends.tart.machine import TartMachine, exec_hint
+from vmtasks.guest.errors import StageError
 
 
 def write_plist(path, data):
@@ -124,9 +124,10 @@ def test_a_suspend_that_outlasts_the_teardown_timeout_leaves_no_slot_and_no_trac
     escapes; the slot is skipped (runs boot cold) and the half-saved VM is removed."""
     import threading
 
-    from vmtasks import images, prepare, tart_images
-    from vmtasks.records import RunRecord
-    from vmtasks.vm import VmServices
+    from vmtasks.backends.tart import images as tart_images
+    from vmtasks.lifecycle import images, prepare
+    from vmtasks.lifecycle.vm import VmServices
+    from vmtasks.state.records import RunRecord
 
     class Runner(FakeRunner):
         def spawn(self, argv, log):
@@ -167,7 +168,9 @@ def test_a_suspend_that_outlasts_the_teardown_timeout_leaves_no_slot_and_no_trac
 def test_tart_doctor_rows_are_checks_when_tools_are_missing(tmp_path, monkeypatch):
     """vm-doctor through the backend (``TartBackend.doctor``): a missing tool is a failed
     check with a hint, and nothing that needs the tool is tried after it."""
-    from vmtasks import config, doctor, proc
+    from vmtasks.guest import config
+    from vmtasks.transport import proc
+    from vmtasks.ui import doctor
 
     (tmp_path / "project").mkdir()
     (tmp_path / "vm.yaml").write_text("project_dir: project\nstate_dir: state\n")

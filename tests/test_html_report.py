@@ -1,4 +1,4 @@
-"""report.html (vmtasks/html_report.py): built from a record's files only, everything from the
+"""report.html (vmtasks/ui/html_report.py): built from a record's files only, everything from the
 guest escaped, no script and no network, written at the end of every run without ever
 failing it. The rendered page in a real browser: tests/e2e/test_report_html.py."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks import html_report
-from vmtasks.errors import ConfigError
-from vmtasks.records import RunRecord
-from vmtasks.results.model import FAIL, INTERRUPTED, NOTRUN, PASS, SKIP, Summary, TestResult, merge
+from vmtasks.guest.errors import ConfigError
+from vmtasks.guest.results.model import FAIL, INTERRUPTED, NOTRUN, PASS, SKIP, Summary, TestResult, merge
+from vmtasks.state.records import RunRecord
+from vmtasks.ui import html_report
 
 HOSTILE_NAME = "TestX<script>window.pwned=1</script>"
 HOSTILE_OUTPUT = "</textarea><script>window.pwned=1</script>\n<a href=\"javascript:alert(1)\">x</a>\n\x1b[2Jbye\n"
@@ -193,7 +193,7 @@ def test_where_the_time_went_against_earlier_records(tmp_path):
 
 def test_an_older_record_without_tests_json_draws_from_junit(tmp_path):
     record = a_run(tmp_path / "runs")
-    from vmtasks.results import write_junit
+    from vmtasks.guest.results import write_junit
 
     summary = Summary(results=[TestResult("p", "TestOld", FAIL, 1.0, output="boom")], failures=[])
     write_junit(summary, record.dir / "junit.xml")

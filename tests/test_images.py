@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, FakeRunner, fail, ok, tart_list_json
-from vmtasks import images, tart_images
-from vmtasks.errors import PreflightError, StateError
-from vmtasks.proc import Runner
-from vmtasks.tart import Tart
+
+from vmtasks.backends.tart import images as tart_images
+from vmtasks.backends.tart.cli import Tart
+from vmtasks.guest.errors import PreflightError, StateError
+from vmtasks.lifecycle import images
+from vmtasks.transport.proc import Runner
 
 PREFIX = "openboot-ephemeral"
 GET_JSON = json.dumps({"OS": "darwin", "CPU": 4, "Memory": 8192, "Disk": 50, "DiskFormat": "raw",
@@ -74,7 +75,7 @@ def test_image_hash_is_short_hex_and_stable():
     assert images.image_hash(**dict(INPUTS, identity=reordered)) == first
     # a literal value, computed once: the hash must not depend on the process (no hash())
     done = subprocess.run([sys.executable, "-c",
-                           "import json, sys; from vmtasks import images; "
+                           "import json, sys; from vmtasks.lifecycle import images; "
                            "print(images.image_hash(**json.loads(sys.argv[1])))", json.dumps(INPUTS)],
                           cwd=str(REPO), capture_output=True, text=True,
                           env=dict(os.environ, PYTHONHASHSEED="123"))
@@ -147,8 +148,8 @@ def test_bundle_digest_covers_contents_not_dates_nor_config():
 
 
 def test_bundle_digest_of_the_real_tool_bundle_is_stable():
-    from vmtasks.config import Config
-    from vmtasks.vm import tool_bundle
+    from vmtasks.guest.config import Config
+    from vmtasks.lifecycle.vm import tool_bundle
 
     first = images.bundle_digest(tool_bundle(Config()))
     time.sleep(1.1)  # tool_bundle stamps config.json with the current time
@@ -293,7 +294,7 @@ def test_build_lock_timeout_says_who_holds_it(tmp_path):
 
 
 def test_build_lock_of_a_killed_process_is_free(tmp_path):
-    code = ("import sys, time; sys.path.insert(0, {!r}); from vmtasks import images; "
+    code = ("import sys, time; sys.path.insert(0, {!r}); from vmtasks.lifecycle import images; "
             "lock = images.BuildLock({!r}, {!r}, run_id='doomed'); lock.acquire(); "
             "print('locked', flush=True); time.sleep(60)").format(str(REPO), str(tmp_path), H1)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -1,4 +1,4 @@
-"""Tests for vmtasks.results.junit: targets, errors for package failures / not run /
+"""Tests for vmtasks.guest.results.junit: targets, errors for package failures / not run /
 interrupted, subtests, merged counts."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import io
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from test_results import A, B, C, Clock, ev, mixed_stream, parse, run_test
-from vmtasks.errors import StateError
-from vmtasks.results import PackageError, Summary, SuiteStream, mark_not_run, merge, write_junit
+
+from vmtasks.guest.errors import StateError
+from vmtasks.guest.results import PackageError, SuiteStream, Summary, mark_not_run, merge, write_junit
 
 
 def counts(el: ET.Element) -> dict:

@@ -9,11 +9,21 @@ import sys
 import time
 
 import pytest
-
 from test_records import fill_disk, mounted_tmpfs
-from vmtasks.errors import StateError
-from vmtasks.ledger import (GONE, RUNNING, ZOMBIE, Lease, Ledger, _probe_proc, _probe_ps, probe_process,
-                            process_alive, process_start_time)
+
+from vmtasks.guest.errors import StateError
+from vmtasks.state.ledger import (
+    GONE,
+    RUNNING,
+    ZOMBIE,
+    Lease,
+    Ledger,
+    _probe_proc,
+    _probe_ps,
+    probe_process,
+    process_alive,
+    process_start_time,
+)
 
 
 @pytest.fixture
@@ -159,7 +169,7 @@ def test_full_disk_in_pre_flight_leaves_no_probe_file(tmp_path):
 
 
 def test_full_disk_while_making_the_run_key_is_a_state_error(tmp_path):
-    from vmtasks import ssh
+    from vmtasks.transport import ssh
 
     with full_state_dir(tmp_path) as ledger:
         with pytest.raises(StateError) as err:
@@ -217,7 +227,7 @@ def test_one_run_many_vms_share_a_key_dir_until_the_last_release(ledger):
 def test_remove_by_hand_command_removes_vm_key_and_lease_when_pasted(ledger, tmp_path):
     """The printed line (the machine's removal + the ledger's forget, as a kept VM's
     teardown prints it), run by a shell as is (a fake `tart` records what it is asked)."""
-    from vmtasks.machine_tart import remove_command
+    from vmtasks.backends.tart.machine import remove_command
 
     lease = lease_for(ledger, "p-kept it", keep=True)
     ledger.note_child("p-kept it", os.getpid(), ["x"])

@@ -1,4 +1,4 @@
-"""The Orchard backend (vmtasks/orchard.py): settings resolution as units, and the whole VM
+"""The Orchard backend (vmtasks/backends/orchard/): settings resolution as units, and the whole VM
 lifecycle against the controller stand-in (scripts/orchard) with real Tart stand-in guests,
 Paramiko over the port-forward tunnel and rsync through the ProxyCommand helper."""
 
@@ -16,20 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks import ssh
-from vmtasks.backend import Owner
-from vmtasks.errors import BackendError, ConfigError, PreflightError, VmtasksError
-from vmtasks.orchard import (
-    OrchardBackend,
-    OrchardSettings,
-    context_file_path,
-    fleet_slots,
-    load_settings,
-    online_workers,
-    owner_alive,
-    owner_of,
-    parse_time,
-)
+from vmtasks.backends.orchard.backend import OrchardBackend
+from vmtasks.backends.orchard.fleet import fleet_slots, online_workers, owner_alive, owner_of, parse_time
+from vmtasks.backends.orchard.settings import OrchardSettings, context_file_path, load_settings
+from vmtasks.guest.errors import BackendError, ConfigError, PreflightError, VmtasksError
+from vmtasks.lifecycle.backend import Owner
+from vmtasks.transport import ssh
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -126,7 +118,7 @@ def test_time_workers_and_slots():
 def test_owner_alive_judges_only_this_hosts_processes():
     import socket
 
-    from vmtasks.ledger import process_start_time
+    from vmtasks.state.ledger import process_start_time
 
     me = {"run_id": "r", "host": socket.gethostname(), "user": "u", "pid": str(os.getpid()),
           "pid_start": process_start_time(os.getpid())}
@@ -209,9 +201,11 @@ def test_lifecycle_ssh_and_rsync_through_the_tunnel(fleet, backend, tmp_path):
     assert target.env["ORCHARD_SERVICE_ACCOUNT_TOKEN"] not in target.proxy_command
     ssh_cmd = " ".join(shlex.quote(a)
                        for a in ["ssh", *ssh.ssh_options(key), "-o", "ProxyCommand=" + target.proxy_command])
+    # The ProxyCommand finds this vmtasks through PYTHONPATH, from any directory (not only the checkout's).
+    assert (Path(target.env["PYTHONPATH"].split(os.pathsep)[0]) / "vmtasks" / "__init__.py").is_file()
     env = dict(os.environ, **target.env)
     done = subprocess.run(["rsync", "-a", "-e", ssh_cmd, str(src) + "/", "admin@{}:tree/".format(target.host)],
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr
     with _ssh(machine, key) as conn:
         result = ssh.remote_exec(conn, "cat tree/a.txt; wc -c < tree/sub/b.bin", timeout=20)
@@ -339,7 +333,7 @@ def test_health_and_the_proxy_helper_errors(fleet, backend):
     assert [status for status, _ in checks.values()] == ["ok"] * 4, checks
     assert "4 of 4 VM slots free" == checks["orchard slots"][1]
     assert "2 of 2 online" in checks["orchard workers"][1]
-    proxy = [sys.executable, "-m", "vmtasks.orchard_proxy"]
+    proxy = [sys.executable, "-m", "vmtasks.backends.orchard.proxy"]
     env = dict(os.environ, PYTHONPATH=str(REPO), **fleet.env())
     done = subprocess.run(proxy + ["no-such-vm", "22"], env=env, capture_output=True, text=True, timeout=30,
                           stdin=subprocess.DEVNULL)
@@ -462,7 +456,7 @@ def test_ssh_through_a_wss_tunnel(tmp_path):
 
 
 class _FakeOrchard:
-    """A controller listing for vmtasks.orphans.sweep: ListedVm rows; remove() records."""
+    """A controller listing for vmtasks.state.orphans.sweep: ListedVm rows; remove() records."""
 
     name = "orchard"
 
@@ -480,7 +474,7 @@ class _FakeOrchard:
         return ""
 
     def judge_unleased(self, name, labels, include_kept):  # as OrchardBackend: by the VM's owner record
-        from vmtasks.orchard import OrchardBackend
+        from vmtasks.backends.orchard.backend import OrchardBackend
 
         return OrchardBackend.judge_unleased(self, name, labels, include_kept)
 
@@ -498,7 +492,7 @@ class _Reporter:
 def _sweep_parts(tmp_path, backend):
     from types import SimpleNamespace
 
-    from vmtasks.ledger import Ledger
+    from vmtasks.state.ledger import Ledger
 
     cfg = SimpleNamespace(vm=SimpleNamespace(name_prefix="vmt"), sweep=SimpleNamespace(unleased_after=24.0),
                           timeouts=SimpleNamespace(teardown=30))
@@ -510,7 +504,7 @@ def _sweep_parts(tmp_path, backend):
 def _owner_labels(pid, pid_start, host=None, **extra):
     import socket
 
-    from vmtasks.orchard import env_value
+    from vmtasks.backends.orchard.fleet import env_value
 
     labels = {"run_id": "r-%s" % pid, "host": env_value(host or socket.gethostname()), "user": "u",
               "pid": str(pid), "pid_start": env_value(pid_start)}
@@ -519,9 +513,9 @@ def _owner_labels(pid, pid_start, host=None, **extra):
 
 
 def test_the_sweep_judges_unleased_orchard_vms_by_their_owner_records(tmp_path):
-    from vmtasks import orphans
-    from vmtasks.backend import ListedVm
-    from vmtasks.ledger import Ledger, process_start_time
+    from vmtasks.lifecycle.backend import ListedVm
+    from vmtasks.state import orphans
+    from vmtasks.state.ledger import Ledger, process_start_time
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
@@ -555,8 +549,8 @@ def test_the_sweep_judges_unleased_orchard_vms_by_their_owner_records(tmp_path):
 
 
 def test_dry_run_of_the_orchard_owner_rules_removes_nothing(tmp_path):
-    from vmtasks import orphans
-    from vmtasks.backend import ListedVm
+    from vmtasks.lifecycle.backend import ListedVm
+    from vmtasks.state import orphans
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     backend = _FakeOrchard([ListedVm("vmt-dead-1", True, "running", _owner_labels(int(dead.stdout), "linux:1"))])
@@ -581,7 +575,7 @@ class _PendingClient:
 
 
 def test_start_gives_up_waiting_once_the_vm_is_no_longer_wanted(tmp_path):
-    from vmtasks.errors import NoLongerNeeded
+    from vmtasks.guest.errors import NoLongerNeeded
 
     client = _PendingClient()
     backend = OrchardBackend(OrchardSettings(client.url, "a", "b"), "tahoe-base", client=client, poll=0.01)

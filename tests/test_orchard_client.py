@@ -12,17 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from vmtasks.backend import Owner
-from vmtasks.errors import BackendError, ConfigError, PreflightError
-from vmtasks.orchard import (
-    CLOSED_AT_ONCE,
-    PROBE_RAN,
-    OrchardBackend,
-    OrchardClient,
-    OrchardHTTPError,
-    OrchardSettings,
-    delete_vm,
-)
+from vmtasks.backends.orchard.backend import PROBE_RAN, OrchardBackend
+from vmtasks.backends.orchard.client import CLOSED_AT_ONCE, OrchardClient, OrchardHTTPError
+from vmtasks.backends.orchard.machine import delete_vm
+from vmtasks.backends.orchard.settings import OrchardSettings
+from vmtasks.guest.errors import BackendError, ConfigError, PreflightError
+from vmtasks.lifecycle.backend import Owner
 
 OWNER = Owner("run-1", "host-a", "alice", 4242, "987654")
 URL = "http://controller.test:6120"
@@ -198,7 +193,7 @@ def test_the_proxy_command_explains_a_tunnel_closed_at_once(tmp_path):
         threading.Thread(target=server.serve_forever, daemon=True).start()
         env = {"ORCHARD_URL": "http://127.0.0.1:%d" % server.socket.getsockname()[1], "PATH": "/usr/bin:/bin",
                "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent)}
-        done = subprocess.run([sys.executable, "-m", "vmtasks.orchard_proxy", "vm-1", "22"], env=env,
+        done = subprocess.run([sys.executable, "-m", "vmtasks.backends.orchard.proxy", "vm-1", "22"], env=env,
                               capture_output=True, text=True, timeout=30, stdin=subprocess.PIPE)
         server.shutdown()
     assert done.returncode == 1, done.stderr

@@ -1,4 +1,4 @@
-"""vm.password and orchard.url at config load (vmtasks/config.py), and the URL checks the
+"""vm.password and orchard.url at config load (vmtasks/guest/config.py), and the URL checks the
 Orchard settings repeat for the URLs that do not come through the config (ORCHARD_URL,
 Orchard's context file, the ProxyCommand's environment). Issues 17 (item 1) and 18."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vmtasks import config
-from vmtasks.errors import ConfigError
-from vmtasks.orchard import load_settings, settings_from_proxy_env
+from vmtasks.backends.orchard.settings import load_settings, settings_from_proxy_env
+from vmtasks.guest import config
+from vmtasks.guest.errors import ConfigError
 
 SECRET = "pa55-Secret-word"
 

@@ -157,11 +157,13 @@ def test_plain_install_declares_its_dependencies(installed, tmp_path):
                            timeout=120, env=_clean_env())
     assert check.returncode == 0, check.stdout + check.stderr
     # Every host module the tasks import is there (nothing comes from the system).
-    done = installed.py(tmp_path, "import vmtasks.tasks, vmtasks.run, vmtasks.report, vmtasks.ssh, "
-                                  "vmtasks.config, vmtasks.yamlsafe, vmtasks.orchard, vmtasks.results")
+    done = installed.py(tmp_path, "import vmtasks.tasks, vmtasks.lifecycle.run, vmtasks.ui.report, "
+                                  "vmtasks.transport.ssh, vmtasks.guest.config, vmtasks.settings.yamlsafe, "
+                                  "vmtasks.backends.orchard.backend, vmtasks.backends.tart.machine, "
+                                  "vmtasks.guest.results")
     assert done.returncode == 0, done.stderr
     # The report's template is installed with the package (package data) and Jinja2 with it.
-    done = installed.py(tmp_path, "import vmtasks.html_report as h; h._environment().get_template('report.html.j2')")
+    done = installed.py(tmp_path, "import vmtasks.ui.html_report as h; h._environment().get_template('report.html.j2')")
     assert done.returncode == 0, done.stderr
     # Test tools are a separate group: `pip install .[test]`, not runtime requirements.
     meta = installed.py(tmp_path, "import importlib.metadata as m, json; print(json.dumps(m.requires('vmtasks')))")
@@ -207,7 +209,7 @@ def test_from_a_subdirectory_the_repository_config_is_used(installed, tmp_path):
 
 def test_guest_bundle_is_built_from_the_installed_package(installed, tmp_path):
     code = (
-        "import base64, sys, vmtasks.vm as vm, vmtasks.config as c\n"
+        "import base64, sys, vmtasks.lifecycle.vm as vm, vmtasks.guest.config as c\n"
         "cfg = c.load(None, environ={}, cwd=__import__('pathlib').Path('.'))\n"
         "sys.stdout.write(str(vm.PACKAGE_DIR) + '\\n' + base64.b64encode(vm.tool_bundle(cfg)).decode())\n"
     )
@@ -222,15 +224,16 @@ def test_guest_bundle_is_built_from_the_installed_package(installed, tmp_path):
         names = set(tar.getnames())
         unpacked = tmp_path / "tool"
         tar.extractall(str(unpacked))
-    installed_py = {"vmtasks/" + p.relative_to(package_dir).as_posix() for p in package_dir.rglob("*.py")}
-    assert {"vmtasks/__init__.py", "vmtasks/tasks.py", "vmtasks/results/__init__.py",
-            "vmtasks/results/stream.py", "vmtasks/results/junit.py"} <= installed_py
-    assert installed_py <= names, sorted(installed_py - names)
+    guest_py = {"vmtasks/" + p.relative_to(package_dir).as_posix() for p in (package_dir / "guest").rglob("*.py")}
+    assert {"vmtasks/guest/tasks.py", "vmtasks/guest/results/__init__.py", "vmtasks/guest/results/stream.py",
+            "vmtasks/guest/results/junit.py"} <= guest_py
+    # The guest gets the guest-safe folder (and the package's __init__), nothing else of vmtasks.
+    assert {n for n in names if n.startswith("vmtasks/")} == guest_py | {"vmtasks/__init__.py"}, sorted(names)
     assert {"tasks.py", "config.json"} <= names
     # Byte for byte what pip installed.
-    for name in ("vmtasks/tasks.py", "vmtasks/results/model.py"):
+    for name in ("vmtasks/guest/tasks.py", "vmtasks/guest/results/model.py"):
         assert (unpacked / name).read_bytes() == (package_dir / name[len("vmtasks/"):]).read_bytes(), name
-    assert "from vmtasks.tasks import ns" in (unpacked / "tasks.py").read_text()
+    assert "from vmtasks.guest.tasks import ns" in (unpacked / "tasks.py").read_text()
 
     # The unpacked bundle is a working collection on its own: a Python with Invoke but no
     # vmtasks installed (the guest's) lists the in-VM tasks from it and imports the bundle.
@@ -278,7 +281,7 @@ def test_wheel_holds_the_package_and_nothing_else(installed, tmp_path):
     source = {"vmtasks/" + p.relative_to(installed.checkout / "vmtasks").as_posix()
               for p in (installed.checkout / "vmtasks").rglob("*.py")}
     assert source <= names, sorted(source - names)
-    assert "vmtasks/templates/report.html.j2" in names, "the report's template is package data"
+    assert "vmtasks/ui/templates/report.html.j2" in names, "the report's template is package data"
     top = {n.split("/")[0] for n in names}
     assert not top & {"tests", "scripts", "examples", "config"}, sorted(top)
 

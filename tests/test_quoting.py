@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks import config, inner
-from vmtasks.vm import inner_command, tool_bundle
+from vmtasks.guest import config, inner
+from vmtasks.lifecycle.vm import inner_command, tool_bundle
 
 HOSTILE = [
     "TestA|TestB",

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vmtasks.errors import StateError
-import re
-
-from vmtasks.records import RunRecord, record_owner_alive
+from vmtasks.guest.errors import StateError
+from vmtasks.state.records import RunRecord, record_owner_alive
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,7 +105,7 @@ OTHER_RUN = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from vmtasks.records import RunRecord
+from vmtasks.state.records import RunRecord
 record = RunRecord(Path({root!r}), "20260101-000000-aaaa")
 record.create("{{}}")
 print("ready", flush=True)
@@ -166,7 +165,7 @@ LIMITED_RUN = """
 import json, resource, signal, sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from vmtasks.records import RunRecord
+from vmtasks.state.records import RunRecord
 record = RunRecord(Path({root!r}), "20260101-000000-abcd")
 record.create("{{}}")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead

@@ -1,7 +1,7 @@
 import stat
 
-from vmtasks import ssh
-from vmtasks.records import RunRecord
+from vmtasks.state.records import RunRecord
+from vmtasks.transport import ssh
 
 
 def test_run_key_is_private_and_outside_any_argv(tmp_path):

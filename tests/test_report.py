@@ -15,11 +15,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
-from vmtasks.visible import visible
-
 import pytest
 
-from vmtasks.report import Reporter, format_clock, format_seconds, timeline_text, vm_shares
+from vmtasks.guest.visible import visible
+from vmtasks.ui.report import Reporter, format_clock, format_seconds, timeline_text, vm_shares
 
 REPO = Path(__file__).resolve().parent.parent
 ESC = "\x1b"
@@ -382,7 +381,7 @@ DRIVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
     from dataclasses import dataclass, field
-    from vmtasks.report import Reporter
+    from vmtasks.ui.report import Reporter
 
     @dataclass
     class T:
@@ -502,7 +501,7 @@ def test_piped_summary_on_stdout_progress_on_stderr(driver):
 THREADS_DRIVER = textwrap.dedent("""
     import sys, threading
     sys.path.insert(0, {repo!r})
-    from vmtasks.report import Reporter
+    from vmtasks.ui.report import Reporter
 
     reporter = Reporter(vms=4, refresh_per_second=50)
     def worker(index):

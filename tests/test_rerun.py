@@ -1,4 +1,4 @@
-"""--rerun-failed (vmtasks/rerun.py): which recorded run it takes, and what it says about
+"""--rerun-failed (vmtasks/ui/rerun.py): which recorded run it takes, and what it says about
 the runs it skips."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from vmtasks import rerun
-from vmtasks.errors import ConfigError
+from vmtasks.guest.errors import ConfigError
+from vmtasks.ui import rerun
 
 
 def record(root, run_id, **result):

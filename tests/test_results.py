@@ -1,4 +1,4 @@
-"""Tests for vmtasks.results: go test -json stream parsing, JUnit, reruns."""
+"""Tests for vmtasks.guest.results: go test -json stream parsing, JUnit, reruns."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import List, Optional
 
 import pytest
 
-from vmtasks.results import (
+from vmtasks.guest.results import (
     PackageError,
-    Summary,
     SuiteStream,
+    Summary,
     TestEvent,
     TestResult,
     failed_tests,
@@ -761,7 +761,7 @@ def test_real_go_forger_cannot_add_a_build_failure(go_module, tmp_path):
 
 
 def test_output_tails_are_bounded_and_say_what_was_dropped():
-    from vmtasks.results.stream import TAIL_CHARS, TAIL_LINES
+    from vmtasks.guest.results.stream import TAIL_CHARS, TAIL_LINES
 
     c = Clock()
     s = ev(c, "run", A, "TestLoud")
@@ -779,7 +779,7 @@ def test_output_tails_are_bounded_and_say_what_was_dropped():
 
 
 def test_many_chatty_passing_tests_keep_little_each():
-    from vmtasks.results.stream import PASSED_CHARS, TAIL_CHARS
+    from vmtasks.guest.results.stream import PASSED_CHARS, TAIL_CHARS
 
     c = Clock()
     line = "    chatter " + "c" * 500 + "\n"
@@ -968,7 +968,7 @@ def test_mark_not_run():
     ok = Summary(results=[TestResult(A, "TestA", "pass", 1.0)])
     assert ok.exit_ok and not mark_not_run(ok, [(A, "TestA"), (A, "TestB")]).exit_ok
     assert mark_not_run(ok, [(A, "TestA")]).exit_ok
-    from vmtasks.schedule import TestId
+    from vmtasks.guest.schedule import TestId
 
     assert [r.name for r in mark_not_run(ok, [TestId(A, "TestA"), TestId(A, "TestZ")]).not_run] == ["TestZ"]
 
@@ -1109,7 +1109,7 @@ def test_a_second_round_of_a_listed_test_still_counts():
 # --------------------------------------------------------------------------
 
 def test_a_failed_exit_without_a_failed_test_becomes_an_error_that_says_why():
-    from vmtasks.results import explain_exit
+    from vmtasks.guest.results import explain_exit
 
     c = Clock()
     stream = SuiteStream()
@@ -1128,7 +1128,7 @@ def test_a_failed_exit_without_a_failed_test_becomes_an_error_that_says_why():
 
 
 def test_a_command_that_exits_before_any_test_gets_go_s_last_line_as_its_reason():
-    from vmtasks.results import no_test_reason
+    from vmtasks.guest.results import no_test_reason
 
     c = Clock()
     stream = SuiteStream()

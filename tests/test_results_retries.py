@@ -7,8 +7,8 @@ from __future__ import annotations
 import io
 import xml.etree.ElementTree as ET
 
-from vmtasks import results
-from vmtasks.results import FAIL, FLAKY, PASS, Summary, TestResult
+from vmtasks.guest import results
+from vmtasks.guest.results import FAIL, FLAKY, PASS, Summary, TestResult
 
 PKG = "example.com/e2e"
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
-from vmtasks import results
-from vmtasks.config import load
-from vmtasks.errors import ConfigError
-from vmtasks.finish import RunEnd
-from vmtasks.results import PASS
-
 from test_results_retries import PKG, first_pass, retried, retry
+
+from vmtasks.guest import results
+from vmtasks.guest.config import load
+from vmtasks.guest.errors import ConfigError
+from vmtasks.guest.results import PASS
+from vmtasks.lifecycle.finish import RunEnd
 
 
 def run_end(summary, fail_on_flaky=False, retried=True):

@@ -7,14 +7,15 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import FakeRunner, fail
-from vmtasks import config, factory
-from vmtasks.errors import CommandTimeout
-from vmtasks.report import Reporter
-from vmtasks.run import Run, RunRequest
-from vmtasks.tart import Tart
-from vmtasks.vm import VmPipeline
+
+from vmtasks.backends.tart.cli import Tart
+from vmtasks.guest import config
+from vmtasks.guest.errors import CommandTimeout
+from vmtasks.lifecycle.run import Run, RunRequest
+from vmtasks.lifecycle.vm import VmPipeline
+from vmtasks.settings import factory
+from vmtasks.ui.report import Reporter
 
 VM = "vmtasks-r1"
 
@@ -203,7 +204,7 @@ def test_a_bug_while_starting_the_vms_still_ends_the_record(tmp_path, monkeypatc
 
 
 def test_a_bug_in_the_merge_still_writes_result_json_and_tears_down(tmp_path, monkeypatch, capsys):
-    from vmtasks.finish import RunEnd
+    from vmtasks.lifecycle.finish import RunEnd
 
     run = make_run(tmp_path, FakeRunner(), quiet=False)
     calls = []

@@ -1,4 +1,4 @@
-"""Tests for vmtasks.schedule: queue order, LPT partitions, shards (properties with fixed seeds)."""
+"""Tests for vmtasks.guest.schedule: queue order, LPT partitions, shards (properties with fixed seeds)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from vmtasks.errors import ConfigError
-from vmtasks.results import History, TestResult
-from vmtasks.gotest import TestId
-from vmtasks.gotest import parse_listing as _parse_listing
-from vmtasks.schedule import longest_first, lower_bound, makespan, parse_shard, partition, shard
+from vmtasks.guest.errors import ConfigError
+from vmtasks.guest.gotest import TestId
+from vmtasks.guest.gotest import parse_listing as _parse_listing
+from vmtasks.guest.results import History, TestResult
+from vmtasks.guest.schedule import longest_first, lower_bound, makespan, parse_shard, partition, shard
 
 
 def parse_test_list(text, package=""):

@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from vmtasks import ssh
-from vmtasks.errors import Cancelled, SshError
+from vmtasks.guest.errors import Cancelled, SshError
+from vmtasks.transport import ssh
 
 
 class Channel:

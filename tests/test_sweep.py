@@ -12,14 +12,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import FakeRunner, fail, ok, tart_list_json
 from test_ledger import dead_pid, lease_for
-from vmtasks import sweep
-from vmtasks.errors import CommandTimeout
-from vmtasks.ledger import Lease, Ledger, process_start_time
-from vmtasks.proc import Result, Runner
-from vmtasks.tart import Tart
+
+from vmtasks.backends.tart.cli import Tart
+from vmtasks.guest.errors import CommandTimeout
+from vmtasks.state import sweep
+from vmtasks.state.ledger import Lease, Ledger, process_start_time
+from vmtasks.transport.proc import Result, Runner
 
 REPO = Path(__file__).resolve().parent.parent
 CLEANUP = "invoke cleanup-orphans --config /abs/vm.yaml"
@@ -205,7 +205,7 @@ class FakeBackend:
 
 
 def test_a_backend_is_swept_through_list_vms_and_remove(ledger):
-    from vmtasks.backend import ListedVm
+    from vmtasks.lifecycle.backend import ListedVm
 
     lease_for(ledger, "p-dead", pid=dead_pid())
     backend = FakeBackend([ListedVm("p-dead", True, "running"), ListedVm("p-old", False, "stopped"),
@@ -223,7 +223,7 @@ CLONER = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from vmtasks.ledger import Ledger
+from vmtasks.state.ledger import Ledger
 time.sleep({delay})
 Path({marker!r}).write_text("cloned")
 """
@@ -319,7 +319,7 @@ OWNER = """
 import os, subprocess, sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from vmtasks.ledger import Ledger
+from vmtasks.state.ledger import Ledger
 ledger = Ledger(Path({state!r}))
 ledger.ensure()
 ledger.write(ledger.new_lease({vm!r}, "run1", keep=False, base="sweep-base"))

@@ -1,10 +1,9 @@
 """The exact `tart` commands the driver issues, through an injected fake runner."""
 
 import pytest
-
 from conftest import FakeRunner, fail, ok, tart_list_json
-from vmtasks.tart import TartError
-from vmtasks.tart import Tart
+
+from vmtasks.backends.tart.cli import Tart, TartError
 
 
 def test_list_parses_json_and_keeps_local_vms():

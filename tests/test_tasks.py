@@ -5,8 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tasks
 from invoke import Collection
+
+import tasks
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Tests for vmtasks.visible: nothing a guest prints reaches the host terminal as a control."""
+"""Tests for vmtasks.guest.visible: nothing a guest prints reaches the host terminal as a control."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from vmtasks.visible import visible
+from vmtasks.guest.visible import visible
 
 ATTACKS = {
     "clear screen": ("before\x1b[2J\x1b[Hafter", "before^[[2J^[[Hafter"),

@@ -7,12 +7,12 @@ import json
 import threading
 import types
 
-from vmtasks.backend import SshTarget
-from vmtasks.errors import BackendError
-from vmtasks.ledger import Ledger
-from vmtasks.records import RunRecord
-from vmtasks.report import Reporter
-from vmtasks.vm import VmPipeline, VmServices
+from vmtasks.guest.errors import BackendError
+from vmtasks.lifecycle.backend import SshTarget
+from vmtasks.lifecycle.vm import VmPipeline, VmServices
+from vmtasks.state.ledger import Ledger
+from vmtasks.state.records import RunRecord
+from vmtasks.ui.report import Reporter
 
 
 class Machine:
@@ -93,7 +93,7 @@ def test_the_plan_of_a_pipeline_comes_from_its_machine(tmp_path):
 def test_a_shipped_binary_that_cannot_start_in_the_guest_says_why(tmp_path):
     """A test binary built on the host that the guest's loader refuses (cgo against a newer
     macOS, another architecture) names the cause and the fix, once per VM, beside its error."""
-    from vmtasks import ssh
+    from vmtasks.transport import ssh
 
     svc = services(tmp_path, queue=object())
     svc.cfg.timeouts.test = 5

@@ -2,16 +2,19 @@
 
 A repository adopts it with ``pip install vmtasks`` and a two-line ``tasks.py``::
 
-    from vmtasks.tasks import ns  # noqa: F401
+    from .tasks import ns  # noqa: F401
 
-This module is also what runs inside the guest (``test-vm-inner*``), on its Python 3.9 with
-only Invoke installed: host modules (fabric, rich, yaml) are imported inside host tasks only.
+The two tasks that run inside the guest (``test-vm-inner*``) live in vmtasks/guest/tasks.py,
+which the guest gets on its own; this module adds the host's. Host modules (fabric, rich,
+yaml) are imported inside the host tasks, so ``invoke --list`` stays fast.
 """
 
 import os
 import sys
 
 from invoke import Collection, Exit, task
+
+from .guest.tasks import test_vm_inner, test_vm_inner_run
 
 COMMON_HELP = {
     "config": "vmtasks config file (default: config/vm.yaml beside tasks.py; env VMTASKS_VM_CONFIG; "
@@ -45,8 +48,8 @@ FLAG_NAMES.update({"prepared": "--no-prepared"})
 
 def _host_call(c, func, quiet=False, verbose=False):
     """Run ``func(reporter)``; show our domain errors with what to do; exit with the code."""
-    from vmtasks.errors import VmtasksError
-    from vmtasks.report import Reporter
+    from .guest.errors import VmtasksError
+    from .ui.report import Reporter
 
     reporter = Reporter(quiet=quiet, verbose=verbose)
     try:
@@ -80,8 +83,8 @@ def _before_exit():
 
 
 def _load(c, config, overrides=None):
-    """The validated config, found the way Invoke users expect (see vmtasks.config.locate)."""
-    from vmtasks import config as config_mod
+    """The validated config, found the way Invoke users expect (see vmtasks.guest.config.locate)."""
+    from .guest import config as config_mod
 
     return config_mod.load_for_task(c, config, overrides or {}, flag_names=FLAG_NAMES)
 
@@ -89,9 +92,10 @@ def _load(c, config, overrides=None):
 def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, rerun_failed, vms,
            junitfile, jsonfile, allow_no_tests, prepare=False, no_prepared=False, only_prepare=False,
            retries=None, fail_on_flaky=False, replay=None, isolate=False):
-    from vmtasks import config as config_mod
-    from vmtasks import factory, rerun
-    from vmtasks.run import Run, RunRequest
+    from .guest import config as config_mod
+    from .lifecycle.run import Run, RunRequest
+    from .settings import factory
+    from .ui import rerun
 
     def go(reporter):
         chosen_keep = "always" if keep is True else (config_mod.keep_from_env(keep) if keep is not None else None)
@@ -109,13 +113,13 @@ def _suite(c, test, keep, base, config, dry_run, quiet, verbose, boot_timeout, r
             chosen, source = choice.regex, choice.source
             reporter.info("rerunning the tests that failed in {}: {}".format(source, chosen))
         if prepare and no_prepared:
-            from vmtasks.errors import ConfigError
+            from .guest.errors import ConfigError
 
             raise ConfigError("--prepare and --no-prepared contradict each other", "pass one of them")
         recorded = None
         if replay is not None:
-            from vmtasks import replay as replay_mod
-            from vmtasks.errors import ConfigError
+            from .guest.errors import ConfigError
+            from .lifecycle import replay as replay_mod
 
             if rerun_failed:
                 raise ConfigError("--replay and --rerun-failed contradict each other", "pass one of them")
@@ -143,7 +147,7 @@ def _int_flag(flag, value):
     try:
         return int(value)
     except (TypeError, ValueError):
-        from vmtasks.errors import ConfigError
+        from .guest.errors import ConfigError
 
         raise ConfigError("{} must be a whole number, got {!r}".format(flag, value),
                           "for example {}=2".format(flag)) from None
@@ -187,50 +191,6 @@ def vm_prepare(c, config=None, base=None, dry_run=False, quiet=False, verbose=Fa
            only_prepare=True)
 
 
-INNER_HELP = {
-    "json_output": "Emit go test's JSON event stream (what the host parses).",
-    "shard": "Run only the K-th of N static partitions, e.g. 2/4 (CI matrix jobs: together they run "
-             "every test exactly once).",
-    "durations": "Durations file for --shard's balance (default: config suite.durations).",
-}
-
-
-def _inner(test, json_output, shard, durations):
-    from pathlib import Path
-
-    from vmtasks import config as config_mod
-    from vmtasks import inner
-    from vmtasks.errors import VmtasksError
-
-    try:
-        inner.require_vm(os.environ)
-        path, _ = config_mod.locate(None, os.environ, Path.cwd(), required=False)
-        cfg = config_mod.load(path, os.environ)
-        if shard is not None:
-            code = inner.run_shard(cfg, test, json_output, shard, durations)
-        else:
-            code = inner.run_suite(cfg, test, json_output)
-    except VmtasksError as exc:
-        print("error: " + exc.render(), file=sys.stderr)
-        raise Exit(code=exc.exit_code) from None
-    if code:
-        raise Exit(code=code)
-
-
-@task(help=INNER_HELP)
-def test_vm_inner(c, json_output=False, shard=None, durations=None):
-    """[inside the VM] Run the whole suite here; refuses unless VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM=1)."""
-    _inner(None, json_output, shard, durations)
-
-
-@task(help=dict(INNER_HELP, test="The go test -run regex (required)."))
-def test_vm_inner_run(c, test=None, json_output=False, shard=None, durations=None):
-    """[inside the VM] Run the tests matching --test here; refuses unless VMTASKS_IN_VM=1 (or OPENBOOT_IN_VM)."""
-    if not test:
-        raise Exit("test-vm-inner-run: --test is empty; pass a go test -run regex", code=2)
-    _inner(test, json_output, shard, durations)
-
-
 @task(help={
     "dry_run": "Show what would be removed, remove nothing.",
     "include_kept": "Also remove VMs kept on purpose (--keep) whose run has ended.",
@@ -244,8 +204,9 @@ def test_vm_inner_run(c, test=None, json_output=False, shard=None, durations=Non
 def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_unleased=False, prepared=False,
                     config=None):
     """Remove VMs, keys and leases whose owning run is gone (never a live run's)."""
-    from vmtasks import factory, orphans
-    from vmtasks.errors import ConfigError
+    from .guest.errors import ConfigError
+    from .settings import factory
+    from .state import orphans
 
     def go(reporter):
         cfg = _load(c, config)
@@ -262,7 +223,7 @@ def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_
         code = orphans.sweep(reporter, parts, dry_run=dry_run, include_kept=include_kept, max_age=age,
                              include_unleased=include_unleased)
         if prepared:
-            from vmtasks import prepare
+            from .lifecycle import prepare
 
             code = max(code, prepare.clean(reporter, parts, dry_run, max_age=age))
         return code
@@ -273,7 +234,7 @@ def cleanup_orphans(c, dry_run=False, include_kept=False, max_age=None, include_
 @task(help={"config": COMMON_HELP["config"]})
 def build(c, config=None):
     """Run the host build commands from the config (test-vm runs them itself before cloning)."""
-    from vmtasks import factory
+    from .settings import factory
 
     def go(reporter):
         cfg = _load(c, config)
@@ -294,7 +255,7 @@ def build(c, config=None):
 @task(help={"config": COMMON_HELP["config"]})
 def vm_doctor(c, config=None):
     """Check this machine can run test-vm: tart, base image, disk, VM slots, leftovers."""
-    from vmtasks import doctor
+    from .ui import doctor
 
     _host_call(c, lambda reporter: doctor.run(reporter, lambda: _load(c, config)))
 
@@ -302,7 +263,8 @@ def vm_doctor(c, config=None):
 @task(help={"config": COMMON_HELP["config"]})
 def vm_list(c, config=None):
     """List this tool's VMs: run, owner, live or kept or orphaned, age, address."""
-    from vmtasks import factory, inventory
+    from .settings import factory
+    from .ui import inventory
 
     def go(reporter):
         parts = factory.Parts(_load(c, config), reporter)
@@ -314,7 +276,8 @@ def vm_list(c, config=None):
 @task(help={"target": "A run id or VM name (see vm-list) of a kept VM.", "config": COMMON_HELP["config"]})
 def vm_login(c, target, config=None):
     """Open an SSH session to a kept VM with its run's key."""
-    from vmtasks import factory, inventory
+    from .settings import factory
+    from .ui import inventory
 
     def go(reporter):
         parts = factory.Parts(_load(c, config), reporter)
@@ -334,7 +297,8 @@ def vm_login(c, target, config=None):
             "config": COMMON_HELP["config"]})
 def vm_report(c, run=None, open=False, config=None):
     """Write a run's report.html (timeline, failures first, where the time went) and print its path."""
-    from vmtasks import factory, html_report
+    from .settings import factory
+    from .ui import html_report
 
     def go(reporter):
         run_dir = html_report.find_run(factory.Parts(_load(c, config), reporter).records_root, run)
@@ -355,8 +319,10 @@ def vm_report(c, run=None, open=False, config=None):
             "config": COMMON_HELP["config"]})
 def vm_changes(c, test=None, run=None, config=None):
     """Print what one test changed on its VM in a run made with --changes (suite.changes)."""
-    from vmtasks import evidence, factory, html_report
-    from vmtasks.errors import ConfigError
+    from .guest import evidence
+    from .guest.errors import ConfigError
+    from .settings import factory
+    from .ui import html_report
 
     def go(reporter):
         if not test:
@@ -371,7 +337,7 @@ def vm_changes(c, test=None, run=None, config=None):
                               "tests with changes in that run: {}".format(", ".join(known)) if known else
                               "run with suite.changes: true in the config to record what each test changes")
         reporter.close()
-        from vmtasks.visible import visible
+        from .guest.visible import visible
 
         for path in files:
             if len(files) > 1:
@@ -388,8 +354,8 @@ def vm_init(c, config=None):
     """Write a commented config for this Go module (suite, tags and prefix found with go list)."""
     from pathlib import Path
 
-    from vmtasks import adopt
-    from vmtasks import config as config_mod
+    from .guest import config as config_mod
+    from .ui import adopt
 
     def go(reporter):
         root, _, _ = config_mod.invoke_context_info(c)

@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from . import VERSION
 from .controller import log
 
-
 # What `GET /v1/` answers with Swagger on (the real one loads swagger-ui from a CDN).
 SWAGGER_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>API documentation</title></head>

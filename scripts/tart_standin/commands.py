@@ -12,8 +12,7 @@ import time
 import uuid
 
 from . import leases, linux, storage
-from .errors import (GenericError, TartError, UsageError, VMDoesNotExist, VMIsRunning,
-                     VMNotRunning)
+from .errors import GenericError, TartError, UsageError, VMDoesNotExist, VMIsRunning, VMNotRunning
 
 POLL = 0.02
 

@@ -4,9 +4,9 @@ Python 3.11 has no os.setns/os.unshare, so they are called through libc.
 """
 
 import ctypes
+import fcntl
 import os
 import struct
-import fcntl
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000

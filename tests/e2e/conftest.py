@@ -7,8 +7,8 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional

@@ -92,7 +92,7 @@ def test_login_argv_runs_a_command_over_real_ssh(kept):
         "import json, sys\n"
         "from pathlib import Path\n"
         "from vmtasks import config, factory, inventory\n"
-        "from vmtasks.report import Reporter\n"
+        "from vmtasks.ui.report import Reporter\n"
         "cfg = config.load(Path(sys.argv[1]))\n"
         "print(json.dumps(inventory.login(factory.Parts(cfg, Reporter()), sys.argv[2]).argv))\n"
     )
