@@ -241,10 +241,11 @@ class Bench:
         print(text, file=sys.stderr, flush=True)
 
     # -- one-time preparation (not timed) -----------------------------------
-    def prepare_base(self, cfg, suites=None, guest_script: str = "") -> None:
+    def prepare_base(self, cfg, suites=None, guest_script: str = "", files=()) -> None:
         """The base image, once, untimed. ``suites``: (host tree, guest dir) pairs whose Go
         build cache is warmed (default: the example suite at ``cfg.guest.dir``);
-        ``guest_script``: a shell script run in it last (in the guest user's home)."""
+        ``guest_script``: a shell script run in it last (in the guest user's home);
+        ``files``: (guest dir, tar bytes) pairs unpacked in it, for a floor's own use."""
         from vmtasks.lifecycle.vm import tool_bundle
 
         self.tart("create", BASE, timeout=300)
@@ -272,6 +273,8 @@ class Bench:
                 self.tart("exec", BASE, "sh", "-c", warm, timeout=300)
             # For the floor: the tool bundle the setup stage would unpack.
             self.guest_untar("/Users/admin/" + cfg.guest.tool_dir, tool_bundle(cfg), gz=True)
+            for dest, data in files:
+                self.guest_untar(dest, data)
             if guest_script:
                 self.tart("exec", BASE, "sh", "-c", guest_script)
         finally:
@@ -407,13 +410,14 @@ class Bench:
         cfg = config_mod.load(cfg_path, self.env, {}, self.cwd)
         return (Path(cfg.records.dir) / "latest").resolve()
 
-    def bring_up(self, vm: str, key, lap):
-        """The floor's way up: clone, `tart run` in the background, `tart ip` and the SSH
-        banner polled every 20 ms, one `tart exec` with the key script. Returns (Popen, ip)."""
+    def bring_up(self, vm: str, key, lap, image: str = BASE):
+        """The floor's way up: clone ``image``, `tart run` in the background (a clone of a
+        suspended image resumes), `tart ip` and the SSH banner polled every 20 ms, one `tart
+        exec` with the key script. Returns (Popen, ip)."""
         from vmtasks.backends.tart.machine import KEY_SCRIPT
         from vmtasks.transport.ssh import sshd_banner
 
-        self.tart("clone", BASE, vm)
+        self.tart("clone", image, vm)
         lap("clone")
         run = self.spawn(["tart", "run", "--no-graphics", vm], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
