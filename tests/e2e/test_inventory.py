@@ -91,7 +91,9 @@ def test_login_argv_runs_a_command_over_real_ssh(kept):
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from vmtasks import config, factory, inventory\n"
+        "from vmtasks.guest import config\n"
+        "from vmtasks.settings import factory\n"
+        "from vmtasks.ui import inventory\n"
         "from vmtasks.ui.report import Reporter\n"
         "cfg = config.load(Path(sys.argv[1]))\n"
         "print(json.dumps(inventory.login(factory.Parts(cfg, Reporter()), sys.argv[2]).argv))\n"
