@@ -7,6 +7,8 @@ import json
 import threading
 import types
 
+import pytest
+
 from vmtasks.guest.errors import BackendError
 from vmtasks.lifecycle.backend import SshTarget
 from vmtasks.lifecycle.vm import VmPipeline, VmServices
@@ -119,3 +121,33 @@ def test_a_shipped_binary_that_cannot_start_in_the_guest_says_why(tmp_path):
         on_output("panic: boom\n"), ssh.RemoteResult(command, 2, "panic: boom\n"))[1]
     plain._stream_command(plain.ctx, "./e2e.test", "test", expected=[("example.com/e2e", "TestA")], label="TestA")
     assert plain.ctx.evidence == []
+
+
+class BarrierRunner:
+    """A runner whose commands each wait until ``parties`` of them run at the same time; one
+    command at a time never gets there (BrokenBarrierError after the timeout)."""
+
+    def __init__(self, parties, fail=None):
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.fail, self.seen = fail, []
+
+    def run(self, argv, **kwargs):
+        self.seen.append(argv[0])
+        self.barrier.wait()
+        if argv[0] == self.fail:
+            raise BackendError("{} broke".format(argv[0]), "look")
+        return types.SimpleNamespace(ok=True, returncode=0, stdout="", stderr="", argv=argv)
+
+
+def test_the_two_rsyncs_of_the_sync_stage_run_at_once(tmp_path):
+    """The tree and the test binaries go side by side: a fresh VM per test pays the longer of
+    the two, not the sum. Their results come back in order; an error is raised once both end."""
+    runner = BarrierRunner(2)
+    pipeline = VmPipeline(services(tmp_path, runner=runner), "p-r1", Machine(), image="base")
+    done = pipeline._run_at_once([["tree"], ["bins"]], 5, None)
+    assert [d.argv[0] for d in done] == ["tree", "bins"] and sorted(runner.seen) == ["bins", "tree"]
+
+    broken = VmPipeline(services(tmp_path / "b", runner=BarrierRunner(2, fail="bins")), "p-r2", Machine(),
+                        image="base")
+    with pytest.raises(BackendError, match="bins broke"):
+        broken._run_at_once([["tree"], ["bins"]], 5, None)

@@ -430,14 +430,37 @@ class VmPipeline:
         argvs = [self._rsync_argv()]
         if self.queue is not None:
             argvs.append(self._rsync_argv(source=self.queue.bin_dir, dest=dirs[1], excludes=[]))
-        for argv in argvs:
-            left = max(1.0, ctx.deadline - time.monotonic())
-            done = self.services.runner.run(argv, timeout=left, cancel=self.services.cancel,
-                                       env=self._rsync_env())
+        for done in self._run_at_once(argvs, max(1.0, ctx.deadline - time.monotonic()), self._rsync_env()):
             if not done.ok:
                 raise StageError("sync", self.name, "rsync exited {}".format(done.returncode),
                                  "check the project tree and free space in the guest",
                                  (done.stderr + done.stdout).splitlines()[-15:])
+
+    def _run_at_once(self, argvs: List[List[str]], timeout: float, env) -> list:
+        """Run ``argvs`` side by side (the tree and the test binaries go to different places,
+        each rsync over its own SSH connection: together they take the longer one's time, not
+        the sum, which a fresh VM per test pays every time). Their results in order; the
+        first error (a timeout, a stop) is raised once all have ended."""
+        outcomes: list = [None] * len(argvs)
+
+        def one(index: int) -> None:
+            try:
+                outcomes[index] = self.services.runner.run(argvs[index], timeout=timeout,
+                                                           cancel=self.services.cancel, env=env)
+            except BaseException as exc:  # noqa: BLE001 - raised in the stage's thread below
+                outcomes[index] = exc
+
+        others = [threading.Thread(target=one, args=(i,), name="{}-sync{}".format(self.name, i), daemon=True)
+                  for i in range(1, len(argvs))]
+        for thread in others:
+            thread.start()
+        one(0)
+        for thread in others:
+            thread.join()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
 
     def _rsync_env(self):
         extra = self.ctx.machine.ssh_target().env
