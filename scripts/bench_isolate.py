@@ -65,10 +65,14 @@ From those:
   over the pairs of runs with the same index;
 * the run's own figure: the "isolation: ... about X s per test ..." line of the isolated run's
   summary.txt, when the summary has one (it is reported as missing otherwise).
-* where an isolated run's wall beyond its bound goes: the tool's own cost per fresh VM beyond
-  R = fixed per VM in the run - R (times tests / N), and VM slots idle = N x (first clone to
-  last teardown end) - the sum of the VMs' lives (clone start to teardown end), over N;
-  with each isolated VM's stages (medians over every VM of every isolated run).
+* where an isolated run's wall beyond its bound goes. A VM holds its slot from the start of
+  its boot (resume) to the end of its teardown; its clone may be made ahead, off the slots,
+  while the slot's previous VM runs its test. So: the tool's cost per fresh VM while it holds
+  its slot, beyond R = (boot start to its first test + its last test to the end of its
+  teardown) - R (times tests / N; R includes a clone the run makes ahead, so this can be
+  below zero), and VM slots idle = N x (first boot to last teardown end) - the sum of the
+  VMs' slot times, over N; with each isolated VM's stages (medians over every VM of every
+  isolated run).
 
 The tables give medians over the runs (each ratio is the median of the per-run ratios), and
 every run with its 1-minute load average. Results: .vmtasks/bench/isolate-<stamp>.{json,md}
@@ -121,9 +125,8 @@ def added_per_test(isolated_wall: float, shared_wall: float, tests: int) -> floa
 
 
 def slots_idle(spans: Sequence[Tuple[float, float]], vms: int) -> float:
-    """VM-slot seconds with no VM in them: vms x (first clone to last teardown end) minus the
-    sum of the VMs' lives (clone start to teardown end). Negative when more than ``vms`` VMs
-    live at once (a clone made while another VM's test runs)."""
+    """VM-slot seconds with no VM in them: vms x (first span start to last span end) minus
+    the sum of the spans (each VM's slot time: boot start to teardown end)."""
     window = max(end for _, end in spans) - min(start for start, _ in spans)
     return vms * window - sum(end - start for start, end in spans)
 
@@ -172,7 +175,7 @@ def derive(floors: Dict[str, List[float]], shared: List[dict], isolated: List[di
         rows = list(rows)
         return {k: bench.median(r.get(k) for r in rows)
                 for k in ("total", "bound", "ratio", "work", "longest", "tests", "run_fixed", "vm_fixed", "load",
-                          "slot_idle")}
+                          "slot_idle", "vm_held", "vm_clone")}
 
     out = {"recycle": recycle, "recycle_from": kind,
            "floor": {k: bench.median(v) for k, v in floors.items()},
@@ -181,7 +184,8 @@ def derive(floors: Dict[str, List[float]], shared: List[dict], isolated: List[di
            "note_per_test": bench.median(notes), "note_runs": sum(n is not None for n in notes)}
     # The isolated run's wall over its bound, when the even split decides the bound:
     # tests x (fixed per VM in the run - R) / N (the tool's own cost per fresh VM) + slots idle / N.
-    out["extra_per_vm"] = out["isolated"]["vm_fixed"] - recycle if out["isolated"]["vm_fixed"] is not None else None
+    held = out["isolated"].get("vm_held")
+    out["extra_per_vm"] = held - recycle if held is not None else None
     out["goal_met"] = out["isolated"]["ratio"] is not None and out["isolated"]["ratio"] <= GOAL_ISOLATED
     return out
 
@@ -255,8 +259,23 @@ class IsolateBench(bench_queue.QueueBench):
         summary = Path(row["record"]) / "summary.txt"
         row["note"], row["note_per_test"] = isolation_note(summary.read_text() if summary.exists() else "")
         row["vms_used"] = len(row["vm_names"])
-        row["slot_idle"] = slots_idle([(v["clone"], v["teardown_end"]) for v in row["per_vm"].values()], vms)
+        self.slot_times(row)
+        row["slot_idle"] = slots_idle([(v["slot_start"], v["teardown_end"]) for v in row["per_vm"].values()], vms)
         return row
+
+    @staticmethod
+    def slot_times(row: dict) -> None:
+        """Each VM's slot time (its boot's start to its teardown's end: a clone made ahead holds
+        no slot), and the run's means: slot time outside the tests (vm_held) and clone seconds."""
+        stages = json.loads((Path(row["record"]) / "stages.json").read_text())
+        for vm, info in row["per_vm"].items():
+            mine = [s for s in stages if s.get("vm") == vm and s["stage"] != "clone"]
+            info["slot_start"] = min((s["started"] for s in mine), default=info["clone"])
+        ran = [v for v in row["per_vm"].values() if v["tests"]]
+        row["vm_held"] = (sum((v["first_start"] - v["slot_start"]) + (v["teardown_end"] - v["last_end"])
+                              for v in ran) / len(ran)) if ran else None
+        clones = [v["stages"].get("clone") for v in ran if v["stages"].get("clone") is not None]
+        row["vm_clone"] = sum(clones) / len(clones) if clones else None
 
     def main(self):
         from vmtasks.guest import config as config_mod
@@ -392,11 +411,11 @@ def markdown(result) -> str:
                   d["added_per_test"], iso["tests"], len(d["added_per_test_runs"]), note), ""]
     if d["extra_per_vm"] is not None:
         lines += ["Where the isolated run's wall beyond its bound goes (medians): the tool's own cost per fresh VM "
-                  "beyond R, {:.2f} s (fixed per VM in the run {:.2f} s - R {:.2f} s), x {:.0f} tests / {} = {:.2f} s; "
-                  "VM slots idle (a slot with no VM in it between the first clone and the last teardown: in "
-                  "batches, the slot of a batch's shorter test waits for the longer one), "
-                  "{:.2f} s / {} = {:.2f} s.".format(
-                      d["extra_per_vm"], iso["vm_fixed"], d["recycle"], iso["tests"], vms,
+                  "while it holds its slot, beyond R, {:.2f} s (boot start to its test + its test to the end of its "
+                  "teardown {:.2f} s - R {:.2f} s; its clone, {:.2f} s, made ahead off the slots), x {:.0f} tests / {} "
+                  "= {:.2f} s; VM slots idle (a slot with no VM booted in it between the first boot and the last "
+                  "teardown), {:.2f} s / {} = {:.2f} s.".format(
+                      d["extra_per_vm"], iso["vm_held"], d["recycle"], iso["vm_clone"] or 0.0, iso["tests"], vms,
                       d["extra_per_vm"] * iso["tests"] / vms, iso["slot_idle"], vms, iso["slot_idle"] / vms), ""]
     lines += ["The floor, per phase (medians, seconds):", "",
               "| floor | from | " + " | ".join(FLOOR_PHASES) + " |", "|---|---|" + "--:|" * len(FLOOR_PHASES)]

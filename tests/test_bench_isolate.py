@@ -127,3 +127,26 @@ def test_slots_idle():
     assert bench_isolate.slots_idle([(0.0, 10.0), (0.0, 4.0), (5.0, 10.0)], 2) == pytest.approx(1.0)
     # Three VMs at once on two slots (a clone during a test): negative.
     assert bench_isolate.slots_idle([(0.0, 10.0), (0.0, 10.0), (8.0, 10.0)], 2) == pytest.approx(-2.0)
+
+
+def test_a_clone_made_ahead_holds_no_slot(tmp_path):
+    """With clone-ahead, a VM's slot time starts at its boot: t3 is cloned at 2 s while t2's
+    test runs and boots at 4.5 s, once t2 is gone; the slots are then never over-full."""
+    record = _record(tmp_path)
+    stages = json.loads((record / "stages.json").read_text())
+    for vm, clone, boot in (("t1", 0.0, 0.3), ("t2", 0.0, 0.3), ("t3", 2.0, 4.5)):
+        for s in stages:
+            if s.get("vm") == vm and s["stage"] == "clone":
+                s["started"] = T0 + clone
+        stages.append({"vm": vm, "stage": "boot", "started": T0 + boot, "seconds": 0.5})
+    (record / "stages.json").write_text(json.dumps(stages))
+    row = bench_queue.analyze({"total": 8.0, "record": str(record)}, 2)
+    bench_isolate.IsolateBench.slot_times(row)
+    assert row["per_vm"]["t3"]["slot_start"] == pytest.approx(T0 + 4.5)
+    # Slot time outside the tests: t1 and t2 1.2 s + 0.5 s, t3 1.0 s + 0.5 s.
+    assert row["vm_held"] == pytest.approx((1.7 + 1.7 + 1.5) / 3)
+    assert row["vm_clone"] == pytest.approx(0.2)
+    spans = [(v["slot_start"], v["teardown_end"]) for v in row["per_vm"].values()]
+    assert bench_isolate.slots_idle(spans, 2) >= 0  # from clone starts it would be below zero
+    derived = bench_isolate.derive({"cold": [1.0]}, [dict(row, total=7.0)], [dict(row, slot_idle=0.0)], 2)
+    assert derived["extra_per_vm"] == pytest.approx((1.7 + 1.7 + 1.5) / 3 - 1.0)
