@@ -5,7 +5,9 @@ usage: python3 scripts/bench.py [--runs N] [--trees 1k,10k,50k,10mb,200mb|none] 
                                [--big-output MB,MB,...] [--big-line BYTES]
 
 Runs against the Linux stand-in `tart` (scripts/tart, first on PATH) with no artificial
-delays: every TART_STANDIN_* knob is removed from the environment, and so is
+delays: every TART_STANDIN_* knob is removed from the environment but one,
+TART_STANDIN_AGENT_DELAY=0 (the stand-in's guest agent otherwise answers `tart exec` 10 s after
+a cold boot, as Tart's does: both the tool and the floor would wait it), and so is
 PYTHONDONTWRITEBYTECODE (Python runs with its byte-code cache, as installed). Needs root.
 Everything it creates (TART_HOME, VMs, trees, keys, run records) lives in one temporary
 directory under /dev/shm/bench when it can (see in_memory; else /tmp/bench; --tmp to choose),
@@ -203,6 +205,7 @@ class Bench:
         self.env = {k: v for k, v in os.environ.items()
                     if not (k.startswith("TART_STANDIN_") or k.startswith("OPENBOOT_") or k == "SSH_AUTH_SOCK"
                             or k == "PYTHONDONTWRITEBYTECODE")}  # as installed: byte-code cached
+        self.env["TART_STANDIN_AGENT_DELAY"] = "0"  # no artificial delay (see the module docstring)
         # `python3` for the stand-in (#!/usr/bin/env python3) is this interpreter itself, not a
         # version manager's shim (pyenv's bash shim costs ~70 ms per `tart` call; real tart is
         # a native binary): both sides call tart, vmtasks a few times more.

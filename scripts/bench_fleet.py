@@ -74,7 +74,8 @@ class Bench:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("OPENBOOT_", "TART_STANDIN_", "ORCHARD_")) and k not in
                     ("SSH_AUTH_SOCK", "PYTHONDONTWRITEBYTECODE")}
-        self.env.update(HOME=str(self.home), VMTASKS_STATE_DIR=str(self.state), CI="true")
+        self.env.update(HOME=str(self.home), VMTASKS_STATE_DIR=str(self.state), CI="true",
+                        TART_STANDIN_AGENT_DELAY="0")  # no artificial delay: the workers' guests answer at once
 
     def start(self) -> None:
         self.fleet.start()

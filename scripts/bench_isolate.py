@@ -12,8 +12,8 @@ prepared once, untimed; the host's Go build cache warmed; everything removed at 
 Ctrl-C). Needs root.
 
 The stand-in's guest agent answers `tart exec` 10 s after a cold boot by default (as Tart's
-does on Cirrus Labs images; since 2026-12-05), and Bench clears every TART_STANDIN_* knob, so
-this script sets TART_STANDIN_AGENT_DELAY itself: --agent-delay, default 0 (no artificial
+does on Cirrus Labs images; since 2026-12-05); Bench sets TART_STANDIN_AGENT_DELAY=0, and this
+script passes --agent-delay on: default 0 (no artificial
 delay, as the README's earlier benchmark numbers had); `--agent-delay default` keeps the
 stand-in's 10 s. The floor and the runs wait for the same agent.
 
@@ -194,7 +194,9 @@ def derive(floors: Dict[str, List[float]], shared: List[dict], isolated: List[di
 class IsolateBench(bench_queue.QueueBench):
     def __init__(self, opts) -> None:
         super().__init__(opts)
-        if opts.agent_delay != "default":
+        if opts.agent_delay == "default":
+            self.env.pop("TART_STANDIN_AGENT_DELAY", None)  # the stand-in's own: 10 s after a cold boot
+        else:
             self.env["TART_STANDIN_AGENT_DELAY"] = opts.agent_delay
 
     def floor(self, cfg, image: str, n: int, kind: str) -> dict:
