@@ -2,7 +2,7 @@
 
 A repository adopts it with ``pip install vmtasks`` and a two-line ``tasks.py``::
 
-    from .tasks import ns  # noqa: F401
+    from vmtasks.tasks import ns  # noqa: F401
 
 The two tasks that run inside the guest (``test-vm-inner*``) live in vmtasks/guest/tasks.py,
 which the guest gets on its own; this module adds the host's. Host modules (fabric, rich,
