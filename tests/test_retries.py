@@ -33,6 +33,22 @@ def test_a_test_failed_on_every_attempt_fails_the_run():
     assert run_end(retried())._exit_code(retried(), False) == 1
 
 
+def test_the_summary_lists_the_evidence_of_the_retry_vms_too():
+    def vm(name, evidence, changed=()):
+        return SimpleNamespace(name=name, ctx=SimpleNamespace(evidence=list(evidence), changed=list(changed),
+                                                              changes_seconds=0.5 * len(changed)))
+
+    end = RunEnd(cfg=None, request=None, record=SimpleNamespace(dir="/runs/r1"), reporter=None,
+                 pipelines=[vm("vm1", ["evidence of TestB on vm1: /runs/r1/vm1/artifacts/TestB"], ["TestA"])],
+                 retry_pipelines=[vm("r1", ["evidence of TestB on r1: /runs/r1/r1/artifacts/TestB"], ["TestB"])],
+                 vm_count=1)
+    assert end._evidence_lines() == [
+        "evidence of TestB on vm1: /runs/r1/vm1/artifacts/TestB",
+        "evidence of TestB on r1: /runs/r1/r1/artifacts/TestB",
+        "changes: what each of 2 tests changed is in /runs/r1/changes/ (0.50s per test for the snapshots and the "
+        "comparison)"]
+
+
 @pytest.mark.parametrize("value", [-1, 11])
 def test_suite_retries_is_validated(tmp_path, value):
     path = tmp_path / "vm.yaml"

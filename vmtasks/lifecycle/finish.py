@@ -100,13 +100,7 @@ class RunEnd:
             "DONE: no test ran ({})".format("interrupted" if interrupted else "the run failed before the suite")
         if self.no_test_matched and summary is None and not interrupted:
             verdict = results.verdict_line(results.Summary(), seconds).replace(" in ", ", no test matched in ", 1)
-        extra = self.notes + [line for p in self.pipelines for line in p.ctx.evidence]
-        changed = sum(len(p.ctx.changed) for p in self.pipelines)
-        if changed:
-            cost = sum(p.ctx.changes_seconds for p in self.pipelines) / changed
-            extra.append("changes: what each of {} test{} changed is in {}/changes/ ({:.2f}s per test for the "
-                         "snapshots and the comparison)".format(changed, "" if changed == 1 else "s",
-                                                                 self.record.dir, cost))
+        extra = self.notes + self._evidence_lines()
         extra += [self.record.incomplete()] if self.record.incomplete() else []
         if self.request.rerun_source:
             extra.append("rerun of the failed tests of " + self.request.rerun_source)
@@ -120,6 +114,20 @@ class RunEnd:
             self.record.write_text("timeline.txt", timeline_text(summary))
         self.record.prune(self.cfg.records.keep_last)
         return code
+
+    def _evidence_lines(self) -> List[str]:
+        """What the VMs collected, for the summary: every VM's evidence lines (a retry's fresh VM
+        too: a failure there, on a clean machine, is the telling one), then where what each
+        test changed went."""
+        every = self.pipelines + self.retry_pipelines
+        lines = [line for p in every for line in p.ctx.evidence]
+        changed = sum(len(p.ctx.changed) for p in every)
+        if changed:
+            cost = sum(p.ctx.changes_seconds for p in every) / changed
+            lines.append("changes: what each of {} test{} changed is in {}/changes/ ({:.2f}s per test for the "
+                         "snapshots and the comparison)".format(changed, "" if changed == 1 else "s",
+                                                                 self.record.dir, cost))
+        return lines
 
     def _finish_prepare(self, interrupted: bool) -> int:
         """vm-prepare's end: one line saying which image is ready (or why not)."""
