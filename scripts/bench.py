@@ -48,6 +48,7 @@ Results: .vmtasks/bench/<stamp>.{json,md} and latest.{json,md}; the table is pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -464,18 +465,18 @@ class Bench:
         finally:
             self.reap(run)
 
-    def run_floor(self, tree: Path, cfg, n: int):
-        from vmtasks.lifecycle.vm import inner_command
+    @contextlib.contextmanager
+    def floor_vm(self, vm: str, row: dict, image: str = BASE):
+        """One fresh VM the floor's way, each phase timed into ``row`` (clone, boot, ip+ssh, key:
+        bring_up's laps): yields (ip, ssh options, lap) for the caller's own phases; then the
+        timed teardown and ``row["total"]``. The VM is removed however the body ends."""
         from vmtasks.transport.ssh import ssh_options
 
-        vm = "bench-floor-{}".format(n)
         known_hosts = self.root / "floor-known_hosts"
         known_hosts.write_text("")
         key = dataclasses.replace(self.floor_key, known_hosts=known_hosts)
         opts = ["StrictHostKeyChecking=accept-new" if o == "StrictHostKeyChecking=yes" else o for o in ssh_options(key)]
-        login = "{}@".format(cfg.vm.user)
-        row = {}
-        t = time.monotonic()
+        started = t = time.monotonic()
 
         def lap(name):
             nonlocal t
@@ -483,9 +484,21 @@ class Bench:
             row[name] = now - t
             t = now
 
-        started = t
         try:
-            _, ip = self.bring_up(vm, key, lap)
+            _, ip = self.bring_up(vm, key, lap, image=image)
+            yield ip, opts, lap
+            self.take_down(vm)
+            lap("teardown")
+        finally:
+            self.take_down(vm, check=False)
+        row["total"] = time.monotonic() - started
+
+    def run_floor(self, tree: Path, cfg, n: int):
+        from vmtasks.lifecycle.vm import inner_command
+
+        login = "{}@".format(cfg.vm.user)
+        row = {}
+        with self.floor_vm("bench-floor-{}".format(n), row) as (ip, opts, lap):
             remote_shell = " ".join(shlex.quote(a) for a in ["ssh", *opts])
             done = subprocess.run(["rsync", "-a", "-e", remote_shell, str(tree) + "/",
                                    "{}{}:{}/".format(login, ip, cfg.guest.dir)],
@@ -499,11 +512,6 @@ class Bench:
                 raise Abort("floor: the in-VM suite exited {}: {}".format(
                     done.returncode, (done.stdout + done.stderr).decode(errors="replace")[-1500:]))
             lap("suite")
-            self.take_down(vm)
-            lap("teardown")
-        finally:
-            self.take_down(vm, check=False)
-        row["total"] = time.monotonic() - started
         return row
 
     def sync_alone(self, tree: Path, cfg, runs: int):
@@ -864,6 +872,29 @@ def run_guarded(bench) -> tuple:
     return result, code
 
 
+def host_problem(prog: str) -> str:
+    """Why this host cannot run a benchmark on the stand-ins ("" when it can): root, and the
+    tools the stand-in and the floor use."""
+    if os.geteuid() != 0:
+        return "{}: run as root (the tart stand-in needs namespaces and port 22)".format(prog)
+    missing = [t for t in ("rsync", "ssh", "go", "unshare") if shutil.which(t) is None]
+    if missing or not os.path.exists("/usr/sbin/sshd"):
+        return "{}: missing {} (bash scripts/setup.sh)".format(prog, ", ".join(missing) or "sshd")
+    return ""
+
+
+def write_results(out: Path, prefix: str, result, table: str) -> None:
+    """``<out>/<prefix><stamp>.{json,md}`` and ``<prefix>latest.{json,md}``; the table printed,
+    the stamped file named on stderr."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = prefix + time.strftime("%Y%m%d-%H%M%S")
+    for name in (stamp, prefix + "latest"):
+        (out / (name + ".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out / (name + ".md")).write_text(table)
+    print(table)
+    print("written: {}".format(out / (stamp + ".json")), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="pairs of runs per tree (default 5)")
@@ -890,28 +921,16 @@ def main(argv=None) -> int:
     unknown = [t for t in opts.trees if t not in TREES]
     if unknown or not (opts.trees or opts.big_output) or opts.runs < 1 or opts.big_line < 2:
         parser.error("unknown tree(s): {}".format(", ".join(unknown)) if unknown else "nothing to run")
-    if os.geteuid() != 0:
-        print("bench: run as root (the tart stand-in needs namespaces and port 22)", file=sys.stderr)
-        return 2
-    missing = [t for t in ("rsync", "ssh", "go", "unshare") if shutil.which(t) is None]
-    if missing or not os.path.exists("/usr/sbin/sshd"):
-        print("bench: missing {} (bash scripts/setup.sh)".format(", ".join(missing) or "sshd"), file=sys.stderr)
+    problem = host_problem("bench")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
 
     result, code = run_guarded(Bench(opts))
     if code:
         return code
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     # A memory-only run (--trees none) does not replace the tree table's latest.
-    prefix = "" if opts.trees else "big-"
-    stamp = prefix + time.strftime("%Y%m%d-%H%M%S")
-    table = markdown(result)
-    for name in (stamp, prefix + "latest"):
-        (out / (name + ".json")).write_text(json.dumps(result, indent=2) + "\n")
-        (out / (name + ".md")).write_text(table)
-    print(table)
-    print("written: {}".format(out / (stamp + ".json")), file=sys.stderr)
+    write_results(Path(opts.out), "" if opts.trees else "big-", result, markdown(result))
     return 0
 
 

@@ -82,7 +82,6 @@ and isolate-latest.{json,md}; the table is printed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -201,28 +200,11 @@ class IsolateBench(bench_queue.QueueBench):
 
     def floor(self, cfg, image: str, n: int, kind: str) -> dict:
         """One fresh VM for one test, by hand (see the module docstring). Returns its phases."""
-        from vmtasks.transport.ssh import ssh_options
-
-        vm = "bench-recycle-{}-{}".format(kind, n)
-        known_hosts = self.root / "floor-known_hosts"
-        known_hosts.write_text("")
-        key = dataclasses.replace(self.floor_key, known_hosts=known_hosts)
-        opts = ["StrictHostKeyChecking=accept-new" if o == "StrictHostKeyChecking=yes" else o for o in ssh_options(key)]
         command = " ".join(["exec", "go", "tool", "test2json", "-t", "-p", shlex.quote(self.import_path),
                             FLOOR_DIR + "/e2e.test", self.verbose_flag, "-test.paniconexit0",
                             shlex.quote("-test.run=^$")])
         row = {"image": image}
-        t = time.monotonic()
-
-        def lap(name):
-            nonlocal t
-            now = time.monotonic()
-            row[name] = now - t
-            t = now
-
-        started = t
-        try:
-            _, ip = self.bring_up(vm, key, lap, image=image)
+        with self.floor_vm("bench-recycle-{}-{}".format(kind, n), row, image=image) as (ip, opts, lap):
             done = subprocess.run(["ssh", *opts, "{}@{}".format(cfg.vm.user, ip), command],
                                   capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
             # test2json: {"Action":"pass"} for the package (and "no tests to run" in its output).
@@ -230,11 +212,6 @@ class IsolateBench(bench_queue.QueueBench):
                 raise bench.Abort("floor: the test binary exited {}: {}".format(
                     done.returncode, (done.stdout + done.stderr).decode(errors="replace")[-1500:]))
             lap("test")
-            self.take_down(vm)
-            lap("teardown")
-        finally:
-            self.take_down(vm, check=False)
-        row["total"] = time.monotonic() - started
         return row
 
     def images(self, prefix: str) -> Dict[str, str]:
@@ -267,12 +244,9 @@ class IsolateBench(bench_queue.QueueBench):
 
     @staticmethod
     def slot_times(row: dict) -> None:
-        """Each VM's slot time (its boot's start to its teardown's end: a clone made ahead holds
-        no slot), and the run's means: slot time outside the tests (vm_held) and clone seconds."""
-        stages = json.loads((Path(row["record"]) / "stages.json").read_text())
-        for vm, info in row["per_vm"].items():
-            mine = [s for s in stages if s.get("vm") == vm and s["stage"] != "clone"]
-            info["slot_start"] = min((s["started"] for s in mine), default=info["clone"])
+        """The run's means over its VMs (each one's slot from bench_queue.analyze: its boot's start
+        to its teardown's end; a clone made ahead holds none): slot time outside the tests
+        (vm_held) and clone seconds."""
         ran = [v for v in row["per_vm"].values() if v["tests"]]
         row["vm_held"] = (sum((v["first_start"] - v["slot_start"]) + (v["teardown_end"] - v["last_end"])
                               for v in ran) / len(ran)) if ran else None
@@ -481,26 +455,14 @@ def main(argv=None) -> int:
     if opts.tmp is None:
         opts.tmp = "/dev/shm/bench-iso" if bench.in_memory("/dev/shm", 2 << 30) else "/tmp/bench-iso"
     os.makedirs(opts.tmp, exist_ok=True)
-    if os.geteuid() != 0:
-        print("bench_isolate: run as root (the tart stand-in needs namespaces and port 22)", file=sys.stderr)
-        return 2
-    missing = [t for t in ("rsync", "ssh", "go", "unshare") if shutil.which(t) is None]
-    if missing or not os.path.exists("/usr/sbin/sshd"):
-        print("bench_isolate: missing {} (bash scripts/setup.sh)".format(", ".join(missing) or "sshd"),
-              file=sys.stderr)
+    problem = bench.host_problem("bench_isolate")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     result, code = bench.run_guarded(IsolateBench(opts))
     if code:
         return code
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    table = markdown(result)
-    for name in ("isolate-" + stamp, "isolate-latest"):
-        (out / (name + ".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        (out / (name + ".md")).write_text(table)
-    print(table)
-    print("written: {}".format(out / ("isolate-" + stamp + ".json")), file=sys.stderr)
+    bench.write_results(Path(opts.out), "isolate-", result, markdown(result))
     return 0
 
 

@@ -96,7 +96,9 @@ def analyze(row, vms: int):
         output = record / "suite-output.txt" if vms == 1 else record / vm / "suite-output.txt"
         tests = test_events(output) if output.exists() else []
         all_tests += tests
-        info = {"clone": clone, "teardown_end": teardown_end, "tests": len(tests),
+        # Its slot: from its first stage after the clone (a clone made ahead holds none).
+        slot_start = min((s["started"] for s in mine if s["stage"] != "clone"), default=clone)
+        info = {"clone": clone, "slot_start": slot_start, "teardown_end": teardown_end, "tests": len(tests),
                 "busy": sum(t[3] for t in tests),
                 "stages": {s["stage"]: s["seconds"] for s in mine}}
         if tests:
@@ -278,26 +280,14 @@ def main(argv=None) -> int:
     if opts.tmp is None:
         opts.tmp = "/dev/shm/bench" if bench.in_memory("/dev/shm", 2 << 30) else "/tmp/bench"
     os.makedirs(opts.tmp, exist_ok=True)
-    if os.geteuid() != 0:
-        print("bench_queue: run as root (the tart stand-in needs namespaces and port 22)", file=sys.stderr)
-        return 2
-    missing = [t for t in ("rsync", "ssh", "go", "unshare") if shutil.which(t) is None]
-    if missing or not os.path.exists("/usr/sbin/sshd"):
-        print("bench_queue: missing {} (bash scripts/setup.sh)".format(", ".join(missing) or "sshd"),
-              file=sys.stderr)
+    problem = bench.host_problem("bench_queue")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     result, code = bench.run_guarded(QueueBench(opts))
     if code:
         return code
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    table = markdown(result)
-    for name in ("queue-" + stamp, "queue-latest"):
-        (out / (name + ".json")).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        (out / (name + ".md")).write_text(table)
-    print(table)
-    print("written: {}".format(out / ("queue-" + stamp + ".json")), file=sys.stderr)
+    bench.write_results(Path(opts.out), "queue-", result, markdown(result))
     return 0
 
 
